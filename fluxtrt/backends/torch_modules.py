@@ -1,0 +1,97 @@
+"""Each component as an ``nn.Module`` whose forward takes the spec's inputs in order and returns its outputs.
+
+These are what the torch runner calls and what ONNX export traces, so both see the same graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClipModule(nn.Module):
+    """CLIP text encoder -> pooled embedding. input_ids [B, 77] -> [B, 768]."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, output_hidden_states=False).pooler_output
+
+
+class T5Module(nn.Module):
+    """T5 encoder -> hidden states. input_ids [B, 512] -> [B, 512, 4096]."""
+
+    def __init__(self, text_encoder_2: nn.Module):
+        super().__init__()
+        self.text_encoder_2 = text_encoder_2
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder_2(input_ids, output_hidden_states=False)[0]
+
+
+class VaeEncoderModule(nn.Module):
+    """VAE encoder -> the distribution's mode (not a sample). image [B, 3, H, W] -> latent [B, 16, H/8, W/8]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image).latent_dist.mode()
+
+
+class VaeDecoderModule(nn.Module):
+    """VAE decoder. latent [B, 16, h, w] (already z / scaling + shift) -> image [B, 3, 8h, 8w], unclamped."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+class TransformerModule(nn.Module):
+    """FLUX transformer, one denoising call. Returns noise_pred [B, S, 64] for hidden_states [B, S, 64]."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, S_target + S_ref, 64]
+        encoder_hidden_states: torch.Tensor,  # [B, 512, 4096]
+        pooled_projections: torch.Tensor,  # [B, 768]
+        timestep: torch.Tensor,  # [B], sigma in [0, 1]
+        guidance: torch.Tensor,  # [B] fp32
+        img_ids: torch.Tensor,  # [S, 3] fp32
+        txt_ids: torch.Tensor,  # [512, 3] fp32
+    ) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            guidance=guidance,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+
+
+def component_module(name: str, components) -> nn.Module:
+    """The module of component ``name`` over loaded ``FluxKontextComponents``."""
+    if name == "clip":
+        return ClipModule(components.text_encoder)
+    if name == "t5":
+        return T5Module(components.text_encoder_2)
+    if name == "vae_encoder":
+        return VaeEncoderModule(components.vae)
+    if name == "vae_decoder":
+        return VaeDecoderModule(components.vae)
+    if name == "transformer":
+        return TransformerModule(components.transformer)
+    raise ValueError(f"unknown component '{name}'")

@@ -1,0 +1,31 @@
+"""One error hierarchy. Every message says what failed, the value seen, what was expected and the fix."""
+
+
+class FluxtrtError(Exception):
+    """Base class of every error fluxtrt raises on purpose; the CLI prints its message as one line."""
+
+
+class InputError(FluxtrtError):
+    """A user-supplied value (image, size, steps, device, prompt) is not usable."""
+
+
+class ModelLoadError(FluxtrtError):
+    """A checkpoint could not be found or is not a FLUX.1-Kontext checkpoint in diffusers format."""
+
+
+class ShapeError(FluxtrtError):
+    """A tensor fed to a runner does not match the component spec (name, dtype or shape)."""
+
+
+class DeviceError(FluxtrtError):
+    """The requested device or precision is not available on this machine."""
+
+
+class MissingDependencyError(FluxtrtError):
+    """An optional package needed for a feature is not installed."""
+
+    def __init__(self, package: str, feature: str, install: str):
+        super().__init__(f"{feature} needs the Python package '{package}', which is not installed: run `{install}`")
+        self.package = package
+        self.feature = feature
+        self.install = install

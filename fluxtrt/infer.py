@@ -1,0 +1,72 @@
+"""``fluxtrt infer``: one image edit from a frozen ``InferConfig``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fluxtrt.config import InferConfig
+from fluxtrt.errors import DeviceError
+from fluxtrt.io import atomic_write
+from fluxtrt.pipeline.kontext import EditResult
+
+
+@dataclass
+class InferReport:
+    """An edit written to disk: the pipeline's result plus model load time."""
+
+    result: EditResult
+    load_s: float
+    model: str
+    device: str
+    dtype: str
+
+
+def check_device(device: str) -> None:
+    """Raise DeviceError if ``device`` cannot run here."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "--device cuda was asked for but this machine has no CUDA device visible to PyTorch "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use --device cpu or install a CUDA build"
+        )
+
+
+def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
+    """Load the model, edit the image, write the PNG atomically.
+
+    Args:
+        config: the validated edit request.
+        on_step: progress callback ``(done, total)``.
+
+    Returns:
+        The report; ``config.out`` holds the edited image.
+
+    Raises:
+        FluxtrtError: bad input, an unloadable model, an unavailable device, or a non-finite edit. Nothing is
+            written in that case.
+    """
+    from fluxtrt.models import load_components
+    from fluxtrt.pipeline.image import load_image
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
+    check_device(config.device)
+    image = load_image(config.image)
+    t0 = time.perf_counter()
+    components = load_components(config.model, config.device, config.resolved_dtype, seed=0)
+    load_s = time.perf_counter() - t0
+    pipeline = KontextPipeline.from_components(components)
+    result = pipeline.edit(
+        image,
+        config.prompt,
+        sampler=config.sampler,
+        seed=config.seed,
+        guidance=config.guidance,
+        height=config.height,
+        width=config.width,
+        on_step=on_step,
+    )
+    atomic_write(config.out, lambda tmp: result.images[0].save(tmp, format="PNG"))
+    return InferReport(result, load_s, config.model, config.device, config.resolved_dtype)

@@ -1,0 +1,121 @@
+"""``--model``: resolve a name or path to loaded components, offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.errors import ModelLoadError
+from fluxtrt.models.components import SUBFOLDERS, FluxKontextComponents
+
+BUILTIN_MODELS = ("tiny", "random-full")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def torch_dtype(name: str) -> Any:
+    """``fp32``/``bf16`` -> the torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def load_components(model: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> FluxKontextComponents:
+    """Load a FLUX.1-Kontext model without touching the network.
+
+    Args:
+        model: ``tiny``, ``random-full``, a diffusers-format directory, or a hub id already in the local cache.
+        device: ``cpu`` or ``cuda``.
+        dtype: ``fp32`` or ``bf16``.
+        seed: initialisation seed of the synthetic models.
+
+    Returns:
+        The components, on ``device`` in ``dtype``, in eval mode.
+
+    Raises:
+        ModelLoadError: the path is missing or not a FLUX.1-Kontext checkpoint, or a hub id has no local copy.
+    """
+    from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
+
+    if model == "tiny":
+        # Built on the CPU in fp32 whatever the target, so every device and dtype starts from the same weights.
+        tiny = build_synthetic(TINY, seed, "cpu", torch_dtype("fp32"), "tiny")
+        return tiny.to(device, torch_dtype(dtype)) if (device, dtype) != ("cpu", "fp32") else tiny
+    if model == "random-full":
+        return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full")
+    return load_checkpoint(resolve_checkpoint(model), device, dtype)
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local directory for ``model``: the path itself, or the cached snapshot of a hub id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        check_checkpoint(path)
+        return path
+    if _HUB_ID.match(model):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(model, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise ModelLoadError(
+                f"--model '{model}' is not a local directory and has no copy in the Hugging Face cache: download it "
+                f"with `hf download {model}` (accept its license on the model page first), then pass the same "
+                "--model again or the downloaded directory"
+            ) from None
+        check_checkpoint(path)
+        return path
+    raise ModelLoadError(
+        f"--model '{model}' does not exist: expected {', '.join(BUILTIN_MODELS)}, a diffusers-format FLUX.1-Kontext "
+        "directory or a downloaded hub id such as black-forest-labs/FLUX.1-Kontext-dev"
+    )
+
+
+def check_checkpoint(path: Path) -> None:
+    """Raise ModelLoadError unless ``path`` looks like a diffusers-format FLUX.1-Kontext checkpoint."""
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ModelLoadError(
+            f"--model '{path}' is not a diffusers-format checkpoint: no model_index.json in it; expected a "
+            "FLUX.1-Kontext directory such as a download of black-forest-labs/FLUX.1-Kontext-dev"
+        )
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"--model '{path}': model_index.json is not valid JSON ({exc}); re-download it") from None
+    if not class_name.startswith("Flux"):
+        raise ModelLoadError(
+            f"--model '{path}' is a {class_name or 'unnamed'} checkpoint, expected FluxKontextPipeline "
+            "(FLUX.1-Kontext in diffusers format)"
+        )
+    missing = [s for s in SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"--model '{path}' lacks the subfolders {', '.join(missing)} of a FLUX.1-Kontext checkpoint: the download "
+            "is incomplete, download it again"
+        )
+
+
+def load_checkpoint(path: Path, device: str, dtype: str) -> FluxKontextComponents:
+    """Load the four models, two tokenizers and the scheduler config of a checked checkpoint directory."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    kw = {"dtype": torch_dtype(dtype), "local_files_only": True}
+    try:
+        components = FluxKontextComponents(
+            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+            text_encoder_2=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw),
+            tokenizer_2=T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
+            scheduler_config=json.loads((path / "scheduler" / "scheduler_config.json").read_text()),
+            source=str(path),
+        )
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"--model '{path}' could not be loaded: {first}; re-download the checkpoint") from None
+    return components.to(device, torch_dtype(dtype))

@@ -1,0 +1,160 @@
+"""Models made from configs instead of downloaded weights.
+
+``tiny``: the FLUX.1-Kontext architecture classes shrunk to 1+1 transformer blocks with 2 heads, a 4-level VAE of 16
+channels and 2-layer CLIP and T5; seeded, built on the CPU in about a second. ``random-full``: the released
+architecture at full size with random weights, for latency work on a GPU (same shapes and kernels, meaningless
+pixels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fluxtrt.models.components import FluxKontextComponents
+from fluxtrt.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+
+
+@dataclass(frozen=True)
+class SyntheticConfigs:
+    """Constructor arguments of the four model classes (tokenizer-dependent ids are filled in at build time)."""
+
+    transformer: dict
+    vae: dict
+    clip: dict
+    t5: dict
+
+
+_VAE_BLOCKS = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 16,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
+
+TINY = SyntheticConfigs(
+    transformer={
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 32,
+        "guidance_embeds": True,
+        "axes_dims_rope": [4, 6, 6],
+    },
+    vae={**_VAE_BLOCKS, "block_out_channels": [16, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8},
+    clip={
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 32,
+    },
+    t5={
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 37,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "feed_forward_proj": "gated-gelu",
+    },
+)
+
+# FLUX.1-Kontext-dev: 19 double + 38 single blocks of 24 heads x 128; CLIP-L; T5-XXL; the 16-channel FLUX VAE.
+FULL = SyntheticConfigs(
+    transformer={
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": True,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    vae={**_VAE_BLOCKS, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32},
+    clip={
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+    },
+    t5={
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "feed_forward_proj": "gated-gelu",
+    },
+)
+
+
+def build_synthetic(
+    configs: SyntheticConfigs, seed: int, device: Any, dtype: Any, source: str
+) -> FluxKontextComponents:
+    """Construct the four models with seeded default initialisation directly on ``device`` in ``dtype``.
+
+    The library initialisers (diffusers' and transformers' own) keep activations finite through a whole edit at
+    full size: every linear layer shrinks its input's scale and every residual branch is normalised and gated.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **configs.clip,
+    )
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2),
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+        is_encoder_decoder=False,
+        **configs.t5,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(seed)
+            transformer = FluxTransformer2DModel(**configs.transformer)
+            torch.manual_seed(seed + 1)
+            vae = AutoencoderKL(**configs.vae)
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(clip_config)
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = T5EncoderModel(t5_config)
+    finally:
+        torch.set_default_dtype(previous)
+    components = FluxKontextComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        source=source,
+    )
+    return components.to(device, dtype)

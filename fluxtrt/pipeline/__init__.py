@@ -1,0 +1,1 @@
+"""The engine-agnostic Kontext edit (DESIGN 2)."""

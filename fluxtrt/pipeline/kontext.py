@@ -1,0 +1,226 @@
+"""The Kontext edit over one runner per component. It never knows which backend a runner is."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fluxtrt.backends.runner import Runner
+from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
+from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.pipeline.image import fit_to_area, image_to_tensor, preferred_resolution, tensor_to_images
+from fluxtrt.pipeline.latents import pack, position_ids, unpack
+from fluxtrt.pipeline.text import tokenize
+from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
+from fluxtrt.specs.flux import FluxDims, Resolution, dims_from_components
+from fluxtrt.timing import ComponentTimer
+
+DEFAULT_MAX_AREA = 1024**2
+
+
+@dataclass
+class EditResult:
+    """What one edit produced.
+
+    Attributes:
+        images: edited PIL images, one per prompt.
+        latents: final packed target latents, float32 [B, S_target, 64], before unpacking and decoding.
+        target, reference: the target and reference resolutions used.
+        sigmas: the schedule that was integrated (steps + 1 values).
+        timings_ms: per-component milliseconds, ``total`` and ``glue``.
+        calls: calls per component.
+        warnings: prompt truncation and other things the user should know.
+    """
+
+    images: list[Any]
+    latents: torch.Tensor
+    target: Resolution
+    reference: Resolution
+    sigmas: list[float]
+    timings_ms: dict[str, float]
+    calls: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+class KontextPipeline:
+    """FLUX.1-Kontext image editing driven by runners.
+
+    Args:
+        runners: ``clip``, ``t5``, ``vae_encoder``, ``transformer`` and ``vae_decoder`` runners.
+        tokenizer, tokenizer_2: the CLIP and T5 tokenizers.
+        dims: the model's sizes.
+        vae_scaling, vae_shift: latent normalisation, z = (latent - shift) * scaling.
+        scheduler_config: shift parameters of the sigma schedule.
+        device: where the runners take their inputs.
+        dtype: the runners' compute dtype.
+    """
+
+    def __init__(
+        self,
+        runners: Mapping[str, Runner],
+        tokenizer: Any,
+        tokenizer_2: Any,
+        dims: FluxDims,
+        vae_scaling: float,
+        vae_shift: float,
+        scheduler_config: Mapping[str, Any],
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ):
+        self.runners = dict(runners)
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.dims = dims
+        self.vae_scaling, self.vae_shift = vae_scaling, vae_shift
+        self.scheduler_config = dict(scheduler_config)
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_components(cls, components: Any, runners: Mapping[str, Runner] | None = None) -> KontextPipeline:
+        """A pipeline over loaded ``FluxKontextComponents``; torch runners unless ``runners`` are given."""
+        from fluxtrt.backends.torch_runner import torch_runners
+
+        vae = components.vae.config
+        return cls(
+            runners=runners if runners is not None else torch_runners(components),
+            tokenizer=components.tokenizer,
+            tokenizer_2=components.tokenizer_2,
+            dims=dims_from_components(components),
+            vae_scaling=vae.scaling_factor,
+            vae_shift=vae.shift_factor,
+            scheduler_config=components.scheduler_config,
+            device=components.transformer.device,
+            dtype=components.transformer.dtype,
+        )
+
+    def geometry(
+        self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
+    ) -> tuple[Resolution, Resolution]:
+        """(target, reference) resolutions for a reference of ``image_size`` (width, height).
+
+        The reference goes to its closest preferred Kontext resolution. The target is that same resolution by
+        default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to ``max_area``.
+        """
+        reference = preferred_resolution(*image_size, self.dims.multiple_of)
+        if height is None or width is None:
+            return reference, reference
+        return fit_to_area(width, height, max_area, self.dims.multiple_of), reference
+
+    def edit(
+        self,
+        image: Any | list[Any],
+        prompt: str | list[str],
+        *,
+        sampler: SamplerConfig | None = None,
+        seed: int = 0,
+        guidance: float = DEFAULT_GUIDANCE,
+        height: int | None = None,
+        width: int | None = None,
+        max_area: int = DEFAULT_MAX_AREA,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> EditResult:
+        """Edit ``image`` as ``prompt`` says.
+
+        Args:
+            image: one PIL image for every prompt, or one per prompt (all are resized to the first one's
+                preferred resolution).
+            prompt: one prompt, or a list (the batch).
+            sampler: solver, sigma schedule, steps.
+            seed: seed of the initial noise, drawn on the CPU so every device starts from the same noise.
+            guidance: distilled-guidance scale.
+            height, width: explicit target size (both or neither).
+            max_area: pixel budget an explicit size is fitted to.
+            on_step: called as ``on_step(done, total)`` before the first denoising step and after each.
+
+        Returns:
+            The images, final latents, geometry, timings and warnings.
+
+        Raises:
+            InputError: inconsistent batch or size.
+            FluxtrtError: the edit produced non-finite values.
+        """
+        sampler = sampler or SamplerConfig()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = image if isinstance(image, list) else [image]
+        batch = len(prompts)
+        if len(images) not in (1, batch):
+            raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
+        target, reference = self.geometry(images[0].size, height, width, max_area)
+        timer = ComponentTimer(self.device)
+        dev, dt = self.device, self.dtype
+
+        with timer.region("total"):
+            # 1. Prompt: CLIP pooled [B, 768] + T5 hidden states [B, 512, 4096].
+            clip_ids, warnings = tokenize(self.tokenizer, prompts, self.dims.clip_len, "CLIP")
+            t5_ids, t5_warnings = tokenize(self.tokenizer_2, prompts, self.dims.t5_len, "T5")
+            warnings += t5_warnings
+            with timer.region("clip"):
+                pooled = self.runners["clip"].infer({"input_ids": clip_ids.to(dev)})["pooled_embeds"]
+            with timer.region("t5"):
+                text = self.runners["t5"].infer({"input_ids": t5_ids.to(dev)})["text_embeds"]
+
+            # 2. Reference: encode (distribution mode), normalise, pack; ids carry image index 1.
+            pixels = torch.cat([image_to_tensor(im, reference) for im in images]).to(dev, dt)  # [B|1, 3, H, W]
+            with timer.region("vae_encoder"):
+                ref = self.runners["vae_encoder"].infer({"image": pixels})["latent"]  # [B|1, 16, H/8, W/8]
+            ref = (ref - self.vae_shift) * self.vae_scaling
+            ref_tokens = pack(ref.expand(batch, -1, -1, -1))  # [B, S_ref, 64]
+            ref_ids = position_ids(ref.shape[2], ref.shape[3], image_index=1)
+
+            # 3. Noise for the target, packed; target ids carry image index 0.
+            h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator)
+            latents = pack(noise).to(dev, dt)  # [B, S_target, 64]
+            s_target = latents.shape[1]
+            img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]
+            txt_ids = torch.zeros(self.dims.t5_len, 3, device=dev)
+            guidance_t = torch.full((batch,), guidance, dtype=torch.float32, device=dev)
+
+            # 4. Integrate the flow; the reference tokens ride along and their predictions are dropped.
+            sigmas = sigma_schedule(sampler.sigmas, sampler.num_steps, flux_mu(s_target, self.scheduler_config))
+            solver = make_solver(sampler.solver)
+            solver.reset(sigmas)
+            if on_step is not None:
+                on_step(0, sampler.num_steps)
+            for i in range(sampler.num_steps):
+                feed = {
+                    "hidden_states": torch.cat([latents, ref_tokens], dim=1),  # [B, S_target + S_ref, 64]
+                    "encoder_hidden_states": text,
+                    "pooled_projections": pooled,
+                    "timestep": torch.full((batch,), float(sigmas[i]), device=dev).to(dt),
+                    "guidance": guidance_t,
+                    "img_ids": img_ids,
+                    "txt_ids": txt_ids,
+                }
+                with timer.region("transformer"):
+                    v = self.runners["transformer"].infer(feed)["noise_pred"][:, :s_target]
+                latents = solver.step(v, i, latents)
+                if on_step is not None:
+                    on_step(i + 1, sampler.num_steps)
+
+            # 5. Unpack, un-normalise, decode.
+            z = unpack(latents, h, w) / self.vae_scaling + self.vae_shift  # [B, 16, h, w]
+            with timer.region("vae_decoder"):
+                decoded = self.runners["vae_decoder"].infer({"latent": z.to(dt)})["image"]  # [B, 3, H, W]
+            out_images = tensor_to_images(decoded)
+
+        final = latents.float().cpu()
+        if not torch.isfinite(final).all() or not torch.isfinite(decoded).all():
+            raise FluxtrtError(
+                f"the edit produced non-finite values (latents finite: {bool(torch.isfinite(final).all())}, "
+                f"image finite: {bool(torch.isfinite(decoded).all())}) in {self.dtype}: check the weights, or try "
+                "--dtype fp32"
+            )
+        return EditResult(
+            images=out_images,
+            latents=final,
+            target=target,
+            reference=reference,
+            sigmas=[float(s) for s in sigmas],
+            timings_ms=timer.summary(),
+            calls=dict(timer.calls),
+            warnings=warnings,
+        )

@@ -1,0 +1,180 @@
+"""The five FLUX.1-Kontext component specs (DESIGN 1), parameterised by the model's dimensions.
+
+Symbols: ``B`` batch; ``H``/``W`` the component's image size in pixels; ``h``/``w`` its latent size (pixels / 8);
+``S`` transformer tokens = target tokens + reference tokens (Kontext appends the packed reference latents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fluxtrt.specs.component import ComponentSpec, TensorSpec, Tolerance
+
+COMPONENTS = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
+
+# fp32 runners of one graph agree to float rounding; bf16 runners to a few bf16 ulps of accumulated error.
+_TOLERANCE = {
+    "clip": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "t5": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "vae_encoder": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "transformer": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "vae_decoder": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """An image size in pixels (width x height, as users write it)."""
+
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> Resolution:
+        """Parse ``"1024x768"`` (width x height)."""
+        from fluxtrt.errors import InputError
+
+        try:
+            w, h = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise InputError(f"resolution '{text}' is not WIDTHxHEIGHT, expected e.g. 1024x1024") from None
+        if w <= 0 or h <= 0:
+            raise InputError(f"resolution '{text}' has a non-positive side, expected e.g. 1024x1024")
+        return cls(w, h)
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class FluxDims:
+    """The sizes a checkpoint fixes; read from the loaded configs, never assumed.
+
+    Attributes:
+        clip_vocab, clip_len, clip_dim: CLIP vocabulary, token count (77) and pooled width (768 for CLIP-L).
+        t5_vocab, t5_len, t5_dim: T5 vocabulary, token count (512) and hidden width (4096 for T5-XXL).
+        latent_channels: VAE latent channels (16).
+        vae_scale: pixels per latent (8).
+        packed_channels: transformer input width (latent_channels * 4 = 64, 2x2 patches).
+    """
+
+    clip_vocab: int
+    clip_len: int
+    clip_dim: int
+    t5_vocab: int
+    t5_len: int
+    t5_dim: int
+    latent_channels: int
+    vae_scale: int
+    packed_channels: int
+
+    @property
+    def multiple_of(self) -> int:
+        """Image sides must be multiples of this: one 2x2 patch of latents."""
+        return self.vae_scale * 2
+
+    def tokens(self, res: Resolution) -> int:
+        """Packed latent tokens for an image of ``res`` (a multiple of ``multiple_of``)."""
+        return (res.height // self.multiple_of) * (res.width // self.multiple_of)
+
+
+def component_dims(name: str, dims: FluxDims, batch: int, target: Resolution, reference: Resolution) -> dict[str, int]:
+    """Symbol values of component ``name`` for one edit geometry.
+
+    The VAE encoder sees the reference image, the VAE decoder the target, the transformer both.
+    """
+    if name == "vae_encoder" or name == "vae_decoder":
+        res = reference if name == "vae_encoder" else target
+        return {
+            "B": batch,
+            "H": res.height,
+            "W": res.width,
+            "h": res.height // dims.vae_scale,
+            "w": res.width // dims.vae_scale,
+        }
+    if name == "transformer":
+        return {"B": batch, "S": dims.tokens(target) + dims.tokens(reference)}
+    return {"B": batch}
+
+
+def dim_values(dims: FluxDims, batch: int, target: Resolution, reference: Resolution) -> dict[str, dict[str, int]]:
+    """``component_dims`` for all five components."""
+    return {name: component_dims(name, dims, batch, target, reference) for name in COMPONENTS}
+
+
+def profile_shapes(
+    spec: ComponentSpec,
+    dims: FluxDims,
+    batch: tuple[int, int, int],
+    resolutions: tuple[Resolution, Resolution, Resolution],
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """Min/opt/max input shapes of ``spec`` for a batch range and a (min, opt, max) resolution range.
+
+    Target and reference take the same resolution at each point, which bounds every edit whose two images lie in
+    the range.
+    """
+    points = [component_dims(spec.name, dims, b, r, r) for b, r in zip(batch, resolutions, strict=True)]
+    return {t.name: tuple(t.concrete(p) for p in points) for t in spec.inputs}  # type: ignore[misc]
+
+
+def component_specs(dims: FluxDims) -> dict[str, ComponentSpec]:
+    """The five specs for a model of ``dims``."""
+    c, p = dims.latent_channels, dims.packed_channels
+    specs = [
+        ComponentSpec(
+            "clip",
+            (TensorSpec("input_ids", ("B", dims.clip_len), "int64", "ids", vocab=dims.clip_vocab),),
+            (TensorSpec("pooled_embeds", ("B", dims.clip_dim), "compute"),),
+            _TOLERANCE["clip"],
+        ),
+        ComponentSpec(
+            "t5",
+            (TensorSpec("input_ids", ("B", dims.t5_len), "int64", "ids", vocab=dims.t5_vocab),),
+            (TensorSpec("text_embeds", ("B", dims.t5_len, dims.t5_dim), "compute"),),
+            _TOLERANCE["t5"],
+        ),
+        ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", ("B", 3, "H", "W"), "compute", "signed"),),
+            (TensorSpec("latent", ("B", c, "h", "w"), "compute"),),
+            _TOLERANCE["vae_encoder"],
+        ),
+        ComponentSpec(
+            "transformer",
+            (
+                TensorSpec("hidden_states", ("B", "S", p), "compute"),
+                TensorSpec("encoder_hidden_states", ("B", dims.t5_len, dims.t5_dim), "compute"),
+                TensorSpec("pooled_projections", ("B", dims.clip_dim), "compute"),
+                TensorSpec("timestep", ("B",), "compute", "unit"),
+                TensorSpec("guidance", ("B",), "float32", "const", value=2.5),
+                TensorSpec("img_ids", ("S", 3), "float32", "grid"),
+                TensorSpec("txt_ids", (dims.t5_len, 3), "float32", "const", value=0.0),
+            ),
+            (TensorSpec("noise_pred", ("B", "S", p), "compute"),),
+            _TOLERANCE["transformer"],
+        ),
+        ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent", ("B", c, "h", "w"), "compute"),),
+            (TensorSpec("image", ("B", 3, "H", "W"), "compute"),),
+            _TOLERANCE["vae_decoder"],
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+def dims_from_components(components: Any) -> FluxDims:
+    """Read ``FluxDims`` off loaded diffusers/transformers components (see ``fluxtrt.models``)."""
+    vae = components.vae.config
+    return FluxDims(
+        clip_vocab=components.text_encoder.config.vocab_size,
+        clip_len=components.tokenizer.model_max_length,
+        clip_dim=components.text_encoder.config.hidden_size,
+        t5_vocab=components.text_encoder_2.config.vocab_size,
+        t5_len=components.max_sequence_length,
+        t5_dim=components.text_encoder_2.config.d_model,
+        latent_channels=vae.latent_channels,
+        vae_scale=2 ** (len(vae.block_out_channels) - 1),
+        packed_channels=components.transformer.config.in_channels,
+    )

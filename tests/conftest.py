@@ -1,0 +1,41 @@
+"""Shared fixtures: the tiny model (built once per session) and small synthetic reference images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def pytest_configure(config):
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny model, fp32 on the CPU."""
+    from fluxtrt.models import load_components
+
+    return load_components("tiny", "cpu", "fp32", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny):
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
+    return KontextPipeline.from_components(tiny)
+
+
+def make_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth random RGB image (low-frequency noise, so resizing is meaningful)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(max(height // 32, 2), max(width // 32, 2), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    path = tmp_path / "input.png"
+    make_image(320, 240).save(path)
+    return path
