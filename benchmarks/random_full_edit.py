@@ -1,0 +1,157 @@
+"""Full-size random-weight Kontext edit on a GPU: fluxtrt's pipeline against diffusers' own on the same components.
+
+    python benchmarks/random_full_edit.py --out results.json [--steps 28] [--size 1024] [--model random-full]
+
+(``--model tiny --device cpu`` runs the same script in seconds, as a smoke test.)
+
+Prints one JSON line per phase (so a cut-short run still reports) and writes them all to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fluxtrt.config import SamplerConfig
+from fluxtrt.environment import environment
+from fluxtrt.models import load_components
+from fluxtrt.pipeline.kontext import KontextPipeline
+from fluxtrt.timing import ComponentTimer
+
+RECORDS: list[dict] = []
+
+
+def emit(record: dict, out: Path) -> None:
+    RECORDS.append(record)
+    print(json.dumps(record), flush=True)
+    out.write_text(json.dumps(RECORDS, indent=2))
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dict:
+    """diffusers' FluxKontextPipeline on the same modules; transformer calls timed in hooks (CUDA events on a GPU)."""
+    pipe = components.diffusers_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    timer = ComponentTimer(components.transformer.device)
+    regions = []
+
+    def pre(_module, _args, _kwargs):
+        regions.append(timer.region("transformer"))
+        regions[-1].__enter__()
+
+    def post(_module, _args, _kwargs, _output):
+        regions[-1].__exit__(None, None, None)
+
+    handles = [
+        pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True),
+        pipe.transformer.register_forward_hook(post, with_kwargs=True),
+    ]
+    sync()
+    t0 = time.perf_counter()
+    latents = pipe(
+        image=image,
+        prompt=prompt,
+        num_inference_steps=steps,
+        guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).images
+    sync()
+    wall = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    return {
+        "latents": latents.float().cpu(),
+        "wall_s": wall,
+        "transformer_ms": timer.summary()["transformer"],
+        "transformer_calls": timer.calls["transformer"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--model", default="random-full")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    prompt, seed = "make the house blue", 0
+    image = Image.open(Path(__file__).resolve().parents[1] / "examples" / "input.png").convert("RGB")
+    image = image.resize((args.size, args.size), Image.Resampling.LANCZOS)
+
+    emit({"phase": "environment", **environment()}, args.out)
+    t0 = time.perf_counter()
+    dtype = "bf16" if args.device == "cuda" else "fp32"
+    components = load_components(args.model, args.device, dtype, seed=0)
+    sync()
+    emit(
+        {
+            "phase": "load",
+            "model": args.model,
+            "dtype": dtype,
+            "seconds": time.perf_counter() - t0,
+            "gpu_mem_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        },
+        args.out,
+    )
+    pipeline = KontextPipeline.from_components(components)
+    sampler = SamplerConfig("euler", "flux-shift", args.steps)
+
+    t0 = time.perf_counter()
+    pipeline.edit(image, prompt, sampler=SamplerConfig("euler", "flux-shift", 2), seed=seed)
+    emit({"phase": "warmup", "steps": 2, "seconds": time.perf_counter() - t0}, args.out)
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ours = pipeline.edit(image, prompt, sampler=sampler, seed=seed)
+    steps = ours.calls["transformer"]
+    emit(
+        {
+            "phase": "fluxtrt_edit",
+            "steps": steps,
+            "target": str(ours.target),
+            "reference": str(ours.reference),
+            "timings_ms": ours.timings_ms,
+            "transformer_ms_per_step": ours.timings_ms["transformer"] / steps,
+            "latents_finite": bool(torch.isfinite(ours.latents).all()),
+            "latents_std": ours.latents.std().item(),
+            "latents_absmax": ours.latents.abs().max().item(),
+            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        },
+        args.out,
+    )
+
+    theirs = diffusers_edit(components, image, prompt, args.steps, seed)
+    theirs_ms = theirs["transformer_ms"] / theirs["transformer_calls"]
+    ours_ms = ours.timings_ms["transformer"] / steps
+    diff = (ours.latents - theirs["latents"]).abs()
+    emit(
+        {
+            "phase": "diffusers_edit",
+            "steps": theirs["transformer_calls"],
+            "wall_s": theirs["wall_s"],
+            "transformer_ms_per_step": theirs_ms,
+            "fluxtrt_over_diffusers_transformer": ours_ms / theirs_ms,
+            "latents_max_abs_diff": diff.max().item(),
+            "latents_mean_abs_diff": diff.mean().item(),
+            "latents_cosine": torch.nn.functional.cosine_similarity(
+                ours.latents.flatten(), theirs["latents"].flatten(), dim=0
+            ).item(),
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
