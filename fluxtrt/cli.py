@@ -59,7 +59,7 @@ def sampler_options(f):
     f = click.option("--sigmas", default="flux-shift", show_default=True, help=f"One of {', '.join(SIGMA_SCHEDULES)}.")(
         f
     )
-    return click.option("--scheduler", default="euler", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
+    return click.option("--scheduler", default="dpmpp-2m", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
 
 
 @click.group(cls=FluxtrtGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -35,7 +35,7 @@ class SamplerConfig:
         steps: model calls per edit; ``None`` takes the solver's default (28 Euler, 14 DPM-Solver++ 2M).
     """
 
-    solver: str = "euler"
+    solver: str = "dpmpp-2m"
     sigmas: str = "flux-shift"
     steps: int | None = None
 

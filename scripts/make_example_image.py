@@ -4,7 +4,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-
 OUT = Path(__file__).resolve().parents[1] / "examples" / "input.png"
 
 

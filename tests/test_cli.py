@@ -62,6 +62,7 @@ def test_infer_tiny_writes_png_at_preferred_aspect(tmp_path):
     assert size == (ew, eh) == (1184, 880)
     for component in ("clip", "t5", "vae_encoder", "transformer", "vae_decoder"):
         assert component in proc.stderr  # per-component time table
+    assert "14/14" in proc.stderr  # the default loop: DPM-Solver++ 2M, 14 steps
 
 
 def test_infer_explicit_size_and_seed_is_deterministic(tmp_path, image_file):
@@ -117,6 +118,8 @@ def _bad_cases(tmp_path, image_file):
         "zero steps": (["--image", img, "--steps", "0"], "--steps is 0"),
         "unknown device": (["--image", img, "--device", "tpu"], "--device is 'tpu'"),
         "unknown dtype": (["--image", img, "--dtype", "fp64"], "--dtype is 'fp64'"),
+        "unknown scheduler": (["--image", img, "--scheduler", "heun"], "--scheduler is 'heun'"),
+        "unknown sigmas": (["--image", img, "--sigmas", "cosine"], "--sigmas is 'cosine'"),
     }
 
 

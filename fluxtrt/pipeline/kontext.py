@@ -21,6 +21,16 @@ from fluxtrt.timing import ComponentTimer
 DEFAULT_MAX_AREA = 1024**2
 
 
+def diffusers_timestep(sigma: float, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """sigma as the transformer's [B] timestep input, rounded the way diffusers' Flux pipelines round it.
+
+    diffusers passes (1000 sigma in fp32, cast to the compute dtype) / 1000; in bf16 that differs from casting sigma
+    directly by up to 1%, so taking the same path keeps a bf16 edit on diffusers' trajectory. In fp32 it is sigma.
+    """
+    t = torch.full((batch,), float(sigma), dtype=torch.float32, device=device) * 1000.0  # fp32, as diffusers
+    return t.to(dtype) / 1000.0
+
+
 @dataclass
 class EditResult:
     """What one edit produced.
@@ -190,7 +200,7 @@ class KontextPipeline:
                     "hidden_states": torch.cat([latents, ref_tokens], dim=1),  # [B, S_target + S_ref, 64]
                     "encoder_hidden_states": text,
                     "pooled_projections": pooled,
-                    "timestep": torch.full((batch,), float(sigmas[i]), device=dev).to(dt),
+                    "timestep": diffusers_timestep(sigmas[i], batch, dev, dt),
                     "guidance": guidance_t,
                     "img_ids": img_ids,
                     "txt_ids": txt_ids,

@@ -80,6 +80,7 @@ class DPMSolverPP2M(Solver):
     """
 
     def reset(self, sigmas: np.ndarray) -> None:
+        """``Solver.reset``, plus the per-step weights of the 2M update; forgets the previous edit's x0."""
         super().reset(sigmas)
         s = self.sigmas
         with np.errstate(divide="ignore"):
@@ -96,11 +97,11 @@ class DPMSolverPP2M(Solver):
         xc = x.to(dtype)
         x0 = xc - float(sigmas[i]) * v.to(dtype)
         d = x0
-        # History counts only if it is the previous step of this edit, so a repeated or out-of-order call stays first order.
+        # History counts only if it is this edit's previous step: a repeated or out-of-order call stays first order.
         if self._history is not None and self._history[0] == i - 1 and self._weight[i] != 0.0:
             d = x0 + float(self._weight[i]) * (x0 - self._history[1])
-        self._history = (i, x0)
         ratio = float(self._ratio[i])
+        self._history = None if ratio == 0.0 else (i, x0)  # the last step needs no successor: free the latents
         out = d if ratio == 0.0 else ratio * xc + (1.0 - ratio) * d
         return out.to(x.dtype)
 

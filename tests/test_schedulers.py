@@ -1,0 +1,326 @@
+"""Schedulers (DESIGN 3): sigmas and Euler against diffusers, solvers against exact flow-matching ODE solutions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fluxtrt.errors import InputError
+from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
+
+# FLUX.1's scheduler_config.json (shift is unused with dynamic shifting).
+FLUX_SCHEDULER = {
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+# Target resolutions (width x height) and their packed tokens, (H // 16) * (W // 16).
+TOKENS = {"256x256": 256, "512x512": 1024, "1392x752": (752 // 16) * (1392 // 16), "1024x1024": 4096}
+MU_1024 = flux_mu(TOKENS["1024x1024"], FLUX_SCHEDULER)
+
+
+@pytest.fixture(scope="module")
+def diffusers_scheduler():
+    module = pytest.importorskip("diffusers.schedulers.scheduling_flow_match_euler_discrete")
+    return module.FlowMatchEulerDiscreteScheduler
+
+
+def _diffusers_sigmas(scheduler_cls, steps: int, mu: float, karras: bool) -> np.ndarray:
+    scheduler = scheduler_cls(**FLUX_SCHEDULER, use_karras_sigmas=karras)
+    # Exactly what FluxKontextPipeline passes to set_timesteps.
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas.numpy()
+
+
+# --- a. sigmas and mu against diffusers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [4, 14, 28, 50])
+@pytest.mark.parametrize("name", ["flux-shift", "karras"])
+def test_sigmas_match_diffusers(diffusers_scheduler, name, steps):
+    for tokens in TOKENS.values():
+        mu = flux_mu(tokens, FLUX_SCHEDULER)
+        ours = sigma_schedule(name, steps, mu)
+        theirs = _diffusers_sigmas(diffusers_scheduler, steps, mu, karras=name == "karras")
+        assert ours.dtype == np.float64 and ours.shape == (steps + 1,)
+        assert ours[0] == 1.0 and ours[-1] == 0.0 and np.all(np.diff(ours) < 0)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6)
+        # The solvers use float32 sigmas: those are diffusers' own, bit for bit.
+        assert np.array_equal(ours.astype(np.float32), theirs), f"{name}, {steps} steps, mu={mu}"
+
+
+def test_karras_spans_flux_shift_range():
+    for steps in (4, 14, 28):
+        shift, karras = sigma_schedule("flux-shift", steps, MU_1024), sigma_schedule("karras", steps, MU_1024)
+        assert karras[0] == shift[0] == 1.0
+        assert karras[-2] == pytest.approx(shift[-2], rel=1e-12)
+        # rho = 7: sigma^(1/7) is evenly spaced.
+        np.testing.assert_allclose(np.diff(karras[:-1] ** (1 / 7)), np.diff(karras[:-1] ** (1 / 7))[0], rtol=1e-9)
+
+
+def test_flux_mu_matches_diffusers_calculate_shift():
+    kontext = pytest.importorskip("diffusers.pipelines.flux.pipeline_flux_kontext")
+    for tokens in (*TOKENS.values(), 1, 8192):
+        expected = kontext.calculate_shift(
+            tokens,
+            FLUX_SCHEDULER["base_image_seq_len"],
+            FLUX_SCHEDULER["max_image_seq_len"],
+            FLUX_SCHEDULER["base_shift"],
+            FLUX_SCHEDULER["max_shift"],
+        )
+        assert flux_mu(tokens, FLUX_SCHEDULER) == expected
+        assert flux_mu(tokens, {}) == expected  # missing keys take FLUX's defaults
+
+
+# --- b. Euler against diffusers' step ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [4, 28])
+@pytest.mark.parametrize("resolution", ["1024x1024", "1392x752"])
+def test_euler_matches_diffusers_step(diffusers_scheduler, steps, resolution):
+    mu = flux_mu(TOKENS[resolution], FLUX_SCHEDULER)
+    scheduler = diffusers_scheduler(**FLUX_SCHEDULER)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    solver = make_solver("euler")
+    solver.reset(sigma_schedule("flux-shift", steps, mu))
+    g = torch.Generator().manual_seed(steps)
+    # float32: for bf16 model outputs diffusers rounds dt * v to bf16 before adding it, fluxtrt keeps it in float32.
+    ours = theirs = torch.randn(2, 64, 16, generator=g)  # [B, S_img, C]
+    for i, t in enumerate(scheduler.timesteps):
+        v = torch.randn(ours.shape, generator=g)
+        theirs = scheduler.step(v, t, theirs, return_dict=False)[0]
+        ours = solver.step(v, i, ours)
+        assert torch.equal(ours, theirs), f"step {i}"
+
+
+# --- c. exact flow-matching ODE solutions --------------------------------------------------------------------------
+
+
+class GaussianMixture:
+    """1-D data x0 ~ sum_k w_k N(m_k, s_k^2), flowed by x_sigma = (1 - sigma) x0 + sigma eps.
+
+    Given component k, x_sigma is Gaussian with mean (1 - sigma) m_k and variance V_k = (1 - sigma)^2 s_k^2 + sigma^2,
+    and (eps, x0, x_sigma) are jointly Gaussian: Cov(eps, x) = sigma, Cov(x0, x) = (1 - sigma) s_k^2, so
+    E[eps - x0 | x, k] = (sigma - (1 - sigma) s_k^2) / V_k (x - (1 - sigma) m_k) - m_k. The probability-flow velocity
+    is that average weighted by the posterior p(k | x_sigma).
+
+    In 1-D the flow map is increasing and carries N(0, 1) at sigma = 1 onto the data law, so it is the quantile map
+    x0 = F^-1(Phi(x_1)); for one Gaussian that is m + s x_1 ((x - mean) / std stays constant along the ODE).
+    """
+
+    def __init__(self, w, m, s):
+        self.w, self.m, self.s = (torch.tensor(a, dtype=torch.float64) for a in (w, m, s))
+
+    def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        var = (1 - sigma) ** 2 * self.s**2 + sigma**2
+        z = x[:, None] - (1 - sigma) * self.m  # [D, K]
+        post = torch.softmax(self.w.log() - 0.5 * z**2 / var - 0.5 * var.log(), dim=1)
+        return (post * ((sigma - (1 - sigma) * self.s**2) / var * z - self.m)).sum(1)
+
+    def solution(self, x1: torch.Tensor) -> torch.Tensor:
+        if len(self.w) == 1:
+            return self.m + self.s * x1
+        u, lo, hi = torch.special.ndtr(x1), torch.full_like(x1, -20.0), torch.full_like(x1, 20.0)
+        for _ in range(80):  # bisection on the mixture CDF to float64 resolution
+            mid = (lo + hi) / 2
+            below = (self.w * torch.special.ndtr((mid[:, None] - self.m) / self.s)).sum(1) < u
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
+
+GAUSSIANS = {f"N({m}, {s}^2)": GaussianMixture([1.0], [m], [s]) for s in (0.05, 0.3, 1.0) for m in (-0.5, 0.8)}
+MIXTURES = {
+    "bimodal s=0.3": GaussianMixture([0.5, 0.5], [-0.8, 0.8], [0.3, 0.3]),
+    "skewed s=0.5/0.2": GaussianMixture([0.2, 0.8], [-1.0, 0.5], [0.5, 0.2]),
+    "trimodal s=0.5": GaussianMixture([0.3, 0.4, 0.3], [-1.0, 0.0, 1.0], [0.5, 0.5, 0.5]),
+    "bimodal s=0.7": GaussianMixture([0.5, 0.5], [-1.0, 1.0], [0.7, 0.7]),
+}
+
+
+def _solve(data: GaussianMixture, solver: str, schedule: str, steps: int, x1: torch.Tensor) -> torch.Tensor:
+    sigmas = sigma_schedule(schedule, steps, MU_1024)
+    ode = make_solver(solver)
+    ode.reset(sigmas)
+    x = x1
+    for i in range(steps):
+        x = ode.step(data.velocity(x.double(), float(sigmas[i])).to(x.dtype), i, x)
+    return x
+
+
+def _rms_error(data: GaussianMixture, solver: str, schedule: str, steps: int, x1: torch.Tensor) -> float:
+    return (_solve(data, solver, schedule, steps, x1) - data.solution(x1)).pow(2).mean().sqrt().item()
+
+
+def _noise(n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("case", ["N(0.8, 0.3^2)", "N(-0.5, 1.0^2)"])
+def test_convergence_orders(case):
+    """Fitted global order on log-log error vs steps, float64, 1024x1024 mu.
+
+    Measured (N = 256..2048; N(0.8, 0.3^2) / N(-0.5, 1^2)): Euler + flux-shift 1.00 / 1.00, DPM-Solver++ 2M +
+    flux-shift 1.67 / 1.80, DPM-Solver++ 2M + karras 1.98 / 1.65. The 2M order creeps up to 2 as N grows (1.84 at
+    N = 4096); below N ~ 100 its error changes sign and a fit means nothing, hence the large N.
+    """
+    data, x1, steps = GAUSSIANS[case], _noise(64), [256, 512, 1024, 2048]
+    orders = {}
+    for solver, schedule in [("euler", "flux-shift"), ("dpmpp-2m", "flux-shift"), ("dpmpp-2m", "karras")]:
+        errors = [_rms_error(data, solver, schedule, n, x1) for n in steps]
+        orders[solver, schedule] = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+        print(
+            f"{case} {solver} + {schedule}: order {orders[solver, schedule]:.2f}, errors", *map("{:.1e}".format, errors)
+        )
+    assert 0.8 <= orders["euler", "flux-shift"] <= 1.2
+    assert 1.5 <= orders["dpmpp-2m", "flux-shift"] <= 2.5
+    assert 1.5 <= orders["dpmpp-2m", "karras"] <= 2.5
+
+
+def test_dpmpp_14_against_euler_28():
+    """RMS error at sigma = 0, float64, 1024x1024 mu (mu = 1.15).
+
+    Measured, error (ratio to Euler 28):   Euler 28   DPM++2M 14 flux-shift   DPM++2M 14 karras
+      N(m, 0.05^2)                          3.07e-2    3.98e-2 (1.30)          3.98e-2 (1.30)
+      N(m, 0.3^2)                           4.64e-2    7.16e-2 (1.54)          6.77e-2 (1.46)
+      N(m, 1^2)                             6.43e-2    7.23e-3 (0.11)          4.73e-2 (0.74)
+      bimodal s=0.3                         4.36e-2    5.50e-2 (1.26)          5.70e-2 (1.31)
+      skewed s=0.5/0.2                      5.41e-2    6.16e-2 (1.14)          6.43e-2 (1.19)
+      trimodal s=0.5                        5.60e-2    2.08e-2 (0.37)          4.31e-2 (0.77)
+      bimodal s=0.7                         6.00e-2    2.82e-2 (0.47)          4.75e-2 (0.79)
+    (the mean m is integrated exactly, so a single Gaussian's error depends on s only). For narrow data (s <= 0.3)
+    the first-order jump from the last nonzero sigma (0.20 at 14 flux-shift steps, 0.10 at 28) to 0 dominates: it
+    lands on E[x0 | x], which for N(m, s^2) shrinks the ODE end point's offset from m by (1 - sigma) s / std(sigma).
+    """
+    x1 = _noise(1024)
+    wide = {"N(-0.5, 1.0^2)", "N(0.8, 1.0^2)", "trimodal s=0.5", "bimodal s=0.7"}
+    for name, data in {**GAUSSIANS, **MIXTURES}.items():
+        err = {
+            (solver, schedule, n): _rms_error(data, solver, schedule, n, x1)
+            for solver, schedule, n in [
+                ("euler", "flux-shift", 14),
+                ("euler", "flux-shift", 28),
+                ("dpmpp-2m", "flux-shift", 14),
+                ("dpmpp-2m", "flux-shift", 28),
+                ("dpmpp-2m", "karras", 14),
+            ]
+        }
+        e28, d14, k14 = err["euler", "flux-shift", 28], err["dpmpp-2m", "flux-shift", 14], err["dpmpp-2m", "karras", 14]
+        print(
+            f"{name}: euler 28 {e28:.2e}, dpmpp-2m 14 {d14:.2e} ({d14 / e28:.2f}), karras {k14:.2e} ({k14 / e28:.2f})"
+        )
+        # Same step count: the second-order solver wins in every case (by 1% only for s = 0.05).
+        for n in (14, 28):
+            assert err["dpmpp-2m", "flux-shift", n] < err["euler", "flux-shift", n], (name, n)
+        if name in wide:
+            assert d14 < 0.6 * e28 and k14 < e28, name
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp-2m"])
+def test_float32_latents_follow_float64(solver):
+    # bf16 and float32 latents integrate in float32: at 14 steps its rounding is far below the solver error (~5e-2).
+    data, x1 = MIXTURES["trimodal s=0.5"], _noise(1024)
+    x32 = _solve(data, solver, "flux-shift", 14, x1.float())
+    assert x32.dtype == torch.float32
+    assert (x32.double() - _solve(data, solver, "flux-shift", 14, x1)).abs().max() < 1e-5
+
+
+# --- d. solver state -----------------------------------------------------------------------------------------------
+
+
+def _toy_velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    return torch.tanh(3 * x) * (1 + sigma) - x * sigma**2  # nonlinear, so the 2M history matters
+
+
+def _edit(solver, sigmas: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    solver.reset(sigmas)
+    for i in range(len(sigmas) - 1):
+        x = solver.step(_toy_velocity(x, float(sigmas[i])), i, x)
+    return x
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp-2m"])
+def test_solver_reused_across_edits_matches_fresh(name):
+    g = torch.Generator().manual_seed(1)
+    edits = [
+        (sigma_schedule("flux-shift", 14, MU_1024), torch.randn(2, 64, 16, generator=g)),
+        (sigma_schedule("karras", 9, flux_mu(TOKENS["1392x752"], FLUX_SCHEDULER)), torch.randn(3, 32, 16, generator=g)),
+        (np.array([0.8, 0.5, 0.3, 0.1, 0.0]), torch.randn(1, 48, 16, generator=g)),  # partial denoise, sigma < 1
+    ]
+    reused = make_solver(name)
+    for sigmas, x in edits * 2:
+        out = _edit(reused, sigmas, x)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, _edit(make_solver(name), sigmas, x))
+
+
+def test_dpmpp_first_and_last_steps_are_first_order():
+    sigmas = sigma_schedule("flux-shift", 6, MU_1024)
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(2, 64, 16, generator=g), torch.randn(2, 64, 16, generator=g)
+    dpm, euler = make_solver("dpmpp-2m"), make_solver("euler")
+    dpm.reset(sigmas)
+    euler.reset(sigmas)
+    # DDIM in flow matching: (s1/s0) x + (1 - s1/s0)(x - s0 v) = x + (s1 - s0) v, Euler's step.
+    torch.testing.assert_close(dpm.step(v, 0, x), euler.step(v, 0, x), rtol=1e-6, atol=1e-6)
+    for i in range(1, 5):
+        dpm.step(torch.randn(x.shape, generator=g), i, x)
+    # The step to sigma = 0 (lambda = inf) returns the data prediction x0 = x - sigma v, cast to x's dtype.
+    xb, vb = x.to(torch.bfloat16), v.to(torch.bfloat16)
+    x0 = (xb.float() - torch.tensor(sigmas[5], dtype=torch.float32) * vb.float()).to(torch.bfloat16)
+    assert torch.equal(dpm.step(vb, 5, xb), x0)
+
+
+# --- e. bad input --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5])
+def test_bad_steps(steps):
+    with pytest.raises(InputError, match=f"steps is {steps}, expected an integer >= 1"):
+        sigma_schedule("flux-shift", steps, MU_1024)
+
+
+def test_bad_mu():
+    with pytest.raises(InputError, match="mu is nan, expected a finite number"):
+        sigma_schedule("karras", 14, float("nan"))
+
+
+def test_unknown_names():
+    with pytest.raises(InputError, match="sigma schedule 'linear' is unknown, expected one of flux-shift, karras"):
+        sigma_schedule("linear", 14, MU_1024)
+    with pytest.raises(InputError, match="solver 'heun' is unknown, expected one of euler, dpmpp-2m"):
+        make_solver("heun")
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "message"),
+    [
+        ([1.0, 0.5, 0.6, 0.0], r"sigmas\[2\] = 0.6 follows 0.5, expected strictly decreasing"),
+        ([1.0, 0.5, 0.5, 0.0], r"sigmas\[2\] = 0.5 follows 0.5, expected strictly decreasing"),
+        ([1.0, 0.5, 0.1], "the last sigma is 0.1, expected 0"),
+        ([1.5, 0.5, 0.0], r"sigmas span \[0.0, 1.5\], expected finite values within \[0, 1\]"),
+        ([1.0, 0.5, -0.1], r"sigmas span \[-0.1, 1.0\], expected finite values within \[0, 1\]"),
+        ([1.0, float("nan"), 0.0], r"sigmas span \[nan, nan\], expected finite values"),
+        ([0.0], r"sigmas have shape \(1,\), expected a 1-D array"),
+        ([[1.0, 0.0]], r"sigmas have shape \(1, 2\), expected a 1-D array"),
+    ],
+)
+@pytest.mark.parametrize("name", ["euler", "dpmpp-2m"])
+def test_bad_sigmas(name, sigmas, message):
+    with pytest.raises(InputError, match=message) as info:
+        make_solver(name).reset(sigmas)
+    assert "\n" not in str(info.value) and "sigma_schedule" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp-2m"])
+def test_bad_step_calls(name):
+    solver, x = make_solver(name), torch.zeros(1, 4)
+    with pytest.raises(InputError, match="step 0 was called before any schedule was set: call solver.reset"):
+        solver.step(x, 0, x)
+    solver.reset(sigma_schedule("flux-shift", 4, MU_1024))
+    with pytest.raises(InputError, match="step index is 4, expected 0 <= i < 4"):
+        solver.step(x, 4, x)
