@@ -29,3 +29,11 @@ class MissingDependencyError(FluxtrtError):
         self.package = package
         self.feature = feature
         self.install = install
+
+
+class EngineError(FluxtrtError):
+    """An engines directory, manifest or engine file is missing, corrupt or was built for something else."""
+
+
+class BuildError(FluxtrtError):
+    """Exporting or compiling a component failed."""

@@ -1,0 +1,174 @@
+"""``manifest.json``: what an engines directory holds and what it was built for.
+
+Layout (DESIGN 6)::
+
+    <dir>/manifest.json
+    <dir>/onnx/<component>/model.onnx (+ model.onnx_data when the weights pass 2 GB)
+    <dir>/<component><backend extension>
+    <dir>/tokenizer/, <dir>/tokenizer_2/     so an edit needs no checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fluxtrt.errors import EngineError
+from fluxtrt.io import atomic_write
+from fluxtrt.specs.flux import FluxDims, Resolution
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_hash(settings: dict) -> str:
+    """A stable hash of a JSON-able settings dict: equal settings, equal hash."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class FileRecord:
+    """One file of the directory: its path relative to the directory, size and sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def of(cls, root: Path, path: Path) -> FileRecord:
+        return cls(str(path.relative_to(root)), path.stat().st_size, sha256_file(path))
+
+    def check(self, root: Path, component: str) -> Path:
+        """The absolute path, after checking the file is there with its recorded size (a cheap truncation test).
+
+        Raises:
+            EngineError: missing or of another size.
+        """
+        path = root / self.path
+        if not path.is_file():
+            raise EngineError(f"{component}: {path} is missing: rebuild with `fluxtrt build ... --out {root}`")
+        size = path.stat().st_size
+        if size != self.bytes:
+            raise EngineError(
+                f"{component}: {path} has {size} bytes but the manifest records {self.bytes}: the file is truncated "
+                f"or was replaced; rebuild it with `fluxtrt build ... --out {root} --force`"
+            )
+        return path
+
+
+@dataclass
+class ComponentEntry:
+    """A built component.
+
+    Attributes:
+        settings: everything the component's build depends on; ``settings_hash`` of it decides skipping.
+        onnx: the exported ONNX files (model, external data), empty for backends that need no ONNX.
+        engine: the engine file.
+        profile: per input, [min, opt, max] shapes.
+        build_s: export + compile seconds.
+        options: what the backend recorded (provider, flags, kernels).
+    """
+
+    settings: dict
+    onnx: list[FileRecord]
+    engine: FileRecord
+    profile: dict[str, list[list[int]]]
+    build_s: float
+    options: dict = field(default_factory=dict)
+
+    @property
+    def settings_hash(self) -> str:
+        return settings_hash(self.settings)
+
+
+@dataclass
+class Manifest:
+    """The whole ``manifest.json``."""
+
+    backend: str
+    backend_version: str
+    precision: str
+    fluxtrt_version: str
+    model: dict  # source, fingerprint, dims, vae scaling/shift, scheduler config, max_sequence_length
+    build_env: dict  # torch, device, GPU name and SM (or cpu)
+    resolutions: dict  # {"min": "WxH", "opt": "WxH", "max": "WxH"}
+    batch: dict  # {"min": 1, "opt": 1, "max": B}
+    components: dict[str, ComponentEntry] = field(default_factory=dict)
+    calibration: str | None = None
+    format: int = FORMAT
+
+    @property
+    def dims(self) -> FluxDims:
+        return FluxDims(**self.model["dims"])
+
+    def resolution(self, which: str) -> Resolution:
+        return Resolution.parse(self.resolutions[which])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def save(self, root: Path) -> None:
+        """Write ``root/manifest.json`` atomically."""
+        text = self.to_json()
+        atomic_write(root / MANIFEST, lambda tmp: tmp.write_text(text))
+
+    @classmethod
+    def load(cls, root: Path) -> Manifest:
+        """Read and check ``root/manifest.json``.
+
+        Raises:
+            EngineError: no directory, no manifest, unparsable JSON or an unknown format.
+        """
+        path = root / MANIFEST
+        fix = f"build it with `fluxtrt build --out {root}`"
+        if not root.is_dir():
+            raise EngineError(f"--engines '{root}' is not a directory: {fix}")
+        if not path.is_file():
+            raise EngineError(f"--engines '{root}' has no {MANIFEST}, so it is not a finished engines directory: {fix}")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise EngineError(
+                    f"{path} has format {raw.get('format')!r}, this fluxtrt reads format {FORMAT}: rebuild with "
+                    f"`fluxtrt build --out {root} --force`"
+                )
+            components = {
+                name: ComponentEntry(
+                    settings=e["settings"],
+                    onnx=[FileRecord(**f) for f in e["onnx"]],
+                    engine=FileRecord(**e["engine"]),
+                    profile=e["profile"],
+                    build_s=e["build_s"],
+                    options=e.get("options", {}),
+                )
+                for name, e in raw.pop("components").items()
+            }
+            return cls(**raw, components=components)
+        except EngineError:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise EngineError(
+                f"{path} is not a valid fluxtrt manifest ({type(exc).__name__}: {exc}): rebuild with "
+                f"`fluxtrt build --out {root} --force`"
+            ) from None
+
+    def require(self, *, backend: str | None = None, precision: str | None = None) -> None:
+        """Raise EngineError unless the manifest is of ``backend`` and ``precision`` (where given)."""
+        for key, want in (("backend", backend), ("precision", precision)):
+            have = getattr(self, key)
+            if want is not None and have != want:
+                raise EngineError(
+                    f"the engines were built with {key} '{have}', expected '{want}': use an engines directory "
+                    f"built with --{key} {want}, or rebuild"
+                )
