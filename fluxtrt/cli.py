@@ -8,8 +8,18 @@ from pathlib import Path
 import click
 
 from fluxtrt import __version__
-from fluxtrt.config import DEVICES, DTYPES, SIGMA_SCHEDULES, SOLVERS, InferConfig, SamplerConfig
+from fluxtrt.config import (
+    COMPONENT_NAMES,
+    DEVICES,
+    DTYPES,
+    SIGMA_SCHEDULES,
+    SOLVERS,
+    BuildConfig,
+    InferConfig,
+    SamplerConfig,
+)
 from fluxtrt.errors import FluxtrtError
+from fluxtrt.specs.flux import Resolution
 
 
 class FluxtrtGroup(click.Group):
@@ -35,13 +45,14 @@ class FluxtrtGroup(click.Group):
             sys.exit(1)
 
 
+MODEL_HELP = (
+    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), or a diffusers-format "
+    "FLUX.1-Kontext directory / downloaded hub id."
+)
+
+
 def model_option(f):
-    return click.option(
-        "--model",
-        required=True,
-        help="tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), or a diffusers-format "
-        "FLUX.1-Kontext directory / downloaded hub id.",
-    )(f)
+    return click.option("--model", required=True, help=MODEL_HELP)(f)
 
 
 def device_options(f):
@@ -70,7 +81,10 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@model_option
+@click.option("--model", default=None, help=MODEL_HELP + " Or give --engines.")
+@click.option(
+    "--engines", type=click.Path(path_type=Path), default=None, help="An engines directory from `fluxtrt build`."
+)
 @click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="Reference image to edit.")
 @click.option("--prompt", required=True, help="The edit instruction.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output PNG path.")
@@ -85,10 +99,11 @@ def main(verbose: bool) -> None:
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
 @device_options
-def infer(model, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype) -> None:
-    """Edit IMAGE as PROMPT says and write OUT.png."""
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype):
+    """Edit an image as the prompt says and write a PNG, on PyTorch (--model) or on built engines (--engines)."""
     config = InferConfig(
         model=model,
+        engines=engines,
         image=image,
         prompt=prompt,
         out=out,
@@ -106,6 +121,52 @@ def infer(model, image, prompt, out, scheduler, sigmas, steps, seed, guidance, h
     with step_progress() as on_step:
         report = run_infer(config, on_step=on_step)
     print_infer_report(report, config.out)
+
+
+@main.command()
+@model_option
+@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, aotinductor or tensorrt.")
+@click.option("--precision", default="fp32", show_default=True, help="fp32, bf16, fp8 or fp4 (as the backend allows).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engines directory to write.")
+@click.option("--min-resolution", default="512x512", show_default=True, help="Smallest WIDTHxHEIGHT accepted.")
+@click.option("--opt-resolution", default="1024x1024", show_default=True, help="WIDTHxHEIGHT the engines tune for.")
+@click.option("--max-resolution", default="1568x1568", show_default=True, help="Largest WIDTHxHEIGHT accepted.")
+@click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch accepted.")
+@click.option("--components", default=",".join(COMPONENT_NAMES), show_default=True, help="Comma-separated subset.")
+@click.option("--force", is_flag=True, help="Rebuild everything, even components whose settings match.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
+def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
+          device):  # fmt: skip
+    """Export every component to ONNX and build an engine per component, with a manifest."""
+    config = BuildConfig(
+        model=model,
+        backend=backend,
+        precision=precision,
+        out=out,
+        min_resolution=Resolution.parse(min_resolution, "--min-resolution"),
+        opt_resolution=Resolution.parse(opt_resolution, "--opt-resolution"),
+        max_resolution=Resolution.parse(max_resolution, "--max-resolution"),
+        max_batch=max_batch,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()),
+        force=force,
+        device=device,
+    )
+    from fluxtrt.console import build_progress, print_build_report
+    from fluxtrt.engines.build import build_engines
+
+    with build_progress() as on_progress:
+        report = build_engines(config, on_progress)
+    print_build_report(report)
+
+
+@main.command()
+@click.argument("engines", type=click.Path(path_type=Path))
+def inspect(engines):
+    """Show what an engines directory holds: components, shapes, precision, sizes, versions."""
+    from fluxtrt.console import print_manifest
+    from fluxtrt.engines.manifest import Manifest
+
+    print_manifest(Manifest.load(engines), engines)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxtrt.errors import InputError
+from fluxtrt.specs.flux import Resolution
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -57,6 +58,7 @@ class InferConfig:
     Args:
         model: ``tiny``, ``random-full``, a diffusers-format FLUX.1-Kontext directory or a cached hub id.
         image: reference image to edit.
+        engines: an engines directory from ``fluxtrt build`` (instead of ``model``).
         prompt: the edit instruction.
         out: PNG to write (written atomically).
         sampler: solver, sigma schedule and steps.
@@ -67,11 +69,12 @@ class InferConfig:
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
     """
 
-    model: str
+    model: str | None
     image: Path
     prompt: str
     out: Path
     sampler: SamplerConfig = SamplerConfig()
+    engines: Path | None = None
     seed: int = DEFAULT_SEED
     guidance: float = DEFAULT_GUIDANCE
     height: int | None = None
@@ -80,6 +83,11 @@ class InferConfig:
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if (self.model is None) == (self.engines is None):
+            raise InputError(
+                f"--model is {self.model!r} and --engines is {self.engines!r}: give exactly one (a model to run on "
+                "PyTorch, or an engines directory from `fluxtrt build`)"
+            )
         _one_of("--device", self.device, DEVICES)
         _one_of("--dtype", self.dtype, DTYPES)
         for name, value in (("--height", self.height), ("--width", self.width)):
@@ -100,3 +108,55 @@ class InferConfig:
         if self.dtype != "auto":
             return self.dtype
         return "bf16" if self.device == "cuda" else "fp32"
+
+
+COMPONENT_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """``fluxtrt build``: which model, backend, precision, shape range and components.
+
+    Args:
+        model: ``tiny``, ``random-full`` or a checkpoint directory / cached hub id.
+        backend: ``onnxruntime``, ``aotinductor`` or ``tensorrt``.
+        precision: ``fp32``, ``bf16``, ``fp8`` or ``fp4``.
+        out: the engines directory.
+        min_resolution, opt_resolution, max_resolution: the range the engines accept (each side of the target
+            and of the reference within min..max) and the size they are tuned for.
+        max_batch: largest batch the engines accept.
+        components: which components to build (default all five).
+        force: rebuild even where the recorded settings match.
+        device: where the model is loaded for export (``cuda`` for bf16 at full size).
+    """
+
+    model: str
+    backend: str
+    precision: str
+    out: Path
+    min_resolution: Resolution = Resolution(512, 512)
+    opt_resolution: Resolution = Resolution(1024, 1024)
+    max_resolution: Resolution = Resolution(1568, 1568)
+    max_batch: int = 1
+    components: tuple[str, ...] = COMPONENT_NAMES
+    force: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _one_of("--precision", self.precision, PRECISIONS)
+        _one_of("--device", self.device, DEVICES)
+        for c in self.components:
+            _one_of("--components", c, COMPONENT_NAMES)
+        if not self.components:
+            raise InputError(f"--components is empty, expected some of {', '.join(COMPONENT_NAMES)}")
+        if self.max_batch < 1:
+            raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
+        lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution
+        if not (lo.width <= opt.width <= hi.width and lo.height <= opt.height <= hi.height):
+            raise InputError(
+                f"resolutions {lo} (min), {opt} (opt), {hi} (max) are not ordered: each side must satisfy "
+                "min <= opt <= max (--min-resolution, --opt-resolution, --max-resolution)"
+            )
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--out '{self.out}' is a file, expected a directory for the engines")

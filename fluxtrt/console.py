@@ -57,3 +57,59 @@ def print_infer_report(report, out: Path) -> None:
             table.add_row(name, str(calls or ""), f"{ms:.1f}", f"{ms / calls:.1f}" if calls else "")
     console.print(table)
     console.print(f"model load {report.load_s:.1f} s; wrote {out} ({result.target.width}x{result.target.height})")
+
+
+@contextmanager
+def build_progress() -> Iterator[Callable[[str, str], None]]:
+    """A live status line per build step; yields the ``on_progress(component, message)`` callback."""
+    with console.status("starting build") as status:
+
+        def on_progress(component: str, message: str) -> None:
+            status.update(f"[bold]{component}[/]: {message}")
+            console.log(f"{component}: {message}")
+
+        yield on_progress
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def print_build_report(report) -> None:
+    """Per component: built or up to date, seconds, ONNX and engine sizes."""
+    m = report.manifest
+    table = Table(title=f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model['source']}")
+    for col in ("component", "status", "seconds", "ONNX MiB", "engine MiB"):
+        table.add_column(col, justify="left" if col in ("component", "status") else "right")
+    for r in report.results:
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _mb(r.onnx_bytes), _mb(r.engine_bytes))
+    console.print(table)
+
+
+def print_manifest(m, root: Path) -> None:
+    """``fluxtrt inspect``: the manifest as tables."""
+    head = Table(title=f"{root}", show_header=False)
+    head.add_column()
+    head.add_column()
+    rows = [
+        ("backend", f"{m.backend} {m.backend_version}"),
+        ("precision", m.precision),
+        ("model", f"{m.model['source']} (fingerprint {m.model['fingerprint']})"),
+        ("resolutions", f"min {m.resolutions['min']}, opt {m.resolutions['opt']}, max {m.resolutions['max']}"),
+        ("batch", f"{m.batch['min']}..{m.batch['max']}"),
+        ("built on", ", ".join(f"{k} {v}" for k, v in m.build_env.items())),
+        ("fluxtrt", m.fluxtrt_version),
+        ("calibration", m.calibration or "none"),
+    ]
+    for k, v in rows:
+        head.add_row(k, v)
+    console.print(head)
+    table = Table(title="components")
+    for col in ("component", "engine", "MiB", "ONNX MiB", "build s", "input shapes (min / opt / max)"):
+        table.add_column(col)
+    for name, e in m.components.items():
+        shapes = "\n".join(f"{k}: " + " / ".join("x".join(map(str, s)) for s in v) for k, v in e.profile.items())
+        onnx_mb = _mb(sum(f.bytes for f in e.onnx))
+        engine_mb = _mb(e.engine.bytes + sum(f.bytes for f in e.engine_extra))
+        table.add_row(name, e.engine.path, engine_mb, onnx_mb, f"{e.build_s:.1f}", shapes)
+    console.print(table)

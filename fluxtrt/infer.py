@@ -55,9 +55,16 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     check_device(config.device)
     image = load_image(config.image)
     t0 = time.perf_counter()
-    components = load_components(config.model, config.device, config.resolved_dtype, seed=0)
+    if config.engines is not None:
+        from fluxtrt.engines.load import load_engine_pipeline
+
+        pipeline = load_engine_pipeline(config.engines, config.device)
+        source = f"engines {config.engines}"
+    else:
+        components = load_components(config.model, config.device, config.resolved_dtype, seed=0)
+        pipeline = KontextPipeline.from_components(components)
+        source = config.model
     load_s = time.perf_counter() - t0
-    pipeline = KontextPipeline.from_components(components)
     result = pipeline.edit(
         image,
         config.prompt,
@@ -69,4 +76,5 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         on_step=on_step,
     )
     atomic_write(config.out, lambda tmp: result.images[0].save(tmp, format="PNG"))
-    return InferReport(result, load_s, config.model, config.device, config.resolved_dtype)
+    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
+    return InferReport(result, load_s, source, config.device, dtype)

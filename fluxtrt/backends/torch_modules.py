@@ -83,15 +83,14 @@ class TransformerModule(nn.Module):
 
 
 def component_module(name: str, components) -> nn.Module:
-    """The module of component ``name`` over loaded ``FluxKontextComponents``."""
-    if name == "clip":
-        return ClipModule(components.text_encoder)
-    if name == "t5":
-        return T5Module(components.text_encoder_2)
-    if name == "vae_encoder":
-        return VaeEncoderModule(components.vae)
-    if name == "vae_decoder":
-        return VaeDecoderModule(components.vae)
-    if name == "transformer":
-        return TransformerModule(components.transformer)
-    raise ValueError(f"unknown component '{name}'")
+    """The module of component ``name`` over loaded ``FluxKontextComponents``, in eval mode."""
+    modules = {
+        "clip": lambda: ClipModule(components.text_encoder),
+        "t5": lambda: T5Module(components.text_encoder_2),
+        "vae_encoder": lambda: VaeEncoderModule(components.vae),
+        "vae_decoder": lambda: VaeDecoderModule(components.vae),
+        "transformer": lambda: TransformerModule(components.transformer),
+    }
+    if name not in modules:
+        raise ValueError(f"unknown component '{name}', expected one of {', '.join(modules)}")
+    return modules[name]().eval()

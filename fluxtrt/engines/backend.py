@@ -8,6 +8,7 @@ renames and the manifest; a backend only writes the file it is asked to write.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ class BuildJob:
         spec: the component spec.
         module: the component as an ``nn.Module`` (spec signature), on ``device`` in the compute dtype.
         onnx_path: the exported, checked ONNX (for backends with ``uses_onnx``), else None.
-        engine_path: where to write the engine (a temporary name; the caller renames it into place).
+        engine_path: where to write the engine: its final file name, in a staging directory. Files the backend
+            writes beside it (external weights) are moved into the engines directory with it, engine last.
         precision: ``fp32``, ``bf16``, ``fp8`` or ``fp4``.
         profile: min/opt/max shape per input, from the spec and the resolution/batch range.
         device: ``cpu`` or ``cuda``.
@@ -107,4 +109,12 @@ def get_backend(name: str) -> EngineBackend:
     if name not in BACKENDS:
         raise InputError(f"--backend is '{name}', expected one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    try:
+        return getattr(importlib.import_module(module), cls)()
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise  # the backend exists; something it imports is missing, and it says so itself
+        ready = [b for b in BACKENDS if importlib.util.find_spec(BACKENDS[b].split(":")[0]) is not None]
+        raise InputError(
+            f"--backend {name} is not part of this fluxtrt build; available here: {', '.join(ready)}"
+        ) from None

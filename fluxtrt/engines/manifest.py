@@ -21,6 +21,9 @@ from fluxtrt.specs.flux import FluxDims, Resolution
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+# Files up to this size are hashed on every load (milliseconds to a second); larger ones are checked by size only,
+# since hashing a 24 GB transformer engine would add about 15 s to every start.
+HASH_ON_LOAD_LIMIT = 2**31
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -50,10 +53,11 @@ class FileRecord:
         return cls(str(path.relative_to(root)), path.stat().st_size, sha256_file(path))
 
     def check(self, root: Path, component: str) -> Path:
-        """The absolute path, after checking the file is there with its recorded size (a cheap truncation test).
+        """The absolute path, after checking the file is there with its recorded size and, up to
+        ``HASH_ON_LOAD_LIMIT`` bytes, its recorded sha256.
 
         Raises:
-            EngineError: missing or of another size.
+            EngineError: missing, of another size, or of another hash.
         """
         path = root / self.path
         if not path.is_file():
@@ -63,6 +67,11 @@ class FileRecord:
             raise EngineError(
                 f"{component}: {path} has {size} bytes but the manifest records {self.bytes}: the file is truncated "
                 f"or was replaced; rebuild it with `fluxtrt build ... --out {root} --force`"
+            )
+        if size <= HASH_ON_LOAD_LIMIT and sha256_file(path) != self.sha256:
+            raise EngineError(
+                f"{component}: {path} does not have the sha256 the manifest records: the file is corrupt or was "
+                f"replaced; rebuild it with `fluxtrt build ... --out {root} --force`"
             )
         return path
 
@@ -75,6 +84,7 @@ class ComponentEntry:
         settings: everything the component's build depends on; ``settings_hash`` of it decides skipping.
         onnx: the exported ONNX files (model, external data), empty for backends that need no ONNX.
         engine: the engine file.
+        engine_extra: files the engine needs beside it (external weights).
         profile: per input, [min, opt, max] shapes.
         build_s: export + compile seconds.
         options: what the backend recorded (provider, flags, kernels).
@@ -86,6 +96,7 @@ class ComponentEntry:
     profile: dict[str, list[list[int]]]
     build_s: float
     options: dict = field(default_factory=dict)
+    engine_extra: list[FileRecord] = field(default_factory=list)
 
     @property
     def settings_hash(self) -> str:
@@ -151,6 +162,7 @@ class Manifest:
                     profile=e["profile"],
                     build_s=e["build_s"],
                     options=e.get("options", {}),
+                    engine_extra=[FileRecord(**f) for f in e.get("engine_extra", [])],
                 )
                 for name, e in raw.pop("components").items()
             }

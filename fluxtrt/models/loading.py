@@ -119,3 +119,22 @@ def load_checkpoint(path: Path, device: str, dtype: str) -> FluxKontextComponent
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"--model '{path}' could not be loaded: {first}; re-download the checkpoint") from None
     return components.to(device, torch_dtype(dtype))
+
+
+def model_fingerprint(model: str, seed: int = 0) -> str:
+    """What identifies the weights of ``model`` cheaply: a rebuild is needed when it changes.
+
+    Synthetic models are fixed by their name and seed; a checkpoint by its config files and the names and sizes of
+    its weight files (hashing 30 GB of weights on every build would cost minutes).
+    """
+    import hashlib
+
+    if model in BUILTIN_MODELS:
+        return f"{model}-seed{seed}"
+    path = resolve_checkpoint(model)
+    digest = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            rel = str(f.relative_to(path)).encode()
+            digest.update(rel + (f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode()))
+    return digest.hexdigest()[:16]

@@ -31,6 +31,30 @@ def diffusers_timestep(sigma: float, batch: int, device: torch.device, dtype: to
     return t.to(dtype) / 1000.0
 
 
+@dataclass(frozen=True)
+class EditLimits:
+    """The shapes a pipeline's engines were built for; ``edit`` refuses anything outside them."""
+
+    min_resolution: Resolution
+    max_resolution: Resolution
+    max_batch: int
+    source: str  # the engines directory, named in the fix
+
+    def check(self, target: Resolution, reference: Resolution, batch: int) -> None:
+        """Raise InputError naming the value, the built range and the rebuild that covers it."""
+        fix = f"rebuild {self.source} with `fluxtrt build` and"
+        for label, res in (("target", target), ("reference", reference)):
+            if not res.within(self.min_resolution, self.max_resolution):
+                raise InputError(
+                    f"the {label} resolution is {res} but the engines accept {self.min_resolution} to "
+                    f"{self.max_resolution}: {fix} --min-resolution/--max-resolution covering {res}"
+                )
+        if batch > self.max_batch:
+            raise InputError(
+                f"batch is {batch} but the engines accept at most {self.max_batch}: {fix} --max-batch {batch}"
+            )
+
+
 @dataclass
 class EditResult:
     """What one edit produced.
@@ -66,6 +90,7 @@ class KontextPipeline:
         scheduler_config: shift parameters of the sigma schedule.
         device: where the runners take their inputs.
         dtype: the runners' compute dtype.
+        limits: the shape range of engine runners (None for torch runners, which take any shape).
     """
 
     def __init__(
@@ -79,6 +104,7 @@ class KontextPipeline:
         scheduler_config: Mapping[str, Any],
         device: torch.device | str,
         dtype: torch.dtype,
+        limits: EditLimits | None = None,
     ):
         self.runners = dict(runners)
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
@@ -86,6 +112,7 @@ class KontextPipeline:
         self.vae_scaling, self.vae_shift = vae_scaling, vae_shift
         self.scheduler_config = dict(scheduler_config)
         self.device, self.dtype = torch.device(device), dtype
+        self.limits = limits
 
     @classmethod
     def from_components(cls, components: Any, runners: Mapping[str, Runner] | None = None) -> KontextPipeline:
@@ -148,7 +175,7 @@ class KontextPipeline:
             The images, final latents, geometry, timings and warnings.
 
         Raises:
-            InputError: inconsistent batch or size.
+            InputError: inconsistent batch or size, or a size outside the engines' range.
             FluxtrtError: the edit produced non-finite values.
         """
         sampler = sampler or SamplerConfig()
@@ -158,6 +185,8 @@ class KontextPipeline:
         if len(images) not in (1, batch):
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
         target, reference = self.geometry(images[0].size, height, width, max_area)
+        if self.limits is not None:
+            self.limits.check(target, reference, batch)
         timer = ComponentTimer(self.device)
         dev, dt = self.device, self.dtype
 

@@ -31,17 +31,25 @@ class Resolution:
     height: int
 
     @classmethod
-    def parse(cls, text: str) -> Resolution:
-        """Parse ``"1024x768"`` (width x height)."""
+    def parse(cls, text: str, option: str = "resolution") -> Resolution:
+        """Parse ``"1024x768"`` (width x height); ``option`` names the value in the error.
+
+        Raises:
+            InputError: not WIDTHxHEIGHT with positive integers.
+        """
         from fluxtrt.errors import InputError
 
         try:
             w, h = (int(v) for v in text.lower().split("x"))
         except ValueError:
-            raise InputError(f"resolution '{text}' is not WIDTHxHEIGHT, expected e.g. 1024x1024") from None
+            raise InputError(f"{option} is '{text}', expected WIDTHxHEIGHT such as 1024x1024") from None
         if w <= 0 or h <= 0:
-            raise InputError(f"resolution '{text}' has a non-positive side, expected e.g. 1024x1024")
+            raise InputError(f"{option} is '{text}', expected positive sides such as 1024x1024")
         return cls(w, h)
+
+    def within(self, lo: Resolution, hi: Resolution) -> bool:
+        """Whether both sides lie in [lo, hi]."""
+        return lo.width <= self.width <= hi.width and lo.height <= self.height <= hi.height
 
     def __str__(self) -> str:
         return f"{self.width}x{self.height}"

@@ -1,0 +1,1 @@
+"""Export of components to the hand-off formats (ONNX)."""

@@ -1,0 +1,168 @@
+"""``export_onnx``: one component spec + its torch module -> a checked ONNX file with the spec's dynamic axes.
+
+Opset 19, fixed: it is the first opset whose QuantizeLinear/DequantizeLinear carry float8e4m3fn (the FP8 Q/DQ form
+TensorRT's strongly typed FP8 path reads), TensorRT 10 parses it, and ONNX Runtime's CPU provider runs every op the
+exporter emits for FLUX at this opset (RMSNorm is decomposed rather than emitted as opset 23's RMSNormalization).
+NVFP4 graphs need opset 23 and are produced by the quantization step, not here.
+
+The exporter is torch.export-based (``torch.onnx.export(dynamo=True)``); its onnxscript optimizer folds constants
+and removes dead nodes, and every output keeps the spec's symbolic axis names, so no graph-surgery pass is needed
+before TensorRT's parser.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.errors import BuildError, MissingDependencyError
+from fluxtrt.specs.component import ComponentSpec
+
+OPSET = 19
+# Protobuf cannot hold a message over 2 GB: larger weights go to one external-data file beside the model.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**24
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+
+
+@dataclass
+class OnnxExport:
+    """An exported component: its files and what the export cost."""
+
+    model: Path
+    data: Path | None
+    seconds: float
+    initializer_bytes: int
+
+
+def _require(package: str) -> None:
+    try:
+        __import__(package)
+    except ImportError:
+        raise MissingDependencyError(package, "ONNX export", "pip install 'fluxtrt[onnx]'") from None
+
+
+def export_onnx(
+    spec: ComponentSpec,
+    module: Any,
+    sample_feed: dict[str, Any],
+    out_dir: Path,
+    *,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> OnnxExport:
+    """Export ``module`` (forward signature = ``spec.input_names``) to ``out_dir/model.onnx`` and check it.
+
+    Args:
+        spec: the component spec; its symbolic axes become ONNX dynamic dimensions with the same names.
+        module: the component as an ``nn.Module`` in its compute dtype, on the device of ``sample_feed``.
+        sample_feed: example inputs. Sizes of dynamic axes must not be 1 (torch.export specialises 0 and 1) and
+            should differ between axes that are free to differ.
+        out_dir: an empty directory that receives ``model.onnx`` (+ ``model.onnx_data`` above the threshold).
+        external_data_threshold: total initializer bytes above which weights go to one external file.
+
+    Returns:
+        The written files and timings.
+
+    Raises:
+        MissingDependencyError: onnx or onnxscript is not installed.
+        BuildError: the exporter or the ONNX checker failed.
+    """
+    import torch
+
+    _require("onnx")
+    _require("onnxscript")
+    import onnx
+    import onnx_ir as ir
+
+    t0 = time.perf_counter()
+    args = tuple(sample_feed[n] for n in spec.input_names)
+    # One torch.export Dim per spec symbol, shared by every input that carries it (forward args are named as the
+    # spec's inputs).
+    symbols = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
+    dim = {s: torch.export.Dim(s, min=1) for s in sorted(symbols)}
+    dynamic_shapes = {t.name: {i: dim[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None
+                      for t in spec.inputs}  # fmt: skip
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                opset_version=OPSET,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; all mean the same to the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BuildError(f"{spec.name}: ONNX export failed ({type(exc).__name__}: {first[:300]})") from exc
+    _name_output_axes(spec, program.model)
+
+    model_path = out_dir / MODEL_FILE
+    initializer_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value)
+    external = initializer_bytes > external_data_threshold
+    if external:
+        # Every weight goes to the one data file; tiny constants (shape and axes operands) stay inline, where
+        # shape inference in ONNX Runtime and TensorRT's parser read them.
+        ir.save(program.model, model_path, external_data=DATA_FILE, size_threshold_bytes=1024)
+    else:
+        ir.save(program.model, model_path)
+    del program
+
+    try:
+        onnx.checker.check_model(str(model_path))  # path-based: works past protobuf's 2 GB limit
+    except onnx.checker.ValidationError as exc:
+        raise BuildError(f"{spec.name}: the exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    _check_interface(spec, model_path)
+    data_path = out_dir / DATA_FILE if external else None
+    return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes)
+
+
+@contextmanager
+def _quiet_exporter():
+    """Silence the exporter's notices that concern optional packages fluxtrt does not use (torchvision ops)."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message="# The axis name")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _name_output_axes(spec: ComponentSpec, model: Any) -> None:
+    """Give output axes the spec's symbol names (the exporter writes derived ones such as ``(H//8)``)."""
+    for value, tensor in zip(model.graph.outputs, spec.outputs, strict=True):
+        if value.shape is None or len(value.shape) != len(tensor.shape):
+            continue
+        value.shape = type(value.shape)(
+            [d if isinstance(d, str) else value.shape[i] for i, d in enumerate(tensor.shape)]
+        )
+
+
+def _check_interface(spec: ComponentSpec, path: Path) -> None:
+    """The graph's inputs/outputs are the spec's, in order, with the spec's symbolic axes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for kind, values, tensors in (("inputs", graph.input, spec.inputs), ("outputs", graph.output, spec.outputs)):
+        names = [v.name for v in values]
+        if names != [t.name for t in tensors]:
+            raise BuildError(f"{spec.name}: exported {kind} are {names}, expected {[t.name for t in tensors]}")
+        for value, tensor in zip(values, tensors, strict=True):
+            dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+            if dims != list(tensor.shape):
+                raise BuildError(
+                    f"{spec.name}: exported {value.name} has dims {dims}, expected {list(tensor.shape)}: "
+                    "a dynamic axis was specialised during export"
+                )

@@ -1,0 +1,309 @@
+"""`fluxtrt build --backend onnxruntime`: ONNX export parity, the engines directory, skipping, robustness."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend
+from fluxtrt.cli import main
+from fluxtrt.config import BuildConfig
+from fluxtrt.engines.build import build_engines
+from fluxtrt.engines.load import load_engine_pipeline
+from fluxtrt.engines.manifest import Manifest
+from fluxtrt.errors import EngineError, InputError
+from fluxtrt.specs import COMPONENTS, Resolution
+from fluxtrt.specs.flux import component_dims, dims_from_components
+from tests.conftest import make_image
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+MIN_RES = Resolution(256, 256)
+
+
+def tiny_config(out: Path, **kw) -> BuildConfig:
+    return BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=out, min_resolution=MIN_RES,
+                       max_batch=2, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    """All five tiny components built once for the module."""
+    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
+    report = build_engines(tiny_config(out))
+    assert [r.status for r in report.results] == ["built"] * 5
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# --- 1. per-component parity, one export, two geometries and batch sizes ------------------------------------------
+
+
+@pytest.mark.parametrize("name", COMPONENTS)
+def test_component_parity_with_torch(tiny, engines, name):
+    from fluxtrt.backends.torch_runner import torch_runners
+
+    ort_runner = load_engine_pipeline(engines).runners[name]
+    torch_runner = torch_runners(tiny)[name]
+    dims = dims_from_components(tiny)
+    tol = torch_runner.spec.tolerance["fp32"]
+    geometries = [(1, Resolution(256, 256), Resolution(256, 256)), (2, Resolution(384, 272), Resolution(272, 400))]
+    for batch, target, reference in geometries:
+        feed = torch_runner.spec.sample_feed(component_dims(name, dims, batch, target, reference), torch.float32)
+        ours, ref = ort_runner.infer(feed), torch_runner.infer(feed)
+        for key in ref:
+            assert ours[key].shape == ref[key].shape
+            torch.testing.assert_close(ours[key], ref[key], atol=tol.atol, rtol=tol.rtol)
+
+
+def test_onnx_has_spec_interface_and_symbolic_axes(engines):
+    import onnx
+
+    model = onnx.load(str(engines / "onnx" / "transformer" / "model.onnx"), load_external_data=False)
+    assert model.opset_import[0].version == 19
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["hidden_states"] == ["B", "S", 64]
+    assert dims["img_ids"] == ["S", 3]
+    assert dims["txt_ids"] == [512, 3]
+
+
+# --- 2. end to end: engines edit == torch edit ---------------------------------------------------------------------
+
+
+def test_infer_from_engines_matches_torch(engines, tmp_path):
+    src = tmp_path / "in.png"
+    make_image(400, 300).save(src)
+    common = ["--image", str(src), "--prompt", "make the house blue", "--steps", "3", "--seed", "5"]
+    r1 = run_cli("infer", "--engines", str(engines), "--out", str(tmp_path / "engines.png"), *common)
+    r2 = run_cli("infer", "--model", "tiny", "--out", str(tmp_path / "torch.png"), *common)
+    assert r1.exit_code == 0, r1.stderr
+    assert r2.exit_code == 0, r2.stderr
+    a = np.asarray(Image.open(tmp_path / "engines.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= 2
+    assert b.std() > 5  # a real image, not a constant
+
+
+def test_inspect_shows_the_manifest(engines):
+    result = run_cli("inspect", str(engines))
+    assert result.exit_code == 0, result.stderr
+    for text in ("onnxruntime", "fp32", "transformer", "1568x1568", "tiny"):
+        assert text in result.stderr
+
+
+# --- skipping and partial rebuilds ---------------------------------------------------------------------------------
+
+
+def test_rebuild_skips_matching_and_rebuilds_only_affected(engines, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(engines, out)
+    before = snapshot(out)
+    report = build_engines(tiny_config(out))
+    assert [r.status for r in report.results] == ["up to date"] * 5
+    assert snapshot(out) == before
+    # A new resolution range changes the image components' profiles, not the text encoders'.
+    report = build_engines(tiny_config(out, max_resolution=Resolution(1024, 1024), opt_resolution=Resolution(512, 512)))
+    status = {r.name: r.status for r in report.results}
+    assert status == {"clip": "up to date", "t5": "up to date", "vae_encoder": "built", "transformer": "built",
+                      "vae_decoder": "built"}  # fmt: skip
+    assert Manifest.load(out).resolutions["max"] == "1024x1024"
+    # --force rebuilds everything.
+    report = build_engines(tiny_config(out, components=("clip",), force=True))
+    assert [r.status for r in report.results] == ["built"]
+
+
+# --- 3. external data ----------------------------------------------------------------------------------------------
+
+
+def test_external_data_path(tiny, tmp_path):
+    from fluxtrt.backends.torch_modules import component_module
+    from fluxtrt.backends.torch_runner import torch_runners
+    from fluxtrt.engines.backend import BuildJob, LoadJob
+    from fluxtrt.export.onnx import export_onnx
+
+    runner = torch_runners(tiny)["t5"]
+    spec = runner.spec
+    feed = spec.sample_feed({"B": 2}, torch.float32)
+    (tmp_path / "onnx").mkdir()
+    exported = export_onnx(spec, component_module("t5", tiny), feed, tmp_path / "onnx", external_data_threshold=0)
+    assert exported.data is not None and exported.data.name == "model.onnx_data"
+    assert exported.data.stat().st_size > exported.initializer_bytes * 0.9  # the weights live in the data file
+    assert exported.model.stat().st_size < exported.data.stat().st_size / 10
+    (tmp_path / "engine").mkdir()
+    backend = OnnxRuntimeBackend()
+    engine = tmp_path / "engine" / "t5.onnx"
+    backend.build(BuildJob(spec, None, exported.model, engine, "fp32", {}, "cpu", tmp_path, {}))
+    assert (tmp_path / "engine" / "t5.onnx_data").is_file()
+    loaded = backend.load(LoadJob(spec, engine, "cpu", torch.float32, {}))
+    torch.testing.assert_close(loaded.infer(feed)["text_embeds"], runner.infer(feed)["text_embeds"],
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+# --- 4. robustness --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def engines_copy(engines, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(engines, out)
+    return out
+
+
+def infer_args(engines: Path, tmp_path: Path) -> list[str]:
+    src = tmp_path / "in.png"
+    make_image(200, 200).save(src)
+    return ["infer", "--engines", str(engines), "--image", str(src), "--prompt", "p", "--out", str(tmp_path / "o.png"),
+            "--steps", "1"]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_engine_is_one_clear_error(engines_copy, tmp_path, damage):
+    engine = engines_copy / "transformer.onnx"
+    data = engine.read_bytes()
+    if damage == "corrupt":  # same size, flipped bytes in the middle (weights): only the hash can tell
+        mid = len(data) // 2
+        engine.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 64]) + data[mid + 64 :])
+    elif damage == "truncate":
+        engine.write_bytes(data[: len(data) // 3])
+    else:
+        engine.unlink()
+    line = one_error_line(run_cli(*infer_args(engines_copy, tmp_path)))
+    assert "transformer" in line and "rebuild" in line
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_corrupt_onnx_engine_file_with_matching_record_is_refused_by_onnxruntime(engines_copy):
+    """A file that is not ONNX at all (manifest updated to match it) fails in ONNX Runtime's loader, clearly."""
+    from fluxtrt.engines.manifest import FileRecord
+
+    engine = engines_copy / "clip.onnx"
+    engine.write_bytes(b"not an onnx model" * 100)
+    manifest = Manifest.load(engines_copy)
+    manifest.components["clip"].engine = FileRecord.of(engines_copy, engine)
+    manifest.save(engines_copy)
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load .*clip.onnx"):
+        load_engine_pipeline(engines_copy)
+
+
+@pytest.mark.parametrize("case", ["missing", "unparsable", "other backend", "other format", "no directory"])
+def test_bad_manifest_is_one_clear_error(engines_copy, tmp_path, case):
+    path = engines_copy / "manifest.json"
+    target = engines_copy
+    if case == "missing":
+        path.unlink()
+    elif case == "unparsable":
+        path.write_text("{ not json")
+    elif case == "other backend":
+        raw = json.loads(path.read_text())
+        raw["backend"] = "openvino"
+        path.write_text(json.dumps(raw))
+    elif case == "other format":
+        raw = json.loads(path.read_text())
+        raw["format"] = 99
+        path.write_text(json.dumps(raw))
+    else:
+        target = tmp_path / "nowhere"
+    line = one_error_line(run_cli(*infer_args(target, tmp_path)))
+    assert {"missing": "manifest.json", "unparsable": "not a valid", "other backend": "openvino",
+            "other format": "format 99", "no directory": "not a directory"}[case] in line  # fmt: skip
+
+
+def test_build_into_other_precision_or_backend_is_refused_and_loses_nothing(engines_copy):
+    before = snapshot(engines_copy)
+    with pytest.raises(EngineError, match="holds onnxruntime fp32 engines"):
+        build_engines(BuildConfig(model="tiny", backend="onnxruntime", precision="bf16", out=engines_copy))
+    result = run_cli("build", "--model", "tiny", "--precision", "bf16", "--out", str(engines_copy))
+    assert "holds onnxruntime fp32 engines" in one_error_line(result)
+    assert snapshot(engines_copy) == before
+
+
+def test_resolution_outside_built_range(engines_copy, tmp_path):
+    path = engines_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["resolutions"]["max"] = "768x768"  # as if built with --max-resolution 768x768
+    path.write_text(json.dumps(raw))
+    line = one_error_line(run_cli(*infer_args(engines_copy, tmp_path)))
+    assert "1024x1024" in line and "768x768" in line and "--max-resolution" in line
+    with pytest.raises(InputError, match="batch is 3 but the engines accept at most 2"):
+        load_engine_pipeline(engines_copy).limits.check(Resolution(512, 512), Resolution(512, 512), 3)
+
+
+class InterruptingBackend(OnnxRuntimeBackend):
+    """ONNX Runtime, but the build of one component is interrupted midway (as Ctrl-C would)."""
+
+    def __init__(self, interrupt: str):
+        self.interrupt = interrupt
+
+    def build(self, job):
+        if job.spec.name == self.interrupt:
+            job.engine_path.write_bytes(b"half an engine")
+            raise KeyboardInterrupt
+        super().build(job)
+
+
+def test_interrupted_build_leaves_nothing_half_written(tmp_path):
+    out = tmp_path / "eng"
+    config = tiny_config(out, components=("clip", "t5"))
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(config, backend=InterruptingBackend("t5"))
+    manifest = Manifest.load(out)
+    assert list(manifest.components) == ["clip"]
+    assert not (out / "t5.onnx").exists() and not (out / "onnx" / "t5").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    clip_before = (out / "clip.onnx").read_bytes()
+    # A build killed outright leaves a staging folder; it never carries a finished name and the next build clears it.
+    (out / ".staging-t5-99999").mkdir()
+    report = build_engines(config)
+    assert {r.name: r.status for r in report.results} == {"clip": "up to date", "t5": "built"}
+    assert (out / "clip.onnx").read_bytes() == clip_before
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_build_into_foreign_directory_is_refused(tmp_path):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(EngineError, match="not empty and has no manifest.json"):
+        build_engines(tiny_config(out, components=("clip",)))
+    assert os.listdir(out) == ["holiday.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--backend", "openvino"], "--backend is 'openvino'"),
+        (["--precision", "int4"], "--precision is 'int4'"),
+        (["--components", "clip,unet"], "--components is 'unet'"),
+        (["--min-resolution", "2048x2048"], "not ordered"),
+        (["--max-resolution", "big"], "--max-resolution is 'big'"),
+        (["--max-batch", "0"], "--max-batch is 0"),
+    ],
+)
+def test_build_bad_options_one_line(tmp_path, args, needle):
+    result = run_cli("build", "--model", "tiny", "--out", str(tmp_path / "e"), *args)
+    assert needle in one_error_line(result)
+    assert not (tmp_path / "e").exists()
