@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fluxtrt.backends.runner import Runner
 from fluxtrt.config import SamplerConfig
 from fluxtrt.environment import environment
 from fluxtrt.models import load_components
@@ -49,8 +50,11 @@ def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dic
         regions.append(timer.region("transformer"))
         regions[-1].__enter__()
 
-    def post(_module, _args, _kwargs, _output):
+    def post(_module, _args, _kwargs, output):
         regions[-1].__exit__(None, None, None)
+        outputs.append(output[0].float().cpu())
+
+    outputs: list[torch.Tensor] = []
 
     handles = [
         pipe.transformer.register_forward_pre_hook(pre, with_kwargs=True),
@@ -76,6 +80,24 @@ def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dic
         "transformer_ms": timer.summary()["transformer"],
         "transformer_calls": timer.calls["transformer"],
     }
+
+
+class RecordingRunner(Runner):
+    """Delegates to a runner and keeps a CPU copy of every output (to compare trajectories step by step)."""
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.spec, inner.compute_dtype)
+        self.inner = inner
+        self.outputs: list[torch.Tensor] = []
+
+    def _infer(self, feed):
+        out = self.inner.infer(feed)
+        self.outputs.append(out["noise_pred"].float().cpu())
+        return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
 
 
 def main() -> None:
@@ -114,6 +136,8 @@ def main() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    recorder = RecordingRunner(pipeline.runners["transformer"])
+    pipeline.runners["transformer"] = recorder
     ours = pipeline.edit(image, prompt, sampler=sampler, seed=seed)
     steps = ours.calls["transformer"]
     emit(

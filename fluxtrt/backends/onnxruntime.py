@@ -110,6 +110,11 @@ def session(path: Any, device: str, optimized_path: Any = None, external_data: s
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for every load failure
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "NOT_IMPLEMENTED" in first:
+            raise EngineError(
+                f"ONNX Runtime's {providers(device)[0]} has no kernel for a node of {path} ({first[:300]}): build "
+                "with --precision fp32 for the CPU provider, or run on --device cuda with onnxruntime-gpu"
+            ) from None
         raise EngineError(
             f"ONNX Runtime cannot load {path} ({first[:300]}): the file is corrupt or incomplete; rebuild it with "
             "`fluxtrt build ... --force`"
