@@ -25,6 +25,7 @@ from fluxtrt.backends.onnxruntime import session
 from fluxtrt.backends.torch_modules import TransformerModule
 from fluxtrt.environment import environment
 from fluxtrt.export.onnx import export_onnx
+from fluxtrt.models.synthetic import FULL, build_transformer
 from fluxtrt.specs import Resolution, component_specs
 from fluxtrt.specs.flux import FluxDims, component_dims
 
@@ -43,20 +44,8 @@ def peak_host_gib() -> float:
 
 
 def transformer(num_layers: int, num_single_layers: int, device: str, dtype: torch.dtype) -> TransformerModule:
-    from diffusers import FluxTransformer2DModel
-
-    from fluxtrt.models.synthetic import FULL
-
     config = {**FULL.transformer, "num_layers": num_layers, "num_single_layers": num_single_layers}
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = FluxTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return TransformerModule(model.eval().requires_grad_(False)).eval()
+    return TransformerModule(build_transformer(config, 0, device, dtype)).eval()
 
 
 def main() -> None:

@@ -46,9 +46,13 @@ def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dic
     timer = ComponentTimer(components.transformer.device)
     regions = []
 
-    def pre(_module, _args, _kwargs):
+    def pre(_module, _args, kwargs):
+        if not first_inputs:
+            first_inputs.update({k: v.detach().clone() for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
         regions.append(timer.region("transformer"))
         regions[-1].__enter__()
+
+    first_inputs: dict[str, torch.Tensor] = {}
 
     def post(_module, _args, _kwargs, output):
         regions[-1].__exit__(None, None, None)
@@ -80,6 +84,7 @@ def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dic
         "transformer_ms": timer.summary()["transformer"],
         "transformer_calls": timer.calls["transformer"],
         "outputs": outputs,
+        "first_inputs": first_inputs,
     }
 
 
@@ -90,8 +95,11 @@ class RecordingRunner(Runner):
         super().__init__(inner.spec, inner.compute_dtype)
         self.inner = inner
         self.outputs: list[torch.Tensor] = []
+        self.first_inputs: dict[str, torch.Tensor] = {}
 
     def _infer(self, feed):
+        if not self.first_inputs:
+            self.first_inputs = {k: v.detach().clone() for k, v in feed.items()}
         out = self.inner.infer(feed)
         self.outputs.append(out["noise_pred"].detach().clone())  # stays on the device: no sync in the loop
         return out
@@ -174,6 +182,14 @@ def main() -> None:
             "latents_cosine": cosine(ours.latents, theirs["latents"]),
             # Per step, the transformer outputs of the two pipelines: equal inputs give cosine ~1 at step 0; a
             # random full-size network may amplify bf16 rounding differences along the trajectory.
+            "first_call_input_max_abs_diff": {
+                k: (v.float() - theirs["first_inputs"][k].float()).abs().max().item()
+                for k, v in recorder.first_inputs.items()
+                if k in theirs["first_inputs"] and v.shape == theirs["first_inputs"][k].shape
+            },
+            "first_call_input_dtypes": {
+                k: [str(v.dtype), str(theirs["first_inputs"].get(k, v).dtype)] for k, v in recorder.first_inputs.items()
+            },
             "noise_pred_cosine_per_step": [
                 cosine(a, b) for a, b in zip(recorder.outputs, theirs["outputs"], strict=False)
             ],

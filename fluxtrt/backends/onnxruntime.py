@@ -66,7 +66,7 @@ class OrtRunner(Runner):
 
     def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         if self.device.type == "cpu":
-            arrays = {name: feed[name].detach().numpy() for name in self.spec.input_names}
+            arrays = {name: np.ascontiguousarray(feed[name].detach().numpy()) for name in self.spec.input_names}
             outs = self.session.run(list(self.spec.output_names), arrays)
             return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.spec.output_names, outs, strict=True)}
         # CUDA: bind torch's device buffers directly, let ORT allocate outputs on the device, hand them back via DLPack.

@@ -81,29 +81,29 @@ def export_onnx(
 
     t0 = time.perf_counter()
     args = tuple(sample_feed[n] for n in spec.input_names)
-    # One torch.export Dim per spec symbol, shared by every input that carries it (forward args are named as the
-    # spec's inputs).
-    symbols = {d for t in spec.inputs for d in t.shape if isinstance(d, str)}
-    dim = {s: torch.export.Dim(s, min=1) for s in sorted(symbols)}
-    dynamic_shapes = {t.name: {i: dim[d] for i, d in enumerate(t.shape) if isinstance(d, str)} or None
-                      for t in spec.inputs}  # fmt: skip
+    # Every spec symbol is dynamic. Dim.DYNAMIC lets torch.export derive the ranges and equalities itself (a VAE
+    # needs sides divisible by 8, S of img_ids equals S of hidden_states); the spec's names are put back afterwards.
+    dynamic_shapes = {
+        t.name: {i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, str)} or None
+        for t in spec.inputs
+    }
     try:
         with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+            exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = exported.run_decompositions(_fused_kernel_decompositions())
             program = torch.onnx.export(
-                module,
-                args,
+                exported,
                 input_names=list(spec.input_names),
                 output_names=list(spec.output_names),
                 opset_version=OPSET,
                 dynamo=True,
-                dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BuildError(f"{spec.name}: ONNX export failed ({type(exc).__name__}: {first[:300]})") from exc
-    _name_output_axes(spec, program.model)
+    _name_axes(spec, program.model)
 
     model_path = out_dir / MODEL_FILE
     initializer_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value)
@@ -125,6 +125,19 @@ def export_onnx(
     return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes)
 
 
+def _fused_kernel_decompositions() -> dict:
+    """Decompositions of fused CUDA kernels that a trace on the GPU records and ONNX has no translation for.
+
+    Traced on CUDA, diffusers' RMSNorm becomes ``aten._fused_rms_norm``; decomposed, it exports as the same
+    elementwise/ReduceMean graph a CPU trace gives (opset 19 has no RMSNormalization).
+    """
+    import torch
+    from torch._decomp import decomposition_table
+
+    ops = [torch.ops.aten._fused_rms_norm.default]
+    return {op: decomposition_table[op] for op in ops if op in decomposition_table}
+
+
 @contextmanager
 def _quiet_exporter():
     """Silence the exporter's notices that concern optional packages fluxtrt does not use (torchvision ops)."""
@@ -140,14 +153,26 @@ def _quiet_exporter():
         logger.setLevel(level)
 
 
-def _name_output_axes(spec: ComponentSpec, model: Any) -> None:
-    """Give output axes the spec's symbol names (the exporter writes derived ones such as ``(H//8)``)."""
-    for value, tensor in zip(model.graph.outputs, spec.outputs, strict=True):
-        if value.shape is None or len(value.shape) != len(tensor.shape):
-            continue
-        value.shape = type(value.shape)(
-            [d if isinstance(d, str) else value.shape[i] for i, d in enumerate(tensor.shape)]
-        )
+def _name_axes(spec: ComponentSpec, model: Any) -> None:
+    """Give every dynamic axis the spec's symbol (the exporter writes its own, such as ``s72`` or ``(H//8)``).
+
+    Raises:
+        BuildError: an axis the spec calls dynamic came out static, or a static size differs from the spec.
+    """
+    values = list(model.graph.inputs) + list(model.graph.outputs)
+    for value, tensor in zip(values, spec.inputs + spec.outputs, strict=True):
+        dims = list(value.shape) if value.shape is not None else []
+        if len(dims) != len(tensor.shape):
+            raise BuildError(f"{spec.name}: exported {value.name} has rank {len(dims)}, expected {tensor.shape}")
+        for axis, (got, want) in enumerate(zip(dims, tensor.shape, strict=True)):
+            if isinstance(want, str) and isinstance(got, int):
+                raise BuildError(
+                    f"{spec.name}: {value.name} axis {axis} ({want}) was specialised to {got} during export: the "
+                    "sample inputs must give dynamic axes sizes other than 0 and 1 and unlike each other"
+                )
+            if isinstance(want, int) and got != want:
+                raise BuildError(f"{spec.name}: {value.name} axis {axis} is {got}, expected {want}")
+        value.shape = type(value.shape)(list(tensor.shape))
 
 
 def _check_interface(spec: ComponentSpec, path: Path) -> None:

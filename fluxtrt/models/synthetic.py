@@ -8,6 +8,8 @@ pixels).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +107,31 @@ FULL = SyntheticConfigs(
 )
 
 
+@contextmanager
+def constructing(device: Any, dtype: Any) -> Iterator[None]:
+    """Modules constructed inside are allocated on ``device`` in ``dtype`` directly (no fp32 CPU copy first)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_transformer(config: dict, seed: int, device: Any, dtype: Any) -> Any:
+    """A seeded ``FluxTransformer2DModel`` from constructor arguments, in eval mode without gradients."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    with constructing(device, dtype):
+        torch.manual_seed(seed)
+        model = FluxTransformer2DModel(**config)
+    return model.eval().requires_grad_(False)
+
+
 def build_synthetic(
     configs: SyntheticConfigs, seed: int, device: Any, dtype: Any, source: str
 ) -> FluxKontextComponents:
@@ -134,20 +161,15 @@ def build_synthetic(
         is_encoder_decoder=False,
         **configs.t5,
     )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(seed)
-            transformer = FluxTransformer2DModel(**configs.transformer)
-            torch.manual_seed(seed + 1)
-            vae = AutoencoderKL(**configs.vae)
-            torch.manual_seed(seed + 2)
-            text_encoder = CLIPTextModel(clip_config)
-            torch.manual_seed(seed + 3)
-            text_encoder_2 = T5EncoderModel(t5_config)
-    finally:
-        torch.set_default_dtype(previous)
+    with constructing(device, dtype):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**configs.transformer)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**configs.vae)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(clip_config)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = T5EncoderModel(t5_config)
     components = FluxKontextComponents(
         transformer=transformer,
         vae=vae,

@@ -77,14 +77,18 @@ def fit_to_area(width: int, height: int, max_area: int, multiple_of: int) -> Res
     return Resolution(w, h)
 
 
-def image_to_tensor(image: Any, res: Resolution) -> Any:
-    """Lanczos-resize a PIL image to ``res`` and scale to [-1, 1]: float32 [1, 3, H, W]."""
+def images_to_tensor(images: list[Any], res: Resolution) -> Any:
+    """Lanczos-resize PIL images to ``res`` and scale to [-1, 1]: float32 [B, 3, H, W].
+
+    The tensor is a channels-last view of the [B, H, W, 3] pixels, exactly as diffusers' VaeImageProcessor makes
+    it: the VAE's convolutions pick their kernels by memory layout, so the same layout gives the same latents.
+    """
     import torch
     from PIL import Image
 
-    resized = image.resize((res.width, res.height), resample=Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32) / 255.0  # [H, W, 3]
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+    resized = [im.resize((res.width, res.height), resample=Image.Resampling.LANCZOS) for im in images]
+    array = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in resized])  # [B, H, W, 3]
+    return torch.from_numpy(array.transpose(0, 3, 1, 2)) * 2.0 - 1.0
 
 
 def tensor_to_images(images: Any) -> list[Any]:

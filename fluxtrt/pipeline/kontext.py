@@ -11,7 +11,7 @@ import torch
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError
-from fluxtrt.pipeline.image import fit_to_area, image_to_tensor, preferred_resolution, tensor_to_images
+from fluxtrt.pipeline.image import fit_to_area, images_to_tensor, preferred_resolution, tensor_to_images
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
@@ -201,7 +201,7 @@ class KontextPipeline:
                 text = self.runners["t5"].infer({"input_ids": t5_ids.to(dev)})["text_embeds"]
 
             # 2. Reference: encode (distribution mode), normalise, pack; ids carry image index 1.
-            pixels = torch.cat([image_to_tensor(im, reference) for im in images]).to(dev, dt)  # [B|1, 3, H, W]
+            pixels = images_to_tensor(images, reference).to(dev, dt)  # [B|1, 3, H, W]
             with timer.region("vae_encoder"):
                 ref = self.runners["vae_encoder"].infer({"image": pixels})["latent"]  # [B|1, 16, H/8, W/8]
             ref = (ref - self.vae_shift) * self.vae_scaling
