@@ -46,7 +46,8 @@ def test_resolution_parse():
             Resolution.parse(bad)
 
 
-BACKENDS = ["torch"]
+# aotinductor compiles each component once per session (shared with test_aotinductor.py): about 90 s on 2 cores.
+BACKENDS = ["torch", pytest.param("aotinductor", marks=pytest.mark.slow)]
 
 
 def make_runners(backend: str, components):
@@ -54,6 +55,10 @@ def make_runners(backend: str, components):
         from fluxtrt.backends.torch_runner import torch_runners
 
         return torch_runners(components)
+    if backend == "aotinductor":
+        from tests.test_aotinductor import tiny_engines
+
+        return tiny_engines(components)  # builds each component on first use, shared with test_aotinductor.py
     raise AssertionError(backend)
 
 

@@ -1,0 +1,316 @@
+"""AOTInductor backend on the tiny model, CPU: one build per component, loaded back in a fresh process.
+
+Engines are built lazily, once per test process, into one temporary directory that tests/test_specs_runners.py's
+contract test shares (``tiny_engines``). The transformer is built with external weights, the others packaged.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxtrt.backends.aotinductor import (
+    REBUILD,
+    AotInductorBackend,
+    AotInductorRunner,
+    external_weights_path,
+    incompatibility,
+)
+from fluxtrt.backends.torch_modules import component_module
+from fluxtrt.backends.torch_runner import torch_runners
+from fluxtrt.engines.backend import BuildJob, LoadJob
+from fluxtrt.errors import BuildError, EngineError, InputError, ShapeError
+from fluxtrt.specs import Resolution, component_specs
+from fluxtrt.specs.flux import component_dims, dims_from_components, profile_shapes
+
+# Build range: batch 1..2, each side 32..128 px (tuned for 64x64). The geometries below lie inside it: square and
+# non-square, target and reference of different sizes, batch 1 and 2.
+BATCH = (1, 1, 2)
+RESOLUTIONS = (Resolution(32, 32), Resolution(64, 64), Resolution(128, 128))
+GEOMETRIES = [(1, Resolution(64, 64), Resolution(64, 64)), (2, Resolution(96, 64), Resolution(32, 48))]
+OPTIONS = {"transformer": {"weights": "external"}}
+# Building all five takes about 90 s on a 2-core CI machine; these three cover text, image and the external-weights
+# path, the other two run under the slow marker.
+FAST = ("clip", "transformer", "vae_decoder")
+SLOW = ("t5", "vae_encoder")
+
+
+class TinyEngines:
+    """AOTInductor engines of the tiny model, built on first use into one temporary directory.
+
+    ``engines[name]`` is a loaded runner (what ``make_runners`` returns); ``entry(name)`` the manifest entry that
+    the build orchestration would record (profile and the options the backend wrote).
+    """
+
+    def __init__(self, components):
+        self.components = components
+        self.dims = dims_from_components(components)
+        self.specs = component_specs(self.dims)
+        self.backend = AotInductorBackend()
+        self.root = Path(tempfile.mkdtemp(prefix="fluxtrt-aoti-"))
+        atexit.register(shutil.rmtree, self.root, True)
+        self._entries: dict[str, dict] = {}
+        self._runners: dict[str, AotInductorRunner] = {}
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.pt2"
+
+    def profile(self, name: str) -> dict:
+        return profile_shapes(self.specs[name], self.dims, BATCH, RESOLUTIONS)
+
+    def entry(self, name: str) -> dict:
+        if name not in self._entries:
+            profile = self.profile(name)
+            job = BuildJob(
+                spec=self.specs[name],
+                module=component_module(name, self.components).eval(),
+                onnx_path=None,
+                engine_path=self.path(name),
+                precision="fp32",
+                profile=profile,
+                device="cpu",
+                # One scratch directory for all components: inductor's compiler checks and headers are reused.
+                workdir=self.root / "work",
+                options=dict(OPTIONS.get(name, {})),
+            )
+            with torch.inference_mode():  # as fluxtrt.engines.build runs backends
+                self.backend.build(job)
+            self._entries[name] = {
+                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+                "options": job.options,
+            }
+        return self._entries[name]
+
+    def load_job(self, name: str, **entry_changes) -> LoadJob:
+        entry = {**self.entry(name), **entry_changes}
+        return LoadJob(self.specs[name], self.path(name), "cpu", torch.float32, entry)
+
+    def __getitem__(self, name: str) -> AotInductorRunner:
+        if name not in self._runners:
+            self._runners[name] = self.backend.load(self.load_job(name))
+        return self._runners[name]
+
+
+_ENGINES: dict[int, TinyEngines] = {}
+
+
+def tiny_engines(components) -> TinyEngines:
+    """The process-wide ``TinyEngines`` of ``components`` (so two test files share one build)."""
+    if id(components) not in _ENGINES:
+        _ENGINES[id(components)] = TinyEngines(components)
+    return _ENGINES[id(components)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    return tiny_engines(tiny)
+
+
+# Loads every engine named in args["entries"] with nothing but the files and the entry, runs the feeds, saves outputs.
+CHILD = """
+import json, sys
+from pathlib import Path
+import torch
+from fluxtrt.backends.aotinductor import AotInductorBackend
+from fluxtrt.engines.backend import LoadJob
+from fluxtrt.specs import component_specs
+from fluxtrt.specs.flux import FluxDims
+
+args = json.loads(sys.argv[1])
+specs = component_specs(FluxDims(**args["dims"]))
+feeds = torch.load(args["feeds"])
+backend = AotInductorBackend()
+outs = {}
+for name, entry in args["entries"].items():
+    job = LoadJob(specs[name], Path(args["root"]) / f"{name}.pt2", "cpu", torch.float32, entry)
+    runner = backend.load(job)
+    outs[name] = [runner.infer(feed) for feed in feeds[name]]
+torch.save(outs, args["out"])
+"""
+
+
+def _check_fresh_process_parity(engines: TinyEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
+    """Build ``names``, run them at both geometries in a new interpreter, compare with the torch runners."""
+    entries = {name: engines.entry(name) for name in names}
+    feeds = {
+        name: [
+            engines.specs[name].sample_feed(component_dims(name, engines.dims, *geometry), torch.float32, seed=i)
+            for i, geometry in enumerate(GEOMETRIES)
+        ]
+        for name in names
+    }
+    torch.save(feeds, tmp_path / "feeds.pt")
+    args = {
+        "root": str(engines.root),
+        "dims": asdict(engines.dims),
+        "entries": entries,
+        "feeds": str(tmp_path / "feeds.pt"),
+        "out": str(tmp_path / "outs.pt"),
+    }
+    # A fresh interpreter with an empty inductor cache: the engine files alone must be enough.
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outs = torch.load(tmp_path / "outs.pt")
+
+    reference = torch_runners(tiny)
+    for name in names:
+        spec = engines.specs[name]
+        tol = spec.tolerance["fp32"]
+        for feed, out in zip(feeds[name], outs[name], strict=True):
+            want = reference[name].infer(feed)
+            assert list(out) == list(spec.output_names)
+            for key in spec.output_names:
+                got, ref = out[key], want[key]
+                assert got.shape == ref.shape and got.dtype == ref.dtype, (name, key, got.shape, ref.shape)
+                err = (got - ref).abs()
+                bound = tol.atol + tol.rtol * ref.abs()
+                assert (err <= bound).all(), f"{name}.{key} {tuple(ref.shape)}: max error {err.max():.3g}, {tol}"
+
+
+def test_engines_match_torch_in_a_fresh_process(engines, tiny, tmp_path):
+    """clip, transformer (external weights) and vae_decoder: one build each, two geometries, fp32 tolerance."""
+    _check_fresh_process_parity(engines, tiny, FAST, tmp_path)
+
+
+@pytest.mark.slow
+def test_text_and_image_encoders_match_torch_in_a_fresh_process(engines, tiny, tmp_path):
+    _check_fresh_process_parity(engines, tiny, SLOW, tmp_path)
+
+
+def test_build_records_the_environment_and_ranges(engines):
+    options = engines.entry("clip")["options"]
+    assert options["torch"] == torch.__version__ and options["device"] == "cpu"
+    assert options["weights"] == "packaged" and options["dims"] == {"B": [1, 2]}
+    decoder = engines.entry("vae_decoder")["options"]
+    assert decoder["dims"] == {"B": [1, 2], "h": [4, 16], "w": [4, 16]}
+    assert not external_weights_path(engines.path("clip")).exists()
+    json.dumps([options, decoder])  # the manifest stores them as JSON
+
+
+def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, tmp_path):
+    """The transformer's weights come from <stem>.safetensors: shifting proj_out's bias there shifts noise_pred."""
+    from safetensors.torch import load_file, save_file
+
+    runner = engines["transformer"]
+    weights_file = external_weights_path(engines.path("transformer"))
+    assert weights_file.name == "transformer.safetensors"
+    weights = load_file(str(weights_file))
+    assert set(weights) == set(runner.model.get_constant_fqns())
+
+    # A copy of the engine with proj_out.bias + 0.5: proj_out is the transformer's last op.
+    shutil.copy(engines.path("transformer"), tmp_path / "transformer.pt2")
+    save_file({**weights, "transformer.proj_out.bias": weights["transformer.proj_out.bias"] + 0.5},
+              str(tmp_path / "transformer.safetensors"))  # fmt: skip
+    job = engines.load_job("transformer")
+    job.engine_path = tmp_path / "transformer.pt2"
+    shifted = engines.backend.load(job)
+    spec = engines.specs["transformer"]
+    feed = spec.sample_feed(component_dims("transformer", engines.dims, *GEOMETRIES[0]), torch.float32)
+    delta = shifted.infer(feed)["noise_pred"] - runner.infer(feed)["noise_pred"]
+    torch.testing.assert_close(delta, torch.full_like(delta, 0.5), atol=1e-5, rtol=0)
+    with torch.inference_mode():  # as the pipeline calls runners
+        torch.testing.assert_close(runner.infer(feed)["noise_pred"], shifted.infer(feed)["noise_pred"] - 0.5)
+
+    (tmp_path / "transformer.safetensors").unlink()
+    with pytest.raises(EngineError, match="transformer.safetensors, which is missing"):
+        engines.backend.load(job)
+
+
+def test_engine_of_another_torch_is_refused(engines):
+    options = {**engines.entry("clip")["options"], "torch": "2.11.0+cu130"}
+    with pytest.raises(EngineError) as info:
+        engines.backend.load(engines.load_job("clip", options=options))
+    message = str(info.value)
+    assert f"built with torch 2.11.0+cu130 but this is torch {torch.__version__}" in message
+    assert message.endswith(REBUILD) and "\n" not in message
+
+    with pytest.raises(EngineError, match="built with device cuda but this is device cpu"):
+        engines.backend.load(
+            engines.load_job("clip", options={**options, "torch": torch.__version__, "device": "cuda"})
+        )
+    with pytest.raises(EngineError, match="records no torch version"):
+        engines.backend.load(engines.load_job("clip", options={}))
+
+
+def test_engine_of_another_gpu_is_refused():
+    h100 = {"torch": "2.11.0+cu130", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "sm": "90"}
+    assert incompatibility(h100, dict(h100)) is None
+    assert incompatibility(h100, {**h100, "gpu": "NVIDIA H200"}) == (
+        "was built with GPU NVIDIA H100 80GB HBM3 but this is GPU NVIDIA H200"
+    )
+    assert incompatibility(h100, {**h100, "gpu": "NVIDIA B200", "sm": "100"}).startswith("was built with GPU")
+
+
+def test_shapes_outside_the_built_range_are_refused(engines):
+    runner = engines["clip"]
+    spec = engines.specs["clip"]
+    feed = spec.sample_feed({"B": 3}, torch.float32)
+    with pytest.raises(
+        ShapeError, match=r"clip.input_ids has B=3 on axis 0 but the engine was built for B in \[1, 2\]"
+    ):
+        runner.infer(feed)
+    decoder = engines["vae_decoder"]
+    big = {"B": 1, "h": 8, "w": 24, "H": 64, "W": 192}  # 192 px wide: past the 128 px maximum
+    with pytest.raises(ShapeError, match=r"has w=24 on axis 3 but the engine was built for w in \[4, 16\]"):
+        decoder.infer(engines.specs["vae_decoder"].sample_feed(big, torch.float32))
+
+
+def test_precision_and_option_refusals(engines, tmp_path):
+    def job(precision="fp32", **options):
+        return BuildJob(engines.specs["clip"], None, None, tmp_path / "clip.pt2", precision, engines.profile("clip"),
+                        "cpu", tmp_path / "work", options)  # fmt: skip
+
+    with pytest.raises(InputError, match="--precision is 'fp8' but the aotinductor backend builds fp32, bf16"):
+        engines.backend.build(job("fp8"))
+    with pytest.raises(InputError, match="weights is 'inline', expected one of packaged, external"):
+        engines.backend.build(job(weights="inline"))
+    assert not (tmp_path / "clip.pt2").exists()
+
+
+def test_failed_compile_is_a_build_error_and_leaves_no_file(engines, tiny, tmp_path):
+    options = {"inductor_configs": {"no_such_setting": 1}}
+    job = BuildJob(engines.specs["clip"], component_module("clip", tiny).eval(), None, tmp_path / "clip.pt2", "fp32",
+                   engines.profile("clip"), "cpu", tmp_path / "work", options)  # fmt: skip
+    with pytest.raises(BuildError, match="clip: AOTInductor failed to compile the exported graph .*no_such_setting"):
+        engines.backend.build(job)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_profile_beyond_what_the_model_allows_is_a_build_error(engines, tiny, tmp_path):
+    """The diffusers VAE decoder takes another code path from batch 64 on: a batch range past it cannot export."""
+    spec = engines.specs["vae_decoder"]
+    profile = profile_shapes(spec, engines.dims, (1, 1, 80), RESOLUTIONS)
+    job = BuildJob(spec, component_module("vae_decoder", tiny).eval(), None, tmp_path / "vae_decoder.pt2", "fp32",
+                   profile, "cpu", tmp_path / "work")  # fmt: skip
+    with pytest.raises(BuildError, match=r"vae_decoder: torch.export cannot keep .*'B': \[1, 80\].*max=63") as info:
+        engines.backend.build(job)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_compiler_is_reported():
+    from torch._inductor import config, cpp_builder
+
+    cpp_builder.cpp_compiler_search.cache_clear()
+    try:
+        with (
+            config.patch({"cpp.cxx": ("fluxtrt-no-such-c++",)}),
+            pytest.raises(BuildError, match="needs a C.. compiler"),
+        ):
+            AotInductorBackend().check_available()
+    finally:
+        cpp_builder.cpp_compiler_search.cache_clear()
+    AotInductorBackend().check_available()
+    assert AotInductorBackend().version() == torch.__version__
