@@ -1,4 +1,4 @@
-"""The GPU comparison of issue 6: a benchmark matrix run through ``fluxtrt.bench.compare``, as JSON lines.
+"""The GPU comparison (DESIGN 7): a benchmark matrix run through ``fluxtrt.bench.compare``, as JSON lines.
 
     PYTHONUNBUFFERED=1 python benchmarks/compare_gpu.py --matrix benchmarks/matrix.toml --out OUTDIR
                        [--set runs=1 --set stages=0,4:fbc=off] [--no-attention-bench]
@@ -32,7 +32,9 @@ class Events:
         self.t0 = time.perf_counter()
 
     def __call__(self, event: dict) -> None:
-        line = json.dumps({"t_s": round(time.perf_counter() - self.t0, 2), **event}, default=str)
+        from fluxtrt.bench.report import json_safe
+
+        line = json.dumps(json_safe({"t_s": round(time.perf_counter() - self.t0, 2), **event}), default=str)
         print(line, flush=True)
         with self.path.open("a") as f:
             f.write(line + "\n")

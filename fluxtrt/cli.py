@@ -169,5 +169,48 @@ def inspect(engines):
     print_manifest(Manifest.load(engines), engines)
 
 
+@main.command()
+@model_option
+@click.option("--stages", default="0,1,2,3,4,4k", show_default=True, help="Stage specs, e.g. 0,1:fbc=off,4.")
+@click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path), help="Engines dir (repeatable).")
+@click.option("--image", type=click.Path(path_type=Path), default=None, help="Reference image (default: synthetic).")
+@click.option("--prompt", default="make the house blue", show_default=True, help="The edit instruction.")
+@click.option("--resolution", default=None, help="Target WIDTHxHEIGHT (default: the reference's preferred size).")
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed edits per contender.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed edits per contender first.")
+@click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
+@click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
+@device_options
+def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
+            report_dir, device, dtype):  # fmt: skip
+    """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
+    from fluxtrt.bench.config import CompareConfig
+
+    config = CompareConfig(
+        model=model,
+        stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+        engines=tuple(engines),
+        report_dir=report_dir,
+        image=image,
+        prompt=prompt,
+        resolution=Resolution.parse(resolution, "--resolution") if resolution else None,
+        runs=runs,
+        warmup=warmup,
+        warmup_steps=warmup_steps,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        diffusers_check=diffusers_check,
+    )
+    from fluxtrt.bench.compare import compare as run_compare
+    from fluxtrt.bench.console import print_compare_report, print_event
+
+    report = run_compare(config, on_event=print_event)
+    print_compare_report(report, config.report_dir)
+    report.raise_for_failures()
+
+
 if __name__ == "__main__":
     main()

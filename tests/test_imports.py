@@ -27,7 +27,7 @@ def test_import_fluxtrt_is_light():
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
 
 
-@pytest.mark.parametrize("args", [["--help"], ["infer", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["infer", "--help"], ["compare", "--help"]])
 def test_help_is_light(args):
     code = f"import sys; sys.argv = ['fluxtrt', *{args!r}]; from fluxtrt.cli import main; main()"
     names = imported_modules(code)

@@ -1,0 +1,106 @@
+"""``fluxtrt compare``'s frozen configuration; torch-free, so the CLI validates it before loading anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES
+from fluxtrt.errors import InputError
+from fluxtrt.specs.flux import Resolution
+from fluxtrt.stages.config import stage_config
+
+DEFAULT_STAGES = ("0", "1", "2", "3", "4", "4k")
+DEFAULT_PROMPT = "make the house blue"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Every contender on the same inputs, one at a time.
+
+    Args:
+        model: ``tiny``, ``random-full`` or a FLUX.1-Kontext directory / cached hub id (for the PyTorch stages).
+        stages: stage specs (``"0"``, ``"1:fbc=off"``, ...; see ``fluxtrt.stages.stage_config``), in run order.
+        engines: engines directories from ``fluxtrt build``, run after the stages.
+        report_dir: where report.md, report.json and report.png are written (after every contender).
+        image: reference image; None makes a synthetic one of ``resolution`` (1024x1024 by default).
+        prompt: the edit instruction.
+        resolution: target size; None keeps the reference's preferred Kontext resolution. Used exactly (no fitting
+            to 1 MP), floored to the model's multiple of 16.
+        runs: timed edits per contender (>= 1; use >= 3 for a median and spread that mean something).
+        warmup: untimed edits per contender before the timed ones (compilation happens in the first).
+        warmup_steps: denoising steps of a warmup edit; None for the contender's own.
+        device: ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bf16 on cuda, fp32 on cpu), ``fp32`` or ``bf16``.
+        seed: noise seed, the same for every contender.
+        guidance: distilled-guidance scale.
+        diffusers_check: after stage 0, time diffusers' own FluxKontextPipeline on the same modules and compare the
+            transformer's per-step time with stage 0's.
+    """
+
+    model: str
+    stages: tuple[str, ...] = DEFAULT_STAGES
+    engines: tuple[Path, ...] = ()
+    report_dir: Path | None = None
+    image: Path | None = None
+    prompt: str = DEFAULT_PROMPT
+    resolution: Resolution | None = None
+    runs: int = 3
+    warmup: int = 1
+    warmup_steps: int | None = 2
+    device: str = "cpu"
+    dtype: str = "auto"
+    seed: int = DEFAULT_SEED
+    guidance: float = DEFAULT_GUIDANCE
+    diffusers_check: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise InputError(f"--device is '{self.device}', expected one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise InputError(f"--dtype is '{self.dtype}', expected one of {', '.join(DTYPES)}")
+        if self.runs < 1:
+            raise InputError(f"--runs is {self.runs}, expected an integer >= 1 (3 or more for a median and spread)")
+        if self.warmup < 0:
+            raise InputError(f"--warmup is {self.warmup}, expected an integer >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 1:
+            raise InputError(f"--warmup-steps is {self.warmup_steps}, expected an integer >= 1")
+        if not self.stages and not self.engines:
+            raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4k) and/or --engines DIR")
+        if len(set(self.stages)) != len(self.stages):
+            raise InputError(f"--stages {','.join(self.stages)} names a stage twice: give each stage spec once")
+        for spec in self.stages:
+            stage_config(spec)  # raises InputError on an unknown stage or override
+        for path in self.engines:
+            if not path.is_dir():
+                raise InputError(f"--engines '{path}' is not a directory: pass a directory written by `fluxtrt build`")
+        if self.image is not None and not self.image.is_file():
+            raise InputError(f"--image '{self.image}' does not exist or is not a file: pass a PNG or JPEG path")
+        if self.report_dir is not None and self.report_dir.exists() and not self.report_dir.is_dir():
+            raise InputError(f"--report '{self.report_dir}' is a file, expected a directory for the report")
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if self.device == "cuda" else "fp32"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: paths and resolutions as strings."""
+        return {
+            "model": self.model,
+            "stages": list(self.stages),
+            "engines": [str(p) for p in self.engines],
+            "report_dir": str(self.report_dir) if self.report_dir is not None else None,
+            "image": str(self.image) if self.image is not None else None,
+            "prompt": self.prompt,
+            "resolution": str(self.resolution) if self.resolution is not None else None,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "warmup_steps": self.warmup_steps,
+            "device": self.device,
+            "dtype": self.resolved_dtype,
+            "seed": self.seed,
+            "guidance": self.guidance,
+            "diffusers_check": self.diffusers_check,
+        }

@@ -1,0 +1,230 @@
+"""What ``compare`` runs: PyTorch stages, engine directories, or any set of runners, each prepared into a pipeline.
+
+PyTorch contenders share one loaded model (``ModelSession``): a stage that composes with what is applied reuses it,
+one that would need undoing a compile or a quantization gets a freshly loaded model, and engines get the GPU to
+themselves (the model is released first).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.backends.runner import Runner
+from fluxtrt.config import SamplerConfig
+from fluxtrt.errors import EngineError
+from fluxtrt.stages.config import STAGES, StageConfig, stage_config
+
+
+def free_device_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the driver."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class ModelSession:
+    """The loaded PyTorch model that stage and custom contenders share, loaded on first use and again when needed.
+
+    Args:
+        model: ``tiny``, ``random-full`` or a checkpoint.
+        device, dtype: where and in what precision to load it.
+        seed: initialisation seed of the synthetic models (the same weights after every reload).
+    """
+
+    def __init__(self, model: str, device: str, dtype: str, seed: int = 0):
+        self.model, self.device, self.dtype, self.seed = model, device, dtype, seed
+        self.staged: Any = None  # fluxtrt.stages.apply.StagedModel
+        self.loads: list[float] = []  # seconds of each load
+
+    def staged_for(self, config: StageConfig) -> Any:
+        """A ``StagedModel`` that ``config`` can be applied to, loading the model (again) if needed."""
+        from fluxtrt.models import load_components
+        from fluxtrt.stages.apply import StagedModel
+
+        if self.staged is not None and self.staged.can_apply(config) is None:
+            return self.staged
+        self.release()
+        t0 = time.perf_counter()
+        components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+        self.loads.append(time.perf_counter() - t0)
+        self.staged = StagedModel(components)
+        return self.staged
+
+    def release(self) -> None:
+        """Drop the model and free its device memory."""
+        self.staged = None
+        free_device_memory()
+
+
+@dataclass
+class Prepared:
+    """A contender ready to edit.
+
+    Attributes:
+        pipeline: a ``KontextPipeline`` over the contender's runners.
+        sampler: the sampler its edits use.
+        what: what is on, for the report's table.
+        begin_edit, end_edit: called around every edit; ``end_edit(edit)`` gets the timed edit's ``EditResult`` (None
+            after a warmup edit) and returns per-edit extras (cache counts).
+        details: returns the contender's details for the report (a stage's ``StageReport``), read after each edit.
+    """
+
+    pipeline: Any
+    sampler: SamplerConfig
+    what: list[str]
+    begin_edit: Callable[[], None] = lambda: None
+    end_edit: Callable[[Any], dict | None] = lambda edit=None: None
+    details: Callable[[], dict] = dict
+    load_s: float | None = None
+
+
+class Contender(ABC):
+    """One thing ``compare`` measures. ``kind`` is ``stage``, ``engines`` or ``custom``."""
+
+    name: str
+    kind: str
+    base: str | None = None  # the table stage, for speed-ups ("0", "1"); None for others
+
+    @abstractmethod
+    def prepare(self, session: ModelSession) -> Prepared:
+        """Build the pipeline (raising on failure); ``session`` holds the shared PyTorch model."""
+
+
+@dataclass
+class StageContender(Contender):
+    """A PyTorch stage (``"0"`` .. ``"4k"``, with optional ``:key=value`` overrides).
+
+    Args:
+        spec: the stage spec.
+        strict: fail when a requested feature is unavailable instead of leaving it off and naming it.
+    """
+
+    spec: str
+    strict: bool = False
+    kind: str = field(default="stage", init=False)
+
+    def __post_init__(self) -> None:
+        self.config = stage_config(self.spec)
+        self.name = self.config.name
+        self.base = self.config.base
+
+    def prepare(self, session: ModelSession) -> Prepared:
+        from fluxtrt.pipeline.kontext import KontextPipeline
+
+        loads = len(session.loads)
+        staged = session.staged_for(self.config)
+        applied = staged.apply(self.config, strict=self.strict)
+        report = applied.report
+
+        def end_edit(edit: Any = None) -> dict | None:
+            stats = applied.end_edit(*((edit.timings_ms, edit.calls) if edit is not None else ()))
+            if stats is None:
+                return None
+            return {
+                "computed": stats.computed,
+                "skipped": stats.skipped,
+                "mean_computed_ms": stats.mean_computed_ms,
+                "mean_skipped_ms": stats.mean_skipped_ms,
+                "changes": stats.changes,
+            }
+
+        return Prepared(
+            pipeline=KontextPipeline.from_components(staged.components, runners=applied.runners),
+            sampler=self.config.sampler,
+            what=report.features or ["eager, default SDPA"],
+            begin_edit=applied.begin_edit,
+            end_edit=end_edit,
+            details=report.to_dict,
+            load_s=session.loads[-1] if len(session.loads) > loads else None,
+        )
+
+
+@dataclass
+class EngineContender(Contender):
+    """An engines directory from ``fluxtrt build``, through ``fluxtrt.engines.load.load_engine_pipeline``.
+
+    Args:
+        path: the engines directory.
+        sampler: the sampler of its edits (fluxtrt's default, stage 4's, unless given).
+    """
+
+    path: Path
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    kind: str = field(default="engines", init=False)
+
+    def __post_init__(self) -> None:
+        self.name = f"engines:{self.path.name}"
+
+    def prepare(self, session: ModelSession) -> Prepared:
+        try:
+            from fluxtrt.engines.load import load_engine_pipeline
+        except ImportError as exc:
+            raise EngineError(
+                f"engines support not available ({exc}): this fluxtrt has no fluxtrt.engines.load; "
+                "update fluxtrt to a version with `fluxtrt build`"
+            ) from None
+        session.release()  # the engines get the GPU to themselves
+        t0 = time.perf_counter()
+        pipeline = load_engine_pipeline(self.path, session.device)
+        load_s = time.perf_counter() - t0
+        what = [f"engines {self.path}"]
+        manifest = self.path / "manifest.json"
+        if manifest.is_file():
+            import json
+
+            try:
+                data = json.loads(manifest.read_text())
+                what = [f"{data.get('backend', '?')} {data.get('precision', '?')} engines ({self.path.name})"]
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                pass
+        return Prepared(
+            pipeline=pipeline, sampler=self.sampler, what=what, details=lambda: {"path": str(self.path)}, load_s=load_s
+        )
+
+
+@dataclass
+class CustomContender(Contender):
+    """Any runners over the loaded (unmodified) PyTorch model: ``make_runners(components) -> {name: Runner}``.
+
+    Components missing from the returned mapping use the plain torch runners.
+
+    Args:
+        name: the row's name.
+        make_runners: builds the runners from loaded ``FluxKontextComponents``.
+        what: the report's "what is on".
+        sampler: the sampler of its edits.
+    """
+
+    name: str
+    make_runners: Callable[[Any], Mapping[str, Runner]]
+    what: str = "custom runners"
+    sampler: SamplerConfig = field(default_factory=lambda: STAGES["0"].sampler)
+    kind: str = field(default="custom", init=False)
+
+    def prepare(self, session: ModelSession) -> Prepared:
+        from fluxtrt.pipeline.kontext import KontextPipeline
+
+        loads = len(session.loads)
+        staged = session.staged_for(STAGES["0"])
+        runners = dict(staged.apply(STAGES["0"]).runners)  # plain runners, reversible switches reset
+        runners.update(self.make_runners(staged.components))
+        return Prepared(
+            pipeline=KontextPipeline.from_components(staged.components, runners=runners),
+            sampler=self.sampler,
+            what=[self.what],
+            load_s=session.loads[-1] if len(session.loads) > loads else None,
+        )
+
+
+def contenders_from_config(stages: tuple[str, ...], engines: tuple[Path, ...]) -> list[Contender]:
+    """The stage contenders in the given order, then one per engines directory."""
+    return [StageContender(s) for s in stages] + [EngineContender(p) for p in engines]

@@ -1,0 +1,341 @@
+"""Apply a stage to loaded components: the same modules, wrapped and switched as the stage says, as torch runners.
+
+Stages compose (DESIGN 4: each adds to the previous one), and so does applying them: ``StagedModel`` remembers what
+it has done to its components so that stage 2 after stage 1 only swaps the attention processor and stage 4 after
+stage 3 only changes the sampler, each compile happening once. What cannot be undone through a public API (regional
+compilation, quantized weights) makes ``can_apply`` say why, and the caller loads the model again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
+from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.stages.cache import CacheStats, FirstBlockCacheRunner
+from fluxtrt.stages.config import StageConfig
+
+
+@dataclass
+class StageReport:
+    """What a stage actually ran; the measured fields fill in as edits run.
+
+    Attributes:
+        stage: the stage spec.
+        features: the features that are on, as applied (a requested feature that could not be is not here).
+        unavailable: requested features that could not be applied here, each with the reason.
+        sampler: ``solver/sigmas/steps``.
+        attention: the attention kernel that runs.
+        quant: the linears' precision path.
+        compile: what is compiled, or ``off``.
+        apply_s: seconds spent applying (fusing, quantizing, swapping processors); compilation is lazy and apart.
+        compile_s: seconds of compilation: each compiled component's first call minus its steady per-call time.
+        first_call_ms: each compiled component's first-call milliseconds (includes compilation).
+        first_block_cache: the threshold, or None.
+        cache: computed/skipped steps and their costs, of the last edit.
+    """
+
+    stage: str
+    features: list[str]
+    unavailable: list[str]
+    sampler: str
+    attention: str
+    quant: str
+    compile: str
+    apply_s: float
+    compile_s: float | None = None
+    first_call_ms: dict[str, float] = field(default_factory=dict)
+    first_block_cache: float | None = None
+    cache: CacheStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.cache is not None:
+            out["cache"] = {
+                "computed": self.cache.computed,
+                "skipped": self.cache.skipped,
+                "mean_computed_ms": self.cache.mean_computed_ms,
+                "mean_skipped_ms": self.cache.mean_skipped_ms,
+            }
+        return out
+
+
+class FirstCallTimer(Runner):
+    """Pass-through runner that times its first call (where compilation happens) with device synchronisation.
+
+    Only that call synchronises; the steady-state cost it is compared with comes from the pipeline's own timer.
+    """
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.spec, inner.compute_dtype)
+        self.inner = inner
+        self.first_ms: float | None = None
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        if self.first_ms is not None:
+            return self.inner.infer(feed)
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.inner.infer(feed)
+        self._sync()
+        self.first_ms = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:  # pragma: no cover - infer is overridden
+        return self.inner.infer(feed)
+
+
+class ChannelsLastDecoder(torch.nn.Module):
+    """VAE decode on a channels-last latent, the decoder's weights channels-last too. [B, 16, h, w] -> [B, 3, H, W]."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent.contiguous(memory_format=torch.channels_last), return_dict=False)[0]
+
+
+@dataclass
+class AppliedStage:
+    """A stage applied to loaded components: its runners (for ``KontextPipeline``) and its report.
+
+    Call ``begin_edit()`` before and ``end_edit()`` after each edit to reset the first-block cache and collect its
+    counts and the compile time into the report.
+    """
+
+    config: StageConfig
+    runners: dict[str, Runner]
+    report: StageReport
+    cache_runner: FirstBlockCacheRunner | None = None
+    timers: dict[str, FirstCallTimer] = field(default_factory=dict)
+
+    def begin_edit(self) -> None:
+        if self.cache_runner is not None:
+            self.cache_runner.reset()
+
+    def end_edit(
+        self, timings_ms: Mapping[str, float] | None = None, calls: Mapping[str, int] | None = None
+    ) -> CacheStats | None:
+        """Update the report after an edit; returns this edit's first-block-cache stats (None without the cache).
+
+        Args:
+            timings_ms, calls: the edit's per-component milliseconds and call counts (``EditResult.timings_ms`` and
+                ``.calls``) of a steady-state edit: compile time = each compiled component's first call minus its
+                steady per-call time here. Leave them out for a warmup edit.
+        """
+        stats = self.cache_runner.stats() if self.cache_runner is not None else None
+        self.report.first_call_ms = {n: t.first_ms for n, t in self.timers.items() if t.first_ms is not None}
+        first = self.report.first_call_ms
+        known = timings_ms is not None and calls is not None and len(first) == len(self.timers) > 0
+        if known and all(n in timings_ms and calls.get(n) for n in self.timers):
+            steady = {n: timings_ms[n] / calls[n] for n in self.timers}
+            if "transformer" in steady and stats is not None and stats.mean_computed_ms is not None:
+                steady["transformer"] = stats.mean_computed_ms  # a first call computes every block
+            self.report.compile_s = sum(max(first[n] - steady[n], 0.0) for n in steady) / 1e3
+        if stats is not None:
+            self.report.cache = stats
+        return stats
+
+
+def _raise_recompile_limits() -> None:
+    """Regional compilation shares one code object among every compiled block class and stage; the default limit
+    of 8 recompilations would silently fall back to eager. Raise it, and fail loudly if it is ever hit."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 512)
+    if hasattr(dynamo_config, "fail_on_recompile_limit_hit"):
+        dynamo_config.fail_on_recompile_limit_hit = True
+
+
+def _sampler_text(config: StageConfig) -> str:
+    s = config.sampler
+    return f"{s.solver}/{s.sigmas}/{s.num_steps}"
+
+
+class StagedModel:
+    """Loaded components plus what has been applied to them, so that stages can be applied one after another.
+
+    Args:
+        components: loaded ``FluxKontextComponents`` (modified in place by ``apply``).
+    """
+
+    def __init__(self, components: Any):
+        self.components = components
+        self.device = torch.device(components.transformer.device)
+        self.fused = False
+        self.compiled_backend: str | None = None
+        self.quant: str | None = None
+        self.quant_path: str | None = None
+        self._decoders: dict[str, torch.nn.Module] = {}
+
+    def can_apply(self, config: StageConfig) -> str | None:
+        """None if ``config`` can be applied to these components, else why the model must be loaded again."""
+        backend = self.compiled_backend
+        if backend is not None and (not config.compile or config.compile_backend != backend):
+            wants = config.compile_backend if config.compile else "them eager"
+            return f"the transformer blocks are compiled with {backend} and stage {config.name} wants {wants}"
+        if self.quant is not None and config.quant != self.quant:
+            return f"the linears are {self.quant} and stage {config.name} wants {config.quant or 'them unquantized'}"
+        if self.quant is not None and config.fuse_qkv != self.fused:
+            return f"the linears were quantized {'with' if self.fused else 'without'} fused QKV"
+        return None
+
+    def apply(self, config: StageConfig, strict: bool = False) -> AppliedStage:
+        """Switch the components to ``config`` and return its runners and report.
+
+        Args:
+            config: the stage.
+            strict: raise when a requested feature is unavailable here (no CUDA, no package, wrong GPU) instead of
+                leaving it off and naming it in ``report.unavailable``.
+
+        Raises:
+            InputError: ``can_apply`` refused (load the model again).
+            DeviceError, MissingDependencyError: with ``strict``, a feature unavailable here; fp4 on a GPU without
+                FP4 tensor cores always.
+        """
+        reason = self.can_apply(config)
+        if reason is not None:
+            raise InputError(f"stage {config.name} cannot be applied to this model: {reason}; load the model again")
+        t0 = time.perf_counter()
+        transformer, unavailable = self.components.transformer, []
+
+        def unavailable_or_raise(feature: str, exc: FluxtrtError) -> None:
+            if strict:
+                raise exc
+            unavailable.append(f"{feature}: {exc}")
+
+        # Fused QKV (reversible through diffusers' public unfuse).
+        if config.fuse_qkv and not self.fused:
+            transformer.fuse_qkv_projections()
+        elif not config.fuse_qkv and self.fused:
+            transformer.unfuse_qkv_projections()
+        self.fused = config.fuse_qkv
+
+        # Quantized linears (irreversible: can_apply guards it).
+        if config.quant is not None and self.quant is None:
+            from fluxtrt.stages.quant import quantize_transformer
+
+            try:
+                self.quant_path = quantize_transformer(transformer, config.quant)
+                self.quant = config.quant
+            except FluxtrtError as exc:
+                if config.quant == "fp4":  # asked for explicitly, never silently replaced
+                    raise
+                unavailable_or_raise(f"{config.quant.upper()} linears", exc)
+        dtype_name = str(transformer.dtype).removeprefix("torch.")
+        quant = self.quant_path if self.quant is not None else f"{dtype_name} (not quantized)"
+
+        # Attention processor (reversible: set back to diffusers' default).
+        attention, fp8_attention = self._set_attention(config, unavailable_or_raise)
+
+        # Compilation is lazy: it happens on the first call, which FirstCallTimer measures.
+        if config.compile and self.compiled_backend is None:
+            _raise_recompile_limits()
+            transformer.compile_repeated_blocks(fullgraph=True, backend=config.compile_backend)
+            self.compiled_backend = config.compile_backend
+
+        runners = dict(torch_runners(self.components))
+        dtype = transformer.dtype
+        cache_runner = None
+        if config.first_block_cache is not None:
+            spec = runners["transformer"].spec
+            cache_runner = FirstBlockCacheRunner(spec, transformer, config.first_block_cache, dtype)
+            runners["transformer"] = cache_runner
+
+        vae = self.components.vae
+        # Only the decoder goes channels-last: the encoder keeps its layout for its contiguous image input.
+        decoder_modules = [m for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None]
+        if config.compile_vae:
+            for m in decoder_modules:
+                m.to(memory_format=torch.channels_last)
+            decoder = self._decoders.get(config.compile_backend)
+            if decoder is None:
+                decoder = torch.compile(ChannelsLastDecoder(vae), backend=config.compile_backend)
+                self._decoders[config.compile_backend] = decoder
+            runners["vae_decoder"] = TorchRunner(runners["vae_decoder"].spec, decoder, dtype)
+        else:
+            for m in decoder_modules:
+                m.to(memory_format=torch.contiguous_format)
+
+        timers = {}
+        for name, on in (("transformer", self.compiled_backend is not None), ("vae_decoder", config.compile_vae)):
+            if on:
+                timers[name] = FirstCallTimer(runners[name])
+                runners[name] = timers[name]
+
+        # What is on, in the table's order, as applied.
+        features, compiled = [], []
+        if self.compiled_backend is not None:
+            features.append(f"regional compile ({self.compiled_backend})")
+            compiled.append(f"transformer blocks ({self.compiled_backend}, regional)")
+        if self.fused:
+            features.append("fused QKV")
+        if config.compile_vae:
+            features.append("channels-last VAE, compiled decode")
+            compiled.append(f"VAE decode ({config.compile_backend}, channels-last)")
+        if config.first_block_cache is not None:
+            features.append(f"first-block cache {config.first_block_cache:g}")
+        if fp8_attention:
+            features.append("FP8 attention")
+        if self.quant is not None:
+            features.append(f"{self.quant.upper()} linears")
+
+        report = StageReport(
+            stage=config.name,
+            features=features,
+            unavailable=unavailable,
+            sampler=_sampler_text(config),
+            attention=attention,
+            quant=quant,
+            compile=", ".join(compiled) or "off",
+            apply_s=time.perf_counter() - t0,
+            first_block_cache=config.first_block_cache,
+        )
+        return AppliedStage(config, runners, report, cache_runner, timers)
+
+    def _set_attention(self, config: StageConfig, unavailable_or_raise) -> tuple[str, bool]:
+        """Set every attention processor for ``config``; returns (kernel name, whether FP8 attention is on)."""
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        transformer = self.components.transformer
+        if config.attention == "fp8":
+            from fluxtrt.stages.attention import Fp8FluxAttnProcessor, check_kernel, fp8_attention_kernel
+
+            try:
+                kernel = fp8_attention_kernel(self.device)
+                try:
+                    check_kernel(kernel, self.device)  # builds and runs it once: a kernel that cannot run fails here
+                except Exception as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise FluxtrtError(
+                        f"{kernel.name} failed its check run on this GPU ({type(exc).__name__}: {first}); "
+                        "check the cuDNN / nvidia-cudnn-frontend versions"
+                    ) from exc
+                transformer.set_attn_processor(Fp8FluxAttnProcessor(kernel))
+                return kernel.name, True
+            except FluxtrtError as exc:
+                unavailable_or_raise("FP8 attention", exc)
+        transformer.set_attn_processor(FluxAttnProcessor())
+        return f"torch SDPA ({self.device.type}, default backend selection)", False
+
+
+def apply_stage(components: Any, config: StageConfig, strict: bool = False) -> AppliedStage:
+    """Apply ``config`` to freshly loaded ``components`` (modified in place); see ``StagedModel`` to chain stages.
+
+    Returns:
+        The stage's runners (``clip``, ``t5``, ``vae_encoder``, ``transformer``, ``vae_decoder``) and its report.
+    """
+    return StagedModel(components).apply(config, strict=strict)

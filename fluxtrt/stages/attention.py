@@ -1,0 +1,287 @@
+"""FP8 attention for stage 2: a diffusers attention processor whose attention runs on FP8 Q/K/V.
+
+The processor does what diffusers' ``FluxAttnProcessor`` does (projections, fused or not; QK RMS norms; text tokens
+first; RoPE) and then quantizes Q, K and V per tensor (dynamic amax, e4m3) for an FP8 attention kernel:
+FlashAttention 3 when ``flash_attn_interface`` imports, else cuDNN's FP8 SDPA through nvidia-cudnn-frontend. Both
+kernels are registered torch custom ops, so a regionally compiled block keeps one graph around them. An emulated
+kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the quantization.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fluxtrt.errors import DeviceError, MissingDependencyError
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
+_SOFTMAX_SCALE = 256.0
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor dynamic FP8 (e4m3): ``x ~= x8.float() * descale``; descale is fp32 [1, 1, 1, 1] on x's device."""
+    amax = x.detach().abs().amax().float().clamp_min(1e-12)
+    scale = FP8_MAX / amax
+    x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return x8, (1.0 / scale).reshape(1, 1, 1, 1)
+
+
+class EmulatedFp8Kernel:
+    """Dequantize FP8 Q/K/V and run fp32 SDPA: the reference the real kernels are checked against (any device)."""
+
+    name = "emulated fp8 (dequantize + fp32 SDPA)"
+
+    def __call__(self, q8, k8, v8, dq, dk, dv, scale: float) -> torch.Tensor:
+        q, k, v = (x.float() * d for x, d in ((q8, dq), (k8, dk), (v8, dv)))  # [B, S, H, D]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        return out.transpose(1, 2)  # [B, S, H, D]
+
+
+# --- cuDNN frontend FP8 SDPA -------------------------------------------------------------------------------------
+
+
+class _CudnnFp8Plan:
+    """One built cuDNN FP8 SDPA graph for a [B, S, H, D] shape: e4m3 Q/K/V in, e4m3 O out (scaled by 1 / descale_v).
+
+    cuDNN 9 offers BF16 output of FP8 attention only on Blackwell, so O stays e4m3 and is dequantized by the caller,
+    inside the compiled graph where it fuses with what follows.
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, scale: float):
+        import cudnn
+
+        self.cudnn, self.device, self.shape = cudnn, device, shape
+        b, s, h, d = shape
+        dim, stride = [b, h, s, d], [s * h * d, d, h * d, 1]  # a [B, H, S, D] view of [B, S, H, D] memory
+        self.handle = cudnn.create_handle()
+        self.descale_s = torch.full((1, 1, 1, 1), 1.0 / _SOFTMAX_SCALE, device=device)
+        self.scale_s = torch.full((1, 1, 1, 1), _SOFTMAX_SCALE, device=device)
+        self.amax = torch.zeros((2, 1, 1, 1, 1), device=device)
+
+        fp8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        g = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=f32, compute_data_type=f32)
+        self.q, self.k, self.v = (g.tensor(name=n, dim=dim, stride=stride, data_type=fp8) for n in ("q", "k", "v"))
+        names = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+        self.sc = {n: g.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=f32) for n in names}
+        self.o, _, self.amax_s, self.amax_o = g.sdpa_fp8(
+            q=self.q, k=self.k, v=self.v, **self.sc, is_inference=True, attn_scale=scale, use_causal_mask=False,
+            name="fluxtrt_fp8_sdpa",
+        )  # fmt: skip
+        self.o.set_output(True).set_dim(dim).set_stride(stride).set_data_type(fp8)
+        for t in (self.amax_s, self.amax_o):
+            t.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
+        g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        self.graph = g
+        self.workspace = torch.empty(g.get_workspace_size(), device=device, dtype=torch.uint8)
+
+    def __call__(self, q8, k8, v8, dq, dk, dv) -> torch.Tensor:
+        out = torch.empty(self.shape, device=self.device, dtype=torch.float8_e4m3fn)
+        pack = {
+            self.q: q8, self.k: k8, self.v: v8, self.o: out, self.amax_s: self.amax[0], self.amax_o: self.amax[1],
+            self.sc["descale_q"]: dq, self.sc["descale_k"]: dk, self.sc["descale_v"]: dv,
+            self.sc["descale_s"]: self.descale_s, self.sc["scale_s"]: self.scale_s,
+            self.sc["scale_o"]: 1.0 / dv,  # |O| <= max|V|: V's scale fits O
+        }  # fmt: skip
+        self.cudnn.set_stream(self.handle, torch.cuda.current_stream(self.device).cuda_stream)
+        self.graph.execute(pack, self.workspace, handle=self.handle)
+        return out
+
+
+_PLANS: dict[tuple, _CudnnFp8Plan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def _cudnn_plan(q8: torch.Tensor, scale: float) -> _CudnnFp8Plan:
+    key = (tuple(q8.shape), q8.device, float(scale))
+    with _PLANS_LOCK:
+        if key not in _PLANS:
+            _PLANS[key] = _CudnnFp8Plan(tuple(q8.shape), q8.device, float(scale))
+        return _PLANS[key]
+
+
+@torch.library.custom_op("fluxtrt::cudnn_fp8_sdpa", mutates_args=())
+def cudnn_fp8_sdpa(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descale_q: torch.Tensor,
+    descale_k: torch.Tensor,
+    descale_v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """cuDNN FP8 SDPA on e4m3 [B, S, H, D] Q/K/V with fp32 [1, 1, 1, 1] descales -> e4m3 [B, S, H, D] O / descale_v."""
+    q8, k8, v8 = (x.contiguous() for x in (q8, k8, v8))
+    return _cudnn_plan(q8, scale)(q8, k8, v8, descale_q, descale_k, descale_v)
+
+
+@cudnn_fp8_sdpa.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
+    return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
+
+
+class CudnnFp8Kernel:
+    """cuDNN's FP8 SDPA through nvidia-cudnn-frontend's graph API; its e4m3 output is dequantized here (in the
+    compiled graph, fused with the projection's input)."""
+
+    name = "cudnn-frontend sdpa_fp8 (e4m3 Q/K/V/O, per-tensor scales)"
+
+    def __call__(self, q8, k8, v8, dq, dk, dv, scale: float) -> torch.Tensor:
+        return torch.ops.fluxtrt.cudnn_fp8_sdpa(q8, k8, v8, dq, dk, dv, scale).float() * dv  # [B, S, H, D] fp32
+
+
+# --- FlashAttention 3 FP8 ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fluxtrt::fa3_fp8_sdpa", mutates_args=())
+def fa3_fp8_sdpa(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descale_q: torch.Tensor,
+    descale_k: torch.Tensor,
+    descale_v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """FlashAttention 3's FP8 forward on e4m3 [B, S, H, D] Q/K/V -> BF16 [B, S, H, D]."""
+    import flash_attn_interface
+
+    b, h = q8.shape[0], k8.shape[2]
+    dq, dk, dv = (d.reshape(1, 1).expand(b, h).contiguous() for d in (descale_q, descale_k, descale_v))  # [B, H_k]
+    out = flash_attn_interface.flash_attn_func(
+        q8, k8, v8, softmax_scale=scale, causal=False, q_descale=dq, k_descale=dk, v_descale=dv
+    )
+    out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the softmax LSE
+    return out.to(torch.bfloat16)
+
+
+@fa3_fp8_sdpa.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
+    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+
+
+class FlashAttention3Fp8Kernel:
+    """FlashAttention 3 (Hopper), FP8 path, from the ``flash_attn_interface`` module."""
+
+    name = "flash-attn-3 fp8 (flash_attn_interface)"
+
+    def __call__(self, q8, k8, v8, dq, dk, dv, scale: float) -> torch.Tensor:
+        return torch.ops.fluxtrt.fa3_fp8_sdpa(q8, k8, v8, dq, dk, dv, scale)
+
+
+def fp8_attention_kernel(device: torch.device | str) -> Any:
+    """The FP8 attention kernel for ``device``: FA3 when ``flash_attn_interface`` imports, else cuDNN FP8 SDPA.
+
+    Raises:
+        DeviceError: not a CUDA device of compute capability 9.0 or newer.
+        MissingDependencyError: neither flash_attn_interface nor nvidia-cudnn-frontend is installed.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise DeviceError(
+            f"FP8 attention is unavailable on {device.type}: it needs a CUDA GPU with FP8 attention kernels "
+            "(compute capability 9.0+); run with --device cuda"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise DeviceError(
+            f"FP8 attention needs compute capability 9.0 or newer (Hopper) but this GPU is sm{major}{minor}: "
+            "use a stage with attention=sdpa"
+        )
+    try:
+        import flash_attn_interface  # noqa: F401
+
+        return FlashAttention3Fp8Kernel()
+    except ImportError:
+        pass
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(
+            "nvidia-cudnn-frontend", "FP8 attention (stage 2)", "pip install 'fluxtrt[cudnn]'"
+        ) from None
+    return CudnnFp8Kernel()
+
+
+def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads: int = 2, dim: int = 128) -> float:
+    """Run ``kernel`` once on random Q/K/V and return its output's cosine similarity to BF16 SDPA (about 0.999).
+
+    A kernel that cannot build or run for this GPU raises here, before a model depends on it.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, seq, heads, dim, generator=gen).to(device, torch.bfloat16) for _ in range(3))
+    scale = dim**-0.5
+    with torch.inference_mode():
+        q8, dq = quantize_fp8(q)
+        k8, dk = quantize_fp8(k)
+        v8, dv = quantize_fp8(v)
+        out = kernel(q8, k8, v8, dq, dk, dv, scale).float()
+        ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        ref = ref.transpose(1, 2).float()
+    return F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
+
+
+class Fp8FluxAttnProcessor:
+    """A FLUX attention processor (for ``set_attn_processor``) whose attention runs on per-tensor FP8 Q/K/V.
+
+    Args:
+        kernel: an FP8 attention kernel, ``kernel(q8, k8, v8, dq, dk, dv, scale) -> [B, S, H, D]``.
+    """
+
+    def __init__(self, kernel: Any):
+        self.kernel = kernel
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,  # [B, S_img, D]
+        encoder_hidden_states: torch.Tensor | None = None,  # [B, S_txt, D] (double blocks only)
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> Any:
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("FP8 FLUX attention takes no attention mask (FLUX.1-Kontext uses none)")
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            if joint:
+                e_query, e_key, e_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            if joint:
+                e_query = attn.add_q_proj(encoder_hidden_states)
+                e_key = attn.add_k_proj(encoder_hidden_states)
+                e_value = attn.add_v_proj(encoder_hidden_states)
+
+        # [B, S, H, D_head]
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if joint:
+            e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
+            e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
+            e_value = e_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([e_query, query], dim=1)  # text tokens first: [B, S_txt + S_img, H, D_head]
+            key = torch.cat([e_key, key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        q8, dq = quantize_fp8(query)
+        k8, dk = quantize_fp8(key)
+        v8, dv = quantize_fp8(value)
+        out = self.kernel(q8, k8, v8, dq, dk, dv, attn.head_dim**-0.5)  # [B, S, H, D_head]
+        out = out.flatten(2, 3).to(hidden_states.dtype)  # [B, S, H * D_head]
+
+        if encoder_hidden_states is None:
+            return out
+        text, image = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        text = attn.to_add_out(text.contiguous())
+        return image, text

@@ -1,0 +1,88 @@
+"""Stage 3: low-precision transformer linears through torchao (imported only here, only when asked for).
+
+Quantized: the token-wise linears inside the transformer blocks (attention projections, MLPs). Left in the model's
+dtype: the modulation linears (one token per image), the embedders, norm_out and proj_out, as in DESIGN 5 and 9.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fluxtrt.errors import DeviceError, MissingDependencyError
+
+_BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+_UNFUSED = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
+
+
+def token_linear_filter(transformer: torch.nn.Module):
+    """A torchao ``filter_fn``: the token-wise ``nn.Linear`` layers of the blocks that the forward uses.
+
+    With fused QKV, the separate Q/K/V projections diffusers keeps beside the fused one are not used, so they are
+    left alone.
+    """
+    fused = any(getattr(m, "fused_projections", False) for m in transformer.modules())
+
+    def keep(module: torch.nn.Module, fqn: str) -> bool:
+        if not isinstance(module, torch.nn.Linear) or not fqn.startswith(_BLOCK_PREFIXES):
+            return False
+        if ".norm" in fqn:  # norm1.linear, norm1_context.linear, norm.linear: the AdaLN modulation
+            return False
+        return not (fused and fqn.endswith(_UNFUSED))
+
+    return keep
+
+
+def check_quant_device(quant: str, device: torch.device) -> None:
+    """Raise DeviceError unless ``device`` has tensor cores for ``quant`` (fp8: sm89+, fp4: sm100+)."""
+    if device.type != "cuda":
+        raise DeviceError(
+            f"{quant.upper()} linears are unavailable on {device.type}: torchao's {quant.upper()} kernels need a "
+            "CUDA GPU; run with --device cuda"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    need = (10, 0) if quant == "fp4" else (8, 9)
+    if (major, minor) < need:
+        raise DeviceError(
+            f"{quant.upper()} linears need compute capability {need[0]}.{need[1]}+ ("
+            f"{'Blackwell FP4' if quant == 'fp4' else 'Ada/Hopper FP8'} tensor cores) but this GPU is sm{major}{minor}:"
+            f" use {'quant=fp8' if quant == 'fp4' else 'a stage without quant'}"
+        )
+
+
+def quantize_transformer(transformer: torch.nn.Module, quant: str) -> str:
+    """Quantize the transformer's token-wise linears in place; returns a description of the path taken.
+
+    Args:
+        transformer: a diffusers ``FluxTransformer2DModel`` on a CUDA device.
+        quant: ``fp8`` (dynamic per-row activations and weights, Float8DynamicActivationFloat8WeightConfig) or
+            ``fp4`` (NVFP4 dynamic activations and weights).
+
+    Raises:
+        DeviceError: the GPU lacks tensor cores for ``quant``.
+        MissingDependencyError: torchao is not installed.
+    """
+    check_quant_device(quant, next(transformer.parameters()).device)
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        feature = f"{quant.upper()} linears (stage 3)"
+        raise MissingDependencyError("torchao", feature, "pip install 'fluxtrt[torchao]'") from None
+    keep = token_linear_filter(transformer)
+    count = sum(keep(m, n) for n, m in transformer.named_modules())
+    config: Any
+    if quant == "fp8":
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        # set_inductor_config=False: torchao's recommended inductor settings (coordinate-descent tuning) multiply
+        # compile time and would change the compile of every stage measured after this one.
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        path = f"torchao Float8DynamicActivationFloat8WeightConfig per-row, {count} linears"
+    else:
+        from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
+
+        config = NVFP4DynamicActivationNVFP4WeightConfig(use_triton_kernel=False)  # no MSLK dependency
+        path = f"torchao NVFP4DynamicActivationNVFP4WeightConfig, {count} linears"
+    quantize_(transformer, config, filter_fn=keep)
+    return path
