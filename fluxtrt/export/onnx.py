@@ -125,17 +125,33 @@ def export_onnx(
     return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes)
 
 
+def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002 (aten's argument names)
+    """``aten._fused_rms_norm`` in elementary ops, as torch's own reference decomposition computes it.
+
+    Returns (output in the input dtype, rstd in float32).
+    """
+    import torch
+
+    dims = [input.dim() - 1 - i for i in range(len(normalized_shape))]
+    x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    rstd = torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+    out = x * rstd
+    if weight is not None:
+        out = out * weight
+    return out.type_as(input), rstd
+
+
 def _fused_kernel_decompositions() -> dict:
     """Decompositions of fused CUDA kernels that a trace on the GPU records and ONNX has no translation for.
 
     Traced on CUDA, diffusers' RMSNorm becomes ``aten._fused_rms_norm``; decomposed, it exports as the same
-    elementwise/ReduceMean graph a CPU trace gives (opset 19 has no RMSNormalization).
+    elementwise/ReduceMean graph a CPU trace gives (opset 19 has no RMSNormalization). Older torch releases have
+    no decomposition registered for it, so fluxtrt carries its own.
     """
     import torch
-    from torch._decomp import decomposition_table
 
-    ops = [torch.ops.aten._fused_rms_norm.default]
-    return {op: decomposition_table[op] for op in ops if op in decomposition_table}
+    return {torch.ops.aten._fused_rms_norm.default: _fused_rms_norm}
 
 
 @contextmanager

@@ -165,7 +165,7 @@ class KontextPipeline:
                 preferred resolution).
             prompt: one prompt, or a list (the batch).
             sampler: solver, sigma schedule, steps.
-            seed: seed of the initial noise, drawn on the CPU so every device starts from the same noise.
+            seed: seed of the initial noise, drawn on the CPU in the compute dtype (as diffusers draws it).
             guidance: distilled-guidance scale.
             height, width: explicit target size (both or neither).
             max_area: pixel budget an explicit size is fitted to.
@@ -210,9 +210,11 @@ class KontextPipeline:
 
             # 3. Noise for the target, packed; target ids carry image index 0.
             h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
+            # Drawn on the CPU in the compute dtype, as diffusers draws it: the same seed gives diffusers' noise on
+            # every device (a bf16 draw is not an fp32 draw rounded in every torch release).
             generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator)
-            latents = pack(noise).to(dev, dt)  # [B, S_target, 64]
+            noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator, dtype=dt)
+            latents = pack(noise).to(dev)  # [B, S_target, 64]
             s_target = latents.shape[1]
             img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]
             txt_ids = torch.zeros(self.dims.t5_len, 3, device=dev)
