@@ -151,7 +151,11 @@ def _fused_kernel_decompositions() -> dict:
     """
     import torch
 
-    return {torch.ops.aten._fused_rms_norm.default: _fused_rms_norm}
+    def rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002
+        return _fused_rms_norm(input, normalized_shape, weight, eps)[0]
+
+    # rms_norm too: left to the exporter's own decompositions it would turn into the fused kernel again on CUDA.
+    return {torch.ops.aten._fused_rms_norm.default: _fused_rms_norm, torch.ops.aten.rms_norm.default: rms_norm}
 
 
 @contextmanager
