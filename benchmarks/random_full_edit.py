@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.recording import RecordingRunner
 from fluxtrt.config import SamplerConfig
 from fluxtrt.environment import environment
 from fluxtrt.models import load_components
@@ -86,23 +86,6 @@ def diffusers_edit(components, image, prompt: str, steps: int, seed: int) -> dic
         "outputs": outputs,
         "first_inputs": first_inputs,
     }
-
-
-class RecordingRunner(Runner):
-    """Delegates to a runner and keeps a CPU copy of every output (to compare trajectories step by step)."""
-
-    def __init__(self, inner: Runner):
-        super().__init__(inner.spec, inner.compute_dtype)
-        self.inner = inner
-        self.outputs: list[torch.Tensor] = []
-        self.first_inputs: dict[str, torch.Tensor] = {}
-
-    def _infer(self, feed):
-        if not self.first_inputs:
-            self.first_inputs = {k: v.detach().clone() for k, v in feed.items()}
-        out = self.inner.infer(feed)
-        self.outputs.append(out["noise_pred"].detach().clone())  # stays on the device: no sync in the loop
-        return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,14 +167,14 @@ def main() -> None:
             # random full-size network may amplify bf16 rounding differences along the trajectory.
             "first_call_input_max_abs_diff": {
                 k: (v.float() - theirs["first_inputs"][k].float()).abs().max().item()
-                for k, v in recorder.first_inputs.items()
+                for k, v in recorder.calls[0][0].items()
                 if k in theirs["first_inputs"] and v.shape == theirs["first_inputs"][k].shape
             },
             "first_call_input_dtypes": {
-                k: [str(v.dtype), str(theirs["first_inputs"].get(k, v).dtype)] for k, v in recorder.first_inputs.items()
+                k: [str(v.dtype), str(theirs["first_inputs"].get(k, v).dtype)] for k, v in recorder.calls[0][0].items()
             },
             "noise_pred_cosine_per_step": [
-                cosine(a, b) for a, b in zip(recorder.outputs, theirs["outputs"], strict=False)
+                cosine(out["noise_pred"], b) for (_, out), b in zip(recorder.calls, theirs["outputs"], strict=False)
             ],
         },
         args.out,

@@ -307,3 +307,26 @@ def test_build_bad_options_one_line(tmp_path, args, needle):
     result = run_cli("build", "--model", "tiny", "--out", str(tmp_path / "e"), *args)
     assert needle in one_error_line(result)
     assert not (tmp_path / "e").exists()
+
+
+# --- engines in `fluxtrt compare` ------------------------------------------------------------------------------------
+
+
+def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
+    from fluxtrt.bench.compare import compare
+    from fluxtrt.bench.config import CompareConfig
+    from fluxtrt.config import SamplerConfig
+    from fluxtrt.bench.contenders import EngineContender, StageContender
+
+    config = CompareConfig(model="tiny", stages=("0",), engines=(engines,), report_dir=tmp_path / "r", runs=1,
+                           warmup=0, device="cpu", dtype="fp32", resolution=Resolution(256, 256))  # fmt: skip
+    contenders = [StageContender("0:steps=3"), EngineContender(engines, sampler=SamplerConfig("euler", "flux-shift", 3))]
+    report = compare(config, contenders=contenders)
+    engine_row = report.contenders[1]
+    assert engine_row.status == "ok", engine_row.error
+    error = engine_row.details["step_error"]
+    assert error["steps"] == 3 and error["precision"] == "fp32"
+    assert 0 < error["max_rel_l2"] < 1e-4  # fp32 ONNX Runtime against fp32 PyTorch on identical inputs
+    # Same model, sampler and seed as stage 0 with 3 Euler steps: the engines' latents follow stage 0's.
+    assert engine_row.runs[0].fidelity["latent_cosine"] > 0.9999
+    assert "per-step transformer error" in (tmp_path / "r" / "report.md").read_text()

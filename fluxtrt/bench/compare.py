@@ -230,8 +230,15 @@ class _Comparison:
             if prepared is not None:
                 result.details = prepared.details()
         finally:
+            after = prepared.after if prepared is not None else None
             del prepared
             free_device_memory()
+        if after is not None and result.status == "ok":
+            try:
+                result.details["step_error"] = after(self.session)
+            except Exception as exc:  # a missing reference must not fail the contender's timings
+                result.details["step_error"] = {"error": _error_text(exc)}
+            self.emit({"event": "step_error", "contender": contender.name, **result.details["step_error"]})
         return result
 
     def diffusers_check(self, report: CompareReport) -> None:

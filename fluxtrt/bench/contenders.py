@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fluxtrt.backends.recording import RecordingRunner
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import SamplerConfig
 from fluxtrt.errors import EngineError
@@ -85,6 +86,7 @@ class Prepared:
     end_edit: Callable[[Any], dict | None] = lambda edit=None: None
     details: Callable[[], dict] = dict
     load_s: float | None = None
+    after: Callable[[ModelSession], dict] | None = None  # run once the contender is released (engines' step error)
 
 
 class Contender(ABC):
@@ -176,6 +178,8 @@ class EngineContender(Contender):
         t0 = time.perf_counter()
         pipeline = load_engine_pipeline(self.path, session.device)
         load_s = time.perf_counter() - t0
+        recorder = RecordingRunner(pipeline.runners["transformer"])
+        pipeline.runners["transformer"] = recorder
         what = [f"engines {self.path}"]
         manifest = self.path / "manifest.json"
         if manifest.is_file():
@@ -186,9 +190,63 @@ class EngineContender(Contender):
                 what = [f"{data.get('backend', '?')} {data.get('precision', '?')} engines ({self.path.name})"]
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
                 pass
+        # Each edit starts a fresh recording, so after the runs it holds the last timed edit's transformer calls.
         return Prepared(
-            pipeline=pipeline, sampler=self.sampler, what=what, details=lambda: {"path": str(self.path)}, load_s=load_s
+            pipeline=pipeline,
+            sampler=self.sampler,
+            what=what,
+            begin_edit=recorder.clear,
+            details=lambda: {"path": str(self.path)},
+            load_s=load_s,
+            after=lambda session: engine_step_error(self.path, recorder.calls, session),
         )
+
+
+def engine_step_error(path: Path, calls: list, session: ModelSession) -> dict:
+    """Per denoising step, the engine transformer's output against PyTorch's on the very same inputs.
+
+    Teacher-forced (every step gets the engine's own inputs), so the figures measure the engine's numerical error
+    at each step rather than how two trajectories drift apart. The PyTorch transformer is the compare model loaded
+    at the engines' compute precision; engines built from another model are not compared.
+    """
+    import torch
+
+    from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.engines.build import COMPUTE_DTYPE
+    from fluxtrt.engines.manifest import Manifest
+    from fluxtrt.models import load_components
+    from fluxtrt.models.loading import model_fingerprint
+
+    manifest = Manifest.load(path)
+    if manifest.model["fingerprint"] != model_fingerprint(session.model, session.seed):
+        return {"error": f"engines built from {manifest.model['source']}, compare model is {session.model}"}
+    session.release()
+    components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)
+    module = TransformerModule(components.transformer)
+    names = [t.name for t in module_inputs(manifest)]
+    rel, max_abs = [], []
+    with torch.inference_mode():
+        for feed, out in calls:
+            ref = module(*(feed[n] for n in names)).float()
+            got = out["noise_pred"].float()
+            rel.append(((got - ref).norm() / ref.norm()).item())
+            max_abs.append((got - ref).abs().max().item())
+    del components, module
+    free_device_memory()
+    return {
+        "precision": manifest.precision,
+        "steps": len(rel),
+        "rel_l2": rel,
+        "max_abs": max_abs,
+        "max_rel_l2": max(rel) if rel else None,
+    }
+
+
+def module_inputs(manifest: Any) -> tuple:
+    """The transformer spec's inputs for the manifest's model dimensions."""
+    from fluxtrt.specs import component_specs
+
+    return component_specs(manifest.dims)["transformer"].inputs
 
 
 @dataclass

@@ -38,10 +38,25 @@ from fluxtrt.io import atomic_write
 
 SCHEMA = "fluxtrt-compare/1"
 ROW_KEYS = (
-    "contender", "kind", "stage", "status", "error", "run", "steps", "sampler", "timings_ms",
-    "transformer_ms_per_step", "cache_computed", "cache_skipped", "cache_computed_ms", "cache_skipped_ms",
-    "psnr_db", "ssim", "latent_cosine", "peak_gpu_mem_gib",
-)  # fmt: skip
+    "contender",
+    "kind",
+    "stage",
+    "status",
+    "error",
+    "run",
+    "steps",
+    "sampler",
+    "timings_ms",
+    "transformer_ms_per_step",
+    "cache_computed",
+    "cache_skipped",
+    "cache_computed_ms",
+    "cache_skipped_ms",
+    "psnr_db",
+    "ssim",
+    "latent_cosine",
+    "peak_gpu_mem_gib",
+)
 TIMING_HEADER = (
     "| stage | what is on | steps | CLIP ms | T5 ms | VAE enc ms | transformer ms (per step) | VAE dec ms | glue ms "
     "| total ms (min-max) | vs stage 0 | vs stage 1 |"
@@ -174,8 +189,10 @@ def report_markdown(report: CompareReport) -> str:
             f"{_num(s['psnr_db'], '.2f')} | {_num(s['ssim'], '.4f')} | {_num(s['latent_cosine'], '.4f')} | "
             f"{cache_text} |"
         )
-    lines += ["", "Fidelity is against the first run of the first stage-0 row, on the decoded 8-bit image and the "
-              "final latents."]  # fmt: skip
+    lines += [
+        "",
+        "Fidelity is against the first run of the first stage-0 row, on the decoded 8-bit image and the final latents.",
+    ]
     if any(c.details.get("first_block_cache") is not None for c in report.contenders):
         lines += [
             "",
@@ -189,6 +206,25 @@ def report_markdown(report: CompareReport) -> str:
                 f"Rows {', '.join(forced)} use threshold inf: every step after the first reuses the cache. They "
                 "measure what a skipped step costs; they are not usable edits, and their speed-ups are not a result."
             )
+    errors = [(c.name, c.details["step_error"]) for c in report.contenders if c.details.get("step_error")]
+    if errors:
+        lines += [
+            "",
+            "## Engines: per-step transformer error against PyTorch",
+            "",
+            "Every step's engine output against the PyTorch transformer at the engines' precision, on the "
+            "engine's own inputs of that step (relative L2 over the step's noise prediction).",
+            "",
+        ]
+        for name, e in errors:
+            if "error" in e:
+                lines.append(f"- {name}: not measured ({e['error']})")
+            else:
+                worst = max(range(len(e["rel_l2"])), key=e["rel_l2"].__getitem__)
+                lines.append(
+                    f"- {name} ({e['precision']}): {e['steps']} steps, relative L2 max {e['max_rel_l2']:.2e} (step "
+                    f"{worst}), max abs {max(e['max_abs']):.2e}"
+                )
     notes = [(c.name, u) for c in report.contenders for u in c.details.get("unavailable", [])]
     if notes:
         lines += ["", "## Not available here (the stage ran without it)", ""]
