@@ -135,8 +135,14 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--components", default=",".join(COMPONENT_NAMES), show_default=True, help="Comma-separated subset.")
 @click.option("--force", is_flag=True, help="Rebuild everything, even components whose settings match.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
+@click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
+              help="Use DIR/<component>/model.onnx (same input/output names) instead of exporting.")  # fmt: skip
+@click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit in GiB (default 8).")
+@click.option("--opt-level", type=int, default=None, help="TensorRT builder optimisation level 0-5 (default 3).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
-          device):  # fmt: skip
+          device, onnx_dir, workspace_gib, opt_level, timing_cache):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -150,6 +156,10 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         components=tuple(c.strip() for c in components.split(",") if c.strip()),
         force=force,
         device=device,
+        onnx_dir=onnx_dir,
+        workspace_gib=workspace_gib,
+        opt_level=opt_level,
+        timing_cache=timing_cache,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

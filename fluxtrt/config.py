@@ -129,6 +129,10 @@ class BuildConfig:
         components: which components to build (default all five).
         force: rebuild even where the recorded settings match.
         device: where the model is loaded for export (``cuda`` for bf16 at full size).
+        onnx_dir: use ``<onnx_dir>/<component>/model.onnx`` (exported elsewhere, same input/output names) instead
+            of exporting.
+        workspace_gib, opt_level: TensorRT's builder workspace limit and optimisation level (None: its defaults).
+        timing_cache: TensorRT's timing cache file (None: ``~/.cache/fluxtrt/tensorrt/timing.cache``).
     """
 
     model: str
@@ -142,6 +146,15 @@ class BuildConfig:
     components: tuple[str, ...] = COMPONENT_NAMES
     force: bool = False
     device: str = "cpu"
+    onnx_dir: Path | None = None
+    workspace_gib: float | None = None
+    opt_level: int | None = None
+    timing_cache: Path | None = None
+
+    def backend_options(self) -> dict:
+        """The backend settings given (workspace_gib, opt_level, timing_cache), for ``BuildJob.options``."""
+        given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
@@ -160,3 +173,7 @@ class BuildConfig:
             )
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"--out '{self.out}' is a file, expected a directory for the engines")
+        if self.onnx_dir is not None and not self.onnx_dir.is_dir():
+            raise InputError(
+                f"--onnx-dir '{self.onnx_dir}' is not a directory, expected one with <component>/model.onnx inside"
+            )

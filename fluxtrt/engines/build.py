@@ -131,6 +131,8 @@ def build_engines(
             "profile": {k: [list(s) for s in v] for k, v in profile.items()},
             "fluxtrt": __version__,
         }
+        if config.backend_options():
+            settings["options"] = config.backend_options()
         entry = manifest.components.get(name)
         if not config.force and entry is not None and _up_to_date(entry, settings, out, name):
             say(name, "up to date")
@@ -159,7 +161,12 @@ def _build_component(name, spec, module, dims, config, backend, settings, profil
         (staging / "onnx").mkdir(parents=True)
         (staging / "engine").mkdir()
         onnx_path = None
-        if backend.uses_onnx:
+        if backend.uses_onnx and config.onnx_dir is not None:
+            from fluxtrt.export.onnx_dir import import_onnx
+
+            say(name, f"using ONNX from {config.onnx_dir}")
+            onnx_path = import_onnx(spec, config.onnx_dir, staging / "onnx")
+        elif backend.uses_onnx:
             from fluxtrt.export.onnx import export_onnx
 
             say(name, "exporting ONNX")
@@ -169,7 +176,7 @@ def _build_component(name, spec, module, dims, config, backend, settings, profil
         say(name, f"building {backend.name} engine")
         engine_path = staging / "engine" / f"{name}{backend.extension}"
         job = BuildJob(spec, module, onnx_path, engine_path, config.precision, profile, config.device,
-                       staging / "work", options={})  # fmt: skip
+                       staging / "work", options=config.backend_options())  # fmt: skip
         job.workdir.mkdir()
         with torch.inference_mode():
             backend.build(job)
