@@ -141,8 +141,12 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--opt-level", type=int, default=None, help="TensorRT builder optimisation level 0-5 (default 3).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache).")  # fmt: skip
+@click.option("--calibration-edits", type=int, default=8, show_default=True,
+              help="fp8/fp4: calibration edits to run when no saved calibration fits.")  # fmt: skip
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
-          device, onnx_dir, workspace_gib, opt_level, timing_cache):  # fmt: skip
+          device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -160,6 +164,8 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         workspace_gib=workspace_gib,
         opt_level=opt_level,
         timing_cache=timing_cache,
+        calibration_edits=calibration_edits,
+        calibration=calibration,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

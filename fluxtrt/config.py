@@ -133,6 +133,8 @@ class BuildConfig:
             of exporting.
         workspace_gib, opt_level: TensorRT's builder workspace limit and optimisation level (None: its defaults).
         timing_cache: TensorRT's timing cache file (None: ``~/.cache/fluxtrt/tensorrt/timing.cache``).
+        calibration_edits: fp8/fp4: calibration edits run when no saved calibration fits.
+        calibration: fp8/fp4: a calibration file (from an earlier build's ``calibration/``) to use instead.
     """
 
     model: str
@@ -150,6 +152,8 @@ class BuildConfig:
     workspace_gib: float | None = None
     opt_level: int | None = None
     timing_cache: Path | None = None
+    calibration_edits: int = 8
+    calibration: Path | None = None
 
     def backend_options(self) -> dict:
         """The backend settings given (workspace_gib, opt_level, timing_cache), for ``BuildJob.options``."""
@@ -159,6 +163,11 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--device", self.device, DEVICES)
+        if self.calibration_edits < 1:
+            raise InputError(
+                f"--calibration-edits is {self.calibration_edits}, expected an integer >= 1: pass e.g. "
+                "--calibration-edits 8"
+            )
         for c in self.components:
             _one_of("--components", c, COMPONENT_NAMES)
         if not self.components:

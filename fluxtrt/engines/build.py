@@ -18,8 +18,9 @@ from typing import Any
 from fluxtrt import __version__
 from fluxtrt.config import BuildConfig
 from fluxtrt.engines.backend import BuildJob, EngineBackend, get_backend
-from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest
+from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, sha256_file
 from fluxtrt.errors import EngineError, InputError
+from fluxtrt.quant import QUANTIZED_PRECISIONS
 from fluxtrt.specs.flux import FluxDims, Resolution, component_dims, profile_shapes
 
 STAGING_PREFIX = ".staging-"
@@ -133,6 +134,16 @@ def build_engines(
         }
         if config.backend_options():
             settings["options"] = config.backend_options()
+        amax = None
+        if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and config.onnx_dir is None:
+            from fluxtrt.quant.calibrate import calibration_for_build
+
+            say(name, "calibrating (or reusing saved scales)")
+            fingerprint = manifest.model["fingerprint"]
+            calibration_path, calibration = calibration_for_build(config, components, fingerprint, out)
+            amax = calibration.amax
+            manifest.calibration = str(calibration_path.relative_to(out))
+            settings["calibration"] = sha256_file(calibration_path)
         entry = manifest.components.get(name)
         if not config.force and entry is not None and _up_to_date(entry, settings, out, name):
             say(name, "up to date")
@@ -140,7 +151,7 @@ def build_engines(
             continue
         module = _module(name, components)
         manifest.components.pop(name, None)
-        entry = _build_component(name, spec, module, dims, config, backend, settings, profile, out, say)
+        entry = _build_component(name, spec, module, dims, config, backend, settings, profile, out, say, amax)
         manifest.components[name] = entry
         manifest.save(out)
         results.append(ComponentResult(name, "built", entry.build_s, _bytes(entry.onnx), entry.engine.bytes))
@@ -148,8 +159,11 @@ def build_engines(
     return BuildReport(out, manifest, results)
 
 
-def _build_component(name, spec, module, dims, config, backend, settings, profile, out, say) -> ComponentEntry:
-    """Export (if the backend reads ONNX) and compile one component in a staging directory, then move it in."""
+def _build_component(name, spec, module, dims, config, backend, settings, profile, out, say, amax=None):
+    """Export (if the backend reads ONNX) and compile one component in a staging directory, then move it in.
+
+    With ``amax`` (calibrated input amax per linear), the exported ONNX gets FP8/NVFP4 Q/DQ before the build.
+    """
     import torch
 
     from fluxtrt.models.loading import torch_dtype
@@ -173,6 +187,11 @@ def _build_component(name, spec, module, dims, config, backend, settings, profil
             dtype = torch_dtype(COMPUTE_DTYPE[config.precision])
             feed = spec.sample_feed(_sample_dims(name, dims, config), dtype, config.device)
             onnx_path = export_onnx(spec, module, feed, staging / "onnx").model
+            if amax is not None:
+                from fluxtrt.quant.qdq import quantize_onnx
+
+                say(name, f"inserting {config.precision} Q/DQ")
+                quantize_onnx(onnx_path, amax, config.precision)
         say(name, f"building {backend.name} engine")
         engine_path = staging / "engine" / f"{name}{backend.extension}"
         job = BuildJob(spec, module, onnx_path, engine_path, config.precision, profile, config.device,

@@ -1,0 +1,268 @@
+"""Calibration: per-linear input amax of the transformer over calibration edits and all their denoising steps.
+
+The result is a safetensors file (one fp32 scalar ``amax`` per quantized linear, keyed by its name in the
+transformer) and a JSON sidecar ``<file>.json`` saying what it was computed from. A calibration belongs to one model
+(its fingerprint) and one precision; loading it for anything else is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxtrt import __version__
+from fluxtrt.errors import BuildError, InputError
+
+# Linears left in the compute dtype (fnmatch patterns over names in the transformer): embedders, the final norm's
+# modulation and projection, and the AdaLN modulation linears of every block (one token per image: no gain).
+KEEP_OUT = (
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed.*",
+    "norm_out.*",
+    "proj_out",
+    "*.norm1.linear",
+    "*.norm1_context.linear",
+    "*.norm.linear",
+)
+# Shipped calibration edits: varied instructions (colour, style, object, text, background, lighting).
+PROMPTS = (
+    "make the sky a deep orange sunset",
+    "turn the photo into a watercolor painting",
+    "add a red umbrella in the foreground",
+    "replace the background with a snowy mountain range",
+    "change the car's color to matte black",
+    "make it look like a pencil sketch",
+    "add the text 'OPEN' on the sign in bold letters",
+    "remove the person on the left",
+    "make the scene look like it is night with neon lights",
+    "turn the cat into a small bronze statue",
+    "give the image a 1970s film look with grain",
+    "add gentle rain and reflections on the street",
+    "make the walls brick instead of plaster",
+    "convert to a flat vector illustration",
+    "put a wooden table under the vase",
+    "make the lighting soft and golden like late afternoon",
+)
+CALIBRATION_SUFFIX = ".safetensors"
+_runs = 0
+
+
+def calibration_runs() -> int:
+    """How many calibrations (pipeline runs over calibration edits) this process has performed."""
+    return _runs
+
+
+def quantized_linears(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) -> list[str]:
+    """Names of the transformer's ``nn.Linear`` modules that are quantized: every one not matching ``keep_out``."""
+    import torch
+
+    return [
+        name
+        for name, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in keep_out)
+    ]
+
+
+@dataclass
+class Calibration:
+    """Input amax per quantized linear and what it was computed from.
+
+    Attributes:
+        amax: linear name (in the transformer) -> amax of its input over every edit and step.
+        meta: model_fingerprint, precision, seed, edits, steps, resolution, keep_out, fluxtrt.
+    """
+
+    amax: dict[str, float]
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> Path:
+        """Write ``path`` (safetensors) and ``path.json``; returns ``path``."""
+        import torch
+        from safetensors.torch import save_file
+
+        from fluxtrt.io import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: torch.tensor([v], dtype=torch.float32) for k, v in sorted(self.amax.items())}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fluxtrt": "calibration"}))
+        text = json.dumps(self.meta, indent=2, sort_keys=True)
+        atomic_write(sidecar(path), lambda tmp: tmp.write_text(text))
+        return path
+
+
+def sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def load_calibration(path: Path, fingerprint: str, precision: str) -> Calibration:
+    """Read a calibration and check it belongs to the model ``fingerprint`` and ``precision``.
+
+    Raises:
+        InputError: the file or its sidecar is missing or unreadable, or it was computed for another model or
+            precision.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    fix = "pass --calibration with a file from this model and precision, or leave it out to calibrate again"
+    if not path.is_file() or not sidecar(path).is_file():
+        raise InputError(f"--calibration '{path}' or its sidecar {sidecar(path).name} does not exist: {fix}")
+    try:
+        meta = json.loads(sidecar(path).read_text())
+        amax = {k: float(v.reshape(-1)[0]) for k, v in load_file(str(path)).items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
+        raise InputError(f"--calibration '{path}' is not a fluxtrt calibration ({type(exc).__name__}): {fix}") from None
+    for key, want in (("model_fingerprint", fingerprint), ("precision", precision)):
+        if meta.get(key) != want:
+            raise InputError(
+                f"--calibration '{path}' was computed for {key} '{meta.get(key)}', this build has '{want}': {fix}"
+            )
+    return Calibration(amax, meta)
+
+
+def calibration_image(seed: int, width: int, height: int) -> Any:
+    """A procedural reference image: smooth colour gradients with a few filled shapes, fixed by ``seed``."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    channels = [np.sin(xx * rng.uniform(2, 8) + yy * rng.uniform(2, 8) + rng.uniform(0, 6)) for _ in range(3)]
+    image = Image.fromarray((127.5 * (np.stack(channels, -1) + 1)).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
+        box = (x0, y0, x0 + int(rng.integers(8, width // 3)), y0 + int(rng.integers(8, height // 3)))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+    return image
+
+
+def calibrate(
+    components: Any,
+    *,
+    fingerprint: str,
+    precision: str,
+    edits: int,
+    seed: int = 0,
+    steps: int | None = None,
+    width: int = 512,
+    height: int = 512,
+    keep_out: tuple[str, ...] = KEEP_OUT,
+) -> Calibration:
+    """Run the Kontext pipeline (torch runners) on ``edits`` calibration edits and record each linear's input amax.
+
+    Args:
+        components: loaded ``FluxKontextComponents`` in the compute dtype of the build.
+        fingerprint: the model's fingerprint (``model_fingerprint``), recorded and checked on load.
+        precision: ``fp8`` or ``fp4``, recorded and checked on load.
+        edits: how many calibration edits (prompts cycle through ``PROMPTS``; image i has seed ``seed + i``).
+        seed: fixes the images and the noise; equal arguments give equal scales.
+        steps: denoising steps per edit (the default sampler's when None); amax is taken over all of them.
+        width, height: size of the calibration images.
+        keep_out: patterns of linears left unquantized.
+
+    Returns:
+        The calibration (not yet saved).
+
+    Raises:
+        InputError: ``edits`` < 1.
+    """
+    global _runs
+    import torch
+
+    from fluxtrt.config import SamplerConfig
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
+    if edits < 1:
+        raise InputError(f"--calibration-edits is {edits}, expected an integer >= 1: pass e.g. --calibration-edits 8")
+    transformer = components.transformer
+    names = quantized_linears(transformer, keep_out)
+    amax = dict.fromkeys(names, 0.0)
+
+    def hook(name):
+        def record(module, args):
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+
+        return record
+
+    handles = [transformer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    sampler = SamplerConfig(steps=steps)
+    pipeline = KontextPipeline.from_components(components)
+    _runs += 1
+    try:
+        with torch.inference_mode():
+            for i in range(edits):
+                image = calibration_image(seed + i, width, height)
+                pipeline.edit(image, PROMPTS[i % len(PROMPTS)], sampler=sampler, seed=seed + i)
+    finally:
+        for h in handles:
+            h.remove()
+    meta = {
+        "model_fingerprint": fingerprint,
+        "precision": precision,
+        "seed": seed,
+        "edits": edits,
+        "steps": sampler.num_steps,
+        "sampler": asdict(sampler),
+        "resolution": f"{width}x{height}",
+        "compute_dtype": str(transformer.dtype).removeprefix("torch."),
+        "keep_out": list(keep_out),
+        "linears": len(names),
+        "fluxtrt": __version__,
+    }
+    missing = [n for n, v in amax.items() if v == 0.0]
+    if missing:
+        raise BuildError(
+            f"calibration saw no input (or only zeros) for {len(missing)} linears, e.g. {missing[0]}: the pipeline "
+            "does not call them; add them to the kept-out list"
+        )
+    return Calibration(amax, meta)
+
+
+def calibration_for_build(config: Any, components: Any, fingerprint: str, out: Path) -> tuple[Path, Calibration]:
+    """The calibration a quantized build uses, saved in the engines directory so a rebuild needs no calibration run.
+
+    ``config.calibration`` (a file) is checked and copied in; otherwise ``out/calibration/transformer-<precision>``
+    is reused when it was computed for this model, precision, seed, edit count and resolution, and computed anew
+    (``calibrate``) when not.
+
+    Returns:
+        (the file inside ``out``, the calibration).
+
+    Raises:
+        InputError: the given file belongs to another model or precision; zero calibration edits.
+    """
+    import shutil
+
+    path = out / "calibration" / f"transformer-{config.precision}{CALIBRATION_SUFFIX}"
+    if config.calibration is not None:
+        given = load_calibration(Path(config.calibration), fingerprint, config.precision)
+        if Path(config.calibration).resolve() != path.resolve():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(config.calibration, path)
+            shutil.copyfile(sidecar(Path(config.calibration)), sidecar(path))
+        return path, given
+    resolution = config.opt_resolution
+    want = {"seed": 0, "edits": config.calibration_edits, "resolution": f"{resolution.width}x{resolution.height}"}
+    if path.is_file() and sidecar(path).is_file():
+        try:
+            saved = load_calibration(path, fingerprint, config.precision)
+        except InputError:
+            saved = None
+        if saved is not None and all(saved.meta.get(k) == v for k, v in want.items()):
+            return path, saved
+    result = calibrate(
+        components,
+        fingerprint=fingerprint,
+        precision=config.precision,
+        edits=config.calibration_edits,
+        width=resolution.width,
+        height=resolution.height,
+    )
+    return result.save(path), result

@@ -1,0 +1,270 @@
+"""Exported transformer ONNX -> Q/DQ ONNX for TensorRT: static FP8 (opset 19) or NVFP4 (opset 23).
+
+The exporter writes a linear layer as MatMul(x, W^T) (+ Add for the bias), W^T an initializer [in, out], or as
+Gemm(x, W, b, transB=1); each node records the torch module it came from in ``pkg.torch.onnx.name_scopes``, which
+is how a node is matched to its calibrated linear. For every calibrated linear this inserts, in the graph's dtype:
+
+FP8 (TensorRT's strongly typed FP8 path)::
+
+    x -> QuantizeLinear(s_x, zp=fp8 0) -> DequantizeLinear(s_x) -> MatMul <- DequantizeLinear(axis=out) <- W fp8
+                                                                              (s_w, one per output channel)
+
+NVFP4 (NVIDIA's two-level scaling; TensorRT's FP4 recipe as ModelOpt exports it for Blackwell)::
+
+    x -> trt::TRT_FP4DynamicQuantize(g_x) -> (x fp4, block scales fp8) -> DQ(g_x) -> DQ(block 16, axis -1) -> MatMul
+    W fp4 [in, out] -> DQ(block 16 along in) <- DQ(g_w) <- block scales fp8 [in/16, out]
+
+``TRT_FP4DynamicQuantize`` (domain ``trt``; attributes axis=-1, block_size=16, scale_type=FLOAT8E4M3FN) is the
+custom op TensorRT's ONNX parser maps to its dynamic block quantization layer (NVIDIA ModelOpt's
+``export_onnx``: "input/output activation quantizers use dynamic export (TRT_FP4DynamicQuantize)"); standard ONNX has
+no dynamic block quantization. ``reference_ops()`` gives a NumPy implementation for ``onnx.reference``.
+
+Every scale is stored in the graph's dtype (DequantizeLinear outputs the scale's type), so the NVFP4 global scales
+of a BF16 graph are BF16 rather than NVIDIA's FP32; quantization uses the rounded values, so the graph is exact to
+itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fluxtrt.errors import BuildError, InputError
+from fluxtrt.quant.fakequant import FP4_BLOCK, FP4_MAX, FP8_MAX
+
+FP8_OPSET = 19
+FP4_OPSET = 23
+TRT_DOMAIN = "trt"
+FP8_TYPE = 17  # TensorProto.FLOAT8E4M3FN
+_SCOPES = "pkg.torch.onnx.name_scopes"
+_MODULE_PREFIX = "transformer."  # TransformerModule keeps the diffusers model as .transformer
+
+
+@dataclass
+class QdqReport:
+    """What the transform did: linears quantized, and the bytes of their weights before and after."""
+
+    precision: str
+    linears: list[str]
+    weight_bytes_before: int
+    weight_bytes_after: int
+
+
+def _np_dtype(data_type: Any) -> Any:
+    return data_type.numpy()
+
+
+def _module_of(node: Any) -> str | None:
+    scopes = node.metadata_props.get(_SCOPES)
+    if not scopes:
+        return None
+    names = ast.literal_eval(scopes)  # ['', 'transformer', ..., 'transformer.x.to_q', 'linear_11']
+    return names[-2].removeprefix(_MODULE_PREFIX) if len(names) >= 2 else None
+
+
+def _linear_nodes(graph: Any, linears: set[str]) -> dict[str, tuple[Any, int]]:
+    """linear name -> (its MatMul/Gemm node, the weight's input-dimension axis as it appears in the graph)."""
+    found: dict[str, tuple[Any, int]] = {}
+    for node in graph:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        name = _module_of(node)
+        if name not in linears:
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or weight.const_value is None:
+            raise BuildError(
+                f"transformer ONNX: the weight of linear {name} is not an initializer but {weight}: export without "
+                "weight transforms, or add the layer to the kept-out list"
+            )
+        if name in found:
+            raise BuildError(f"transformer ONNX: linear {name} appears in two nodes, expected one: keep it out")
+        if node.op_type == "MatMul":
+            in_axis = 0  # W^T [in, out]
+        else:
+            attrs = node.attributes
+            trans_b = attrs["transB"].as_int() if "transB" in attrs else 0
+            in_axis = 1 if trans_b else 0
+        found[name] = (node, in_axis)
+    missing = sorted(linears - set(found))
+    if missing:
+        raise BuildError(
+            f"transformer ONNX: {len(missing)} calibrated linears have no MatMul/Gemm in the graph "
+            f"(e.g. {missing[0]}): "
+            "the calibration was computed for another model layout; calibrate again"
+        )
+    return found
+
+
+def quantize_fp8_weight(w: np.ndarray, in_axis: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(FP8 weight, per-output-channel scale in ``dtype``) for a weight laid out as in the graph."""
+    import ml_dtypes
+
+    w = w.astype(np.float32)
+    scale = (np.abs(w).max(axis=in_axis) / FP8_MAX).astype(dtype)  # [out], rounded as the graph stores it
+    scale = np.where(scale > 0, scale, np.ones_like(scale))
+    s = np.expand_dims(scale.astype(np.float32), in_axis)
+    q = np.clip(w / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_nvfp4(x: np.ndarray, global_scale: float, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """NVFP4 of ``x`` in blocks of 16 along ``axis``: (FP4 values like x, FP8 block scales with axis / 16)."""
+    import ml_dtypes
+
+    x = np.moveaxis(x.astype(np.float32), axis, -1)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // FP4_BLOCK, FP4_BLOCK)  # [..., K/16, 16]
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    b = np.minimum(amax / FP4_MAX / np.float32(global_scale), FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    s = b.astype(np.float32) * np.float32(global_scale)
+    q = np.where(s > 0, np.clip(blocks / np.where(s > 0, s, 1), -FP4_MAX, FP4_MAX), 0).astype(ml_dtypes.float4_e2m1fn)
+    return np.moveaxis(q.reshape(x.shape), -1, axis), np.moveaxis(b[..., 0], -1, axis)
+
+
+def quantize_onnx(model_path: Path, amax: dict[str, float], precision: str) -> QdqReport:
+    """Rewrite ``model_path`` (and its ``model.onnx_data``, if any) in place with Q/DQ on the calibrated linears.
+
+    Args:
+        model_path: ``model.onnx`` from ``export_onnx`` of the transformer (fp32 or bf16 graph, opset 19).
+        amax: calibrated input amax per linear (names in the transformer); exactly these linears are quantized.
+        precision: ``fp8`` or ``fp4``.
+
+    Returns:
+        The linears quantized and their weight bytes before and after.
+
+    Raises:
+        InputError: unknown precision or an empty calibration.
+        BuildError: a calibrated linear is missing in the graph, or the written model fails the checker.
+    """
+    import ml_dtypes
+    import onnx
+    import onnx_ir as ir
+
+    from fluxtrt.export.onnx import DATA_FILE
+
+    if precision not in ("fp8", "fp4"):
+        raise InputError(f"precision is '{precision}', expected fp8 or fp4 for a Q/DQ transformer")
+    if not amax:
+        raise InputError("the calibration holds no linears: calibrate again with --calibration-edits N (N >= 1)")
+    model_path = Path(model_path)
+    external = (model_path.parent / DATA_FILE).exists()
+    model = ir.load(str(model_path))
+    graph = model.graph
+    nodes = _linear_nodes(graph, set(amax))
+    before = after = 0
+    fp8_zero = None
+
+    def constant(name: str, array: np.ndarray) -> Any:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(value)
+        return value
+
+    for name, (node, in_axis) in sorted(nodes.items()):
+        old_w = node.inputs[1]
+        dtype = old_w.const_value.dtype  # the graph's compute dtype
+        np_dtype = _np_dtype(dtype)
+        w = old_w.const_value.numpy()
+        before += old_w.const_value.nbytes
+        x = node.inputs[0]
+        out_axis = 1 - in_axis
+        new: list[Any] = []
+        if precision == "fp8":
+            if fp8_zero is None:
+                fp8_zero = constant("fp8_zero_point", np.zeros((), dtype=ml_dtypes.float8_e4m3fn))
+            s_x = constant(f"{name}.input_scale", np.array(amax[name] / FP8_MAX, dtype=np_dtype))
+            q = ir.node("QuantizeLinear", [x, s_x, fp8_zero], num_outputs=1, name=f"{name}/input_quantize")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], s_x, fp8_zero], name=f"{name}/input_dequantize")
+            w_q, w_scale = quantize_fp8_weight(w, in_axis, np_dtype)
+            w_value = constant(f"{name}.weight_fp8", w_q)
+            s_w = constant(f"{name}.weight_scale", w_scale)
+            dq_w = ir.node(
+                "DequantizeLinear", [w_value, s_w], attributes={"axis": out_axis}, name=f"{name}/weight_dequantize"
+            )
+            new = [q, dq, dq_w]
+            after += w_value.const_value.nbytes
+        else:
+            g_x = constant(f"{name}.input_global_scale", np.array(amax[name] / (FP4_MAX * FP8_MAX), dtype=np_dtype))
+            dyn = ir.node(
+                "TRT_FP4DynamicQuantize",
+                [x, g_x],
+                domain=TRT_DOMAIN,
+                num_outputs=2,
+                attributes={"axis": -1, "block_size": FP4_BLOCK, "scale_type": FP8_TYPE},
+                name=f"{name}/input_fp4_quantize",
+            )
+            x_scale = ir.node("DequantizeLinear", [dyn.outputs[1], g_x], name=f"{name}/input_scale_dequantize")
+            dq = ir.node(
+                "DequantizeLinear",
+                [dyn.outputs[0], x_scale.outputs[0]],
+                attributes={"axis": -1, "block_size": FP4_BLOCK},
+                name=f"{name}/input_dequantize",
+            )
+            g = float(np.array(np.abs(w).max() / (FP4_MAX * FP8_MAX), dtype=np_dtype))  # as the graph stores it
+            w_q, w_b = quantize_nvfp4(w, g, in_axis)
+            g_w = constant(f"{name}.weight_global_scale", np.array(g, dtype=np_dtype))
+            w_value = constant(f"{name}.weight_fp4", w_q)
+            b_value = constant(f"{name}.weight_block_scale", w_b)
+            w_scale = ir.node("DequantizeLinear", [b_value, g_w], name=f"{name}/weight_scale_dequantize")
+            dq_w = ir.node(
+                "DequantizeLinear",
+                [w_value, w_scale.outputs[0]],
+                attributes={"axis": in_axis, "block_size": FP4_BLOCK},
+                name=f"{name}/weight_dequantize",
+            )
+            new = [dyn, x_scale, dq, w_scale, dq_w]
+            after += w_value.const_value.nbytes + b_value.const_value.nbytes
+        graph.insert_before(node, new)
+        node.replace_input_with(0, dq.outputs[0])
+        node.replace_input_with(1, dq_w.outputs[0])
+        if not old_w.uses():
+            graph.initializers.pop(old_w.name)
+    if precision == "fp4":
+        model.opset_imports[""] = FP4_OPSET
+        model.opset_imports[TRT_DOMAIN] = 1
+    _save(ir, model, model_path, external)
+    if precision == "fp8":
+        try:
+            onnx.checker.check_model(str(model_path))
+        except onnx.checker.ValidationError as exc:
+            raise BuildError(f"transformer: the FP8 Q/DQ ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    return QdqReport(precision, sorted(nodes), before, after)
+
+
+def _save(ir: Any, model: Any, model_path: Path, external: bool) -> None:
+    """Write next to the old files, then swap them in (the old data file may still back lazily read weights)."""
+    from fluxtrt.export.onnx import DATA_FILE
+
+    work = model_path.parent / ".qdq"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        if external:
+            ir.save(model, work / model_path.name, external_data=DATA_FILE, size_threshold_bytes=1024)
+            os.replace(work / DATA_FILE, model_path.parent / DATA_FILE)
+        else:
+            ir.save(model, work / model_path.name)
+        os.replace(work / model_path.name, model_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def reference_ops() -> list[type]:
+    """``onnx.reference`` implementations of the custom ops the NVFP4 graph uses (``TRT_FP4DynamicQuantize``)."""
+    from onnx.reference.op_run import OpRun
+
+    class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 (the op's name)
+        op_domain = TRT_DOMAIN
+
+        def _run(self, x, global_scale, axis=-1, block_size=FP4_BLOCK, scale_type=None):
+            if block_size != FP4_BLOCK:
+                raise ValueError(f"block_size {block_size}, expected {FP4_BLOCK}")
+            q, b = quantize_nvfp4(x, float(global_scale), axis)
+            return q, b
+
+    return [TRT_FP4DynamicQuantize]

@@ -1,0 +1,298 @@
+"""fluxtrt.quant: calibration, the fake-quant oracle, FP8 and NVFP4 Q/DQ ONNX, and the quantized build."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fluxtrt.backends.tensorrt import onnx_quantization
+from fluxtrt.config import BuildConfig
+from fluxtrt.engines.backend import EngineBackend
+from fluxtrt.engines.build import build_engines
+from fluxtrt.errors import DeviceError, InputError
+from fluxtrt.quant.calibrate import (
+    KEEP_OUT,
+    Calibration,
+    calibrate,
+    calibration_runs,
+    load_calibration,
+    quantized_linears,
+)
+from fluxtrt.quant.fakequant import fake_quantize
+from fluxtrt.specs import Resolution
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+RES = Resolution(128, 128)
+FINGERPRINT = "tiny-seed0"
+# ORT's FP8 Q/DQ against the fake-quant oracle: the same E4M3 rounding, so only fp32 summation order differs; a
+# value at a rounding tie can land one E4M3 step apart, hence a small absolute margin.
+FP8_ATOL, FP8_RTOL = 2e-3, 1e-3
+NVFP4_ATOL, NVFP4_RTOL = 2e-3, 1e-3
+
+
+def tiny_calibration(tiny, precision="fp8", seed=0) -> Calibration:
+    return calibrate(tiny, fingerprint=FINGERPRINT, precision=precision, edits=1, seed=seed, steps=2,
+                     width=RES.width, height=RES.height)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny) -> Calibration:
+    return tiny_calibration(tiny)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """The tiny transformer exported once (fp32), and a small feed for it."""
+    from fluxtrt.backends.torch_modules import component_module
+    from fluxtrt.export.onnx import export_onnx
+    from fluxtrt.specs import component_specs
+    from fluxtrt.specs.flux import component_dims, dims_from_components
+
+    dims = dims_from_components(tiny)
+    spec = component_specs(dims)["transformer"]
+    sample = spec.sample_feed(component_dims("transformer", dims, 2, Resolution(144, 160), RES), torch.float32)
+    out = tmp_path_factory.mktemp("transformer-fp32")
+    export_onnx(spec, component_module("transformer", tiny), sample, out)
+    torch.manual_seed(1)
+    feed = spec.sample_feed(component_dims("transformer", dims, 1, Resolution(128, 160), Resolution(160, 128)),
+                            torch.float32)  # fmt: skip
+    return out, spec, feed
+
+
+def quantized_copy(exported, tmp_path: Path, amax: dict, precision: str) -> Path:
+    from fluxtrt.quant.qdq import quantize_onnx
+
+    src, _, _ = exported
+    dst = tmp_path / precision
+    shutil.copytree(src, dst)
+    quantize_onnx(dst / "model.onnx", amax, precision)
+    return dst / "model.onnx"
+
+
+def torch_output(tiny, feed, amax=None, scheme=None) -> torch.Tensor:
+    from fluxtrt.backends.torch_modules import TransformerModule
+
+    transformer = copy.deepcopy(tiny.transformer)
+    if amax is not None:
+        fake_quantize(transformer, amax, scheme)
+    with torch.no_grad():
+        return TransformerModule(transformer).eval()(**feed)
+
+
+def consumers(model, value_name: str) -> list:
+    return [n for n in model.graph.node if value_name in n.input]
+
+
+# --- (a) structure of the FP8 graph -----------------------------------------------------------------------------
+
+
+def test_quantized_linears_are_the_token_linears(tiny):
+    from fluxtrt.stages.quant import token_linear_filter
+
+    names = quantized_linears(tiny.transformer)
+    keep = token_linear_filter(tiny.transformer)
+    assert names == [n for n, m in tiny.transformer.named_modules() if keep(m, n)]
+    assert not any(n.startswith(("x_embedder", "context_embedder", "time_text_embed", "norm_out")) for n in names)
+    assert "proj_out" not in names and "single_transformer_blocks.0.proj_out" in names
+
+
+def test_fp8_onnx_structure(tiny, calibration, exported, tmp_path):
+    path = quantized_copy(exported, tmp_path, calibration.amax, "fp8")
+    model = onnx.load(str(path))
+    linears = quantized_linears(tiny.transformer)
+    all_linears = [n for n, m in tiny.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    ops = Counter(n.op_type for n in model.graph.node)
+    # One Q/DQ pair per quantized linear input, one DQ per quantized weight.
+    assert ops["QuantizeLinear"] == len(linears) == len(all_linears) - 13
+    assert ops["DequantizeLinear"] == 2 * len(linears)
+    inits = {i.name: i for i in model.graph.initializer}
+    by_output = {o: n for n in model.graph.node for o in n.output}
+    quantized_nodes = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in by_output and node.input[1] not in inits:
+            continue
+        x_src, w_src = by_output.get(node.input[0]), by_output.get(node.input[1])
+        is_q = w_src is not None and w_src.op_type == "DequantizeLinear" and w_src.input[0] in inits
+        if not is_q:
+            continue
+        quantized_nodes += 1
+        assert x_src.op_type == "DequantizeLinear" and by_output[x_src.input[0]].op_type == "QuantizeLinear"
+        weight = inits[w_src.input[0]]
+        assert weight.data_type == onnx.TensorProto.FLOAT8E4M3FN
+        assert [a.i for a in w_src.attribute if a.name == "axis"] == [1]  # W^T [in, out]: output channels on axis 1
+        assert list(inits[w_src.input[1]].dims) == [weight.dims[1]]
+        name = w_src.input[0].removesuffix(".weight_fp8")
+        assert name in linears
+    assert quantized_nodes == len(linears)
+    # Kept-out layers: their linears read plain fp32 initializers, no Q/DQ anywhere near them.
+    for node in model.graph.node:
+        if node.op_type == "Gemm":  # the embedders' and modulation linears
+            assert node.input[1] in inits and inits[node.input[1]].data_type == onnx.TensorProto.FLOAT
+            assert by_output.get(node.input[0]) is None or by_output[node.input[0]].op_type != "DequantizeLinear"
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        assert not any(k.removeprefix("*.") in q.name for k in KEEP_OUT if k != "proj_out") and q.name != "proj_out"
+    assert onnx_quantization(path) == {"fp8"}  # what the TensorRT backend requires of an fp8 transformer
+    fp8_bytes = sum(int(np.prod(inits[f"{n}.weight_fp8"].dims)) for n in linears)
+    fp32_bytes = sum(4 * tiny.transformer.get_submodule(n).weight.numel() for n in linears)
+    assert fp8_bytes * 4 == fp32_bytes  # FP8 weights: 1 byte, a quarter of fp32 (half of bf16)
+
+
+# --- (b) ORT on the FP8 graph against the fake-quant oracle --------------------------------------------------------
+
+
+def test_fp8_onnx_runtime_matches_fake_quant(tiny, calibration, exported, tmp_path):
+    import onnxruntime as ort
+
+    path = quantized_copy(exported, tmp_path, calibration.amax, "fp8")
+    _, spec, feed = exported
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {k: feed[k].numpy() for k in spec.input_names})[0])
+    oracle = torch_output(tiny, feed, calibration.amax, "fp8")
+    plain = torch_output(tiny, feed)
+    torch.testing.assert_close(got, oracle, atol=FP8_ATOL, rtol=FP8_RTOL)
+    rel = float((got - plain).norm() / plain.norm())
+    print(f"\nFP8 (static, calibrated) vs unquantized fp32: relative L2 error {rel:.4f}, "
+          f"max abs {float((got - plain).abs().max()):.4f} (|out| max {float(plain.abs().max()):.3f})")  # fmt: skip
+    assert 0 < rel < 0.1
+
+
+# --- (c) NVFP4 graph in onnx.reference against the fake-quant oracle -----------------------------------------------
+
+
+def test_nvfp4_onnx_reference_matches_fake_quant(tiny, calibration, exported, tmp_path):
+    from onnx.reference import ReferenceEvaluator
+
+    from fluxtrt.quant.qdq import reference_ops
+
+    path = quantized_copy(exported, tmp_path, calibration.amax, "fp4")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    fp4 = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT4E2M1]
+    assert len(fp4) == len(calibration.amax)
+    assert {o.domain: o.version for o in model.opset_import}[""] == 23
+    assert "fp4" in onnx_quantization(path)
+    _, spec, feed = exported
+    evaluator = ReferenceEvaluator(model, new_ops=reference_ops())
+    got = torch.from_numpy(evaluator.run(None, {k: feed[k].numpy() for k in spec.input_names})[0])
+    oracle = torch_output(tiny, feed, calibration.amax, "fp4")
+    plain = torch_output(tiny, feed)
+    torch.testing.assert_close(got, oracle, atol=NVFP4_ATOL, rtol=NVFP4_RTOL)
+    rel = float((got - plain).norm() / plain.norm())
+    print(f"\nNVFP4 vs unquantized fp32: relative L2 error {rel:.4f}")
+    assert 0 < rel < 0.5
+
+
+# --- (d) calibration determinism and reuse in a build --------------------------------------------------------------
+
+
+def test_calibration_is_deterministic_and_round_trips(tiny, calibration, tmp_path):
+    again = tiny_calibration(tiny)
+    assert again.amax == calibration.amax
+    assert set(calibration.amax) == set(quantized_linears(tiny.transformer))
+    assert tiny_calibration(tiny, seed=1).amax != calibration.amax
+    path = calibration.save(tmp_path / "cal.safetensors")
+    loaded = load_calibration(path, FINGERPRINT, "fp8")
+    assert loaded.amax == pytest.approx(calibration.amax, rel=1e-7)
+    for key in ("model_fingerprint", "precision", "seed", "edits", "steps", "fluxtrt"):
+        assert key in loaded.meta
+    assert loaded.meta["edits"] == 1 and loaded.meta["steps"] == 2
+
+
+class OnnxCopyBackend(EngineBackend):
+    """A backend whose engine is the (quantized) ONNX itself: lets the build run fp8/fp4 without TensorRT."""
+
+    name = "onnx-copy"
+    extension = ".onnx"
+    uses_onnx = True
+    precisions = ("fp8", "fp4")
+
+    def check_available(self) -> None:
+        pass
+
+    def version(self) -> str:
+        return "1"
+
+    def build(self, job) -> None:
+        shutil.copyfile(job.onnx_path, job.engine_path)
+
+    def load(self, job):
+        raise NotImplementedError
+
+
+def quant_config(out: Path, **kw) -> BuildConfig:
+    kw = {"calibration_edits": 1, "precision": "fp8", **kw}
+    return BuildConfig(model="tiny", backend="onnx-copy", out=out, min_resolution=RES,
+                       opt_resolution=RES, max_resolution=Resolution(256, 256), components=("transformer",),
+                       **kw)  # fmt: skip
+
+
+def test_build_fp8_calibrates_once_and_reuses_saved_scales(tmp_path):
+    out = tmp_path / "engines"
+    runs = calibration_runs()
+    report = build_engines(quant_config(out), backend=OnnxCopyBackend())
+    assert calibration_runs() == runs + 1
+    manifest = report.manifest
+    assert manifest.calibration == "calibration/transformer-fp8.safetensors"
+    assert "calibration" in manifest.components["transformer"].settings
+    model = onnx.load(str(out / "onnx" / "transformer" / "model.onnx"))
+    types = Counter(i.data_type for i in model.graph.initializer)
+    assert types[onnx.TensorProto.FLOAT8E4M3FN] == len(quantized_linears(_tiny_transformer())) + 1  # + zero point
+    # BF16 graph: quantized weights in 1 byte instead of 2.
+    fp8 = sum(int(np.prod(i.dims)) for i in model.graph.initializer if i.name.endswith(".weight_fp8"))
+    bf16 = sum(2 * _tiny_transformer().get_submodule(n).weight.numel() for n in quantized_linears(_tiny_transformer()))
+    assert 2 * fp8 == bf16
+
+    # A new directory given the saved file builds without calibrating; so does a rerun over the first directory.
+    other = tmp_path / "other"
+    report = build_engines(quant_config(other, calibration=out / manifest.calibration), backend=OnnxCopyBackend())
+    assert calibration_runs() == runs + 1
+    assert (
+        report.manifest.components["transformer"].settings["calibration"]
+        == (manifest.components["transformer"].settings["calibration"])
+    )
+    assert build_engines(quant_config(out), backend=OnnxCopyBackend()).results[0].status == "up to date"
+    assert calibration_runs() == runs + 1
+
+
+def _tiny_transformer():
+    from fluxtrt.models import load_components
+
+    return load_components("tiny", "cpu", "fp32").transformer
+
+
+# --- (e) bad input ------------------------------------------------------------------------------------------------
+
+
+def test_zero_calibration_edits(tiny, tmp_path):
+    with pytest.raises(InputError, match="--calibration-edits is 0, expected an integer >= 1"):
+        calibrate(tiny, fingerprint=FINGERPRINT, precision="fp8", edits=0)
+    with pytest.raises(InputError, match="--calibration-edits is 0"):
+        quant_config(tmp_path / "x", calibration_edits=0)
+
+
+@pytest.mark.parametrize(("fingerprint", "precision", "key"), [("random-full-seed0", "fp8", "model_fingerprint"),
+                                                                 (FINGERPRINT, "fp4", "precision")])  # fmt: skip
+def test_calibration_from_another_model_or_precision(calibration, tmp_path, fingerprint, precision, key):
+    path = calibration.save(tmp_path / "cal.safetensors")
+    with pytest.raises(
+        InputError,
+        match=f"was computed for {key} .* this build has '{fingerprint if key != 'precision' else precision}'",
+    ):
+        load_calibration(path, fingerprint, precision)
+
+
+def test_fp4_torchao_path_needs_an_fp4_gpu(tiny):
+    from fluxtrt.stages.quant import quantize_transformer
+
+    transformer = copy.deepcopy(tiny.transformer)
+    with pytest.raises(DeviceError, match="FP4 linears are unavailable on cpu"):
+        quantize_transformer(transformer, "fp4")
