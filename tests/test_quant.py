@@ -165,6 +165,28 @@ def test_fp8_onnx_runtime_matches_fake_quant(tiny, calibration, exported, tmp_pa
     assert 0 < rel < 0.1
 
 
+def test_fp8_with_external_data(calibration, exported, tmp_path):
+    """Weights in model.onnx_data (as above 2 GB): the rewritten model keeps one data file and runs the same."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from fluxtrt.export.onnx import DATA_FILE
+
+    src, spec, feed = exported
+    ext = tmp_path / "external"
+    ext.mkdir()
+    ir.save(ir.load(str(src / "model.onnx")), ext / "model.onnx", external_data=DATA_FILE, size_threshold_bytes=1024)
+    fp32_data = (ext / DATA_FILE).stat().st_size
+    quantized_copy((ext, spec, feed), tmp_path / "q-ext", calibration.amax, "fp8")
+    inline = quantized_copy(exported, tmp_path / "q-inline", calibration.amax, "fp8")
+    path = tmp_path / "q-ext" / "fp8" / "model.onnx"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", DATA_FILE]
+    assert (path.parent / DATA_FILE).stat().st_size < fp32_data
+    run = {k: feed[k].numpy() for k in spec.input_names}
+    outs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, run)[0] for p in (path, inline)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 # --- (c) NVFP4 graph in onnx.reference against the fake-quant oracle -----------------------------------------------
 
 
