@@ -145,8 +145,11 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
               help="fp8/fp4: calibration edits to run when no saved calibration fits.")  # fmt: skip
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
+@click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
+              "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
-          device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration):  # fmt: skip
+          device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
+          aoti_weights):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -166,6 +169,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         timing_cache=timing_cache,
         calibration_edits=calibration_edits,
         calibration=calibration,
+        aoti_weights=aoti_weights,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

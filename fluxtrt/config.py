@@ -135,6 +135,8 @@ class BuildConfig:
         timing_cache: TensorRT's timing cache file (None: ``~/.cache/fluxtrt/tensorrt/timing.cache``).
         calibration_edits: fp8/fp4: calibration edits run when no saved calibration fits.
         calibration: fp8/fp4: a calibration file (from an earlier build's ``calibration/``) to use instead.
+        aoti_weights: AOTInductor: ``packaged`` (weights inside the .pt2) or ``external`` (code-only package plus
+            ``<component>.safetensors``: what a 12B transformer needs to fit the disk and load quickly).
     """
 
     model: str
@@ -154,15 +156,20 @@ class BuildConfig:
     timing_cache: Path | None = None
     calibration_edits: int = 8
     calibration: Path | None = None
+    aoti_weights: str | None = None
 
     def backend_options(self) -> dict:
-        """The backend settings given (workspace_gib, opt_level, timing_cache), for ``BuildJob.options``."""
-        given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache}
+        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights),
+        for ``BuildJob.options``."""
+        given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
+                 "weights": self.aoti_weights}  # fmt: skip
         return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--device", self.device, DEVICES)
+        if self.aoti_weights is not None:
+            _one_of("--aoti-weights", self.aoti_weights, ("packaged", "external"))
         if self.calibration_edits < 1:
             raise InputError(
                 f"--calibration-edits is {self.calibration_edits}, expected an integer >= 1: pass e.g. "

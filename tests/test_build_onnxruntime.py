@@ -292,6 +292,12 @@ def test_build_into_foreign_directory_is_refused(tmp_path):
     assert os.listdir(out) == ["holiday.jpg"]
 
 
+def test_backend_options_reach_the_build_settings(tmp_path):
+    config = tiny_config(tmp_path / "e", aoti_weights="external", workspace_gib=4.0)
+    assert config.backend_options() == {"weights": "external", "workspace_gib": 4.0}
+    assert tiny_config(tmp_path / "e").backend_options() == {}
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -301,6 +307,7 @@ def test_build_into_foreign_directory_is_refused(tmp_path):
         (["--min-resolution", "2048x2048"], "not ordered"),
         (["--max-resolution", "big"], "--max-resolution is 'big'"),
         (["--max-batch", "0"], "--max-batch is 0"),
+        (["--aoti-weights", "bogus"], "--aoti-weights is 'bogus'"),
     ],
 )
 def test_build_bad_options_one_line(tmp_path, args, needle):
@@ -315,12 +322,15 @@ def test_build_bad_options_one_line(tmp_path, args, needle):
 def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
     from fluxtrt.bench.compare import compare
     from fluxtrt.bench.config import CompareConfig
-    from fluxtrt.config import SamplerConfig
     from fluxtrt.bench.contenders import EngineContender, StageContender
+    from fluxtrt.config import SamplerConfig
 
     config = CompareConfig(model="tiny", stages=("0",), engines=(engines,), report_dir=tmp_path / "r", runs=1,
                            warmup=0, device="cpu", dtype="fp32", resolution=Resolution(256, 256))  # fmt: skip
-    contenders = [StageContender("0:steps=3"), EngineContender(engines, sampler=SamplerConfig("euler", "flux-shift", 3))]
+    contenders = [
+        StageContender("0:steps=3"),
+        EngineContender(engines, sampler=SamplerConfig("euler", "flux-shift", 3)),
+    ]
     report = compare(config, contenders=contenders)
     engine_row = report.contenders[1]
     assert engine_row.status == "ok", engine_row.error
