@@ -39,3 +39,20 @@ def image_file(tmp_path):
     path = tmp_path / "input.png"
     make_image(320, 240).save(path)
     return path
+
+
+def run_cli(*args: str):
+    """Invoke the real ``fluxtrt`` CLI in-process; stdout and stderr are kept apart."""
+    from click.testing import CliRunner
+
+    from fluxtrt.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def one_error_line(result) -> str:
+    """The single ``error:`` line a failed command must print (and its non-zero exit)."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
 from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend
-from fluxtrt.cli import main
 from fluxtrt.config import BuildConfig
 from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
@@ -22,7 +20,7 @@ from fluxtrt.engines.manifest import Manifest
 from fluxtrt.errors import EngineError, InputError
 from fluxtrt.specs import COMPONENTS, Resolution
 from fluxtrt.specs.flux import component_dims, dims_from_components
-from tests.conftest import make_image
+from tests.conftest import make_image, one_error_line, run_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -46,17 +44,6 @@ def engines(tmp_path_factory) -> Path:
 
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # --- 1. per-component parity, one export, two geometries and batch sizes ------------------------------------------

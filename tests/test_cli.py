@@ -10,15 +10,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from fluxtrt.cli import main
-from tests.conftest import make_image
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
+from tests.conftest import make_image, run_cli
 
 
 def error_lines(result) -> list[str]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from fluxtrt.backends.tensorrt import (
     BuildPlan,
@@ -30,6 +29,7 @@ from fluxtrt.config import BuildConfig
 from fluxtrt.errors import BuildError, DeviceError, InputError, ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import FluxDims, profile_shapes
+from tests.conftest import one_error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -75,17 +75,6 @@ def stub_onnx(path: Path, spec, quant: str | None = None, rename: dict | None = 
 def full_profile(name: str, batch=(1, 1, 1)):
     spec = component_specs(FULL)[name]
     return spec, profile_shapes(spec, FULL, batch, RANGE)
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 # --- profile shapes from specs and resolution ranges -----------------------------------------------------------------
