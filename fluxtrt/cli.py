@@ -55,14 +55,23 @@ def model_option(f):
     return click.option("--model", required=True, help=MODEL_HELP)(f)
 
 
-def device_options(f):
-    f = click.option(
-        "--dtype",
-        default="auto",
-        show_default=True,
-        help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
-    )(f)
-    return click.option("--device", default="cpu", show_default=True, help=f"One of {', '.join(DEVICES)}.")(f)
+def device_options_for(device_default: str):
+    """``--device`` (with the given default) and ``--dtype`` options."""
+
+    def decorate(f):
+        f = click.option(
+            "--dtype",
+            default="auto",
+            show_default=True,
+            help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
+        )(f)
+        choices = ", ".join((*(("auto",) if device_default == "auto" else ()), *DEVICES))
+        return click.option("--device", default=device_default, show_default=True, help=f"One of {choices}.")(f)
+
+    return decorate
+
+
+device_options = device_options_for("cpu")
 
 
 def sampler_options(f):
@@ -98,7 +107,7 @@ def main(verbose: bool) -> None:
     help="Target height (with --width); default keeps the input's aspect ratio at its preferred Kontext resolution.",
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
-@device_options
+@device_options_for("auto")
 def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype):
     """Edit an image as the prompt says and write a PNG, on PyTorch (--model) or on built engines (--engines)."""
     config = InferConfig(

@@ -65,7 +65,7 @@ class InferConfig:
         seed: seed of the initial noise.
         guidance: distilled-guidance scale fed to the transformer.
         height, width: target size; both or neither. ``None`` keeps the reference's preferred Kontext resolution.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU).
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
     """
 
@@ -79,7 +79,7 @@ class InferConfig:
     guidance: float = DEFAULT_GUIDANCE
     height: int | None = None
     width: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -88,7 +88,7 @@ class InferConfig:
                 f"--model is {self.model!r} and --engines is {self.engines!r}: give exactly one (a model to run on "
                 "PyTorch, or an engines directory from `fluxtrt build`)"
             )
-        _one_of("--device", self.device, DEVICES)
+        _one_of("--device", self.device, ("auto", *DEVICES))
         _one_of("--dtype", self.dtype, DTYPES)
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and value <= 0:
@@ -107,7 +107,16 @@ class InferConfig:
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bf16" if self.device == "cuda" else "fp32"
+        return "bf16" if self.resolved_device == "cuda" else "fp32"
+
+    @property
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` decided: cuda where PyTorch sees a GPU (imports torch)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 COMPONENT_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")

@@ -52,16 +52,17 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     from fluxtrt.pipeline.image import load_image
     from fluxtrt.pipeline.kontext import KontextPipeline
 
-    check_device(config.device)
+    device = config.resolved_device
+    check_device(device)
     image = load_image(config.image)
     t0 = time.perf_counter()
     if config.engines is not None:
         from fluxtrt.engines.load import load_engine_pipeline
 
-        pipeline = load_engine_pipeline(config.engines, config.device)
+        pipeline = load_engine_pipeline(config.engines, device)
         source = f"engines {config.engines}"
     else:
-        components = load_components(config.model, config.device, config.resolved_dtype, seed=0)
+        components = load_components(config.model, device, config.resolved_dtype, seed=0)
         pipeline = KontextPipeline.from_components(components)
         source = config.model
     load_s = time.perf_counter() - t0
@@ -77,4 +78,4 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     )
     atomic_write(config.out, lambda tmp: result.images[0].save(tmp, format="PNG"))
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
-    return InferReport(result, load_s, source, config.device, dtype)
+    return InferReport(result, load_s, source, device, dtype)
