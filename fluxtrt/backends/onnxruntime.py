@@ -73,19 +73,28 @@ class OrtRunner(Runner):
         binding = self.session.io_binding()
         for name in self.spec.input_names:
             value = feed[name].contiguous()
-            binding.bind_input(name, "cuda", self.device.index or 0, _numpy_dtype(value.dtype), tuple(value.shape),
+            binding.bind_input(name, "cuda", self.device.index or 0, _element_type(value.dtype), tuple(value.shape),
                                value.data_ptr())  # fmt: skip
         for name in self.spec.output_names:
             binding.bind_output(name, "cuda", self.device.index or 0)
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return {name: torch.from_dlpack(o.to_dlpack()) for name, o in zip(self.spec.output_names, outs, strict=True)}
+        return {name: _to_torch(o, self.device) for name, o in zip(self.spec.output_names, outs, strict=True)}
 
 
-def _numpy_dtype(dtype: torch.dtype) -> Any:
-    table = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16}
-    if dtype not in table:
-        raise EngineError(f"ONNX Runtime I/O binding has no numpy type for {dtype}: build with --precision fp32")
+def _to_torch(value: Any, device: torch.device) -> torch.Tensor:
+    """An ORT device output as a torch tensor: zero-copy through DLPack where this onnxruntime build has it, else
+    through the host (numpy has no bfloat16, so a bf16 output then needs the DLPack path)."""
+    if hasattr(value, "to_dlpack"):
+        return torch.from_dlpack(value.to_dlpack())
+    return torch.from_numpy(value.numpy()).to(device)
+
+
+def _element_type(dtype: torch.dtype) -> Any:
+    """ONNX Runtime's element type for an I/O binding: a numpy type, or the ONNX type number where numpy has none."""
+    table = {torch.float32: np.float32, torch.int64: np.int64, torch.float16: np.float16, torch.bfloat16: 16}
+    if dtype not in table:  # 16 is onnx.TensorProto.BFLOAT16
+        raise EngineError(f"ONNX Runtime I/O binding has no element type for {dtype}: build with --precision fp32")
     return table[dtype]
 
 
