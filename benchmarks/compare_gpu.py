@@ -62,6 +62,7 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
     import torch
     import torch.nn.functional as F
 
+    from fluxtrt.errors import first_line
     from fluxtrt.stages.attention import check_kernel, fp8_attention_kernel, quantize_fp8
 
     if not torch.cuda.is_available():
@@ -100,7 +101,7 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
             out = kernel(q8, k8, v8, dq, dk, dv, dim**-0.5).float()
             record["fp8_cosine_full_shape"] = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
         except Exception as exc:  # reported, and stage 2 will report the same in its row
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, "")
             record["fp8_error"] = f"{type(exc).__name__}: {first}"
     emit(record)
 

@@ -27,10 +27,10 @@ from fluxtrt.environment import environment
 from fluxtrt.export.onnx import export_onnx
 from fluxtrt.models.synthetic import FULL, build_transformer
 from fluxtrt.specs import Resolution, component_specs
-from fluxtrt.specs.flux import FluxDims, component_dims
+from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, component_dims
 
 RECORDS: list[dict] = []
-FULL_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64)
+FULL_DIMS = FLUX_KONTEXT_DIMS
 
 
 def emit(record: dict, out: Path) -> None:

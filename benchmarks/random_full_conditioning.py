@@ -20,9 +20,9 @@ from fluxtrt.environment import environment
 from fluxtrt.models.synthetic import FULL, build_transformer
 from fluxtrt.pipeline.latents import position_ids
 from fluxtrt.specs import Resolution, component_specs
-from fluxtrt.specs.flux import FluxDims, component_dims
+from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, component_dims
 
-FULL_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64)
+FULL_DIMS = FLUX_KONTEXT_DIMS
 
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:

@@ -1,6 +1,19 @@
 """One error hierarchy. Every message says what failed, the value seen, what was expected and the fix."""
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of ``exc``'s message, for one-line reports of a library's multi-line errors.
+
+    Args:
+        exc: the exception.
+        default: returned for an empty message; None returns the exception's type name.
+    """
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default
+
+
 class FluxtrtError(Exception):
     """Base class of every error fluxtrt raises on purpose; the CLI prints its message as one line."""
 

@@ -7,9 +7,9 @@ import torch
 
 from fluxtrt.errors import ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
-from fluxtrt.specs.flux import FluxDims, component_dims, dims_from_components, profile_shapes
+from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, component_dims, dims_from_components, profile_shapes
 
-FULL_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64)
+FULL_DIMS = FLUX_KONTEXT_DIMS
 
 
 def test_full_size_shapes_follow_design_table():

@@ -28,14 +28,13 @@ from fluxtrt.cli import main
 from fluxtrt.config import BuildConfig
 from fluxtrt.errors import BuildError, DeviceError, InputError, ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
-from fluxtrt.specs.flux import FluxDims, profile_shapes
+from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, profile_shapes
 from tests.conftest import one_error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 # The released FLUX.1-Kontext sizes (CLIP-L, T5-XXL, the 16-channel VAE, 64-wide packed latents).
-FULL = FluxDims(clip_vocab=49408, clip_len=77, clip_dim=768, t5_vocab=32128, t5_len=512, t5_dim=4096,
-                latent_channels=16, vae_scale=8, packed_channels=64)  # fmt: skip
+FULL = FLUX_KONTEXT_DIMS
 RANGE = (Resolution(512, 512), Resolution(1024, 1024), Resolution(1568, 1568))
 
 

@@ -15,7 +15,7 @@ import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.engines.backend import BuildJob, EngineBackend, LoadJob
-from fluxtrt.errors import EngineError, InputError, MissingDependencyError
+from fluxtrt.errors import EngineError, InputError, MissingDependencyError, first_line
 from fluxtrt.specs.component import ComponentSpec
 
 ENGINE_DATA_SUFFIX = "_data"
@@ -118,7 +118,7 @@ def session(path: Any, device: str, optimized_path: Any = None, external_data: s
     except EngineError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types for every load failure
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if "NOT_IMPLEMENTED" in first:
             raise EngineError(
                 f"ONNX Runtime's {providers(device)[0]} has no kernel for a node of {path} ({first[:300]}): build "

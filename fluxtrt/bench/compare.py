@@ -20,7 +20,7 @@ import torch
 from fluxtrt.bench.config import CompareConfig
 from fluxtrt.bench.contenders import Contender, ModelSession, contenders_from_config, free_device_memory
 from fluxtrt.bench.fidelity import fidelity
-from fluxtrt.errors import FluxtrtError
+from fluxtrt.errors import FluxtrtError, first_line
 from fluxtrt.specs.flux import Resolution
 
 COMPONENTS = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder", "glue")
@@ -137,7 +137,7 @@ def synthetic_image(resolution: Resolution) -> Any:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc, "")
     if isinstance(exc, FluxtrtError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.errors import BuildError, MissingDependencyError
+from fluxtrt.errors import BuildError, MissingDependencyError, first_line
 from fluxtrt.specs.component import ComponentSpec
 
 OPSET = 19
@@ -101,7 +101,7 @@ def export_onnx(
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise BuildError(f"{spec.name}: ONNX export failed ({type(exc).__name__}: {first[:300]})") from exc
     _name_axes(spec, program.model)
 

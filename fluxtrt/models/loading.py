@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.errors import ModelLoadError
+from fluxtrt.errors import ModelLoadError, first_line
 from fluxtrt.models.components import SUBFOLDERS, FluxKontextComponents
 
 BUILTIN_MODELS = ("tiny", "random-full")
@@ -116,7 +116,7 @@ def load_checkpoint(path: Path, device: str, dtype: str) -> FluxKontextComponent
             source=str(path),
         )
     except (OSError, ValueError, json.JSONDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(f"--model '{path}' could not be loaded: {first}; re-download the checkpoint") from None
     return components.to(device, torch_dtype(dtype))
 

@@ -87,6 +87,11 @@ class FluxDims:
         return (res.height // self.multiple_of) * (res.width // self.multiple_of)
 
 
+# FLUX.1-Kontext-dev: CLIP-L (49408 tokens, 77, 768 pooled), T5-XXL (32128 tokens, 512, 4096), 16-channel VAE at
+# 8x, 64 packed channels. What the full-size (random-full) model has; loaded checkpoints are read, not assumed.
+FLUX_KONTEXT_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64)
+
+
 def component_dims(name: str, dims: FluxDims, batch: int, target: Resolution, reference: Resolution) -> dict[str, int]:
     """Symbol values of component ``name`` for one edit geometry.
 

@@ -17,7 +17,7 @@ import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
-from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.errors import FluxtrtError, InputError, first_line
 from fluxtrt.stages.cache import CacheStats, FirstBlockCacheRunner
 from fluxtrt.stages.config import StageConfig
 
@@ -319,7 +319,7 @@ class StagedModel:
                 try:
                     check_kernel(kernel, self.device)  # builds and runs it once: a kernel that cannot run fails here
                 except Exception as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    first = first_line(exc, "")
                     raise FluxtrtError(
                         f"{kernel.name} failed its check run on this GPU ({type(exc).__name__}: {first}); "
                         "check the cuDNN / nvidia-cudnn-frontend versions"
