@@ -156,9 +156,11 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
 @click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
               "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
+@click.option("--aoti-cuda-graph", is_flag=True,
+              help="aotinductor on cuda: replay the transformer step as a CUDA graph (one per input shape).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights):  # fmt: skip
+          aoti_weights, aoti_cuda_graph):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -179,6 +181,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         calibration_edits=calibration_edits,
         calibration=calibration,
         aoti_weights=aoti_weights,
+        aoti_cuda_graph=aoti_cuda_graph,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

@@ -146,6 +146,7 @@ class BuildConfig:
         calibration: fp8/fp4: a calibration file (from an earlier build's ``calibration/``) to use instead.
         aoti_weights: AOTInductor: ``packaged`` (weights inside the .pt2) or ``external`` (code-only package plus
             ``<component>.safetensors``: what a 12B transformer needs to fit the disk and load quickly).
+        aoti_cuda_graph: AOTInductor on CUDA: the transformer's runner replays a CUDA graph per input shape.
     """
 
     model: str
@@ -166,12 +167,13 @@ class BuildConfig:
     calibration_edits: int = 8
     calibration: Path | None = None
     aoti_weights: str | None = None
+    aoti_cuda_graph: bool = False
 
     def backend_options(self) -> dict:
-        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights),
-        for ``BuildJob.options``."""
+        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights and
+        cuda_graph), for ``BuildJob.options``."""
         given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
-                 "weights": self.aoti_weights}  # fmt: skip
+                 "weights": self.aoti_weights, "cuda_graph": self.aoti_cuda_graph or None}  # fmt: skip
         return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:

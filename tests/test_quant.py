@@ -216,6 +216,36 @@ def test_nvfp4_onnx_reference_matches_fake_quant(tiny, calibration, exported, tm
 # --- (d) calibration determinism and reuse in a build --------------------------------------------------------------
 
 
+def test_static_fp8_linear_matches_fake_quant():
+    """``StaticFp8Linear`` (real FP8 GEMM, ``torch._scaled_mm``) against the fake-quant oracle, per layer.
+
+    Same FP8 values on both sides, so what differs is fp32 summation order and rounding to bf16: the oracle rounds
+    once, the layer twice (the GEMM's bf16 output, then the bias add), so up to one bf16 ulp (2^-7 relative). Inputs
+    beyond the calibrated amax exercise the saturation.
+    """
+    from fluxtrt.quant.fakequant import FakeQuantLinear
+    from fluxtrt.quant.scaled_mm import StaticFp8Linear, static_fp8_linears
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80).to(torch.bfloat16)
+    x = torch.randn(2, 33, 96, dtype=torch.bfloat16) * 3
+    amax = float(x.abs().max()) / 2  # half the inputs' range: the largest ones saturate
+    with torch.no_grad():
+        got = StaticFp8Linear(linear, amax)(x).float()
+        want = FakeQuantLinear(linear, "fp8", amax)(x.float()).float()
+        plain = linear(x).float()
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=2**-7)
+    assert (want - plain).abs().max() > 20 * (got - want).abs().max()  # the quantization is visible, and followed
+
+    model = torch.nn.Sequential(linear)
+    with static_fp8_linears(model, {"0": amax}):
+        assert isinstance(model[0], StaticFp8Linear)
+    assert model[0] is linear
+    with pytest.raises(KeyError, match="1 is not an nn.Linear"), static_fp8_linears(model, {"0": amax, "1": amax}):
+        pass
+    assert model[0] is linear  # what was swapped before the error is put back
+
+
 def test_calibration_is_deterministic_and_round_trips(tiny, calibration, tmp_path):
     again = tiny_calibration(tiny)
     assert again.amax == calibration.amax

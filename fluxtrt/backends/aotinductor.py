@@ -18,7 +18,22 @@ The package is compiled for one device type, one torch build and (on CUDA) one G
 them in ``job.options`` and ``load`` refuses an engine built for anything else. The compiled code has no shape
 checks of its own, so the runner refuses symbol values outside the built range before calling it.
 
-Precisions: fp32 and bf16 (the module's own dtype). fp8 needs static activation scales and is not built yet.
+Shapes: one package per component with dynamic dimensions over the whole profile, not one per resolution bucket.
+Inductor's kernels take the sizes as arguments and the matrix multiplies are cuBLAS/CUTLASS calls that pick their
+tiling per call, so a bucketed package buys little speed, and the full-size transformer's weights would be stored
+once per bucket (``weights=external`` shares nothing between packages).
+
+Precisions: fp32 and bf16 (the module's own dtype), and fp8: the transformer's calibrated linears (``job.amax``,
+the same static scales as the FP8 Q/DQ ONNX) become ``StaticFp8Linear`` (``torch._scaled_mm``) for the export, so
+the package holds FP8 weights and runs FP8 GEMMs; every other component is built in bf16.
+
+CUDA graphs (``options["cuda_graph"]``, CUDA builds only): the transformer's runner captures one CUDA graph per
+input shape on its first call at that shape and replays it after (the package is loaded with
+``run_single_threaded``, which leaves out the locking and events a capture cannot contain). Inputs are copied into
+the graph's buffers and outputs copied out, so callers may keep them.
+
+The attention kernel the export chose (flash, memory-efficient, cuDNN or math SDPA; chosen for the device and dtype
+at export time and fixed in the package) is recorded as ``options["attention"]``.
 """
 
 from __future__ import annotations
@@ -34,11 +49,14 @@ import torch._inductor
 from fluxtrt.backends.runner import Runner
 from fluxtrt.engines.backend import BuildJob, EngineBackend, LoadJob
 from fluxtrt.errors import BuildError, DeviceError, EngineError, InputError, MissingDependencyError, ShapeError
+from fluxtrt.errors import first_line
 from fluxtrt.specs.component import ComponentSpec
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 WEIGHTS = ("packaged", "external")
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+# The component whose runner may replay CUDA graphs: the one called every step.
+GRAPHED = "transformer"
 
 
 def external_weights_path(engine_path: Path) -> Path:
@@ -134,8 +152,67 @@ def _violations(exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    return f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
+
+
+def attention_kernels(module: Any, args: tuple[torch.Tensor, ...]) -> list[str]:
+    """The attention kernels ``module(*args)`` dispatches to (e.g. ``aten::_scaled_dot_product_flash_attention``).
+
+    ``scaled_dot_product_attention`` picks its fused kernel by device, dtype and shape when it runs; inductor makes
+    the same choice when it compiles the exported graph for those inputs, so one eager call names the kernel the
+    package runs.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if "attention" in name:
+                seen.add(name)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        module(*args)
+    return sorted(seen)
+
+
+class CudaGraphs:
+    """Replays a CUDA graph of ``model(*args)`` per input signature (shapes and dtypes), capturing it on first use.
+
+    Args:
+        model: a callable on CUDA tensors that allocates nothing outside the current stream's allocator (an
+            AOTInductor package loaded with ``run_single_threaded=True``).
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(args)
+        graph, inputs, outputs = self.graphs[key]
+        for buffer, arg in zip(inputs, args, strict=True):
+            buffer.copy_(arg)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, args: tuple[torch.Tensor, ...]) -> tuple[Any, list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        inputs = [a.clone() for a in args]
+        # One run outside the capture: lazy initialisation (cuBLAS handles, kernel loading) cannot be captured.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.model(*inputs)
+        outputs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return graph, inputs, outputs
 
 
 class AotInductorRunner(Runner):
@@ -148,6 +225,7 @@ class AotInductorRunner(Runner):
         device: where inputs must live and outputs are returned.
         ranges: symbol -> (min, max) the package was compiled for.
         constants: external weights handed to the package as user-managed memory; kept alive here.
+        cuda_graph: replay CUDA graphs (``CudaGraphs``) instead of calling the package directly.
     """
 
     def __init__(
@@ -158,9 +236,11 @@ class AotInductorRunner(Runner):
         device: str,
         ranges: Mapping[str, tuple[int, int]],
         constants: Mapping[str, torch.Tensor] | None = None,
+        cuda_graph: bool = False,
     ):
         super().__init__(spec, compute_dtype)
         self.model = model
+        self.call = CudaGraphs(model) if cuda_graph else model
         self.device = torch.device(device)
         self.ranges = dict(ranges)
         self._constants = constants
@@ -188,7 +268,7 @@ class AotInductorRunner(Runner):
         # The compiled code assumes the dense strides it was exported with.
         args = [feed[n].contiguous() for n in self.spec.input_names]
         try:
-            out = self.model(*args)
+            out = self.call(*args)
         except RuntimeError as exc:
             # The compiled code raises when a runtime shape assert (shape_guards "runtime_asserts") fails.
             shapes = {n: tuple(a.shape) for n, a in zip(self.spec.input_names, args, strict=True)}
@@ -206,22 +286,32 @@ class AotInductorBackend(EngineBackend):
     name = "aotinductor"
     extension = ".pt2"
     uses_onnx = False
-    precisions = ("fp32", "bf16")
+    precisions = ("fp32", "bf16", "fp8")
 
     def check_available(self) -> None:
-        """Raise unless torch has inductor and a C++ compiler runs.
+        """Raise unless torch has inductor (what loading a package needs).
 
         Raises:
             MissingDependencyError: this torch has no ``torch._inductor``.
-            BuildError: no C++ compiler found (inductor compiles the package with one).
         """
         try:
-            from torch._inductor import config as inductor_config
-            from torch._inductor import cpp_builder
-            from torch._inductor import exc as inductor_exc
+            from torch._inductor import package  # noqa: F401
         except ImportError:
             feature = f"the aotinductor backend (torch {torch.__version__} has no torch._inductor)"
             raise MissingDependencyError("torch", feature, "pip install torch") from None
+
+    def check_buildable(self) -> None:
+        """``check_available``, and a C++ compiler runs (inductor compiles the package with one).
+
+        Raises:
+            MissingDependencyError: this torch has no ``torch._inductor``.
+            BuildError: no C++ compiler found.
+        """
+        self.check_available()
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpp_builder
+        from torch._inductor import exc as inductor_exc
+
         try:
             cpp_builder.get_cpp_compiler()
         except inductor_exc.InvalidCxxCompiler:
@@ -240,15 +330,17 @@ class AotInductorBackend(EngineBackend):
 
         Writes ``job.engine_path`` and, with ``options["weights"] = "external"``, ``external_weights_path`` of it;
         inductor's scratch and cache go to ``job.workdir/inductor-cache``. Records into ``job.options``: torch,
-        device (+ gpu, sm on CUDA), weights, ``shape_guards`` (how export kept them) and ``dims`` (symbol -> [min,
-        max] of the dynamic ones).
+        device (+ gpu, sm on CUDA), weights, ``shape_guards`` (how export kept them), ``dims`` (symbol -> [min,
+        max] of the dynamic ones), ``attention`` (the SDPA ops exported) and, for fp8, ``fp8_linears`` (how many).
 
         Args:
-            job: the component, its module in the compute dtype on ``job.device``, the profile and options
-                (``weights``: ``packaged``|``external``; ``inductor_configs``: extra inductor settings).
+            job: the component, its module in the compute dtype on ``job.device``, the profile, ``amax`` for an
+                fp8 transformer, and options (``weights``: ``packaged``|``external``; ``cuda_graph``: bool;
+                ``inductor_configs``: extra inductor settings).
 
         Raises:
-            InputError: a precision other than fp32/bf16, or an unknown option value.
+            InputError: a precision this backend does not build, fp8 without calibrated scales, CUDA graphs on a
+                CPU build, or an unknown option value.
             DeviceError: CUDA asked for on a machine without it.
             BuildError: the profile does not fit the spec, torch.export rejects the dynamic ranges, or inductor
                 fails to compile.
@@ -256,17 +348,35 @@ class AotInductorBackend(EngineBackend):
         spec = job.spec
         if job.precision not in COMPUTE_DTYPES:
             raise InputError(
-                f"--precision is '{job.precision}' but the aotinductor backend builds {', '.join(self.precisions)} "
-                "(fp8 needs static activation scales, not wired up yet): pick one of those or --backend tensorrt"
+                f"--precision is '{job.precision}' but the aotinductor backend builds {', '.join(self.precisions)}: "
+                "pick one of those, or --backend tensorrt for fp4"
             )
         weights = job.options.get("weights", "packaged")
         if weights not in WEIGHTS:
             raise InputError(f"aotinductor option weights is '{weights}', expected one of {', '.join(WEIGHTS)}")
+        if job.options.get("cuda_graph") and torch.device(job.device).type != "cuda":
+            raise InputError(
+                f"--aoti-cuda-graph is set but the engines are built for device '{job.device}': CUDA graphs need "
+                "--device cuda (or leave --aoti-cuda-graph out)"
+            )
         extra_configs = dict(job.options.get("inductor_configs", {}))
         env = environment(job.device)
         ranges = symbol_ranges(spec, job.profile)
 
-        ep, guards = self._export(job, ranges)
+        fp8 = job.precision == "fp8" and job.amax is not None
+        if job.precision == "fp8" and spec.name == "transformer" and job.amax is None:
+            raise InputError(
+                f"{spec.name}: --precision fp8 needs calibrated input scales for the transformer's linears and the "
+                "build passed none: build through `fluxtrt build` (it calibrates) or pass --calibration FILE"
+            )
+        if fp8:
+            from fluxtrt.quant.scaled_mm import static_fp8_linears
+
+            with static_fp8_linears(job.module, job.amax):
+                ep, guards, attention = self._export(job, ranges)
+            job.options["fp8_linears"] = len(job.amax)
+        else:
+            ep, guards, attention = self._export(job, ranges)
         configs = {**extra_configs, "aot_inductor.package_constants_in_so": weights == "packaged"}
         written = [Path(job.engine_path)] + ([external_weights_path(job.engine_path)] if weights == "external" else [])
         try:
@@ -292,18 +402,20 @@ class AotInductorBackend(EngineBackend):
             shape_guards=guards,
             dims={sym: [lo, hi] for sym, (lo, _, hi) in ranges.items() if lo != hi},
         )
+        if attention:
+            job.options["attention"] = attention
         if extra_configs:
             job.options["inductor_configs"] = extra_configs
 
-    def _export(self, job: BuildJob, ranges: Mapping[str, tuple[int, int, int]]) -> tuple[Any, str]:
+    def _export(self, job: BuildJob, ranges: Mapping[str, tuple[int, int, int]]) -> tuple[Any, str, list[str]]:
         """``torch.export`` with a ``Dim`` per symbol whose min and max differ; sample inputs at the opt shapes.
 
         A dimension traced at size 1 would be specialised to 1 (torch's 0/1 specialisation), so a dynamic symbol
         whose opt is 1 is traced at 2.
 
         Returns:
-            The exported program, and how shape guards were kept: ``"guards"`` (checked over the whole range at
-            export) or ``"runtime_asserts"`` (see below).
+            The exported program, how shape guards were kept: ``"guards"`` (checked over the whole range at
+            export) or ``"runtime_asserts"`` (see below), and the attention kernels the sample inputs run.
         """
         from torch._dynamo.exc import UserError
 
@@ -333,7 +445,7 @@ class AotInductorBackend(EngineBackend):
                         strict=False,
                         prefer_deferred_runtime_asserts_over_guards=mode == "runtime_asserts",
                     )
-                    return ep, mode
+                    return ep, mode, attention_kernels(job.module, args)
                 except UserError as exc:
                     first_violation = first_violation or exc
                 except Exception as exc:
@@ -394,14 +506,15 @@ class AotInductorBackend(EngineBackend):
         ranges = {sym: (lo, hi) for sym, (lo, _, hi) in symbol_ranges(spec, job.entry["profile"]).items()}
         device = torch.device(job.device)
         index = device.index if device.index is not None else -1
+        cuda_graph = bool(options.get("cuda_graph")) and spec.name == GRAPHED and device.type == "cuda"
         try:
-            model = torch._inductor.aoti_load_package(str(path), device_index=index)
+            model = torch._inductor.aoti_load_package(str(path), run_single_threaded=cuda_graph, device_index=index)
         except Exception as exc:
             raise EngineError(f"{spec.name}: {path} does not load ({_first_line(exc)}): {REBUILD}") from exc
         constants = None
         if options.get("weights", "packaged") == "external":
             constants = self._load_weights(spec, path, model, device)
-        return AotInductorRunner(spec, model, job.compute_dtype, job.device, ranges, constants)
+        return AotInductorRunner(spec, model, job.compute_dtype, job.device, ranges, constants, cuda_graph)
 
     @staticmethod
     def _load_weights(spec: ComponentSpec, path: Path, model: Any, device: torch.device) -> dict[str, torch.Tensor]:

@@ -43,6 +43,8 @@ class BuildJob:
         device: ``cpu`` or ``cuda``.
         workdir: scratch space that the caller deletes afterwards.
         options: backend-specific settings (recorded in the manifest).
+        amax: for an fp8/fp4 transformer on a backend that reads no ONNX: calibrated input amax per quantized
+            linear, named relative to ``module``. None otherwise (ONNX backends get the Q/DQ in the ONNX).
     """
 
     spec: ComponentSpec
@@ -54,6 +56,7 @@ class BuildJob:
     device: str
     workdir: Path
     options: dict = field(default_factory=dict)
+    amax: dict[str, float] | None = None
 
 
 @dataclass
@@ -86,6 +89,10 @@ class EngineBackend(ABC):
     @abstractmethod
     def check_available(self) -> None:
         """Raise MissingDependencyError (naming the install command) if the backend's library is absent."""
+
+    def check_buildable(self) -> None:
+        """Raise if engines cannot be built here (by default: what ``check_available`` raises)."""
+        self.check_available()
 
     @abstractmethod
     def version(self) -> str:

@@ -75,7 +75,7 @@ def build_engines(
 
     say = on_progress or (lambda component, message: None)
     backend = backend or get_backend(config.backend)
-    backend.check_available()
+    backend.check_buildable()
     if config.precision not in backend.precisions:
         raise InputError(
             f"--precision is '{config.precision}' but the {backend.name} backend builds "
@@ -135,7 +135,9 @@ def build_engines(
         if config.backend_options():
             settings["options"] = config.backend_options()
         amax = None
-        if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and config.onnx_dir is None:
+        # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
+        imported = backend.uses_onnx and config.onnx_dir is not None
+        if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and not imported:
             from fluxtrt.quant.calibrate import calibration_for_build
 
             say(name, "calibrating (or reusing saved scales)")
@@ -162,7 +164,8 @@ def build_engines(
 def _build_component(name, spec, module, dims, config, backend, settings, profile, out, say, amax=None):
     """Export (if the backend reads ONNX) and compile one component in a staging directory, then move it in.
 
-    With ``amax`` (calibrated input amax per linear), the exported ONNX gets FP8/NVFP4 Q/DQ before the build.
+    With ``amax`` (calibrated input amax per linear), the exported ONNX gets FP8/NVFP4 Q/DQ before the build, or,
+    for a backend that reads no ONNX, the job carries the scales (``BuildJob.amax``).
     """
     import torch
 
@@ -194,8 +197,10 @@ def _build_component(name, spec, module, dims, config, backend, settings, profil
                 quantize_onnx(onnx_path, amax, config.precision)
         say(name, f"building {backend.name} engine")
         engine_path = staging / "engine" / f"{name}{backend.extension}"
+        # A backend without ONNX quantizes the module itself; the names get the wrapper's attribute in front.
+        module_amax = None if amax is None or backend.uses_onnx else {f"transformer.{k}": v for k, v in amax.items()}
         job = BuildJob(spec, module, onnx_path, engine_path, config.precision, profile, config.device,
-                       staging / "work", options=config.backend_options())  # fmt: skip
+                       staging / "work", options=config.backend_options(), amax=module_amax)  # fmt: skip
         job.workdir.mkdir()
         with torch.inference_mode():
             backend.build(job)

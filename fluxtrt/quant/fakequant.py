@@ -31,10 +31,25 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return amax.float() / FP8_MAX
 
 
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x`` / ``scale`` (broadcast against x) as float8_e4m3fn, saturating at +-448, rounded to nearest even."""
+    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [out, in] in the static FP8 scheme: (float8_e4m3fn values, fp32 scale per output channel [out, 1]).
+
+    An all-zero row gets scale 1 (any scale gives zeros).
+    """
+    w = weight.detach().float()
+    scale = fp8_scale(w.abs().amax(dim=1, keepdim=True))
+    scale = torch.where(scale > 0, scale, 1.0)
+    return quantize_fp8(w, scale), scale
+
+
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quantize ``x`` to float8_e4m3fn with ``scale`` (broadcast against x) and dequantize, in fp32."""
-    q = torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.float() * scale
+    return quantize_fp8(x, scale).float() * scale
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -79,21 +94,27 @@ class FakeQuantLinear(nn.Module):
             raise ValueError(f"scheme is '{scheme}', expected fp8 or fp4")
         self.scheme = scheme
         self.bias = linear.bias
-        w = linear.weight.detach().float()  # [out, in]
-        amax = torch.as_tensor(input_amax, dtype=torch.float32)
+        amax = torch.as_tensor(input_amax, dtype=torch.float32, device=linear.weight.device)
         if scheme == "fp8":
             self.register_buffer("input_scale", fp8_scale(amax))
-            w_scale = fp8_scale(w.abs().amax(dim=1, keepdim=True))  # [out, 1]
-            w_scale = torch.where(w_scale > 0, w_scale, 1.0)  # an all-zero row: any scale gives zeros
-            self.register_buffer("weight_dq", fake_quant_fp8(w, w_scale))
+            weight_q, weight_scale = fp8_weight(linear.weight)
+            self.register_buffer("weight_q", weight_q)  # [out, in] float8_e4m3fn
+            self.register_buffer("weight_scale", weight_scale)  # [out, 1] fp32
         else:
+            w = linear.weight.detach().float()  # [out, in]
             self.register_buffer("input_scale", nvfp4_global_scale(amax))
             self.register_buffer("weight_dq", fake_quant_nvfp4(w, nvfp4_global_scale(w.abs().amax())))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as the engine sees it, in fp32."""
+        if self.scheme == "fp8":
+            return self.weight_q.float() * self.weight_scale
+        return self.weight_dq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = fake_quant_fp8 if self.scheme == "fp8" else fake_quant_nvfp4
         xq = quant(x, self.input_scale)
-        y = xq @ self.weight_dq.T
+        y = xq @ self.dequantized_weight().T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)

@@ -1,0 +1,200 @@
+"""AOTInductor transformer engine on the GPU: build time, load time and step time, next to the torch.compile stage
+of the same precision in the same run.
+
+    python benchmarks/aoti_gpu.py --precision bf16|fp8 --workdir /tmp/aoti --out results.json [--size 1024]
+                                  [--model random-full] [--calibration-edits 1]
+
+1. ``fluxtrt build --backend aotinductor --components transformer --aoti-weights external`` (a subprocess, the
+   command a user runs; fp8 calibrates first), over the default resolution range 512..1568 (S dynamic): wall time,
+   the manifest's build time, file sizes, options (attention kernel, FP8 linears).
+2. A fresh process: the engine's load time, then the step time at a size x size edit of a size x size reference
+   (batch 1; mean of 10 calls after 3, CUDA events), then the same with CUDA-graph replay (one capture) and the
+   largest difference between the two outputs.
+3. In that process, after freeing the engine: the model loaded in PyTorch, its eager output on the same inputs
+   (the engine's fidelity), and the torch.compile stage of the same precision with the first-block cache off
+   (bf16: stage 1, regional compile + fused QKV; fp8: stage 3, + FP8 attention + torchao FP8 linears): first call
+   (compile) and step time.
+
+Prints one JSON line per phase and rewrites --out after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.records import Records, relative_error, step_ms  # noqa: E402
+
+STAGE = {"bf16": "1:fbc=off", "fp8": "3:fbc=off"}
+
+
+def build(args, records: Records) -> None:
+    out = args.workdir / args.precision
+    cmd = [sys.executable, "-m", "fluxtrt", "build", "--model", args.model, "--backend", "aotinductor",
+           "--precision", args.precision, "--device", args.device, "--components", "transformer",
+           "--aoti-weights", "external", "--out", str(out), "--force",
+           "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
+    if args.cuda_graph:
+        cmd.append("--aoti-cuda-graph")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    wall = time.perf_counter() - t0
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    if proc.returncode != 0:
+        records.emit({"phase": "build", "ok": False, "wall_s": wall, "command": " ".join(cmd[1:]), "tail": tail})
+        sys.exit(1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["components"]["transformer"]
+    sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    records.emit({
+        "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
+        "build_s": entry["build_s"], "files": sizes, "options": entry["options"], "resolutions": manifest["resolutions"],
+        "output_tail": tail[-1500:],
+    })  # fmt: skip
+
+
+def measure(args, records: Records) -> None:
+    import torch
+
+    from fluxtrt.engines.backend import LoadJob, get_backend
+    from fluxtrt.engines.build import COMPUTE_DTYPE
+    from fluxtrt.engines.manifest import Manifest
+    from fluxtrt.models import load_components
+    from fluxtrt.models.loading import torch_dtype
+    from fluxtrt.specs import Resolution, component_specs
+    from fluxtrt.specs.flux import component_dims
+    from fluxtrt.stages import stage_config
+    from fluxtrt.stages.apply import apply_stage
+
+    out = args.workdir / args.precision
+    manifest = Manifest.load(out)
+    spec = component_specs(manifest.dims)["transformer"]
+    dtype = torch_dtype(COMPUTE_DTYPE[args.precision])
+    res = Resolution(args.size, args.size)
+    device = args.device
+    feed = spec.sample_feed(component_dims("transformer", manifest.dims, 1, res, res), dtype, device, seed=0)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def free():
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    entry = asdict(manifest.components["transformer"])
+    backend = get_backend("aotinductor")
+
+    def load(cuda_graph: bool):
+        options = {**entry["options"], "cuda_graph": cuda_graph}
+        job = LoadJob(spec, out / entry["engine"]["path"], device, dtype, {**entry, "options": options})
+        sync()
+        t0 = time.perf_counter()
+        runner = backend.load(job)
+        sync()
+        return runner, time.perf_counter() - t0
+
+    runner, load_s = load(cuda_graph=False)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        engine_out = runner.infer(feed)["noise_pred"]
+    sync()
+    first_call_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        ms = step_ms(lambda: runner.infer(feed))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    records.emit({"phase": "engine", "load_s": load_s, "first_call_s": first_call_s, "step_ms": ms,
+                  "peak_gpu_gib": peak})  # fmt: skip
+    del runner
+    free()
+
+    try:
+        graphed, _ = load(cuda_graph=True)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            graph_out = graphed.infer(feed)["noise_pred"]
+        sync()
+        capture_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            graph_ms = step_ms(lambda: graphed.infer(feed))
+            again = graphed.infer(feed)["noise_pred"]
+        records.emit({"phase": "engine_cuda_graph", "capture_s": capture_s, "step_ms": graph_ms,
+                      "vs_plain": relative_error(graph_out, engine_out),
+                      "replay_equals_first": bool(torch.equal(again, graph_out))})  # fmt: skip
+        del graphed
+    except Exception as exc:  # the plain engine's figures stand; say what failed
+        records.emit({"phase": "engine_cuda_graph", "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+    free()
+
+    t0 = time.perf_counter()
+    components = load_components(args.model, device, "bf16")
+    records.emit({"phase": "torch_load", "seconds": time.perf_counter() - t0})
+    from fluxtrt.backends.torch_runner import torch_runners
+
+    with torch.inference_mode():
+        eager_out = torch_runners(components)["transformer"].infer(feed)["noise_pred"]
+    records.emit({"phase": "engine_vs_eager_bf16", **relative_error(engine_out, eager_out)})
+
+    stage = stage_config(STAGE[args.precision])
+    applied = apply_stage(components, stage)
+    transformer = applied.runners["transformer"]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        stage_out = transformer.infer(feed)["noise_pred"]
+    sync()
+    first = time.perf_counter() - t0
+    with torch.inference_mode():
+        stage_ms = step_ms(lambda: transformer.infer(feed))
+    records.emit({
+        "phase": "torch_stage", "stage": stage.name, "features": applied.report.features,
+        "unavailable": applied.report.unavailable, "attention": applied.report.attention, "first_call_s": first,
+        "step_ms": stage_ms, "vs_eager_bf16": relative_error(stage_out, eager_out),
+        "engine_speedup": stage_ms / ms,
+    })  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", choices=("bf16", "fp8"), required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="random-full")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke run (with --model tiny)")
+    parser.add_argument("--calibration-edits", type=int, default=1)
+    parser.add_argument("--cuda-graph", action="store_true", help="build with --aoti-cuda-graph")
+    parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
+    args = parser.parse_args()
+    records = Records(args.out)
+    if args.phase in ("all", "build"):
+        from fluxtrt.environment import environment
+
+        records.emit({"phase": "environment", **environment(), "precision": args.precision})
+        build(args, records)
+    if args.phase == "all":
+        # Measure in a fresh process (load time without the build's state); it appends to the same records.
+        part = args.out.with_suffix(".measure.json")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
+        proc = subprocess.run(cmd)
+        if part.exists():
+            for item in json.loads(part.read_text()):
+                records.add(item)
+            part.unlink()
+        sys.exit(proc.returncode)
+    if args.phase == "measure":
+        measure(args, records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""JSON records for the GPU benchmark scripts: one line per phase on stdout, all of them rewritten to --out each time,
+so a run cut short keeps what it measured."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class Records:
+    """Collects phase records; ``emit`` prints one and rewrites ``out`` with all."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.items: list[dict] = []
+        self.t0 = time.perf_counter()
+
+    def emit(self, record: dict) -> None:
+        self.add({**record, "t_s": round(time.perf_counter() - self.t0, 1)})
+
+    def add(self, record: dict) -> None:
+        """Keep ``record`` as it is (e.g. one a child process emitted)."""
+        self.items.append(record)
+        print(json.dumps(record), flush=True)
+        self.out.write_text(json.dumps(self.items, indent=2))
+
+
+def step_ms(call, warmup: int = 3, iters: int = 10) -> float:
+    """Mean milliseconds of ``call()`` on the GPU (CUDA events around ``iters`` calls after ``warmup``); on a
+    machine without CUDA, wall-clock time (for smoke runs)."""
+    import torch
+
+    for _ in range(warmup):
+        call()
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            call()
+        return (time.perf_counter() - t0) * 1000 / iters
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        call()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def relative_error(got, want) -> dict:
+    """Relative L2 error, cosine and max abs difference of two tensors (fp32)."""
+    import torch
+
+    a, b = got.float().flatten(), want.float().flatten()
+    return {
+        "rel_l2": ((a - b).norm() / b.norm()).item(),
+        "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item(),
+        "max_abs": (a - b).abs().max().item(),
+        "ref_absmax": b.abs().max().item(),
+    }

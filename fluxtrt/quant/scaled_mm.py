@@ -1,0 +1,73 @@
+"""The static FP8 scheme on real FP8 matrix multiplies (``torch._scaled_mm``), for engines compiled from PyTorch.
+
+Same numbers as ``fakequant``'s fp8 and the FP8 Q/DQ ONNX (DESIGN 5): the activation quantized with its calibrated
+per-tensor scale, the weight stored as float8_e4m3fn with one scale per output channel. The multiply is
+``torch._scaled_mm`` with row-wise scales (the per-tensor activation scale repeated per row, the weight's scale per
+column of the output): one FP8 GEMM with fp32 accumulation and the scales applied in its epilogue, the kernel torchao
+uses for its per-row FP8. AOTInductor exports it as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from fluxtrt.quant.fakequant import fp8_scale, fp8_weight, quantize_fp8
+
+
+class StaticFp8Linear(nn.Module):
+    """An ``nn.Linear`` with FP8 weights and a static FP8 input scale, computed by ``torch._scaled_mm``.
+
+    Args:
+        linear: the layer to replace (its weight is quantized, its bias kept in the compute dtype).
+        input_amax: the calibrated amax of the layer's input.
+    """
+
+    def __init__(self, linear: nn.Linear, input_amax: float):
+        super().__init__()
+        weight_q, weight_scale = fp8_weight(linear.weight)
+        self.register_buffer("weight", weight_q)  # [out, in] float8_e4m3fn
+        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, out] fp32
+        amax = torch.tensor([[input_amax]], dtype=torch.float32, device=linear.weight.device)
+        self.register_buffer("input_scale", fp8_scale(amax))  # [1, 1] fp32
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        xq = quantize_fp8(rows, self.input_scale)
+        # Row-wise scaling wants an [M, 1] activation scale and a [1, N] weight scale, both fp32 and contiguous.
+        scale_a = self.input_scale.expand(rows.shape[0], 1).contiguous()
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def static_fp8_linears(model: nn.Module, amax: Mapping[str, float]) -> Iterator[nn.Module]:
+    """Swap each ``nn.Linear`` named in ``amax`` (names relative to ``model``) for a ``StaticFp8Linear``; put the
+    originals back on exit.
+
+    Yields:
+        ``model``, changed in place for the duration.
+
+    Raises:
+        KeyError: a name in ``amax`` that is not an ``nn.Linear`` of ``model``.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, value in amax.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            original = getattr(parent, child, None)
+            if not isinstance(original, nn.Linear):
+                raise KeyError(f"{name} is not an nn.Linear of the model ({type(original).__name__})")
+            setattr(parent, child, StaticFp8Linear(original, value))
+            swapped.append((parent, child, original))
+        yield model
+    finally:
+        for parent, child, original in reversed(swapped):
+            setattr(parent, child, original)
