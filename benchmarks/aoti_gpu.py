@@ -51,7 +51,8 @@ def build(args, records: Records) -> None:
     wall = time.perf_counter() - t0
     tail = (proc.stdout + proc.stderr)[-3000:]
     if proc.returncode != 0:
-        records.emit({"phase": "build", "ok": False, "wall_s": wall, "command": " ".join(cmd[1:]), "tail": tail})
+        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
+                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
         sys.exit(1)
     manifest = json.loads((out / "manifest.json").read_text())
     entry = manifest["components"]["transformer"]
