@@ -59,6 +59,26 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bf
 GRAPHED = "transformer"
 
 
+def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False) -> Any:
+    """``torch._inductor.aoti_load_package`` with the C++ runtime's symbols global first.
+
+    A package's wrapper library is compiled by the machine's g++ and parses its device string with ``std::regex``.
+    When libstdc++ reached the process only as a dependency of torch's own libraries (not in the global symbol
+    scope), that code binds to a second, uninitialised copy of the locale facets and the load segfaults (seen with
+    torch 2.11 + g++ 13 on CPU and CUDA alike; ``LD_PRELOAD=libstdc++.so.6`` also cures it). Loading libstdc++ with
+    RTLD_GLOBAL first puts the one the process already uses ahead of any other.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    name = ctypes.util.find_library("stdc++")
+    if name:
+        ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
+                                             device_index=device_index)  # fmt: skip
+
+
 def external_weights_path(engine_path: Path) -> Path:
     """Where ``options["weights"] = "external"`` keeps an engine's weights: ``<stem>.safetensors`` beside it."""
     return Path(engine_path).with_suffix(".safetensors")
@@ -464,7 +484,7 @@ class AotInductorBackend(EngineBackend):
 
         # Only the package knows which constants survived inductor's dead-code elimination (a VAE decoder's
         # exported program still carries the encoder's weights); a code-only package loads in milliseconds.
-        names = torch._inductor.aoti_load_package(str(job.engine_path)).get_constant_fqns()
+        names = load_package(job.engine_path).get_constant_fqns()
         available = {**ep.state_dict, **ep.constants}
         missing = [n for n in names if n not in available]
         if missing:
@@ -508,7 +528,7 @@ class AotInductorBackend(EngineBackend):
         index = device.index if device.index is not None else -1
         cuda_graph = bool(options.get("cuda_graph")) and spec.name == GRAPHED and device.type == "cuda"
         try:
-            model = torch._inductor.aoti_load_package(str(path), run_single_threaded=cuda_graph, device_index=index)
+            model = load_package(path, index, run_single_threaded=cuda_graph)
         except Exception as exc:
             raise EngineError(f"{spec.name}: {path} does not load ({_first_line(exc)}): {REBUILD}") from exc
         constants = None
