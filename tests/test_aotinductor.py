@@ -198,6 +198,12 @@ def test_build_records_the_environment_and_ranges(engines):
     assert decoder["dims"] == {"B": [1, 2], "h": [4, 16], "w": [4, 16]}
     assert not external_weights_path(engines.path("clip")).exists()
     json.dumps([options, decoder])  # the manifest stores them as JSON
+    # The transformer is exported with fused Q/K/V; the model it was built from is left unfused.
+    transformer = engines.components.transformer
+    attentions = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert engines.entry("transformer")["options"]["fused_qkv"] == attentions
+    assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
+    assert "fused_qkv" not in options
 
 
 def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, tmp_path):
@@ -324,8 +330,8 @@ def test_missing_compiler_is_reported():
 
 
 def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
-    """``fluxtrt build --backend aotinductor --precision fp8``: FP8 weights in the package, outputs as the fake-quant
-    oracle computes them.
+    """``fluxtrt build --backend aotinductor --precision fp8``: FP8 weights in the package (Q/K/V fused), outputs as
+    the fake-quant oracle of the unfused model computes them.
 
     The calibration's amax is shrunk 20x, so the activations clip and FP8 moves the output by about 6% (0.35% with
     the real scales, below the bf16 noise of the tiny model): an engine that ignored the scales could not track the
@@ -354,17 +360,28 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
                          aoti_weights="external")  # fmt: skip
     entry = build_engines(config).manifest.components["transformer"]
     names = quantized_linears(fp32.transformer)
-    assert entry.options["fp8_linears"] == len(names) and entry.options["attention"]
+    # Counted: each attention's three Q/K/V projections (and three added ones in double blocks) become one fused
+    # linear, every other quantized linear stays itself.
+    doubles, singles = len(fp32.transformer.transformer_blocks), len(fp32.transformer.single_transformer_blocks)
+    fused = {n.rsplit(".", 1)[0] + (".to_qkv" if n.endswith(".to_q") else ".to_added_qkv")
+             for n in names if n.endswith((".to_q", ".add_q_proj"))}  # fmt: skip
+    kept = {n for n in names if not n.endswith((".to_q", ".to_k", ".to_v", "_q_proj", "_k_proj", "_v_proj"))}
+    assert len(fused) == 2 * doubles + singles and len(names) == len(kept) + 3 * len(fused)
+    assert entry.options["fused_qkv"] == doubles + singles and entry.options["attention"]
+    assert entry.options["fp8_linears"] == len(kept) + len(fused)
 
-    # Counted: one FP8 weight per quantized linear, bit for bit the scheme's, and no other FP8 tensor.
+    # One FP8 weight per quantized linear, bit for bit the scheme's, and no other FP8 tensor.
     weights = load_file(str(tmp_path / "engines" / "transformer.safetensors"))
     fp8 = {k.removeprefix("transformer.").removesuffix(".weight") for k, v in weights.items()
            if v.dtype == torch.float8_e4m3fn}  # fmt: skip
-    assert fp8 == set(names)
+    assert fp8 == kept | fused
     bf16 = load_components("tiny", "cpu", "bf16")
-    name = names[0]
-    want, _ = fp8_weight(bf16.transformer.get_submodule(name).weight)
-    assert torch.equal(weights[f"transformer.{name}.weight"].view(torch.uint8), want.view(torch.uint8))
+    block = bf16.transformer.transformer_blocks[0]
+    for name, weight in (("transformer_blocks.0.ff.net.2", block.ff.net[2].weight),
+                         ("transformer_blocks.0.attn.to_qkv",
+                          torch.cat([block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight]))):
+        want, _ = fp8_weight(weight)
+        assert torch.equal(weights[f"transformer.{name}.weight"].view(torch.uint8), want.view(torch.uint8)), name
 
     dims = dims_from_components(fp32)
     spec = component_specs(dims)["transformer"]

@@ -27,6 +27,10 @@ Precisions: fp32 and bf16 (the module's own dtype), and fp8: the transformer's c
 the same static scales as the FP8 Q/DQ ONNX) become ``StaticFp8Linear`` (``torch._scaled_mm``) for the export, so
 the package holds FP8 weights and runs FP8 GEMMs; every other component is built in bf16.
 
+The transformer is exported with fused Q/K/V projections (diffusers' ``fuse_projections``; ``options["fused_qkv"]``
+counts the attention modules): one GEMM, and at fp8 one activation quantization, instead of three on the same input.
+The fused linear takes the calibrated amax of its three parts, which are one number since they read one input.
+
 CUDA graphs (``options["cuda_graph"]``, CUDA builds only): the transformer's runner captures one CUDA graph per
 input shape on its first call at that shape and replays it after (the package is loaded with
 ``run_single_threaded``, which leaves out the locking and events a capture cannot contain). Inputs are copied into
@@ -47,6 +51,7 @@ import torch
 import torch._inductor
 
 from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.engines.backend import BuildJob, EngineBackend, LoadJob
 from fluxtrt.errors import BuildError, DeviceError, EngineError, InputError, MissingDependencyError, ShapeError
 from fluxtrt.errors import first_line
@@ -57,6 +62,8 @@ WEIGHTS = ("packaged", "external")
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # The component whose runner may replay CUDA graphs: the one called every step.
 GRAPHED = "transformer"
+# Components exported with fused Q/K/V projections (the module is unfused again after the export).
+FUSE_QKV = ("transformer",)
 
 
 def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False) -> Any:
@@ -351,7 +358,8 @@ class AotInductorBackend(EngineBackend):
         Writes ``job.engine_path`` and, with ``options["weights"] = "external"``, ``external_weights_path`` of it;
         inductor's scratch and cache go to ``job.workdir/inductor-cache``. Records into ``job.options``: torch,
         device (+ gpu, sm on CUDA), weights, ``shape_guards`` (how export kept them), ``dims`` (symbol -> [min,
-        max] of the dynamic ones), ``attention`` (the SDPA ops exported) and, for fp8, ``fp8_linears`` (how many).
+        max] of the dynamic ones), ``attention`` (the SDPA kernels), ``fused_qkv`` (transformer) and, for fp8,
+        ``fp8_linears`` (how many).
 
         Args:
             job: the component, its module in the compute dtype on ``job.device``, the profile, ``amax`` for an
@@ -383,19 +391,20 @@ class AotInductorBackend(EngineBackend):
         env = environment(job.device)
         ranges = symbol_ranges(spec, job.profile)
 
-        fp8 = job.precision == "fp8" and job.amax is not None
         if job.precision == "fp8" and spec.name == "transformer" and job.amax is None:
             raise InputError(
                 f"{spec.name}: --precision fp8 needs calibrated input scales for the transformer's linears and the "
                 "build passed none: build through `fluxtrt build` (it calibrates) or pass --calibration FILE"
             )
-        if fp8:
-            from fluxtrt.quant.scaled_mm import static_fp8_linears
+        with contextlib.ExitStack() as changes, torch.inference_mode(False):
+            if spec.name in FUSE_QKV:
+                job.options["fused_qkv"] = changes.enter_context(fused_qkv(job.module))
+            if job.precision == "fp8" and job.amax is not None:
+                from fluxtrt.quant.scaled_mm import amax_for_fused_qkv, static_fp8_linears
 
-            with static_fp8_linears(job.module, job.amax):
-                ep, guards, attention = self._export(job, ranges)
-            job.options["fp8_linears"] = len(job.amax)
-        else:
+                amax = amax_for_fused_qkv(job.module, job.amax)
+                changes.enter_context(static_fp8_linears(job.module, amax))
+                job.options["fp8_linears"] = len(amax)
             ep, guards, attention = self._export(job, ranges)
         configs = {**extra_configs, "aot_inductor.package_constants_in_so": weights == "packaged"}
         written = [Path(job.engine_path)] + ([external_weights_path(job.engine_path)] if weights == "external" else [])

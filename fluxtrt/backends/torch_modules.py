@@ -5,6 +5,9 @@ These are what the torch runner calls and what ONNX export traces, so both see t
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -80,6 +83,32 @@ class TransformerModule(nn.Module):
             txt_ids=txt_ids,
             return_dict=False,
         )[0]
+
+
+@contextlib.contextmanager
+def fused_qkv(module: nn.Module) -> Iterator[int]:
+    """Fuse the Q/K/V projections of every diffusers attention in ``module`` that supports it (``to_qkv``,
+    ``to_added_qkv``: one GEMM instead of three on the same input), and unfuse them on exit.
+
+    Yields:
+        How many attention modules were fused.
+    """
+    from diffusers.models.attention import AttentionModuleMixin
+
+    fused = [
+        m
+        for m in module.modules()
+        if isinstance(m, AttentionModuleMixin)
+        and getattr(m, "_supports_qkv_fusion", False)
+        and not getattr(m, "fused_projections", False)
+    ]
+    try:
+        for m in fused:
+            m.fuse_projections()
+        yield len(fused)
+    finally:
+        for m in fused:
+            m.unfuse_projections()
 
 
 def component_module(name: str, components) -> nn.Module:

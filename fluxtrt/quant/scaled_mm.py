@@ -46,6 +46,28 @@ class StaticFp8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+# Separate projections -> the fused linear diffusers' fuse_projections makes of them. They read the same input, so
+# their calibrated input amax is the same number.
+_FUSED_QKV = {("to_q", "to_k", "to_v"): "to_qkv", ("add_q_proj", "add_k_proj", "add_v_proj"): "to_added_qkv"}
+
+
+def amax_for_fused_qkv(model: nn.Module, amax: Mapping[str, float]) -> dict[str, float]:
+    """``amax`` renamed for ``model`` with fused Q/K/V: each group of three becomes its fused linear (the max of the
+    three, which are equal when calibrated on the same input); names whose attention is not fused stay.
+    """
+    out: dict[str, float] = {}
+    for name, value in amax.items():
+        parent, _, leaf = name.rpartition(".")
+        group = next((g for g in _FUSED_QKV if leaf in g), None)
+        attention = model.get_submodule(parent) if parent else model
+        if group is None or not getattr(attention, "fused_projections", False):
+            out[name] = value
+            continue
+        fused = f"{parent}.{_FUSED_QKV[group]}" if parent else _FUSED_QKV[group]
+        out[fused] = max(out.get(fused, 0.0), value)
+    return out
+
+
 @contextlib.contextmanager
 def static_fp8_linears(model: nn.Module, amax: Mapping[str, float]) -> Iterator[nn.Module]:
     """Swap each ``nn.Linear`` named in ``amax`` (names relative to ``model``) for a ``StaticFp8Linear``; put the
