@@ -61,7 +61,8 @@ def build(args, records: Records) -> None:
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     records.emit({
         "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
-        "build_s": entry["build_s"], "files": sizes, "options": entry["options"], "resolutions": manifest["resolutions"],
+        "build_s": entry["build_s"], "files": sizes, "options": entry["options"],
+        "resolutions": manifest["resolutions"],
         "output_tail": tail[-1500:],
     })  # fmt: skip
 
@@ -108,14 +109,17 @@ def measure(args, records: Records) -> None:
         sync()
         return runner, time.perf_counter() - t0
 
+    def timed(runner):
+        """(first output, first call's seconds, mean step ms after it) of ``runner`` on ``feed``."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            first = runner.infer(feed)["noise_pred"]
+            sync()
+            seconds = time.perf_counter() - t0
+            return first, seconds, step_ms(lambda: runner.infer(feed))
+
     runner, load_s = load(cuda_graph=False)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        engine_out = runner.infer(feed)["noise_pred"]
-    sync()
-    first_call_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        ms = step_ms(lambda: runner.infer(feed))
+    engine_out, first_call_s, ms = timed(runner)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     records.emit({"phase": "engine", "load_s": load_s, "first_call_s": first_call_s, "step_ms": ms,
                   "peak_gpu_gib": peak})  # fmt: skip
@@ -124,13 +128,8 @@ def measure(args, records: Records) -> None:
 
     try:
         graphed, _ = load(cuda_graph=True)
-        t0 = time.perf_counter()
+        graph_out, capture_s, graph_ms = timed(graphed)
         with torch.inference_mode():
-            graph_out = graphed.infer(feed)["noise_pred"]
-        sync()
-        capture_s = time.perf_counter() - t0
-        with torch.inference_mode():
-            graph_ms = step_ms(lambda: graphed.infer(feed))
             again = graphed.infer(feed)["noise_pred"]
         records.emit({"phase": "engine_cuda_graph", "capture_s": capture_s, "step_ms": graph_ms,
                       "vs_plain": relative_error(graph_out, engine_out),
@@ -153,14 +152,7 @@ def measure(args, records: Records) -> None:
     for name in STAGES[args.precision]:
         try:
             applied = staged.apply(stage_config(name))
-            transformer = applied.runners["transformer"]
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                stage_out = transformer.infer(feed)["noise_pred"]
-            sync()
-            first = time.perf_counter() - t0
-            with torch.inference_mode():
-                stage_ms = step_ms(lambda transformer=transformer: transformer.infer(feed))
+            stage_out, first, stage_ms = timed(applied.runners["transformer"])
         except Exception as exc:  # the engine's figures stand; say what failed
             records.emit({"phase": "torch_stage", "stage": name, "error": f"{type(exc).__name__}: {str(exc)[:800]}"})
             continue

@@ -62,6 +62,7 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
     import torch
     import torch.nn.functional as F
 
+    from benchmarks.records import step_ms
     from fluxtrt.errors import first_line
     from fluxtrt.stages.attention import check_kernel, fp8_attention_kernel, quantize_fp8
 
@@ -71,15 +72,7 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
     q, k, v = (torch.randn(1, seq, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
     def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
+        return step_ms(fn, warmup=3, iters=iters)
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     with torch.inference_mode():

@@ -157,7 +157,7 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
               "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
 @click.option("--aoti-cuda-graph", is_flag=True,
-              help="aotinductor on cuda: replay the transformer step as a CUDA graph (one per input shape).")  # fmt: skip
+              help="aotinductor on cuda: replay the transformer step as a CUDA graph (one per shape).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
           aoti_weights, aoti_cuda_graph):  # fmt: skip

@@ -377,9 +377,13 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     assert fp8 == kept | fused
     bf16 = load_components("tiny", "cpu", "bf16")
     block = bf16.transformer.transformer_blocks[0]
-    for name, weight in (("transformer_blocks.0.ff.net.2", block.ff.net[2].weight),
-                         ("transformer_blocks.0.attn.to_qkv",
-                          torch.cat([block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight]))):
+    for name, weight in (
+        ("transformer_blocks.0.ff.net.2", block.ff.net[2].weight),
+        (
+            "transformer_blocks.0.attn.to_qkv",
+            torch.cat([block.attn.to_q.weight, block.attn.to_k.weight, block.attn.to_v.weight]),
+        ),
+    ):
         want, _ = fp8_weight(weight)
         assert torch.equal(weights[f"transformer.{name}.weight"].view(torch.uint8), want.view(torch.uint8)), name
 

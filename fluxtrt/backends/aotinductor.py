@@ -53,8 +53,15 @@ import torch._inductor
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.engines.backend import BuildJob, EngineBackend, LoadJob
-from fluxtrt.errors import BuildError, DeviceError, EngineError, InputError, MissingDependencyError, ShapeError
-from fluxtrt.errors import first_line
+from fluxtrt.errors import (
+    BuildError,
+    DeviceError,
+    EngineError,
+    InputError,
+    MissingDependencyError,
+    ShapeError,
+    first_line,
+)
 from fluxtrt.specs.component import ComponentSpec
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
