@@ -74,7 +74,8 @@ def main() -> None:
         out_dir.mkdir(parents=True)
         exported = export_onnx(spec, module, feed, out_dir)
         emit({
-            "phase": "full_export", "precision": "bf16", "seconds": exported.seconds,
+            "phase": "full_export", "precision": "bf16", "seconds": exported.seconds, "phases": exported.phases,
+            "workdir": str(args.workdir), "feed": {k: list(v.shape) for k, v in feed.items()},
             "onnx_bytes": exported.model.stat().st_size,
             "data_bytes": exported.data.stat().st_size if exported.data else 0,
             "initializer_bytes": exported.initializer_bytes, "peak_host_gib": peak_host_gib(),

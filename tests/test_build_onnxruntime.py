@@ -140,6 +140,9 @@ def test_external_data_path(tiny, tmp_path):
     assert exported.data is not None and exported.data.name == "model.onnx_data"
     assert exported.data.stat().st_size > exported.initializer_bytes * 0.9  # the weights live in the data file
     assert exported.model.stat().st_size < exported.data.stat().st_size / 10
+    # Each step of the export is timed, and the steps account for the whole.
+    assert list(exported.phases) == ["export", "translate", "optimize", "save", "check"]
+    assert sum(exported.phases.values()) == pytest.approx(exported.seconds, rel=0.05)
     (tmp_path / "engine").mkdir()
     backend = OnnxRuntimeBackend()
     engine = tmp_path / "engine" / "t5.onnx"

@@ -38,6 +38,9 @@ class OnnxExport:
     data: Path | None
     seconds: float
     initializer_bytes: int
+    # Seconds per step: "export" (torch.export), "translate" (to ONNX), "optimize" (onnxscript's constant folding
+    # and rewrites), "save" (serialization and the external-data write), "check" (onnx.checker and the interface).
+    phases: dict[str, float]
 
 
 def _require(package: str) -> None:
@@ -87,19 +90,32 @@ def export_onnx(
         t.name: {i: torch.export.Dim.DYNAMIC for i, d in enumerate(t.shape) if isinstance(d, str)} or None
         for t in spec.inputs
     }
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[phase], mark = now - mark, now
+
     try:
         with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             exported = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
             exported = exported.run_decompositions(_fused_kernel_decompositions())
+            lap("export")
             program = torch.onnx.export(
                 exported,
                 input_names=list(spec.input_names),
                 output_names=list(spec.output_names),
                 opset_version=OPSET,
                 dynamo=True,
-                optimize=True,
+                optimize=False,
                 verbose=False,
             )
+            del exported
+            lap("translate")
+            program.optimize()
+            lap("optimize")
     except Exception as exc:  # the exporter raises many types; all mean the same to the user
         first = first_line(exc)
         raise BuildError(f"{spec.name}: ONNX export failed ({type(exc).__name__}: {first[:300]})") from exc
@@ -115,14 +131,16 @@ def export_onnx(
     else:
         ir.save(program.model, model_path)
     del program
+    lap("save")
 
     try:
         onnx.checker.check_model(str(model_path))  # path-based: works past protobuf's 2 GB limit
     except onnx.checker.ValidationError as exc:
         raise BuildError(f"{spec.name}: the exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     _check_interface(spec, model_path)
+    lap("check")
     data_path = out_dir / DATA_FILE if external else None
-    return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes)
+    return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes, phases)
 
 
 def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002 (aten's argument names)
