@@ -13,7 +13,11 @@ of the same precision in the same run.
 3. In that process, after freeing the engine: the model loaded in PyTorch, its eager output on the same inputs
    (the engine's fidelity), and the torch.compile stage of the same precision with the first-block cache off
    (bf16: stage 1, regional compile + fused QKV; fp8: stage 3, + FP8 attention + torchao FP8 linears): first call
-   (compile) and step time.
+   (compile) and step time. With --fp32-reference, every output's error against the FP32 result of the same
+   weights, which says which of two differing BF16 results is nearer the exact one.
+
+An fp8 build on CUDA runs its attention in FP8 by default (the engine's ``--aoti-fp8-attention``), as stage 3
+does; ``--fp8-attention off`` builds it with BF16 SDPA.
 
 Prints one JSON line per phase and rewrites --out after each.
 """
@@ -48,6 +52,8 @@ def build(args, records: Records) -> None:
            "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
     if args.cuda_graph:
         cmd.append("--aoti-cuda-graph")
+    if args.fp8_attention != "default":
+        cmd.append("--aoti-fp8-attention" if args.fp8_attention == "on" else "--aoti-no-fp8-attention")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
     wall = time.perf_counter() - t0
@@ -65,6 +71,25 @@ def build(args, records: Records) -> None:
         "resolutions": manifest["resolutions"],
         "output_tail": tail[-1500:],
     })  # fmt: skip
+
+
+def fp32_output(transformer, feed):
+    """The transformer's output on ``feed`` computed in FP32 from the same (BF16) weights.
+
+    The weights are converted in place and back: BF16 -> FP32 -> BF16 is exact, and no second copy is held.
+    """
+    import torch
+
+    from fluxtrt.backends.torch_modules import TransformerModule
+
+    dtype = next(transformer.parameters()).dtype
+    transformer.to(torch.float32)
+    try:
+        with torch.inference_mode():
+            feed32 = {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
+            return TransformerModule(transformer)(**feed32)
+    finally:
+        transformer.to(dtype)
 
 
 def measure(args, records: Records) -> None:
@@ -147,6 +172,12 @@ def measure(args, records: Records) -> None:
     with torch.inference_mode():
         eager_out = torch_runners(components)["transformer"].infer(feed)["noise_pred"]
     records.emit({"phase": "engine_vs_eager_bf16", **relative_error(engine_out, eager_out)})
+    reference = None
+    if args.fp32_reference:
+        reference = fp32_output(components.transformer, feed)
+        free()
+        records.emit({"phase": "fp32_reference", "engine": relative_error(engine_out, reference),
+                      "eager_bf16": relative_error(eager_out, reference)})  # fmt: skip
 
     staged = StagedModel(components)
     for name in STAGES[args.precision]:
@@ -161,6 +192,7 @@ def measure(args, records: Records) -> None:
             "unavailable": applied.report.unavailable, "attention": applied.report.attention,
             "quant": applied.report.quant, "first_call_s": first, "step_ms": stage_ms,
             "vs_eager_bf16": relative_error(stage_out, eager_out), "engine_speedup": stage_ms / ms,
+            **({"vs_fp32": relative_error(stage_out, reference)} if reference is not None else {}),
         })  # fmt: skip
 
 
@@ -174,6 +206,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu only for a smoke run (with --model tiny)")
     parser.add_argument("--calibration-edits", type=int, default=1)
     parser.add_argument("--cuda-graph", action="store_true", help="build with --aoti-cuda-graph")
+    parser.add_argument("--fp8-attention", choices=("default", "on", "off"), default="default",
+                        help="build with --aoti-fp8-attention (on) or --aoti-no-fp8-attention (off)")  # fmt: skip
+    parser.add_argument("--fp32-reference", action="store_true",
+                        help="also compute the output in FP32 from the same weights and measure every output's "
+                        "error against it (needs about 2x the BF16 model's GPU memory)")  # fmt: skip
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     args = parser.parse_args()
     records = Records(args.out)

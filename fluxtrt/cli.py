@@ -158,9 +158,12 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
               "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
 @click.option("--aoti-cuda-graph", is_flag=True,
               help="aotinductor on cuda: replay the transformer step as a CUDA graph (one per shape).")  # fmt: skip
+@click.option("--aoti-fp8-attention/--aoti-no-fp8-attention", default=None,
+              help="aotinductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA). Default: on for "
+              "--precision fp8 on cuda when a kernel is available.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights, aoti_cuda_graph):  # fmt: skip
+          aoti_weights, aoti_cuda_graph, aoti_fp8_attention):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -182,6 +185,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         calibration=calibration,
         aoti_weights=aoti_weights,
         aoti_cuda_graph=aoti_cuda_graph,
+        aoti_fp8_attention=aoti_fp8_attention,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

@@ -147,6 +147,8 @@ class BuildConfig:
         aoti_weights: AOTInductor: ``packaged`` (weights inside the .pt2) or ``external`` (code-only package plus
             ``<component>.safetensors``: what a 12B transformer needs to fit the disk and load quickly).
         aoti_cuda_graph: AOTInductor on CUDA: the transformer's runner replays a CUDA graph per input shape.
+        aoti_fp8_attention: AOTInductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA); None:
+            on for an fp8 build on CUDA where a kernel is available.
     """
 
     model: str
@@ -168,12 +170,14 @@ class BuildConfig:
     calibration: Path | None = None
     aoti_weights: str | None = None
     aoti_cuda_graph: bool = False
+    aoti_fp8_attention: bool | None = None
 
     def backend_options(self) -> dict:
-        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights and
-        cuda_graph), for ``BuildJob.options``."""
+        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights,
+        cuda_graph and fp8_attention), for ``BuildJob.options``."""
         given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
-                 "weights": self.aoti_weights, "cuda_graph": self.aoti_cuda_graph or None}  # fmt: skip
+                 "weights": self.aoti_weights, "cuda_graph": self.aoti_cuda_graph or None,
+                 "fp8_attention": self.aoti_fp8_attention}  # fmt: skip
         return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:

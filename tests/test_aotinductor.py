@@ -139,20 +139,12 @@ torch.save(outs, args["out"])
 """
 
 
-def _check_fresh_process_parity(engines: TinyEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
-    """Build ``names``, run them at both geometries in a new interpreter, compare with the torch runners."""
-    entries = {name: engines.entry(name) for name in names}
-    feeds = {
-        name: [
-            engines.specs[name].sample_feed(component_dims(name, engines.dims, *geometry), torch.float32, seed=i)
-            for i, geometry in enumerate(GEOMETRIES)
-        ]
-        for name in names
-    }
+def run_in_fresh_process(root: Path, dims, entries: dict, feeds: dict, tmp_path: Path) -> dict:
+    """Load ``root/<name>.pt2`` for each manifest entry in a new interpreter and run it on ``feeds[name]``."""
     torch.save(feeds, tmp_path / "feeds.pt")
     args = {
-        "root": str(engines.root),
-        "dims": asdict(engines.dims),
+        "root": str(root),
+        "dims": asdict(dims),
         "entries": entries,
         "feeds": str(tmp_path / "feeds.pt"),
         "out": str(tmp_path / "outs.pt"),
@@ -163,8 +155,20 @@ def _check_fresh_process_parity(engines: TinyEngines, tiny, names: tuple[str, ..
         [sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outs = torch.load(tmp_path / "outs.pt")
+    return torch.load(tmp_path / "outs.pt")
 
+
+def _check_fresh_process_parity(engines: TinyEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
+    """Build ``names``, run them at both geometries in a new interpreter, compare with the torch runners."""
+    entries = {name: engines.entry(name) for name in names}
+    feeds = {
+        name: [
+            engines.specs[name].sample_feed(component_dims(name, engines.dims, *geometry), torch.float32, seed=i)
+            for i, geometry in enumerate(GEOMETRIES)
+        ]
+        for name in names
+    }
+    outs = run_in_fresh_process(engines.root, engines.dims, entries, feeds, tmp_path)
     reference = torch_runners(tiny)
     for name in names:
         spec = engines.specs[name]
@@ -292,6 +296,22 @@ def test_precision_and_option_refusals(engines, tmp_path):
     assert not (tmp_path / "clip.pt2").exists() and not (tmp_path / "transformer.pt2").exists()
 
 
+def test_engine_needing_an_fp8_attention_kernel_that_is_missing_is_refused(engines):
+    """A package that calls cuDNN's FP8 attention, loaded where nvidia-cudnn-frontend is not installed."""
+    from fluxtrt.errors import MissingDependencyError
+
+    try:
+        import cudnn  # noqa: F401
+
+        pytest.skip("nvidia-cudnn-frontend is installed here")
+    except ImportError:
+        pass
+    entry = engines.entry("transformer")
+    job = engines.load_job("transformer", options={**entry["options"], "attention": ["fluxtrt::cudnn_fp8_sdpa"]})
+    with pytest.raises(MissingDependencyError, match="transformer.pt2 .*nvidia-cudnn-frontend.*pip install"):
+        engines.backend.load(job)
+
+
 def test_failed_compile_is_a_build_error_and_leaves_no_file(engines, tiny, tmp_path):
     options = {"inductor_configs": {"no_such_setting": 1}}
     job = BuildJob(engines.specs["clip"], component_module("clip", tiny).eval(), None, tmp_path / "clip.pt2", "fp32",
@@ -404,3 +424,63 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
 
     assert rel(oracle, plain) > 0.04  # the clipping scales matter
     assert rel(got, oracle) < 0.015, (rel(got, oracle), rel(oracle, plain))
+
+
+def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path, monkeypatch):
+    """``--aoti-fp8-attention``: the package calls fluxtrt's FP8 attention op, and a fresh process that loads it
+    through the backend computes what the eager model with the FP8 attention processor computes.
+
+    The real kernels (FA3, cuDNN FP8 SDPA) need a Hopper GPU. The emulated kernel is the same kind of op (a
+    registered custom op on e4m3 Q/K/V), so this covers the export around it, the package's call back into the
+    registered op, and loading in a process that never imported it itself.
+    """
+    import fluxtrt.backends.aotinductor as aoti
+    from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.stages.attention import EmulatedFp8Kernel, fp8_attention
+
+    monkeypatch.setattr(aoti, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
+    dims = dims_from_components(tiny)
+    spec = component_specs(dims)["transformer"]
+    processors = {k: type(v) for k, v in tiny.transformer.attn_processors.items()}
+    job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
+                   profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
+                   options={"fp8_attention": True})  # fmt: skip
+    with torch.inference_mode():
+        AotInductorBackend().build(job)
+    assert job.options["fp8_attention"] is True
+    assert job.options["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
+    # The build leaves the model as it found it.
+    assert {k: type(v) for k, v in tiny.transformer.attn_processors.items()} == processors
+
+    feeds = {"transformer": [spec.sample_feed(component_dims("transformer", dims, *geometry), torch.float32, seed=i)
+                             for i, geometry in enumerate(GEOMETRIES)]}  # fmt: skip
+    entry = {"profile": {k: [list(s) for s in v] for k, v in job.profile.items()}, "options": job.options}
+    outs = run_in_fresh_process(tmp_path, dims, {"transformer": entry}, feeds, tmp_path)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    module = component_module("transformer", tiny)
+    for feed, out in zip(feeds["transformer"], outs["transformer"], strict=True):
+        with torch.inference_mode():
+            plain = module(**feed)
+            with fp8_attention(tiny.transformer, EmulatedFp8Kernel()):
+                oracle = TransformerModule(tiny.transformer)(**feed)
+        got = out["noise_pred"]
+        # FP8 Q/K/V move the tiny model's output by about 4e-4; the engine sits 500x closer to the FP8 oracle.
+        assert rel(oracle, plain) > 1e-4
+        assert rel(got, oracle) < 0.02 * rel(oracle, plain), (rel(got, oracle), rel(oracle, plain))
+
+
+def test_fp8_attention_asked_for_where_no_kernel_runs_is_refused(tiny, tmp_path):
+    """Explicit ``--aoti-fp8-attention`` on a CPU build: one line naming the device and the fix, no file."""
+    from fluxtrt.errors import DeviceError
+
+    dims = dims_from_components(tiny)
+    spec = component_specs(dims)["transformer"]
+    job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
+                   profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
+                   options={"fp8_attention": True})  # fmt: skip
+    with pytest.raises(DeviceError, match="FP8 attention is unavailable on cpu.*--device cuda"):
+        AotInductorBackend().build(job)
+    assert not (tmp_path / "transformer.pt2").exists()

@@ -36,8 +36,16 @@ input shape on its first call at that shape and replays it after (the package is
 ``run_single_threaded``, which leaves out the locking and events a capture cannot contain). Inputs are copied into
 the graph's buffers and outputs copied out, so callers may keep them.
 
-The attention kernel the export chose (flash, memory-efficient, cuDNN or math SDPA; chosen for the device and dtype
-at export time and fixed in the package) is recorded as ``options["attention"]``.
+FP8 attention (``options["fp8_attention"]``, the transformer only; on by default for an fp8 build on CUDA): every
+attention runs through stage 2's ``Fp8FluxAttnProcessor`` (per-tensor FP8 Q/K/V) and its kernel, FlashAttention 3
+or cuDNN's FP8 SDPA. The kernels are fluxtrt's registered ops (``fluxtrt::cudnn_fp8_sdpa``...), which the package
+calls through torch's dispatcher, so it runs in a process where ``fluxtrt.stages.attention`` is imported (loading
+through this backend does that) and the kernel's package is installed (checked on load). When the default cannot
+have its kernel (no Hopper GPU, no nvidia-cudnn-frontend) the build keeps BF16 SDPA and records why as
+``options["fp8_attention_unavailable"]``; asked for explicitly, it is an error.
+
+The attention kernel the export chose (flash, memory-efficient, cuDNN or math SDPA, chosen for the device and dtype
+at export time and fixed in the package; or one of fluxtrt's FP8 ops) is recorded as ``options["attention"]``.
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from fluxtrt.errors import (
     first_line,
 )
 from fluxtrt.specs.component import ComponentSpec
+from fluxtrt.stages.attention import check_kernel, fp8_attention, fp8_attention_kernel, require_ops
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 WEIGHTS = ("packaged", "external")
@@ -71,6 +80,8 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bf
 GRAPHED = "transformer"
 # Components exported with fused Q/K/V projections (the module is unfused again after the export).
 FUSE_QKV = ("transformer",)
+# Components whose attention may run in FP8 (FLUX attention processors).
+FP8_ATTENTION = ("transformer",)
 
 
 def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False) -> Any:
@@ -203,7 +214,7 @@ def attention_kernels(module: Any, args: tuple[torch.Tensor, ...]) -> list[str]:
     class Spy(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func._schema.name
-            if "attention" in name:
+            if "attention" in name or name.endswith("_sdpa"):
                 seen.add(name)
             return func(*args, **(kwargs or {}))
 
@@ -412,6 +423,10 @@ class AotInductorBackend(EngineBackend):
                 amax = amax_for_fused_qkv(job.module, job.amax)
                 changes.enter_context(static_fp8_linears(job.module, amax))
                 job.options["fp8_linears"] = len(amax)
+            if spec.name in FP8_ATTENTION:
+                kernel = self._fp8_attention_kernel(job)
+                if kernel is not None:
+                    changes.enter_context(fp8_attention(job.module.transformer, kernel))
             ep, guards, attention = self._export(job, ranges)
         configs = {**extra_configs, "aot_inductor.package_constants_in_so": weights == "packaged"}
         written = [Path(job.engine_path)] + ([external_weights_path(job.engine_path)] if weights == "external" else [])
@@ -442,6 +457,35 @@ class AotInductorBackend(EngineBackend):
             job.options["attention"] = attention
         if extra_configs:
             job.options["inductor_configs"] = extra_configs
+
+    @staticmethod
+    def _fp8_attention_kernel(job: BuildJob) -> Any:
+        """The FP8 attention kernel for ``job`` (recorded as ``options["fp8_attention"]``), or None for SDPA.
+
+        Raises:
+            DeviceError, MissingDependencyError, BuildError: FP8 attention was asked for and cannot run here.
+        """
+        asked = job.options.get("fp8_attention")
+        wanted = asked if asked is not None else job.precision == "fp8" and torch.device(job.device).type == "cuda"
+        job.options["fp8_attention"] = False
+        if not wanted:
+            return None
+        try:
+            kernel = fp8_attention_kernel(job.device)
+            try:
+                check_kernel(kernel, job.device)  # builds and runs it once: a kernel that cannot run fails here
+            except Exception as exc:
+                raise BuildError(
+                    f"{job.spec.name}: {kernel.name} failed its check run ({_first_line(exc)}): check the cuDNN / "
+                    "nvidia-cudnn-frontend versions, or build with --aoti-no-fp8-attention"
+                ) from exc
+        except (DeviceError, MissingDependencyError, BuildError) as exc:
+            if asked:
+                raise
+            job.options["fp8_attention_unavailable"] = str(exc)
+            return None
+        job.options["fp8_attention"] = True
+        return kernel
 
     def _export(self, job: BuildJob, ranges: Mapping[str, tuple[int, int, int]]) -> tuple[Any, str, list[str]]:
         """``torch.export`` with a ``Dim`` per symbol whose min and max differ; sample inputs at the opt shapes.
@@ -543,6 +587,9 @@ class AotInductorBackend(EngineBackend):
         device = torch.device(job.device)
         index = device.index if device.index is not None else -1
         cuda_graph = bool(options.get("cuda_graph")) and spec.name == GRAPHED and device.type == "cuda"
+        # A package that calls fluxtrt's FP8 attention ops needs their kernels' packages (the ops are registered by
+        # this module's import of fluxtrt.stages.attention).
+        require_ops(options.get("attention") or [], f"the {spec.name} engine {path.name}")
         try:
             model = load_package(path, index, run_single_threaded=cuda_graph)
         except Exception as exc:

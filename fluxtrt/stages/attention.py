@@ -10,6 +10,8 @@ kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of t
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,15 +32,37 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, (1.0 / scale).reshape(1, 1, 1, 1)
 
 
+@torch.library.custom_op("fluxtrt::emulated_fp8_sdpa", mutates_args=())
+def emulated_fp8_sdpa(
+    q8: torch.Tensor,
+    k8: torch.Tensor,
+    v8: torch.Tensor,
+    descale_q: torch.Tensor,
+    descale_k: torch.Tensor,
+    descale_v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Dequantized e4m3 [B, S, H, D] Q/K/V through fp32 SDPA -> fp32 [B, S, H, D]."""
+    q, k, v = (x.float() * d for x, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2).contiguous()
+
+
+@emulated_fp8_sdpa.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
+    return torch.empty(q8.shape, dtype=torch.float32, device=q8.device)
+
+
 class EmulatedFp8Kernel:
-    """Dequantize FP8 Q/K/V and run fp32 SDPA: the reference the real kernels are checked against (any device)."""
+    """Dequantize FP8 Q/K/V and run fp32 SDPA: the reference the real kernels are checked against (any device).
+
+    A registered op like the real kernels, so an exported or compiled graph keeps it as one call, as it keeps them.
+    """
 
     name = "emulated fp8 (dequantize + fp32 SDPA)"
 
     def __call__(self, q8, k8, v8, dq, dk, dv, scale: float) -> torch.Tensor:
-        q, k, v = (x.float() * d for x, d in ((q8, dq), (k8, dk), (v8, dv)))  # [B, S, H, D]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-        return out.transpose(1, 2)  # [B, S, H, D]
+        return torch.ops.fluxtrt.emulated_fp8_sdpa(q8, k8, v8, dq, dk, dv, scale)  # [B, S, H, D] fp32
 
 
 # --- cuDNN frontend FP8 SDPA -------------------------------------------------------------------------------------
@@ -204,6 +228,43 @@ def fp8_attention_kernel(device: torch.device | str) -> Any:
             "nvidia-cudnn-frontend", "FP8 attention (stage 2)", "pip install 'fluxtrt[cudnn]'"
         ) from None
     return CudnnFp8Kernel()
+
+
+# The FP8 attention ops and what each needs at run time (module, package, install command): an exported graph
+# that calls one runs only where this module is imported and that dependency is present.
+OP_REQUIREMENTS = {
+    "fluxtrt::cudnn_fp8_sdpa": ("cudnn", "nvidia-cudnn-frontend", "pip install 'fluxtrt[cudnn]'"),
+    "fluxtrt::fa3_fp8_sdpa": ("flash_attn_interface", "flash-attn 3", "install FlashAttention 3 (hopper/ build)"),
+    "fluxtrt::emulated_fp8_sdpa": ("torch", "torch", "pip install torch"),
+}
+
+
+def require_ops(ops: list[str] | tuple[str, ...], feature: str) -> None:
+    """Raise unless every fluxtrt attention op in ``ops`` can run here.
+
+    Raises:
+        MissingDependencyError: an op's package does not import.
+    """
+    for op in ops:
+        if op not in OP_REQUIREMENTS:
+            continue
+        module, package, install = OP_REQUIREMENTS[op]
+        try:
+            __import__(module)
+        except ImportError:
+            raise MissingDependencyError(package, f"{feature} ({op})", install) from None
+
+
+@contextmanager
+def fp8_attention(transformer: Any, kernel: Any) -> Iterator[None]:
+    """Run every attention of a diffusers FLUX transformer through ``Fp8FluxAttnProcessor(kernel)`` for the
+    duration; the processors it had are put back on exit."""
+    saved = transformer.attn_processors
+    transformer.set_attn_processor(Fp8FluxAttnProcessor(kernel))
+    try:
+        yield
+    finally:
+        transformer.set_attn_processor(saved)
 
 
 def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads: int = 2, dim: int = 128) -> float:
