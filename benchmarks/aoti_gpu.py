@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, relative_error, step_ms  # noqa: E402
+from benchmarks.records import Records, kernel_profile, relative_error, step_ms  # noqa: E402
 
 # The torch.compile stages timed next to the engine (first-block cache off: the engine has none). fp8 also times
 # stage 1, before quantizing: the model is quantized in place.
@@ -46,8 +46,10 @@ STAGES = {"bf16": ("1:fbc=off",), "fp8": ("1:fbc=off", "3:fbc=off")}
 
 def build(args, records: Records) -> None:
     out = args.workdir / args.precision
+    size = f"{args.size}x{args.size}"
     cmd = [sys.executable, "-m", "fluxtrt", "build", "--model", args.model, "--backend", "aotinductor",
            "--precision", args.precision, "--device", args.device, "--components", "transformer",
+           *(["--min-resolution", size, "--opt-resolution", size, "--max-resolution", size] if args.static else []),
            "--aoti-weights", "external", "--out", str(out), "--force",
            "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
     if args.cuda_graph:
@@ -143,11 +145,17 @@ def measure(args, records: Records) -> None:
             seconds = time.perf_counter() - t0
             return first, seconds, step_ms(lambda: runner.infer(feed))
 
+    def profiled(runner) -> dict:
+        if not (args.profile and device == "cuda"):
+            return {}
+        with torch.inference_mode():
+            return {"profile": kernel_profile(lambda: runner.infer(feed))}
+
     runner, load_s = load(cuda_graph=False)
     engine_out, first_call_s, ms = timed(runner)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     records.emit({"phase": "engine", "load_s": load_s, "first_call_s": first_call_s, "step_ms": ms,
-                  "peak_gpu_gib": peak})  # fmt: skip
+                  "peak_gpu_gib": peak, **profiled(runner)})  # fmt: skip
     del runner
     free()
 
@@ -193,6 +201,7 @@ def measure(args, records: Records) -> None:
             "quant": applied.report.quant, "first_call_s": first, "step_ms": stage_ms,
             "vs_eager_bf16": relative_error(stage_out, eager_out), "engine_speedup": stage_ms / ms,
             **({"vs_fp32": relative_error(stage_out, reference)} if reference is not None else {}),
+            **profiled(applied.runners["transformer"]),
         })  # fmt: skip
 
 
@@ -208,6 +217,9 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true", help="build with --aoti-cuda-graph")
     parser.add_argument("--fp8-attention", choices=("default", "on", "off"), default="default",
                         help="build with --aoti-fp8-attention (on) or --aoti-no-fp8-attention (off)")  # fmt: skip
+    parser.add_argument("--static", action="store_true",
+                        help="build for --size alone (min = opt = max): every shape static")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="record the top GPU kernels of an engine/stage step")
     parser.add_argument("--fp32-reference", action="store_true",
                         help="also compute the output in FP32 from the same weights and measure every output's "
                         "error against it (needs about 2x the BF16 model's GPU memory)")  # fmt: skip

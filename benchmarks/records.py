@@ -60,3 +60,22 @@ def relative_error(got, want) -> dict:
         "max_abs": (a - b).abs().max().item(),
         "ref_absmax": b.abs().max().item(),
     }
+
+
+def kernel_profile(call, top: int = 12) -> dict:
+    """The GPU kernels of one ``call()`` (run it warm): total device ms, and the ``top`` kernels by device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "device_ms": sum(e.self_device_time_total for e in events) / 1000,
+        "kernels": len(events),
+        "launches": sum(e.count for e in events),
+        "top": [{"name": e.key[:140], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events[:top]],
+    }
