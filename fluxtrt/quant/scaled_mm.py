@@ -40,9 +40,12 @@ class StaticFp8Linear(nn.Module):
         xq = quantize_fp8(rows, self.input_scale)
         # Row-wise scaling wants an [M, 1] activation scale and a [1, N] weight scale, both fp32 and contiguous.
         scale_a = self.input_scale.expand(rows.shape[0], 1).contiguous()
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+        # The bias goes into the GEMM's epilogue (added in fp32 before the one rounding to the output dtype), as
+        # torchao's FP8 linear does (cuBLASLt then picks a bias-epilogue kernel).
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = torch._scaled_mm(
+            xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=bias, out_dtype=x.dtype
+        )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
