@@ -19,9 +19,11 @@ them in ``job.options`` and ``load`` refuses an engine built for anything else. 
 checks of its own, so the runner refuses symbol values outside the built range before calling it.
 
 Shapes: one package per component with dynamic dimensions over the whole profile, not one per resolution bucket.
-Inductor's kernels take the sizes as arguments and the matrix multiplies are cuBLAS/CUTLASS calls that pick their
-tiling per call, so a bucketed package buys little speed, and the full-size transformer's weights would be stored
-once per bucket (``weights=external`` shares nothing between packages).
+Inductor's kernels take the sizes as arguments and the matrix multiplies are cuBLAS calls that pick their kernel
+per call, so a bucketed package buys little speed: a 1024x1024-only FP8 transformer ran 3% faster than the dynamic
+one on an H200 (205.5 against 212.6 ms per step), and the full-size transformer's weights would be stored once per
+bucket (``weights=external`` shares nothing between packages). A build whose range is one resolution gets the
+static package.
 
 Precisions: fp32 and bf16 (the module's own dtype), and fp8: the transformer's calibrated linears (``job.amax``,
 the same static scales as the FP8 Q/DQ ONNX) become ``StaticFp8Linear`` (``torch._scaled_mm``) for the export, so
