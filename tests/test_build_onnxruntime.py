@@ -286,6 +286,19 @@ def test_backend_options_reach_the_build_settings(tmp_path):
     config = tiny_config(tmp_path / "e", aoti_weights="external", workspace_gib=4.0)
     assert config.backend_options() == {"weights": "external", "workspace_gib": 4.0}
     assert tiny_config(tmp_path / "e").backend_options() == {}
+    # An explicit "off" is a setting too (it differs from the precision's default).
+    assert tiny_config(tmp_path / "e", aoti_fp8_attention=False).backend_options() == {"fp8_attention": False}
+
+
+def test_fp8_attention_on_a_cpu_build_is_one_line(tmp_path):
+    result = run_cli("build", "--model", "tiny", "--out", str(tmp_path / "e"), "--backend", "aotinductor",
+                     "--components", "transformer", "--aoti-fp8-attention")  # fmt: skip
+    # Progress lines come first; the failure is one error line, the last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.exit_code != 0 and len(errors) == 1, result.stderr
+    assert "FP8 attention is unavailable on cpu" in errors[0] and "--device cuda" in errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert not list(tmp_path.rglob("*.pt2"))
 
 
 @pytest.mark.parametrize(
