@@ -113,3 +113,21 @@ def print_manifest(m, root: Path) -> None:
         engine_mb = _mb(e.engine.bytes + sum(f.bytes for f in e.engine_extra))
         table.add_row(name, e.engine.path, engine_mb, onnx_mb, f"{e.build_s:.1f}", shapes)
     console.print(table)
+    options = {name: e.options for name, e in m.components.items() if e.options}
+    if options:
+        # What the backend recorded per engine: settings given, kernels chosen, what the engine is tied to.
+        table = Table(title="engine options")
+        for col in ("component", "option", "value"):
+            table.add_column(col, overflow="fold")  # kernel names are long: wrap, never cut
+        for name, opts in options.items():
+            for i, (key, value) in enumerate(opts.items()):
+                table.add_row(name if i == 0 else "", key, _option_text(value))
+        console.print(table)
+
+
+def _option_text(value) -> str:
+    if isinstance(value, dict):  # e.g. dims: {"S": [2048, 19208]} -> "S 2048..19208"
+        return ", ".join(f"{k} {'..'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value))
+    return str(value)

@@ -389,6 +389,13 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     assert len(fused) == 2 * doubles + singles and len(names) == len(kept) + 3 * len(fused)
     assert entry.options["fused_qkv"] == doubles + singles and entry.options["attention"]
     assert entry.options["fp8_linears"] == len(kept) + len(fused)
+    assert entry.options["fp8_attention"] is False  # a CPU build keeps SDPA by default
+    # `fluxtrt inspect` shows what the engine runs.
+    from tests.conftest import run_cli
+
+    shown = run_cli("inspect", str(tmp_path / "engines")).stderr.splitlines()
+    assert any("fp8_linears" in line and f" {len(kept) + len(fused)} " in line for line in shown), shown
+    assert any("fp8_attention" in line and " False " in line for line in shown), shown
 
     # One FP8 weight per quantized linear, bit for bit the scheme's, and no other FP8 tensor.
     weights = load_file(str(tmp_path / "engines" / "transformer.safetensors"))
