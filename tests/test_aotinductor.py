@@ -441,11 +441,12 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     registered custom op on e4m3 Q/K/V), so this covers the export around it, the package's call back into the
     registered op, and loading in a process that never imported it itself.
     """
-    import fluxtrt.backends.aotinductor as aoti
+    import fluxtrt.stages.attention as attention
     from fluxtrt.backends.torch_modules import TransformerModule
     from fluxtrt.stages.attention import EmulatedFp8Kernel, fp8_attention
 
-    monkeypatch.setattr(aoti, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
+    # The kernel choice (then its check run, as for a real kernel) gives the emulated one.
+    monkeypatch.setattr(attention, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
     dims = dims_from_components(tiny)
     spec = component_specs(dims)["transformer"]
     processors = {k: type(v) for k, v in tiny.transformer.attn_processors.items()}

@@ -73,7 +73,7 @@ from fluxtrt.errors import (
     first_line,
 )
 from fluxtrt.specs.component import ComponentSpec
-from fluxtrt.stages.attention import check_kernel, fp8_attention, fp8_attention_kernel, require_ops
+from fluxtrt.stages.attention import checked_fp8_attention_kernel, fp8_attention, require_ops
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 WEIGHTS = ("packaged", "external")
@@ -465,7 +465,7 @@ class AotInductorBackend(EngineBackend):
         """The FP8 attention kernel for ``job`` (recorded as ``options["fp8_attention"]``), or None for SDPA.
 
         Raises:
-            DeviceError, MissingDependencyError, BuildError: FP8 attention was asked for and cannot run here.
+            DeviceError, MissingDependencyError: FP8 attention was asked for and cannot run here.
         """
         asked = job.options.get("fp8_attention")
         wanted = asked if asked is not None else job.precision == "fp8" and torch.device(job.device).type == "cuda"
@@ -473,15 +473,8 @@ class AotInductorBackend(EngineBackend):
         if not wanted:
             return None
         try:
-            kernel = fp8_attention_kernel(job.device)
-            try:
-                check_kernel(kernel, job.device)  # builds and runs it once: a kernel that cannot run fails here
-            except Exception as exc:
-                raise BuildError(
-                    f"{job.spec.name}: {kernel.name} failed its check run ({_first_line(exc)}): check the cuDNN / "
-                    "nvidia-cudnn-frontend versions, or build with --aoti-no-fp8-attention"
-                ) from exc
-        except (DeviceError, MissingDependencyError, BuildError) as exc:
+            kernel = checked_fp8_attention_kernel(job.device)
+        except (DeviceError, MissingDependencyError) as exc:
             if asked:
                 raise
             job.options["fp8_attention_unavailable"] = str(exc)

@@ -17,7 +17,7 @@ import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
-from fluxtrt.errors import FluxtrtError, InputError, first_line
+from fluxtrt.errors import FluxtrtError, InputError
 from fluxtrt.stages.cache import CacheStats, FirstBlockCacheRunner
 from fluxtrt.stages.config import StageConfig
 
@@ -312,18 +312,10 @@ class StagedModel:
 
         transformer = self.components.transformer
         if config.attention == "fp8":
-            from fluxtrt.stages.attention import Fp8FluxAttnProcessor, check_kernel, fp8_attention_kernel
+            from fluxtrt.stages.attention import Fp8FluxAttnProcessor, checked_fp8_attention_kernel
 
             try:
-                kernel = fp8_attention_kernel(self.device)
-                try:
-                    check_kernel(kernel, self.device)  # builds and runs it once: a kernel that cannot run fails here
-                except Exception as exc:
-                    first = first_line(exc, "")
-                    raise FluxtrtError(
-                        f"{kernel.name} failed its check run on this GPU ({type(exc).__name__}: {first}); "
-                        "check the cuDNN / nvidia-cudnn-frontend versions"
-                    ) from exc
+                kernel = checked_fp8_attention_kernel(self.device)
                 transformer.set_attn_processor(Fp8FluxAttnProcessor(kernel))
                 return kernel.name, True
             except FluxtrtError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fluxtrt.errors import DeviceError, MissingDependencyError
+from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
@@ -265,6 +265,25 @@ def fp8_attention(transformer: Any, kernel: Any) -> Iterator[None]:
         yield
     finally:
         transformer.set_attn_processor(saved)
+
+
+def checked_fp8_attention_kernel(device: torch.device | str) -> Any:
+    """``fp8_attention_kernel(device)``, after one check run (``check_kernel``): a kernel that cannot build or run
+    for this GPU fails here, before a model depends on it.
+
+    Raises:
+        DeviceError: not a CUDA device of compute capability 9.0 or newer, or the kernel failed its check run.
+        MissingDependencyError: neither flash_attn_interface nor nvidia-cudnn-frontend is installed.
+    """
+    kernel = fp8_attention_kernel(device)
+    try:
+        check_kernel(kernel, device)
+    except Exception as exc:
+        raise DeviceError(
+            f"{kernel.name} failed its check run on this GPU ({type(exc).__name__}: {first_line(exc, '')}); "
+            "check the cuDNN / nvidia-cudnn-frontend versions"
+        ) from exc
+    return kernel
 
 
 def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads: int = 2, dim: int = 128) -> float:
