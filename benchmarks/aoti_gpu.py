@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +68,8 @@ def build(args, records: Records) -> None:
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     records.emit({
         "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
-        "build_s": entry["build_s"], "files": sizes, "options": entry["options"],
+        "build_s": entry["build_s"], "files": sizes, "settings": entry["settings"].get("options"),
+        "record": entry.get("record", entry.get("options")),
         "resolutions": manifest["resolutions"],
         "output_tail": tail[-1500:],
     })  # fmt: skip
@@ -97,8 +97,8 @@ def fp32_output(transformer, feed):
 def measure(args, records: Records) -> None:
     import torch
 
-    from fluxtrt.engines.backend import LoadJob, get_backend
-    from fluxtrt.engines.build import COMPUTE_DTYPE
+    from fluxtrt.backends.base import LoadJob, get_backend
+    from fluxtrt.config import COMPUTE_DTYPE
     from fluxtrt.engines.manifest import Manifest
     from fluxtrt.models import load_components
     from fluxtrt.models.loading import torch_dtype
@@ -124,12 +124,12 @@ def measure(args, records: Records) -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    entry = asdict(manifest.components["transformer"])
+    entry = manifest.components["transformer"]
     backend = get_backend("aotinductor")
 
     def load(cuda_graph: bool):
-        options = {**entry["options"], "cuda_graph": cuda_graph}
-        job = LoadJob(spec, out / entry["engine"]["path"], device, dtype, {**entry, "options": options})
+        options = backend.options({**entry.settings.get("options", {}), "cuda_graph": cuda_graph})
+        job = LoadJob(spec, out / entry.engine.path, device, dtype, entry.profile, options, entry.record)
         sync()
         t0 = time.perf_counter()
         runner = backend.load(job)

@@ -64,7 +64,8 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
 
     from benchmarks.records import step_ms
     from fluxtrt.errors import first_line
-    from fluxtrt.stages.attention import check_kernel, fp8_attention_kernel, quantize_fp8
+    from fluxtrt.kernels.attention import check_kernel, fp8_attention_kernel
+    from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
 
     if not torch.cuda.is_available():
         return
@@ -81,15 +82,15 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
             kernel = fp8_attention_kernel("cuda")
             record["fp8_kernel"] = kernel.name
             record["fp8_check_cosine"] = check_kernel(kernel, "cuda")
-            q8, dq = quantize_fp8(q)
-            k8, dk = quantize_fp8(k)
-            v8, dv = quantize_fp8(v)
+            q8, dq = quantize_fp8_dynamic(q)
+            k8, dk = quantize_fp8_dynamic(k)
+            v8, dv = quantize_fp8_dynamic(v)
             # Eager here: in the compiled blocks the quantization and the dequantization fuse with their neighbours.
             record["fp8_kernel_ms"] = timed(lambda: kernel(q8, k8, v8, dq, dk, dv, dim**-0.5))
             if hasattr(torch.ops.fluxtrt, "cudnn_fp8_sdpa") and "cudnn" in kernel.name:
                 op = torch.ops.fluxtrt.cudnn_fp8_sdpa
                 record["fp8_attention_op_ms"] = timed(lambda: op(q8, k8, v8, dq, dk, dv, dim**-0.5))
-            record["fp8_quantize_qkv_ms"] = timed(lambda: (quantize_fp8(q), quantize_fp8(k), quantize_fp8(v)))
+            record["fp8_quantize_qkv_ms"] = timed(lambda: [quantize_fp8_dynamic(x) for x in (q, k, v)])
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float()
             out = kernel(q8, k8, v8, dq, dk, dv, dim**-0.5).float()
             record["fp8_cosine_full_shape"] = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fluxtrt.backends.onnxruntime import session
+from fluxtrt.backends.onnxruntime.runtime import session
 from fluxtrt.backends.torch_modules import TransformerModule
 from fluxtrt.environment import environment
 from fluxtrt.export.onnx import export_onnx

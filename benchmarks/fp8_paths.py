@@ -3,7 +3,7 @@ both compiled regionally, and the static calibrated FP8 scheme of the engines (f
 
     python benchmarks/fp8_paths.py --out results.json [--size 1024] [--model random-full] [--calibration-edits 2]
 
-1. The model in BF16 on the GPU; calibration (``fluxtrt.quant.calibrate``: edits at size x size, all steps) of the
+1. The model in BF16 on the GPU; calibration (``fluxtrt.engines.calibrate``: edits at size x size, all steps) of the
    static input scales.
 2. On one transformer input (a size x size edit of a size x size reference, batch 1): the eager BF16 output, the
    fake-quant static-FP8 output (``fake_quantize``, fp32 math: the oracle of the FP8 Q/DQ ONNX) and the static FP8
@@ -44,12 +44,12 @@ def main() -> None:
     import torch
 
     from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.engines.calibrate import calibrate
     from fluxtrt.environment import environment
+    from fluxtrt.kernels.fp8_linear import static_fp8_linears
     from fluxtrt.models import load_components
     from fluxtrt.models.loading import model_fingerprint
-    from fluxtrt.quant.calibrate import calibrate
     from fluxtrt.quant.fakequant import fake_quantize
-    from fluxtrt.quant.scaled_mm import static_fp8_linears
     from fluxtrt.specs import Resolution, component_specs
     from fluxtrt.specs.flux import component_dims, dims_from_components
     from fluxtrt.stages import stage_config

@@ -9,7 +9,6 @@ import click
 
 from fluxtrt import __version__
 from fluxtrt.config import (
-    COMPONENT_NAMES,
     DEVICES,
     DTYPES,
     SIGMA_SCHEDULES,
@@ -19,7 +18,7 @@ from fluxtrt.config import (
     SamplerConfig,
 )
 from fluxtrt.errors import FluxtrtError
-from fluxtrt.specs.flux import Resolution
+from fluxtrt.specs.flux import COMPONENTS, Resolution
 
 
 class FluxtrtGroup(click.Group):
@@ -141,7 +140,7 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--opt-resolution", default="1024x1024", show_default=True, help="WIDTHxHEIGHT the engines tune for.")
 @click.option("--max-resolution", default="1568x1568", show_default=True, help="Largest WIDTHxHEIGHT accepted.")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch accepted.")
-@click.option("--components", default=",".join(COMPONENT_NAMES), show_default=True, help="Comma-separated subset.")
+@click.option("--components", default=",".join(COMPONENTS), show_default=True, help="Comma-separated subset.")
 @click.option("--force", is_flag=True, help="Rebuild everything, even components whose settings match.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
@@ -156,14 +155,14 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
 @click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
               "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
-@click.option("--aoti-cuda-graph", is_flag=True,
-              help="aotinductor on cuda: replay the transformer step as a CUDA graph (one per shape).")  # fmt: skip
+@click.option("--cuda-graph", "--aoti-cuda-graph", "cuda_graph", is_flag=True,
+              help="aotinductor, tensorrt on cuda: replay the transformer step as a CUDA graph per shape.")  # fmt: skip
 @click.option("--aoti-fp8-attention/--aoti-no-fp8-attention", default=None,
               help="aotinductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA). Default: on for "
               "--precision fp8 on cuda when a kernel is available.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights, aoti_cuda_graph, aoti_fp8_attention):  # fmt: skip
+          aoti_weights, cuda_graph, aoti_fp8_attention):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -184,7 +183,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         calibration_edits=calibration_edits,
         calibration=calibration,
         aoti_weights=aoti_weights,
-        aoti_cuda_graph=aoti_cuda_graph,
+        cuda_graph=cuda_graph,
         aoti_fp8_attention=aoti_fp8_attention,
     )
     from fluxtrt.console import build_progress, print_build_report

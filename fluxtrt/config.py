@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxtrt.errors import InputError
-from fluxtrt.specs.flux import Resolution
+from fluxtrt.specs.flux import COMPONENTS, Resolution
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -119,8 +119,10 @@ class InferConfig:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-COMPONENT_NAMES = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
 PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+# Compute dtype of the exported graphs and of the model an engine is compared with; fp8/fp4 quantise a bf16 graph.
+COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp8": "bf16", "fp4": "bf16"}
+QUANTIZED_PRECISIONS = ("fp8", "fp4")
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,8 @@ class BuildConfig:
         calibration: fp8/fp4: a calibration file (from an earlier build's ``calibration/``) to use instead.
         aoti_weights: AOTInductor: ``packaged`` (weights inside the .pt2) or ``external`` (code-only package plus
             ``<component>.safetensors``: what a 12B transformer needs to fit the disk and load quickly).
-        aoti_cuda_graph: AOTInductor on CUDA: the transformer's runner replays a CUDA graph per input shape.
+        cuda_graph: on CUDA, the transformer's runner replays a CUDA graph per input shape (aotinductor,
+            tensorrt).
         aoti_fp8_attention: AOTInductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA); None:
             on for an fp8 build on CUDA where a kernel is available.
     """
@@ -159,7 +162,7 @@ class BuildConfig:
     opt_resolution: Resolution = Resolution(1024, 1024)
     max_resolution: Resolution = Resolution(1568, 1568)
     max_batch: int = 1
-    components: tuple[str, ...] = COMPONENT_NAMES
+    components: tuple[str, ...] = COMPONENTS
     force: bool = False
     device: str = "cpu"
     onnx_dir: Path | None = None
@@ -169,14 +172,14 @@ class BuildConfig:
     calibration_edits: int = 8
     calibration: Path | None = None
     aoti_weights: str | None = None
-    aoti_cuda_graph: bool = False
+    cuda_graph: bool = False
     aoti_fp8_attention: bool | None = None
 
     def backend_options(self) -> dict:
-        """The backend settings given (TensorRT's workspace_gib, opt_level, timing_cache; AOTInductor's weights,
-        cuda_graph and fp8_attention), for ``BuildJob.options``."""
+        """The backend settings given on the command line (None and False mean not given), by option name; the
+        backend turns them into its typed options and refuses one it does not have."""
         given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
-                 "weights": self.aoti_weights, "cuda_graph": self.aoti_cuda_graph or None,
+                 "weights": self.aoti_weights, "cuda_graph": self.cuda_graph or None,
                  "fp8_attention": self.aoti_fp8_attention}  # fmt: skip
         return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
@@ -191,9 +194,9 @@ class BuildConfig:
                 "--calibration-edits 8"
             )
         for c in self.components:
-            _one_of("--components", c, COMPONENT_NAMES)
+            _one_of("--components", c, COMPONENTS)
         if not self.components:
-            raise InputError(f"--components is empty, expected some of {', '.join(COMPONENT_NAMES)}")
+            raise InputError(f"--components is empty, expected some of {', '.join(COMPONENTS)}")
         if self.max_batch < 1:
             raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
         lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution

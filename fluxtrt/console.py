@@ -113,14 +113,15 @@ def print_manifest(m, root: Path) -> None:
         engine_mb = _mb(e.engine.bytes + sum(f.bytes for f in e.engine_extra))
         table.add_row(name, e.engine.path, engine_mb, onnx_mb, f"{e.build_s:.1f}", shapes)
     console.print(table)
-    options = {name: e.options for name, e in m.components.items() if e.options}
-    if options:
-        # What the backend recorded per engine: settings given, kernels chosen, what the engine is tied to.
-        table = Table(title="engine options")
-        for col in ("component", "option", "value"):
+    rows = {name: {**e.settings.get("options", {}), **e.record} for name, e in m.components.items()}
+    if any(rows.values()):
+        # Per engine: the backend options it was built with, then what the backend recorded (kernels chosen, what
+        # the engine is tied to).
+        table = Table(title="engine settings and record")
+        for col in ("component", "key", "value"):
             table.add_column(col, overflow="fold")  # kernel names are long: wrap, never cut
-        for name, opts in options.items():
-            for i, (key, value) in enumerate(opts.items()):
+        for name, items in rows.items():
+            for i, (key, value) in enumerate(items.items()):
                 table.add_row(name if i == 0 else "", key, _option_text(value))
         console.print(table)
 

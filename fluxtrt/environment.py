@@ -1,4 +1,9 @@
-"""The environment a result was measured in: part of every benchmark record."""
+"""The machine a result was measured or an engine was built on: one probe of the GPU, one check of a device and its
+compute capability, and the environment recorded with every benchmark result.
+
+What each precision and kernel needs of a GPU is written here once (``MIN_SM``), for the stages, the engine builders
+and their runners alike.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from fluxtrt.errors import DeviceError
 
-def _version(package: str) -> str | None:
+# The smallest compute capability (as 89 for 8.9) with tensor cores for each low precision, and for FP8 attention
+# (FlashAttention 3 and cuDNN's FP8 SDPA are Hopper kernels).
+MIN_SM = {"fp8": 89, "fp4": 100, "fp8_attention": 90}
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution, or None."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -29,6 +41,74 @@ def fluxtrt_commit() -> str | None:
         return None
 
 
+def check_device(device: str) -> None:
+    """Raise DeviceError if the torch device ``device`` (``cpu``, ``cuda``, ``cuda:1``) cannot run here."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(
+            f"--device {device} was asked for but this machine has no CUDA device visible to PyTorch "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use --device cpu or install a CUDA build"
+        )
+
+
+def gpu_info(device: Any = "cuda") -> dict[str, str]:
+    """The GPU behind ``device`` as ``{"gpu": name, "sm": "90"}``.
+
+    Raises:
+        DeviceError: torch sees no CUDA GPU.
+    """
+    import torch
+
+    check_device("cuda")
+    dev = torch.device(device)
+    props = torch.cuda.get_device_properties(dev.index if dev.index is not None else torch.cuda.current_device())
+    return {"gpu": props.name, "sm": f"{props.major}{props.minor}"}
+
+
+def device_environment(device: Any) -> dict[str, str]:
+    """What code compiled for ``device`` is tied to: the torch build, the device type and, on CUDA, GPU and SM."""
+    import torch
+
+    env = {"torch": torch.__version__, "device": torch.device(device).type}
+    if env["device"] == "cuda":
+        env.update(gpu_info(device))
+    return env
+
+
+def require_sm(sm: str | int, need: str, fix: str, feature: str | None = None) -> None:
+    """Raise DeviceError unless compute capability ``sm`` (as ``"90"`` or 90) runs ``need`` (a key of MIN_SM).
+
+    Args:
+        sm: the GPU's (or an engine target's) compute capability.
+        need: ``fp8``, ``fp4`` or ``fp8_attention``.
+        fix: what the user can do instead, ending the message.
+        feature: how the message names what needs it (default: from ``need``, e.g. "FP8").
+    """
+    want, have = MIN_SM[need], int(sm)
+    if have < want:
+        raise DeviceError(
+            f"{feature or _feature(need)} needs compute capability {want // 10}.{want % 10} or newer, this one is "
+            f"{have // 10}.{have % 10}: {fix}"
+        )
+
+
+def require_cuda_sm(device: Any, need: str, fix: str, feature: str | None = None) -> None:
+    """``require_sm`` for a torch device, with a DeviceError naming the fix when it is no CUDA device."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        what = feature or _feature(need)
+        verb = "are" if what.endswith("s") else "is"  # "FP8 linears are", "FP8 attention is"
+        raise DeviceError(f"{what} {verb} unavailable on {dev.type}: it needs a CUDA GPU; run with --device cuda")
+    require_sm(gpu_info(dev)["sm"], need, fix, feature)
+
+
+def _feature(need: str) -> str:
+    return {"fp8": "FP8", "fp4": "FP4", "fp8_attention": "FP8 attention"}[need]
+
+
 def environment() -> dict[str, Any]:
     """GPU, driver, CUDA, cuDNN, library versions and the fluxtrt commit."""
     import torch
@@ -38,18 +118,17 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-        "tensorrt": _version("tensorrt"),
-        "onnxruntime": _version("onnxruntime"),
+        "diffusers": package_version("diffusers"),
+        "transformers": package_version("transformers"),
+        "tensorrt": package_version("tensorrt"),
+        "tensorrt_rtx": package_version("tensorrt-rtx"),
+        "onnxruntime": package_version("onnxruntime"),
         "fluxtrt_commit": fluxtrt_commit(),
         "cpu": platform.processor() or platform.machine(),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env["gpu"] = props.name
-        env["sm"] = f"{props.major}{props.minor}"
-        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env.update(gpu_info("cuda:0"), gpu_memory_gib=round(props.total_memory / 2**30, 1))
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -27,7 +27,11 @@ class ModelLoadError(FluxtrtError):
 
 
 class ShapeError(FluxtrtError):
-    """A tensor fed to a runner does not match the component spec (name, dtype or shape)."""
+    """A tensor fed to a runner does not match the component spec (name, dtype or shape) or the built range."""
+
+
+class DeviceMismatchError(FluxtrtError):
+    """A tensor fed to a runner lives on another device than the one the runner runs on."""
 
 
 class DeviceError(FluxtrtError):
@@ -38,7 +42,9 @@ class MissingDependencyError(FluxtrtError):
     """An optional package needed for a feature is not installed."""
 
     def __init__(self, package: str, feature: str, install: str):
-        super().__init__(f"{feature} needs the Python package '{package}', which is not installed: run `{install}`")
+        """``install`` is a command (``pip install ...``, shown as "run `...`") or an instruction in words."""
+        how = f"run `{install}`" if install.startswith("pip ") else install
+        super().__init__(f"{feature} needs the Python package '{package}', which is not installed: {how}")
         self.package = package
         self.feature = feature
         self.install = install

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxtrt.config import InferConfig
-from fluxtrt.errors import DeviceError
+from fluxtrt.environment import check_device
 from fluxtrt.io import atomic_write
 from fluxtrt.pipeline.kontext import EditResult
 
@@ -21,17 +21,6 @@ class InferReport:
     model: str
     device: str
     dtype: str
-
-
-def check_device(device: str) -> None:
-    """Raise DeviceError if ``device`` cannot run here."""
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(
-            "--device cuda was asked for but this machine has no CUDA device visible to PyTorch "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use --device cpu or install a CUDA build"
-        )
 
 
 def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
@@ -66,16 +55,17 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         pipeline = KontextPipeline.from_components(components)
         source = config.model
     load_s = time.perf_counter() - t0
-    result = pipeline.edit(
-        image,
-        config.prompt,
-        sampler=config.sampler,
-        seed=config.seed,
-        guidance=config.guidance,
-        height=config.height,
-        width=config.width,
-        on_step=on_step,
-    )
+    with pipeline:
+        result = pipeline.edit(
+            image,
+            config.prompt,
+            sampler=config.sampler,
+            seed=config.seed,
+            guidance=config.guidance,
+            height=config.height,
+            width=config.width,
+            on_step=on_step,
+        )
     atomic_write(config.out, lambda tmp: result.images[0].save(tmp, format="PNG"))
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
     return InferReport(result, load_s, source, device, dtype)

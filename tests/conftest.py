@@ -1,11 +1,19 @@
-"""Shared fixtures: the tiny model (built once per session) and small synthetic reference images."""
+"""Shared fixtures: the tiny model (built once per session), its engines (built once per session, for the backend
+tests and the runner contract test), small synthetic reference images, and the CLI helpers."""
 
 from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from fluxtrt.specs import Resolution
 
 
 def pytest_configure(config):
@@ -56,3 +64,105 @@ def one_error_line(result) -> str:
     assert result.exit_code != 0
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
+
+
+# --- engines of the tiny model, built once per session -------------------------------------------------------------
+
+# AOTInductor build range: batch 1..2, each side 32..128 px (tuned for 64x64). GEOMETRIES lie inside it: square and
+# non-square, target and reference of different sizes, batch 1 and 2.
+AOTI_BATCH = (1, 1, 2)
+AOTI_RESOLUTIONS = (Resolution(32, 32), Resolution(64, 64), Resolution(128, 128))
+AOTI_GEOMETRIES = [(1, Resolution(64, 64), Resolution(64, 64)), (2, Resolution(96, 64), Resolution(32, 48))]
+AOTI_OPTIONS = {"transformer": {"weights": "external"}}
+
+
+class TinyAotiEngines:
+    """AOTInductor engines of the tiny model, each built on first use into one temporary directory.
+
+    ``engines[name]`` is a loaded runner; ``entry(name)`` is what the build orchestration would record (the profile,
+    the settings given and the backend's record).
+    """
+
+    def __init__(self, components):
+        from fluxtrt.backends.aotinductor import AotInductorBackend
+        from fluxtrt.specs import component_specs
+        from fluxtrt.specs.flux import dims_from_components
+
+        self.components = components
+        self.dims = dims_from_components(components)
+        self.specs = component_specs(self.dims)
+        self.backend = AotInductorBackend()
+        self.root = Path(tempfile.mkdtemp(prefix="fluxtrt-aoti-"))
+        atexit.register(shutil.rmtree, self.root, True)
+        self._entries: dict[str, dict] = {}
+        self._runners: dict = {}
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.pt2"
+
+    def profile(self, name: str) -> dict:
+        from fluxtrt.specs.flux import profile_shapes
+
+        return profile_shapes(self.specs[name], self.dims, AOTI_BATCH, AOTI_RESOLUTIONS)
+
+    def build_job(self, name: str, precision: str = "fp32", path: Path | None = None, module=None, **options):
+        from fluxtrt.backends.base import BuildJob
+        from fluxtrt.backends.torch_modules import component_module
+
+        module = module if module is not None else component_module(name, self.components)
+        return BuildJob(self.specs[name], module, None, path or self.path(name), precision, self.profile(name), "cpu",
+                        self.root / "work", self.backend.options(options))  # fmt: skip
+
+    def entry(self, name: str) -> dict:
+        if name not in self._entries:
+            options = dict(AOTI_OPTIONS.get(name, {}))
+            job = self.build_job(name, **options)
+            with torch.inference_mode():  # as fluxtrt.engines.build runs backends
+                record = self.backend.build(job)
+            self._entries[name] = {
+                "profile": {k: [list(s) for s in v] for k, v in job.profile.items()},
+                "options": options,
+                "record": record,
+            }
+        return self._entries[name]
+
+    def load_job(self, name: str, **changes):
+        from fluxtrt.backends.base import LoadJob
+
+        entry = {**self.entry(name), **changes}
+        return LoadJob(self.specs[name], self.path(name), "cpu", torch.float32, entry["profile"],
+                       self.backend.options(entry["options"]), entry["record"])  # fmt: skip
+
+    def __getitem__(self, name: str):
+        if name not in self._runners:
+            self._runners[name] = self.backend.load(self.load_job(name))
+        return self._runners[name]
+
+
+@pytest.fixture(scope="session")
+def aoti_engines(tiny):
+    return TinyAotiEngines(tiny)
+
+
+ORT_MIN_RES = Resolution(256, 256)
+
+
+def ort_config(out: Path, **kw):
+    """``fluxtrt build --model tiny --backend onnxruntime --precision fp32 --min-resolution 256x256 --max-batch 2``."""
+    from fluxtrt.config import BuildConfig
+
+    return BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=out, min_resolution=ORT_MIN_RES,
+                       max_batch=2, **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ort_engines(tmp_path_factory) -> Path:
+    """All five tiny components built once for the session with ONNX Runtime (an engines directory)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fluxtrt.engines.build import build_engines
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
+    report = build_engines(ort_config(out))
+    assert [r.status for r in report.results] == ["built"] * 5
+    return out

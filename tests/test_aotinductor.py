@@ -1,119 +1,44 @@
 """AOTInductor backend on the tiny model, CPU: one build per component, loaded back in a fresh process.
 
-Engines are built lazily, once per test process, into one temporary directory that tests/test_specs_runners.py's
-contract test shares (``tiny_engines``). The transformer is built with external weights, the others packaged.
+Engines are built lazily, once per test session, into one temporary directory that the runner contract test shares
+(conftest's ``aoti_engines``). The transformer is built with external weights, the others packaged.
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from fluxtrt.backends.aotinductor import (
-    REBUILD,
-    AotInductorBackend,
-    AotInductorRunner,
-    external_weights_path,
-    incompatibility,
-)
+from fluxtrt.backends.aotinductor import REBUILD, AotInductorBackend
+from fluxtrt.backends.aotinductor.runtime import external_weights_path
+from fluxtrt.backends.base import LoadJob
 from fluxtrt.backends.torch_modules import component_module
 from fluxtrt.backends.torch_runner import torch_runners
-from fluxtrt.engines.backend import BuildJob, LoadJob
-from fluxtrt.errors import BuildError, EngineError, InputError, ShapeError
+from fluxtrt.errors import BuildError, EngineError, InputError
 from fluxtrt.specs import Resolution, component_specs
 from fluxtrt.specs.flux import component_dims, dims_from_components, profile_shapes
+from tests.conftest import AOTI_BATCH as BATCH
+from tests.conftest import AOTI_GEOMETRIES as GEOMETRIES
+from tests.conftest import AOTI_RESOLUTIONS as RESOLUTIONS
+from tests.conftest import TinyAotiEngines
 
-# Build range: batch 1..2, each side 32..128 px (tuned for 64x64). The geometries below lie inside it: square and
-# non-square, target and reference of different sizes, batch 1 and 2.
-BATCH = (1, 1, 2)
-RESOLUTIONS = (Resolution(32, 32), Resolution(64, 64), Resolution(128, 128))
-GEOMETRIES = [(1, Resolution(64, 64), Resolution(64, 64)), (2, Resolution(96, 64), Resolution(32, 48))]
-OPTIONS = {"transformer": {"weights": "external"}}
 # Building all five takes about 90 s on a 2-core CI machine; these three cover text, image and the external-weights
 # path, the other two run under the slow marker.
 FAST = ("clip", "transformer", "vae_decoder")
 SLOW = ("t5", "vae_encoder")
 
 
-class TinyEngines:
-    """AOTInductor engines of the tiny model, built on first use into one temporary directory.
-
-    ``engines[name]`` is a loaded runner (what ``make_runners`` returns); ``entry(name)`` the manifest entry that
-    the build orchestration would record (profile and the options the backend wrote).
-    """
-
-    def __init__(self, components):
-        self.components = components
-        self.dims = dims_from_components(components)
-        self.specs = component_specs(self.dims)
-        self.backend = AotInductorBackend()
-        self.root = Path(tempfile.mkdtemp(prefix="fluxtrt-aoti-"))
-        atexit.register(shutil.rmtree, self.root, True)
-        self._entries: dict[str, dict] = {}
-        self._runners: dict[str, AotInductorRunner] = {}
-
-    def path(self, name: str) -> Path:
-        return self.root / f"{name}.pt2"
-
-    def profile(self, name: str) -> dict:
-        return profile_shapes(self.specs[name], self.dims, BATCH, RESOLUTIONS)
-
-    def entry(self, name: str) -> dict:
-        if name not in self._entries:
-            profile = self.profile(name)
-            job = BuildJob(
-                spec=self.specs[name],
-                module=component_module(name, self.components).eval(),
-                onnx_path=None,
-                engine_path=self.path(name),
-                precision="fp32",
-                profile=profile,
-                device="cpu",
-                # One scratch directory for all components: inductor's compiler checks and headers are reused.
-                workdir=self.root / "work",
-                options=dict(OPTIONS.get(name, {})),
-            )
-            with torch.inference_mode():  # as fluxtrt.engines.build runs backends
-                self.backend.build(job)
-            self._entries[name] = {
-                "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-                "options": job.options,
-            }
-        return self._entries[name]
-
-    def load_job(self, name: str, **entry_changes) -> LoadJob:
-        entry = {**self.entry(name), **entry_changes}
-        return LoadJob(self.specs[name], self.path(name), "cpu", torch.float32, entry)
-
-    def __getitem__(self, name: str) -> AotInductorRunner:
-        if name not in self._runners:
-            self._runners[name] = self.backend.load(self.load_job(name))
-        return self._runners[name]
-
-
-_ENGINES: dict[int, TinyEngines] = {}
-
-
-def tiny_engines(components) -> TinyEngines:
-    """The process-wide ``TinyEngines`` of ``components`` (so two test files share one build)."""
-    if id(components) not in _ENGINES:
-        _ENGINES[id(components)] = TinyEngines(components)
-    return _ENGINES[id(components)]
-
-
 @pytest.fixture(scope="module")
-def engines(tiny):
-    return tiny_engines(tiny)
+def engines(aoti_engines):
+    return aoti_engines
 
 
 # Loads every engine named in args["entries"] with nothing but the files and the entry, runs the feeds, saves outputs.
@@ -122,7 +47,7 @@ import json, sys
 from pathlib import Path
 import torch
 from fluxtrt.backends.aotinductor import AotInductorBackend
-from fluxtrt.engines.backend import LoadJob
+from fluxtrt.backends.base import LoadJob
 from fluxtrt.specs import component_specs
 from fluxtrt.specs.flux import FluxDims
 
@@ -132,7 +57,8 @@ feeds = torch.load(args["feeds"])
 backend = AotInductorBackend()
 outs = {}
 for name, entry in args["entries"].items():
-    job = LoadJob(specs[name], Path(args["root"]) / f"{name}.pt2", "cpu", torch.float32, entry)
+    job = LoadJob(specs[name], Path(args["root"]) / f"{name}.pt2", "cpu", torch.float32, entry["profile"],
+                  backend.options(entry["options"]), entry["record"])
     runner = backend.load(job)
     outs[name] = [runner.infer(feed) for feed in feeds[name]]
 torch.save(outs, args["out"])
@@ -158,7 +84,7 @@ def run_in_fresh_process(root: Path, dims, entries: dict, feeds: dict, tmp_path:
     return torch.load(tmp_path / "outs.pt")
 
 
-def _check_fresh_process_parity(engines: TinyEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
+def _check_fresh_process_parity(engines: TinyAotiEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
     """Build ``names``, run them at both geometries in a new interpreter, compare with the torch runners."""
     entries = {name: engines.entry(name) for name in names}
     feeds = {
@@ -195,17 +121,17 @@ def test_text_and_image_encoders_match_torch_in_a_fresh_process(engines, tiny, t
 
 
 def test_build_records_the_environment_and_ranges(engines):
-    options = engines.entry("clip")["options"]
+    options = engines.entry("clip")["record"]
     assert options["torch"] == torch.__version__ and options["device"] == "cpu"
-    assert options["weights"] == "packaged" and options["dims"] == {"B": [1, 2]}
-    decoder = engines.entry("vae_decoder")["options"]
+    assert options["dims"] == {"B": [1, 2]}
+    decoder = engines.entry("vae_decoder")["record"]
     assert decoder["dims"] == {"B": [1, 2], "h": [4, 16], "w": [4, 16]}
     assert not external_weights_path(engines.path("clip")).exists()
     json.dumps([options, decoder])  # the manifest stores them as JSON
     # The transformer is exported with fused Q/K/V; the model it was built from is left unfused.
     transformer = engines.components.transformer
     attentions = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    assert engines.entry("transformer")["options"]["fused_qkv"] == attentions
+    assert engines.entry("transformer")["record"]["fused_qkv"] == attentions
     assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
     assert "fused_qkv" not in options
 
@@ -240,57 +166,32 @@ def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, 
 
 
 def test_engine_of_another_torch_is_refused(engines):
-    options = {**engines.entry("clip")["options"], "torch": "2.11.0+cu130"}
+    record = {**engines.entry("clip")["record"], "torch": "2.11.0+cu130"}
     with pytest.raises(EngineError) as info:
-        engines.backend.load(engines.load_job("clip", options=options))
+        engines.backend.load(engines.load_job("clip", record=record))
     message = str(info.value)
     assert f"built with torch 2.11.0+cu130 but this is torch {torch.__version__}" in message
     assert message.endswith(REBUILD) and "\n" not in message
 
     with pytest.raises(EngineError, match="built with device cuda but this is device cpu"):
-        engines.backend.load(
-            engines.load_job("clip", options={**options, "torch": torch.__version__, "device": "cuda"})
-        )
+        engines.backend.load(engines.load_job("clip", record={**record, "torch": torch.__version__, "device": "cuda"}))
     with pytest.raises(EngineError, match="records no torch version"):
-        engines.backend.load(engines.load_job("clip", options={}))
-
-
-def test_engine_of_another_gpu_is_refused():
-    h100 = {"torch": "2.11.0+cu130", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "sm": "90"}
-    assert incompatibility(h100, dict(h100)) is None
-    assert incompatibility(h100, {**h100, "gpu": "NVIDIA H200"}) == (
-        "was built with GPU NVIDIA H100 80GB HBM3 but this is GPU NVIDIA H200"
-    )
-    assert incompatibility(h100, {**h100, "gpu": "NVIDIA B200", "sm": "100"}).startswith("was built with GPU")
-
-
-def test_shapes_outside_the_built_range_are_refused(engines):
-    runner = engines["clip"]
-    spec = engines.specs["clip"]
-    feed = spec.sample_feed({"B": 3}, torch.float32)
-    with pytest.raises(
-        ShapeError, match=r"clip.input_ids has B=3 on axis 0 but the engine was built for B in \[1, 2\]"
-    ):
-        runner.infer(feed)
-    decoder = engines["vae_decoder"]
-    big = {"B": 1, "h": 8, "w": 24, "H": 64, "W": 192}  # 192 px wide: past the 128 px maximum
-    with pytest.raises(ShapeError, match=r"has w=24 on axis 3 but the engine was built for w in \[4, 16\]"):
-        decoder.infer(engines.specs["vae_decoder"].sample_feed(big, torch.float32))
+        engines.backend.load(engines.load_job("clip", record={}))
 
 
 def test_precision_and_option_refusals(engines, tmp_path):
     def job(precision="fp32", **options):
-        return BuildJob(engines.specs["clip"], None, None, tmp_path / "clip.pt2", precision, engines.profile("clip"),
-                        "cpu", tmp_path / "work", options)  # fmt: skip
+        return engines.build_job("clip", precision, tmp_path / "clip.pt2", module=torch.nn.Identity(), **options)
 
     with pytest.raises(InputError, match="--precision is 'fp4' but the aotinductor backend builds fp32, bf16, fp8"):
         engines.backend.build(job("fp4"))
-    with pytest.raises(InputError, match="weights is 'inline', expected one of packaged, external"):
-        engines.backend.build(job(weights="inline"))
-    with pytest.raises(InputError, match="--aoti-cuda-graph is set but the engines are built for device 'cpu'"):
+    with pytest.raises(InputError, match="--aoti-weights is 'inline', expected one of packaged, external"):
+        job(weights="inline")
+    with pytest.raises(InputError, match="--workspace-gib is not an option of the aotinductor backend"):
+        job(workspace_gib=4.0)
+    with pytest.raises(InputError, match="--cuda-graph is set but the engines are built for device 'cpu'"):
         engines.backend.build(job(cuda_graph=True))
-    transformer = BuildJob(engines.specs["transformer"], None, None, tmp_path / "transformer.pt2", "fp8",
-                           engines.profile("transformer"), "cpu", tmp_path / "work")  # fmt: skip
+    transformer = engines.build_job("transformer", "fp8", tmp_path / "transformer.pt2", module=torch.nn.Identity())
     with pytest.raises(InputError, match="transformer: --precision fp8 needs calibrated input scales"):
         engines.backend.build(transformer)
     assert not (tmp_path / "clip.pt2").exists() and not (tmp_path / "transformer.pt2").exists()
@@ -307,26 +208,24 @@ def test_engine_needing_an_fp8_attention_kernel_that_is_missing_is_refused(engin
     except ImportError:
         pass
     entry = engines.entry("transformer")
-    job = engines.load_job("transformer", options={**entry["options"], "attention": ["fluxtrt::cudnn_fp8_sdpa"]})
+    job = engines.load_job("transformer", record={**entry["record"], "attention": ["fluxtrt::cudnn_fp8_sdpa"]})
     with pytest.raises(MissingDependencyError, match="transformer.pt2 .*nvidia-cudnn-frontend.*pip install"):
         engines.backend.load(job)
 
 
 def test_failed_compile_is_a_build_error_and_leaves_no_file(engines, tiny, tmp_path):
-    options = {"inductor_configs": {"no_such_setting": 1}}
-    job = BuildJob(engines.specs["clip"], component_module("clip", tiny).eval(), None, tmp_path / "clip.pt2", "fp32",
-                   engines.profile("clip"), "cpu", tmp_path / "work", options)  # fmt: skip
+    job = engines.build_job("clip", "fp32", tmp_path / "clip.pt2", inductor_configs={"no_such_setting": 1})
     with pytest.raises(BuildError, match="clip: AOTInductor failed to compile the exported graph .*no_such_setting"):
         engines.backend.build(job)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert not any(tmp_path.iterdir())
 
 
 def test_profile_beyond_what_the_model_allows_is_a_build_error(engines, tiny, tmp_path):
     """The diffusers VAE decoder takes another code path from batch 64 on: a batch range past it cannot export."""
     spec = engines.specs["vae_decoder"]
     profile = profile_shapes(spec, engines.dims, (1, 1, 80), RESOLUTIONS)
-    job = BuildJob(spec, component_module("vae_decoder", tiny).eval(), None, tmp_path / "vae_decoder.pt2", "fp32",
-                   profile, "cpu", tmp_path / "work")  # fmt: skip
+    job = engines.build_job("vae_decoder", "fp32", tmp_path / "vae_decoder.pt2")
+    job.profile = profile
     with pytest.raises(BuildError, match=r"vae_decoder: torch.export cannot keep .*'B': \[1, 80\].*max=63") as info:
         engines.backend.build(job)
     assert "\n" not in str(info.value)
@@ -364,9 +263,9 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     from fluxtrt.backends.torch_modules import TransformerModule
     from fluxtrt.config import BuildConfig
     from fluxtrt.engines.build import build_engines
+    from fluxtrt.engines.calibrate import calibrate, quantized_linears
     from fluxtrt.models import load_components
     from fluxtrt.models.loading import model_fingerprint
-    from fluxtrt.quant.calibrate import calibrate, quantized_linears
     from fluxtrt.quant.fakequant import fake_quantize, fp8_weight
 
     fp32 = load_components("tiny", "cpu", "fp32")
@@ -387,9 +286,9 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
              for n in names if n.endswith((".to_q", ".add_q_proj"))}  # fmt: skip
     kept = {n for n in names if not n.endswith((".to_q", ".to_k", ".to_v", "_q_proj", "_k_proj", "_v_proj"))}
     assert len(fused) == 2 * doubles + singles and len(names) == len(kept) + 3 * len(fused)
-    assert entry.options["fused_qkv"] == doubles + singles and entry.options["attention"]
-    assert entry.options["fp8_linears"] == len(kept) + len(fused)
-    assert entry.options["fp8_attention"] is False  # a CPU build keeps SDPA by default
+    assert entry.record["fused_qkv"] == doubles + singles and entry.record["attention"]
+    assert entry.record["fp8_linears"] == len(kept) + len(fused)
+    assert entry.record["fp8_attention"] is False  # a CPU build keeps SDPA by default
     # `fluxtrt inspect` shows what the engine runs.
     from tests.conftest import run_cli
 
@@ -416,8 +315,10 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
 
     dims = dims_from_components(fp32)
     spec = component_specs(dims)["transformer"]
-    job = LoadJob(spec, tmp_path / "engines" / entry.engine.path, "cpu", torch.bfloat16, asdict(entry))
-    runner = AotInductorBackend().load(job)
+    backend = AotInductorBackend()
+    job = LoadJob(spec, tmp_path / "engines" / entry.engine.path, "cpu", torch.bfloat16, entry.profile,
+                  backend.options(entry.settings["options"]), entry.record)  # fmt: skip
+    runner = backend.load(job)
     feed = spec.sample_feed(component_dims("transformer", dims, 1, Resolution(128, 96), Resolution(96, 128)),
                             torch.bfloat16, seed=3)  # fmt: skip
     got = runner.infer(feed)["noise_pred"].float()
@@ -441,28 +342,31 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     registered custom op on e4m3 Q/K/V), so this covers the export around it, the package's call back into the
     registered op, and loading in a process that never imported it itself.
     """
-    import fluxtrt.stages.attention as attention
+    import fluxtrt.kernels.attention as attention
+    from fluxtrt.backends.base import BuildJob
     from fluxtrt.backends.torch_modules import TransformerModule
-    from fluxtrt.stages.attention import EmulatedFp8Kernel, fp8_attention
+    from fluxtrt.kernels.attention import EmulatedFp8Kernel, fp8_attention
 
     # The kernel choice (then its check run, as for a real kernel) gives the emulated one.
     monkeypatch.setattr(attention, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
     dims = dims_from_components(tiny)
     spec = component_specs(dims)["transformer"]
     processors = {k: type(v) for k, v in tiny.transformer.attn_processors.items()}
+    backend = AotInductorBackend()
+    options = {"fp8_attention": True}
     job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
                    profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
-                   options={"fp8_attention": True})  # fmt: skip
+                   backend.options(options))  # fmt: skip
     with torch.inference_mode():
-        AotInductorBackend().build(job)
-    assert job.options["fp8_attention"] is True
-    assert job.options["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
+        record = backend.build(job)
+    assert record["fp8_attention"] is True
+    assert record["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
     # The build leaves the model as it found it.
     assert {k: type(v) for k, v in tiny.transformer.attn_processors.items()} == processors
 
     feeds = {"transformer": [spec.sample_feed(component_dims("transformer", dims, *geometry), torch.float32, seed=i)
                              for i, geometry in enumerate(GEOMETRIES)]}  # fmt: skip
-    entry = {"profile": {k: [list(s) for s in v] for k, v in job.profile.items()}, "options": job.options}
+    entry = {"profile": {k: [list(s) for s in v] for k, v in job.profile.items()}, "options": options, "record": record}
     outs = run_in_fresh_process(tmp_path, dims, {"transformer": entry}, feeds, tmp_path)
 
     def rel(a, b):
@@ -484,11 +388,8 @@ def test_fp8_attention_asked_for_where_no_kernel_runs_is_refused(tiny, tmp_path)
     """Explicit ``--aoti-fp8-attention`` on a CPU build: one line naming the device and the fix, no file."""
     from fluxtrt.errors import DeviceError
 
-    dims = dims_from_components(tiny)
-    spec = component_specs(dims)["transformer"]
-    job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
-                   profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
-                   options={"fp8_attention": True})  # fmt: skip
+    engines = TinyAotiEngines(tiny)
+    job = engines.build_job("transformer", "fp32", tmp_path / "transformer.pt2", fp8_attention=True)
     with pytest.raises(DeviceError, match="FP8 attention is unavailable on cpu.*--device cuda"):
-        AotInductorBackend().build(job)
+        engines.backend.build(job)
     assert not (tmp_path / "transformer.pt2").exists()

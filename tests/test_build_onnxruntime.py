@@ -18,28 +18,21 @@ from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.errors import EngineError, InputError
-from fluxtrt.specs import COMPONENTS, Resolution
+from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import component_dims, dims_from_components
-from tests.conftest import make_image, one_error_line, run_cli
+from tests.conftest import ORT_MIN_RES, make_image, one_error_line, ort_config, run_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-MIN_RES = Resolution(256, 256)
-
-
-def tiny_config(out: Path, **kw) -> BuildConfig:
-    return BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=out, min_resolution=MIN_RES,
-                       max_batch=2, **kw)  # fmt: skip
+MIN_RES = ORT_MIN_RES
+tiny_config = ort_config
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    """All five tiny components built once for the module."""
-    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
-    report = build_engines(tiny_config(out))
-    assert [r.status for r in report.results] == ["built"] * 5
-    return out
+def engines(ort_engines) -> Path:
+    """All five tiny components, built once for the session."""
+    return ort_engines
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -53,7 +46,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def test_component_parity_with_torch(tiny, engines, name):
     from fluxtrt.backends.torch_runner import torch_runners
 
-    ort_runner = load_engine_pipeline(engines).runners[name]
+    ort_runner = load_engine_pipeline(engines, "cpu").runners[name]
     torch_runner = torch_runners(tiny)[name]
     dims = dims_from_components(tiny)
     tol = torch_runner.spec.tolerance["fp32"]
@@ -127,9 +120,9 @@ def test_rebuild_skips_matching_and_rebuilds_only_affected(engines, tmp_path):
 
 
 def test_external_data_path(tiny, tmp_path):
+    from fluxtrt.backends.base import BuildJob, LoadJob
     from fluxtrt.backends.torch_modules import component_module
     from fluxtrt.backends.torch_runner import torch_runners
-    from fluxtrt.engines.backend import BuildJob, LoadJob
     from fluxtrt.export.onnx import export_onnx
 
     runner = torch_runners(tiny)["t5"]
@@ -146,9 +139,11 @@ def test_external_data_path(tiny, tmp_path):
     (tmp_path / "engine").mkdir()
     backend = OnnxRuntimeBackend()
     engine = tmp_path / "engine" / "t5.onnx"
-    backend.build(BuildJob(spec, None, exported.model, engine, "fp32", {}, "cpu", tmp_path, {}))
-    assert (tmp_path / "engine" / "t5.onnx_data").is_file()
-    loaded = backend.load(LoadJob(spec, engine, "cpu", torch.float32, {}))
+    profile = {"input_ids": [[1, 512], [2, 512], [2, 512]]}
+    record = backend.build(BuildJob(spec, None, exported.model, engine, "fp32", profile, "cpu", tmp_path,
+                                    backend.options({})))  # fmt: skip
+    assert (tmp_path / "engine" / "t5.onnx_data").is_file() and record["external_data"] == "t5.onnx_data"
+    loaded = backend.load(LoadJob(spec, engine, "cpu", torch.float32, profile, backend.options({}), record))
     torch.testing.assert_close(loaded.infer(feed)["text_embeds"], runner.infer(feed)["text_embeds"],
                                atol=1e-4, rtol=1e-4)  # fmt: skip
 
@@ -196,7 +191,7 @@ def test_corrupt_onnx_engine_file_with_matching_record_is_refused_by_onnxruntime
     manifest.components["clip"].engine = FileRecord.of(engines_copy, engine)
     manifest.save(engines_copy)
     with pytest.raises(EngineError, match="ONNX Runtime cannot load .*clip.onnx"):
-        load_engine_pipeline(engines_copy)
+        load_engine_pipeline(engines_copy, "cpu")
 
 
 @pytest.mark.parametrize("case", ["missing", "unparsable", "other backend", "other format", "no directory"])
@@ -232,14 +227,21 @@ def test_build_into_other_precision_or_backend_is_refused_and_loses_nothing(engi
 
 
 def test_resolution_outside_built_range(engines_copy, tmp_path):
-    path = engines_copy / "manifest.json"
-    raw = json.loads(path.read_text())
-    raw["resolutions"]["max"] = "768x768"  # as if built with --max-resolution 768x768
-    path.write_text(json.dumps(raw))
+    """The runners enforce the profiles the engines were built with; the pipeline checks a whole edit before it
+    starts, so an edit that does not fit fails at once with one line naming the geometry, the range and the fix."""
+    from fluxtrt.specs.flux import profile_shapes
+
+    manifest = Manifest.load(engines_copy)
+    specs = component_specs(manifest.dims)
+    for name, entry in manifest.components.items():  # as if built with --max-resolution 768x768
+        shapes = profile_shapes(specs[name], manifest.dims, (1, 1, 2), (MIN_RES, MIN_RES, Resolution(768, 768)))
+        entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+    manifest.save(engines_copy)
     line = one_error_line(run_cli(*infer_args(engines_copy, tmp_path)))
-    assert "1024x1024" in line and "768x768" in line and "--max-resolution" in line
-    with pytest.raises(InputError, match="batch is 3 but the engines accept at most 2"):
-        load_engine_pipeline(engines_copy).limits.check(Resolution(512, 512), Resolution(512, 512), 3)
+    assert "1024x1024 edit" in line and "built for H in [256, 768]" in line and "--max-resolution" in line
+    fix = "B is 3 but the engine was built for B in .1, 2.: rebuild with --max-batch"
+    with load_engine_pipeline(engines_copy, "cpu") as pipeline, pytest.raises(InputError, match=fix):
+        pipeline.check_fits(3, Resolution(512, 512), Resolution(512, 512))
 
 
 class InterruptingBackend(OnnxRuntimeBackend):
@@ -252,7 +254,7 @@ class InterruptingBackend(OnnxRuntimeBackend):
         if job.spec.name == self.interrupt:
             job.engine_path.write_bytes(b"half an engine")
             raise KeyboardInterrupt
-        super().build(job)
+        return super().build(job)
 
 
 def test_interrupted_build_leaves_nothing_half_written(tmp_path):
@@ -288,6 +290,10 @@ def test_backend_options_reach_the_build_settings(tmp_path):
     assert tiny_config(tmp_path / "e").backend_options() == {}
     # An explicit "off" is a setting too (it differs from the precision's default).
     assert tiny_config(tmp_path / "e", aoti_fp8_attention=False).backend_options() == {"fp8_attention": False}
+    # A backend refuses the options of another, before loading anything.
+    with pytest.raises(InputError, match="--aoti-weights is not an option of the onnxruntime backend"):
+        build_engines(config)
+    assert not (tmp_path / "e").exists()
 
 
 def test_fp8_attention_on_a_cpu_build_is_one_line(tmp_path):
@@ -343,3 +349,18 @@ def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
     # Same model, sampler and seed as stage 0 with 3 Euler steps: the engines' latents follow stage 0's.
     assert engine_row.runs[0].fidelity["latent_cosine"] > 0.9999
     assert "per-step transformer error" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_manifest_of_format_1_is_read(engines_copy):
+    """Format 1 kept the backend's record and the settings given in one field, "options"; it loads as format 2."""
+    path = engines_copy / "manifest.json"
+    raw = json.loads(path.read_text())
+    raw["format"] = 1
+    for entry in raw["components"].values():
+        entry["options"] = entry.pop("record")
+    path.write_text(json.dumps(raw))
+    manifest = Manifest.load(engines_copy)
+    assert manifest.format == 2
+    assert manifest.components["clip"].record == {"graph_optimization": "basic", "external_data": None}
+    with load_engine_pipeline(engines_copy, "cpu") as pipeline:
+        assert set(pipeline.runners) == set(COMPONENTS)

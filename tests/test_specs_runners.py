@@ -1,4 +1,4 @@
-"""Component specs (shapes derived from resolutions) and the runner contract every backend must pass."""
+"""Component specs: shapes derived from resolutions, feed validation, the tiny model through a saved checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fluxtrt.errors import ShapeError
-from fluxtrt.specs import COMPONENTS, Resolution, component_specs
+from fluxtrt.specs import Resolution, component_specs
 from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, component_dims, dims_from_components, profile_shapes
 
 FULL_DIMS = FLUX_KONTEXT_DIMS
@@ -44,51 +44,6 @@ def test_resolution_parse():
     for bad in ("1024", "ax5", "0x512", "-16x16"):
         with pytest.raises(InputError, match=bad):
             Resolution.parse(bad)
-
-
-# aotinductor compiles each component once per session (shared with test_aotinductor.py): about 90 s on 2 cores.
-BACKENDS = ["torch", pytest.param("aotinductor", marks=pytest.mark.slow)]
-
-
-def make_runners(backend: str, components):
-    if backend == "torch":
-        from fluxtrt.backends.torch_runner import torch_runners
-
-        return torch_runners(components)
-    if backend == "aotinductor":
-        from tests.test_aotinductor import tiny_engines
-
-        return tiny_engines(components)  # builds each component on first use, shared with test_aotinductor.py
-    raise AssertionError(backend)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", COMPONENTS)
-def test_runner_contract(tiny, backend, name):
-    """Outputs have the spec's names, dtypes and shapes at two geometries; bad feeds raise ShapeError."""
-    runner = make_runners(backend, tiny)[name]
-    dims = dims_from_components(tiny)
-    spec = runner.spec
-    for batch, target, ref in [
-        (1, Resolution(64, 64), Resolution(64, 64)),
-        (2, Resolution(96, 64), Resolution(32, 48)),
-    ]:
-        values = component_dims(name, dims, batch, target, ref)
-        out = runner.infer(spec.sample_feed(values, torch.float32))
-        assert list(out) == list(spec.output_names)
-        for t in spec.outputs:
-            assert tuple(out[t.name].shape) == t.concrete(values)
-            assert out[t.name].dtype == torch.float32
-            assert torch.isfinite(out[t.name]).all()
-
-    feed = spec.sample_feed(component_dims(name, dims, 1, Resolution(64, 64), Resolution(64, 64)), torch.float32)
-    first = spec.inputs[0]
-    with pytest.raises(ShapeError, match=first.name):
-        runner.infer({**feed, first.name: feed[first.name].to(torch.float64)})
-    with pytest.raises(ShapeError, match="missing"):
-        runner.infer({k: v for k, v in feed.items() if k != first.name})
-    with pytest.raises(ShapeError, match="rank"):
-        runner.infer({**feed, first.name: feed[first.name][None]})
 
 
 def test_shape_error_names_the_disagreeing_inputs(tiny):

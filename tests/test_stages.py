@@ -151,10 +151,10 @@ def transformer_feed(model, tokens: int = 40, text: int = 8):
 
 
 def test_quantize_fp8_round_trip():
-    from fluxtrt.stages.attention import FP8_MAX, quantize_fp8
+    from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8_dynamic
 
     x = torch.randn(2, 64, 4, 16) * 3
-    x8, descale = quantize_fp8(x)
+    x8, descale = quantize_fp8_dynamic(x)
     assert x8.dtype == torch.float8_e4m3fn and descale.shape == (1, 1, 1, 1)
     assert x8.float().abs().max().item() == FP8_MAX  # the largest magnitude maps to e4m3's largest finite value
     err = (x8.float() * descale - x).abs().max() / x.abs().max()
@@ -163,7 +163,7 @@ def test_quantize_fp8_round_trip():
 
 def test_fp8_processor_matches_diffusers_processor_on_emulated_fp8():
     """Same projections, norms, RoPE and output split as FluxAttnProcessor; only the FP8 rounding differs."""
-    from fluxtrt.stages.attention import EmulatedFp8Kernel, Fp8FluxAttnProcessor
+    from fluxtrt.kernels.attention import EmulatedFp8Kernel, Fp8FluxAttnProcessor
 
     model = fresh_transformer()
     feed = transformer_feed(model)
@@ -180,7 +180,7 @@ def test_fp8_processor_matches_diffusers_processor_on_emulated_fp8():
 
 
 def test_fp8_kernel_unavailable_on_cpu():
-    from fluxtrt.stages.attention import fp8_attention_kernel
+    from fluxtrt.kernels.attention import fp8_attention_kernel
 
     with pytest.raises(DeviceError, match="unavailable on cpu"):
         fp8_attention_kernel("cpu")

@@ -9,23 +9,26 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from fluxtrt.backends.tensorrt import (
+from fluxtrt.backends.compat import incompatibility
+from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.tensorrt import COMPAT_KEYS, TensorRTBackend
+from fluxtrt.backends.tensorrt.plan import (
     BuildPlan,
-    TensorRTBackend,
+    TensorRTOptions,
     build_plan,
-    check_against_profile,
-    check_precision_supported,
     component_precision,
-    incompatibility,
     onnx_quantization,
 )
 from fluxtrt.cli import main
 from fluxtrt.config import BuildConfig
+from fluxtrt.environment import require_sm
 from fluxtrt.errors import BuildError, DeviceError, InputError, ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import FLUX_KONTEXT_DIMS, profile_shapes
@@ -120,17 +123,26 @@ def test_profile_that_does_not_fit_the_spec_is_refused(tmp_path):
         build_plan(spec, onnx_path, "bf16", {k: v for k, v in profile.items() if k != "guidance"})
 
 
-def test_runtime_shape_check_names_the_fix():
-    _, profile = full_profile("transformer")
-    check_against_profile("transformer", {"hidden_states": (1, 8192, 64)}, profile)
+class _RangeOnly(Runner):
+    def _infer(self, feed):
+        raise AssertionError("not called")
+
+
+def test_runtime_range_check_names_the_fix():
+    """What every engine runner enforces (the runner base), from a full-size TensorRT profile."""
+    spec, profile = full_profile("transformer")
+    ranges = runner_ranges(spec, profile)
+    assert ranges == {"B": (1, 1), "S": (2048, 19208)}
+    runner = _RangeOnly(spec, torch.bfloat16, "cuda", ranges)
+    runner.check_dims({"B": 1, "S": 8192})
     with pytest.raises(ShapeError) as info:
-        check_against_profile("transformer", {"hidden_states": (1, 20000, 64)}, profile)
+        runner.check_dims({"B": 1, "S": 20000})
     assert str(info.value) == (
-        "transformer.hidden_states has size 20000 on axis 1 but the engine profile allows 2048..19208: rebuild with "
-        "--max-resolution/--max-batch covering it"
+        "transformer: S is 20000 but the engine was built for S in [2048, 19208]: rebuild with "
+        "--min-resolution/--max-resolution covering it"
     )
-    with pytest.raises(ShapeError, match="allows 2048..19208: rebuild with --min-resolution"):
-        check_against_profile("transformer", {"hidden_states": (1, 1024, 64)}, profile)
+    with pytest.raises(ShapeError, match=r"B is 2 but the engine was built for B in \[1, 1\]: rebuild with --max-b"):
+        runner.check_dims({"B": 2, "S": 8192})
 
 
 # --- the ONNX -> build-plan mapping ----------------------------------------------------------------------------------
@@ -174,8 +186,8 @@ def test_plan_options_and_external_data(tmp_path, monkeypatch):
     assert plan.timing_cache == str(tmp_path / "xdg" / "fluxtrt" / "tensorrt" / "timing.cache")
     assert plan.onnx_path == str(onnx_path)
     (onnx_path.parent / "model.onnx_data").write_bytes(b"\0" * 16)
-    plan = build_plan(spec, onnx_path, "bf16", profile,
-                      {"opt_level": 5, "workspace_gib": 1.5, "timing_cache": str(tmp_path / "tc")})  # fmt: skip
+    options = TensorRTOptions(opt_level=5, workspace_gib=1.5, timing_cache=str(tmp_path / "tc"))
+    plan = build_plan(spec, onnx_path, "bf16", profile, options)
     assert (plan.opt_level, plan.workspace_bytes, plan.timing_cache) == (5, 3 * 2**29, str(tmp_path / "tc"))
     assert plan.external_data == ("model.onnx_data",)
     record = plan.record()
@@ -183,9 +195,11 @@ def test_plan_options_and_external_data(tmp_path, monkeypatch):
     assert BuildPlan(**{**record, "profile": plan.profile, "external_data": tuple(record["external_data"]),
                         "parser_flags": tuple(record["parser_flags"])}) == plan  # fmt: skip
     with pytest.raises(InputError, match="--opt-level is 7, expected 0..5"):
-        build_plan(spec, onnx_path, "bf16", profile, {"opt_level": 7})
-    with pytest.raises(InputError, match="--workspace-gib is 0.0"):
-        build_plan(spec, onnx_path, "bf16", profile, {"workspace_gib": 0})
+        TensorRTOptions(opt_level=7)
+    with pytest.raises(InputError, match="--workspace-gib is 0"):
+        TensorRTOptions(workspace_gib=0)
+    with pytest.raises(InputError, match="--aoti-weights is not an option of the tensorrt backend"):
+        TensorRTBackend().options({"weights": "external"})
     with pytest.raises(InputError, match="--precision is 'int8'"):
         build_plan(spec, onnx_path, "int8", profile)
     with pytest.raises(BuildError, match="no ONNX at"):
@@ -196,30 +210,32 @@ def test_plan_options_and_external_data(tmp_path, monkeypatch):
 
 
 def test_compatibility_decisions():
+    def why(recorded, current):
+        return incompatibility(recorded, current, COMPAT_KEYS)
+
     h100 = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "sm": "90"}
-    assert incompatibility(h100, dict(h100)) is None
-    assert incompatibility({**h100, "plan": {}, "layers": 7}, dict(h100)) is None  # other recorded keys do not count
-    assert incompatibility(h100, {**h100, "tensorrt": "10.16.1"}) == (
-        "was built with TensorRT 10.13.0.35 but this is TensorRT 10.16.1"
-    )
-    assert incompatibility(h100, {**h100, "gpu": "NVIDIA H200", "sm": "90"}) == (
+    assert why(h100, dict(h100)) is None
+    assert why({**h100, "plan": {}, "layers": 7}, dict(h100)) is None  # other recorded keys do not count
+    newer = {**h100, "tensorrt": "10.16.1"}
+    assert why(h100, newer) == "was built with TensorRT 10.13.0.35 but this is TensorRT 10.16.1"
+    assert why(h100, {**h100, "gpu": "NVIDIA H200", "sm": "90"}) == (
         "was built with GPU NVIDIA H100 80GB HBM3 but this is GPU NVIDIA H200"
     )
-    assert (
-        incompatibility(h100, {**h100, "gpu": "NVIDIA B200", "sm": "100"}) == "was built with SM 90 but this is SM 100"
-    )
-    assert incompatibility({"gpu": "x", "sm": "90"}, h100).startswith("was built with TensorRT None")
+    assert why(h100, {**h100, "gpu": "NVIDIA B200", "sm": "100"}) == "was built with SM 90 but this is SM 100"
+    assert why({"gpu": "x", "sm": "90"}, h100).startswith("was built with TensorRT None")
+    # The AOTInductor keys under the same rule: a CPU build records no GPU, and that is no difference.
+    cpu = {"torch": "2.13.0+cpu", "device": "cpu"}
+    assert incompatibility(cpu, dict(cpu), ("torch", "device", "gpu", "sm")) is None
 
 
 def test_precision_needs_a_recent_enough_gpu():
-    check_precision_supported("bf16", "80")
-    check_precision_supported("fp8", "89")
-    check_precision_supported("fp8", "90")
-    check_precision_supported("fp4", "100")
-    with pytest.raises(DeviceError, match=r"--precision fp8 needs a GPU of compute capability 8.9 .* this one is 8.0"):
-        check_precision_supported("fp8", "80")
-    with pytest.raises(DeviceError, match=r"fp4 needs .* 10.0 or newer, this one is 9.0: build --precision bf16"):
-        check_precision_supported("fp4", 90)
+    require_sm("89", "fp8", "fix")
+    require_sm("90", "fp8", "fix")
+    require_sm("100", "fp4", "fix")
+    with pytest.raises(DeviceError, match=r"^FP8 needs compute capability 8.9 or newer, this one is 8.0: fix$"):
+        require_sm("80", "fp8", "fix")
+    with pytest.raises(DeviceError, match=r"FP4 needs .* 10.0 or newer, this one is 9.0: build --precision bf16"):
+        require_sm(90, "fp4", "build --precision bf16")
 
 
 # --- --onnx-dir (through the ONNX Runtime backend, which runs here) --------------------------------------------------
@@ -275,6 +291,11 @@ def test_backend_options_reach_the_job_and_the_settings():
     config = BuildConfig(model="tiny", backend="tensorrt", precision="bf16", out=Path("x"), workspace_gib=4.0,
                          opt_level=5, timing_cache=Path("/tmp/tc"))  # fmt: skip
     assert config.backend_options() == {"workspace_gib": 4.0, "opt_level": 5, "timing_cache": "/tmp/tc"}
+    options = TensorRTBackend().options(config.backend_options())
+    assert options == TensorRTOptions(workspace_gib=4.0, opt_level=5, timing_cache="/tmp/tc")
+    plan = build_plan(*full_profile("clip")[:1], stub_onnx(Path(tempfile.mkdtemp()) / "model.onnx",
+                      component_specs(FULL)["clip"]), "bf16", full_profile("clip")[1], options)  # fmt: skip
+    assert (plan.workspace_bytes, plan.opt_level, plan.timing_cache) == (4 * 2**30, 5, "/tmp/tc")
     assert BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=Path("x")).backend_options() == {}
 
 
@@ -286,8 +307,9 @@ def test_build_tensorrt_without_tensorrt_is_one_line(tmp_path):
     out = tmp_path / "e"
     line = one_error_line(run_cli("build", "--model", "tiny", "--backend", "tensorrt", "--precision", "bf16",
                                   "--out", str(out)))  # fmt: skip
-    assert "the tensorrt backend needs the Python package 'tensorrt'" in line
-    assert "pip install tensorrt-cu12 from NVIDIA's package index" in line and "Docker image in docker/" in line
+    assert "the tensorrt backend (TensorRT 10) needs the Python package 'tensorrt', which is not installed: " in line
+    assert "install TensorRT 10 from NVIDIA's Python package index (`pip install tensorrt-cu12`" in line
+    assert "Docker image in docker/" in line and "run `install" not in line
     assert not out.exists()
     with pytest.raises(Exception, match="tensorrt"):
         TensorRTBackend().check_available()
@@ -491,51 +513,50 @@ def test_trt_manifest_records_environment_and_plan(trt_and_ort):
     props = torch.cuda.get_device_properties(0)
     for name, entry in manifest.components.items():
         assert entry.engine.path == f"{name}.plan"
-        assert entry.options["tensorrt"] == tensorrt.__version__
-        assert (entry.options["gpu"], entry.options["sm"]) == (props.name, f"{props.major}{props.minor}")
-        assert entry.options["plan"]["strongly_typed"] and entry.options["plan"]["compute"] == "fp32"
+        assert entry.record["tensorrt"] == tensorrt.__version__
+        assert (entry.record["gpu"], entry.record["sm"]) == (props.name, f"{props.major}{props.minor}")
+        assert entry.record["plan"]["strongly_typed"] and entry.record["plan"]["compute"] == "fp32"
     assert (root / "tc").stat().st_size > 0  # the timing cache was written back
 
 
 @requires_trt
 def test_trt_cuda_graph_replays_and_recaptures(trt_and_ort):
-    from fluxtrt.backends.tensorrt import TrtRunner
+    from fluxtrt.backends.tensorrt.runtime import TrtRunner
     from fluxtrt.specs.flux import component_dims
 
     _, trt_pipe, _ = trt_and_ort
     plain = trt_pipe.runners["transformer"]
-    graphed = TrtRunner(plain.spec, plain.engine, torch.float32, cuda_graph=True)
+    graphed = TrtRunner(plain.spec, plain.path, torch.float32, "cuda", plain.ranges, cuda_graph=True).load()
     for batch, target, reference in GEOMETRIES:
         feed = plain.spec.sample_feed(component_dims("transformer", trt_pipe.dims, batch, target, reference),
                                       torch.float32, "cuda")  # fmt: skip
         want = plain.infer(feed)["noise_pred"]
         for _ in range(3):  # warm-up, capture, replay
             torch.testing.assert_close(graphed.infer(feed)["noise_pred"], want, atol=1e-5, rtol=1e-5)
-        assert graphed._graph_key == tuple(tuple(v.shape) for v in feed.values())
+        assert len(graphed.graphs.graphs) == GEOMETRIES.index((batch, target, reference)) + 1  # one per shape
         feed2 = {k: (v + 0.25 if v.dtype == torch.float32 and k == "hidden_states" else v) for k, v in feed.items()}
         torch.testing.assert_close(graphed.infer(feed2)["noise_pred"], plain.infer(feed2)["noise_pred"])
 
 
 @requires_trt
 def test_trt_refuses_shapes_outside_profile_and_foreign_engines(trt_and_ort):
-    from dataclasses import asdict
-
-    from fluxtrt.engines.backend import LoadJob
+    from fluxtrt.backends.base import LoadJob
     from fluxtrt.engines.manifest import Manifest
     from fluxtrt.errors import EngineError
 
     root, trt_pipe, _ = trt_and_ort
     runner = trt_pipe.runners["clip"]
     feed = runner.spec.sample_feed({"B": 3}, torch.float32, "cuda")
-    with pytest.raises(ShapeError, match="allows 1..2: rebuild with --max-resolution/--max-batch"):
+    with pytest.raises(ShapeError, match=r"B is 3 but the engine was built for B in \[1, 2\]: rebuild with --max-b"):
         runner.infer(feed)
-    entry = asdict(Manifest.load(root / "trt").components["clip"])
-    entry["options"]["tensorrt"] = "9.0.0"
-    job = LoadJob(runner.spec, root / "trt" / "clip.plan", "cuda", torch.float32, entry)
+    entry = Manifest.load(root / "trt").components["clip"]
+    backend = TensorRTBackend()
+    job = LoadJob(runner.spec, root / "trt" / "clip.plan", "cuda", torch.float32, entry.profile,
+                  backend.options(entry.settings["options"]), {**entry.record, "tensorrt": "9.0.0"})  # fmt: skip
     with pytest.raises(
         EngineError, match="was built with TensorRT 9.0.0 but this is TensorRT .*: rebuild with fluxtrt"
     ):
-        TensorRTBackend().load(job)
+        backend.load(job)
 
 
 @requires_trt
@@ -552,7 +573,7 @@ def test_trt_edit_from_engines(trt_and_ort, tmp_path):
 
 
 def test_parser_errors_are_one_line_each_and_oom_is_recognised():
-    from fluxtrt.backends.tensorrt import _is_oom, parser_errors
+    from fluxtrt.backends.tensorrt.build import _is_oom, parser_errors
 
     class Err:
         def __init__(self, node, op, desc):

@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.runner import DelegatingRunner, Runner
 
 
-class RecordingRunner(Runner):
+class RecordingRunner(DelegatingRunner):
     """Delegates to ``inner`` and keeps every call's feed and outputs (detached clones, on their device).
 
     Clones stay on the device, so recording adds no host synchronisation inside a timed loop; ``clear()`` drops them.
     """
 
     def __init__(self, inner: Runner):
-        super().__init__(inner.spec, inner.compute_dtype)
-        self.inner = inner
+        super().__init__(inner)
         self.calls: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
     def clear(self) -> None:

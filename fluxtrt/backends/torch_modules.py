@@ -86,29 +86,25 @@ class TransformerModule(nn.Module):
 
 
 @contextlib.contextmanager
-def fused_qkv(module: nn.Module) -> Iterator[int]:
-    """Fuse the Q/K/V projections of every diffusers attention in ``module`` that supports it (``to_qkv``,
-    ``to_added_qkv``: one GEMM instead of three on the same input), and unfuse them on exit.
+def fused_qkv(transformer: nn.Module) -> Iterator[int]:
+    """diffusers' ``fuse_qkv_projections`` of a FLUX transformer for the duration (one GEMM instead of three on the
+    same input, ``to_qkv`` and ``to_added_qkv``), undone on exit unless the model was fused already. The stages call
+    the same diffusers methods directly, since their fusion outlives one call.
 
     Yields:
-        How many attention modules were fused.
+        How many attention modules are fused.
     """
     from diffusers.models.attention import AttentionModuleMixin
 
-    fused = [
-        m
-        for m in module.modules()
-        if isinstance(m, AttentionModuleMixin)
-        and getattr(m, "_supports_qkv_fusion", False)
-        and not getattr(m, "fused_projections", False)
-    ]
+    attentions = [m for m in transformer.modules() if isinstance(m, AttentionModuleMixin) and m._supports_qkv_fusion]
+    already = all(getattr(m, "fused_projections", False) for m in attentions)
+    if not already:
+        transformer.fuse_qkv_projections()
     try:
-        for m in fused:
-            m.fuse_projections()
-        yield len(fused)
+        yield len(attentions)
     finally:
-        for m in fused:
-            m.unfuse_projections()
+        if not already:
+            transformer.unfuse_qkv_projections()
 
 
 def component_module(name: str, components) -> nn.Module:

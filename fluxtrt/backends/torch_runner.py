@@ -9,9 +9,8 @@ import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.torch_modules import component_module
-from fluxtrt.specs import COMPONENTS, component_specs
 from fluxtrt.specs.component import ComponentSpec
-from fluxtrt.specs.flux import dims_from_components
+from fluxtrt.specs.flux import COMPONENTS, component_specs, dims_from_components
 
 
 class TorchRunner(Runner):
@@ -24,8 +23,10 @@ class TorchRunner(Runner):
     """
 
     def __init__(self, spec: ComponentSpec, module: torch.nn.Module, compute_dtype: torch.dtype):
-        super().__init__(spec, compute_dtype)
+        param = next(module.parameters(), None)
+        super().__init__(spec, compute_dtype, param.device if param is not None else "cpu")
         self.module = module
+        self.load()  # the module is the caller's and already in memory: nothing to acquire or release
 
     def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         with torch.inference_mode():

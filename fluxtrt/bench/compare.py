@@ -11,8 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,107 +19,10 @@ import torch
 from fluxtrt.bench.config import CompareConfig
 from fluxtrt.bench.contenders import Contender, ModelSession, contenders_from_config, free_device_memory
 from fluxtrt.bench.fidelity import fidelity
+from fluxtrt.bench.results import CompareReport, ContenderResult, RunRecord, summary_row
 from fluxtrt.errors import FluxtrtError, first_line
 from fluxtrt.specs.flux import Resolution
-
-COMPONENTS = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder", "glue")
-
-
-@dataclass
-class RunRecord:
-    """One timed edit of one contender. ``image``/``latents`` stay in memory for fidelity, not in the JSON."""
-
-    run: int
-    steps: int
-    timings_ms: dict[str, float]
-    cache: dict | None = None
-    fidelity: dict[str, float] | None = None
-    image: Any = None
-    latents: Any = None
-
-    @property
-    def transformer_ms_per_step(self) -> float:
-        return self.timings_ms["transformer"] / self.steps
-
-
-@dataclass
-class ContenderResult:
-    """Everything measured for one contender."""
-
-    name: str
-    kind: str
-    base: str | None
-    status: str = "ok"  # "ok" or "failed"
-    error: str | None = None
-    what: list[str] = field(default_factory=list)
-    sampler: str | None = None
-    details: dict = field(default_factory=dict)
-    load_s: float | None = None
-    prepare_s: float | None = None
-    first_call_s: float | None = None
-    warmup_s: list[float] = field(default_factory=list)
-    runs: list[RunRecord] = field(default_factory=list)
-    peak_gpu_mem_gib: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok" and bool(self.runs)
-
-    @property
-    def totals_ms(self) -> list[float]:
-        return [r.timings_ms["total"] for r in self.runs]
-
-    @property
-    def median_total_ms(self) -> float | None:
-        return statistics.median(self.totals_ms) if self.runs else None
-
-    @property
-    def representative(self) -> RunRecord | None:
-        """The run with the median total (the lower middle one for an even count): its parts sum to its total."""
-        if not self.runs:
-            return None
-        ordered = sorted(self.runs, key=lambda r: r.timings_ms["total"])
-        return ordered[(len(ordered) - 1) // 2]
-
-    @property
-    def compile_s(self) -> float | None:
-        return self.details.get("compile_s")
-
-
-@dataclass
-class CompareReport:
-    """A comparison: configuration, environment, inputs, and one result per contender (in run order)."""
-
-    config: dict
-    environment: dict
-    inputs: dict
-    contenders: list[ContenderResult] = field(default_factory=list)
-    checks: dict = field(default_factory=dict)
-    created_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def failed(self) -> list[ContenderResult]:
-        return [c for c in self.contenders if c.status != "ok"]
-
-    def raise_for_failures(self) -> None:
-        """Raise FluxtrtError naming the failed contenders, if any (the report is complete either way)."""
-        if self.failed:
-            where = self.config.get("report_dir") or "the report"
-            first = self.failed[0]
-            raise FluxtrtError(
-                f"{len(self.failed)} of {len(self.contenders)} contenders failed (first: {first.name}: {first.error}); "
-                f"the others are measured in {where}: see its 'Failed contenders' section"
-            )
-
-    def baseline(self, base: str) -> ContenderResult | None:
-        """The first successful stage contender derived from table stage ``base`` (``"0"``, ``"1"``)."""
-        return next((c for c in self.contenders if c.kind == "stage" and c.base == base and c.ok), None)
-
-    def speedup(self, result: ContenderResult, base: str) -> float | None:
-        ref = self.baseline(base)
-        if ref is None or not result.ok:
-            return None
-        return ref.median_total_ms / result.median_total_ms
+from fluxtrt.timing import sync
 
 
 def synthetic_image(resolution: Resolution) -> Any:
@@ -141,11 +43,6 @@ def _error_text(exc: BaseException) -> str:
     if isinstance(exc, FluxtrtError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def fill_fidelity(report: CompareReport) -> None:
@@ -197,10 +94,10 @@ class _Comparison:
             warm_sampler = replace(sampler, steps=c.warmup_steps) if c.warmup_steps is not None else sampler
             for i in range(c.warmup):
                 prepared.begin_edit()
-                _sync()
+                sync()
                 t0 = time.perf_counter()
                 self.edit(prepared.pipeline, warm_sampler)
-                _sync()
+                sync()
                 result.warmup_s.append(time.perf_counter() - t0)
                 prepared.end_edit(None)
                 self.emit({"event": "warmup", "contender": contender.name, "i": i, "seconds": result.warmup_s[-1]})
@@ -231,6 +128,8 @@ class _Comparison:
                 result.details = prepared.details()
         finally:
             after = prepared.after if prepared is not None else None
+            if prepared is not None:
+                prepared.close()
             del prepared
             free_device_memory()
         if after is not None and result.status == "ok":
@@ -303,8 +202,7 @@ def compare(
         DeviceError: ``--device cuda`` without a CUDA device.
         InputError: an unreadable --image.
     """
-    from fluxtrt.environment import environment
-    from fluxtrt.infer import check_device
+    from fluxtrt.environment import check_device, environment
 
     check_device(config.device)
     emit = on_event or (lambda _event: None)
@@ -340,42 +238,3 @@ def compare(
     finally:
         state.session.release()
     return report
-
-
-def summary_row(report: CompareReport, result: ContenderResult) -> dict:
-    """The per-contender summary that report.json's ``contenders`` list holds."""
-    rep = result.representative
-    totals = result.totals_ms
-    fids = [r.fidelity for r in result.runs if r.fidelity is not None]
-    return {
-        "contender": result.name,
-        "kind": result.kind,
-        "stage": result.base,
-        "status": result.status,
-        "error": result.error,
-        "what": result.what,
-        "sampler": result.sampler,
-        "steps": rep.steps if rep else None,
-        "runs": len(result.runs),
-        "load_s": result.load_s,
-        "prepare_s": result.prepare_s,
-        "first_call_s": result.first_call_s,
-        "compile_s": result.compile_s,
-        "warmup_s": result.warmup_s,
-        "median_total_ms": result.median_total_ms,
-        "min_total_ms": min(totals) if totals else None,
-        "max_total_ms": max(totals) if totals else None,
-        "stdev_total_ms": statistics.stdev(totals) if len(totals) > 1 else None,
-        "representative_run": rep.run if rep else None,
-        "components_ms": {k: rep.timings_ms.get(k) for k in (*COMPONENTS, "total")} if rep else None,
-        "transformer_ms_per_step": statistics.median(r.transformer_ms_per_step for r in result.runs)
-        if result.runs
-        else None,
-        "speedup_vs_0": report.speedup(result, "0"),
-        "speedup_vs_1": report.speedup(result, "1"),
-        "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
-        "psnr_db": statistics.median(f["psnr_db"] for f in fids) if fids else None,
-        "ssim": statistics.median(f["ssim"] for f in fids) if fids else None,
-        "latent_cosine": statistics.median(f["latent_cosine"] for f in fids) if fids else None,
-        "details": result.details,
-    }

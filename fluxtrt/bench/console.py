@@ -26,7 +26,7 @@ def print_event(event: dict) -> None:
 
 def print_compare_report(report, directory: Path | None) -> None:
     """The summary: per contender median total, transformer ms/step, speed-ups and fidelity."""
-    from fluxtrt.bench.compare import summary_row
+    from fluxtrt.bench.results import summary_row
 
     table = Table(title=f"fluxtrt compare: {report.config['model']} on {report.environment.get('gpu') or 'CPU'}")
     for name in ("contender", "steps", "total ms", "transformer ms/step", "vs 0", "vs 1", "PSNR dB", "SSIM", "status"):

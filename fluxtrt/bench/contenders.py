@@ -17,8 +17,8 @@ from typing import Any
 
 from fluxtrt.backends.recording import RecordingRunner
 from fluxtrt.backends.runner import Runner
-from fluxtrt.config import SamplerConfig
-from fluxtrt.errors import EngineError
+from fluxtrt.config import COMPUTE_DTYPE, SamplerConfig
+from fluxtrt.engines.manifest import Manifest
 from fluxtrt.stages.config import STAGES, StageConfig, stage_config
 
 
@@ -77,6 +77,8 @@ class Prepared:
         begin_edit, end_edit: called around every edit; ``end_edit(edit)`` gets the timed edit's ``EditResult`` (None
             after a warmup edit) and returns per-edit extras (cache counts).
         details: returns the contender's details for the report (a stage's ``StageReport``), read after each edit.
+        load_s: seconds the contender's model or engines took to load, if it loaded anything.
+        after: run once the contender is closed (the engines' per-step error against PyTorch).
     """
 
     pipeline: Any
@@ -86,7 +88,11 @@ class Prepared:
     end_edit: Callable[[Any], dict | None] = lambda edit=None: None
     details: Callable[[], dict] = dict
     load_s: float | None = None
-    after: Callable[[ModelSession], dict] | None = None  # run once the contender is released (engines' step error)
+    after: Callable[[ModelSession], dict] | None = None
+
+    def close(self) -> None:
+        """Close the pipeline's runners (engines free their device memory)."""
+        self.pipeline.close()
 
 
 class Contender(ABC):
@@ -167,29 +173,16 @@ class EngineContender(Contender):
         self.name = f"engines:{self.path.name}"
 
     def prepare(self, session: ModelSession) -> Prepared:
-        try:
-            from fluxtrt.engines.load import load_engine_pipeline
-        except ImportError as exc:
-            raise EngineError(
-                f"engines support not available ({exc}): this fluxtrt has no fluxtrt.engines.load; "
-                "update fluxtrt to a version with `fluxtrt build`"
-            ) from None
+        from fluxtrt.engines.load import load_engine_pipeline
+
         session.release()  # the engines get the GPU to themselves
         t0 = time.perf_counter()
         pipeline = load_engine_pipeline(self.path, session.device)
         load_s = time.perf_counter() - t0
         recorder = RecordingRunner(pipeline.runners["transformer"])
         pipeline.runners["transformer"] = recorder
-        what = [f"engines {self.path}"]
-        manifest = self.path / "manifest.json"
-        if manifest.is_file():
-            import json
-
-            try:
-                data = json.loads(manifest.read_text())
-                what = [f"{data.get('backend', '?')} {data.get('precision', '?')} engines ({self.path.name})"]
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                pass
+        manifest = Manifest.load(self.path)  # loaded once already by the pipeline: it parses
+        what = [f"{manifest.backend} {manifest.precision} engines ({self.path.name})"]
         # Each edit starts a fresh recording, so after the runs it holds the last timed edit's transformer calls.
         return Prepared(
             pipeline=pipeline,
@@ -212,8 +205,6 @@ def engine_step_error(path: Path, calls: list, session: ModelSession) -> dict:
     import torch
 
     from fluxtrt.backends.torch_modules import TransformerModule
-    from fluxtrt.engines.build import COMPUTE_DTYPE
-    from fluxtrt.engines.manifest import Manifest
     from fluxtrt.models import load_components
     from fluxtrt.models.loading import model_fingerprint
 

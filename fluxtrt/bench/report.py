@@ -10,7 +10,7 @@ report.json, schema ``fluxtrt-compare/1``::
     reference     the stage-0 contender fidelity is measured against (null without one)
     checks        {"diffusers": {...}} when the harness-overhead check ran
     chart         renderer of report.png: "matplotlib" or "pillow"
-    contenders    one summary per contender, in run order (see ``fluxtrt.bench.compare.summary_row``)
+    contenders    one summary per contender, in run order (see ``fluxtrt.bench.results.summary_row``)
     rows          one per contender and timed run (a contender that failed before its first run: one row, run null)
 
 Each row has exactly ``ROW_KEYS``:
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrt.bench.chart import write_chart
-from fluxtrt.bench.compare import COMPONENTS, CompareReport, ContenderResult, summary_row
+from fluxtrt.bench.results import COMPONENTS, CompareReport, ContenderResult, summary_row
 from fluxtrt.io import atomic_write
 
 SCHEMA = "fluxtrt-compare/1"
@@ -173,58 +173,13 @@ def report_markdown(report: CompareReport) -> str:
         "| latent cos | first-block cache: computed/skipped steps, ms per computed/skipped step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for c in report.contenders:
-        s = summary_row(report, c)
-        d = c.details or {}
-        rep = c.representative
-        cache = rep.cache if rep is not None else None
-        cache_text = (
-            f"{cache['computed']}/{cache['skipped']}, {_ms(cache['mean_computed_ms'])}/{_ms(cache['mean_skipped_ms'])}"
-            if cache
-            else "off"
-        )
-        lines.append(
-            f"| {c.name} | {d.get('attention', '-')} | {d.get('quant', '-')} | {d.get('compile', '-')} | "
-            f"{_num(c.first_call_s, '.1f')} | {_num(c.compile_s, '.1f')} | {_num(c.peak_gpu_mem_gib, '.1f')} | "
-            f"{_num(s['psnr_db'], '.2f')} | {_num(s['ssim'], '.4f')} | {_num(s['latent_cosine'], '.4f')} | "
-            f"{cache_text} |"
-        )
+    lines += [_details_row(report, c) for c in report.contenders]
     lines += [
         "",
         "Fidelity is against the first run of the first stage-0 row, on the decoded 8-bit image and the final latents.",
     ]
-    if any(c.details.get("first_block_cache") is not None for c in report.contenders):
-        lines += [
-            "",
-            "First-block cache: how many steps are skipped depends on the real weights (with random weights the skip "
-            "rate means nothing). With C ms per computed and S ms per skipped step, an edit of N steps of which K skip "
-            "costs (N - K) C + K S ms in the transformer: use the two costs above to predict the gain on a checkpoint.",
-        ]
-        forced = [c.name for c in report.contenders if c.details.get("first_block_cache") == math.inf]
-        if forced:
-            lines.append(
-                f"Rows {', '.join(forced)} use threshold inf: every step after the first reuses the cache. They "
-                "measure what a skipped step costs; they are not usable edits, and their speed-ups are not a result."
-            )
-    errors = [(c.name, c.details["step_error"]) for c in report.contenders if c.details.get("step_error")]
-    if errors:
-        lines += [
-            "",
-            "## Engines: per-step transformer error against PyTorch",
-            "",
-            "Every step's engine output against the PyTorch transformer at the engines' precision, on the "
-            "engine's own inputs of that step (relative L2 over the step's noise prediction).",
-            "",
-        ]
-        for name, e in errors:
-            if "error" in e:
-                lines.append(f"- {name}: not measured ({e['error']})")
-            else:
-                worst = max(range(len(e["rel_l2"])), key=e["rel_l2"].__getitem__)
-                lines.append(
-                    f"- {name} ({e['precision']}): {e['steps']} steps, relative L2 max {e['max_rel_l2']:.2e} (step "
-                    f"{worst}), max abs {max(e['max_abs']):.2e}"
-                )
+    lines += _cache_notes(report)
+    lines += _step_error_section(report)
     notes = [(c.name, u) for c in report.contenders for u in c.details.get("unavailable", [])]
     if notes:
         lines += ["", "## Not available here (the stage ran without it)", ""]
@@ -247,6 +202,66 @@ def report_markdown(report: CompareReport) -> str:
             lines.append(f"{check.get('status')}: {check.get('error') or check.get('reason')}")
     lines += ["", "## Environment", "", "```", json.dumps(env, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def _details_row(report: CompareReport, c: ContenderResult) -> str:
+    s = summary_row(report, c)
+    d = c.details or {}
+    rep = c.representative
+    cache = rep.cache if rep is not None else None
+    cache_text = (
+        f"{cache['computed']}/{cache['skipped']}, {_ms(cache['mean_computed_ms'])}/{_ms(cache['mean_skipped_ms'])}"
+        if cache
+        else "off"
+    )
+    return (
+        f"| {c.name} | {d.get('attention', '-')} | {d.get('quant', '-')} | {d.get('compile', '-')} | "
+        f"{_num(c.first_call_s, '.1f')} | {_num(c.compile_s, '.1f')} | {_num(c.peak_gpu_mem_gib, '.1f')} | "
+        f"{_num(s['psnr_db'], '.2f')} | {_num(s['ssim'], '.4f')} | {_num(s['latent_cosine'], '.4f')} | "
+        f"{cache_text} |"
+    )
+
+
+def _cache_notes(report: CompareReport) -> list[str]:
+    lines: list[str] = []
+    if any(c.details.get("first_block_cache") is not None for c in report.contenders):
+        lines += [
+            "",
+            "First-block cache: how many steps are skipped depends on the real weights (with random weights the skip "
+            "rate means nothing). With C ms per computed and S ms per skipped step, an edit of N steps of which K skip "
+            "costs (N - K) C + K S ms in the transformer: use the two costs above to predict the gain on a checkpoint.",
+        ]
+        forced = [c.name for c in report.contenders if c.details.get("first_block_cache") == math.inf]
+        if forced:
+            lines.append(
+                f"Rows {', '.join(forced)} use threshold inf: every step after the first reuses the cache. They "
+                "measure what a skipped step costs; they are not usable edits, and their speed-ups are not a result."
+            )
+    return lines
+
+
+def _step_error_section(report: CompareReport) -> list[str]:
+    lines: list[str] = []
+    errors = [(c.name, c.details["step_error"]) for c in report.contenders if c.details.get("step_error")]
+    if errors:
+        lines += [
+            "",
+            "## Engines: per-step transformer error against PyTorch",
+            "",
+            "Every step's engine output against the PyTorch transformer at the engines' precision, on the "
+            "engine's own inputs of that step (relative L2 over the step's noise prediction).",
+            "",
+        ]
+        for name, e in errors:
+            if "error" in e:
+                lines.append(f"- {name}: not measured ({e['error']})")
+            else:
+                worst = max(range(len(e["rel_l2"])), key=e["rel_l2"].__getitem__)
+                lines.append(
+                    f"- {name} ({e['precision']}): {e['steps']} steps, relative L2 max {e['max_rel_l2']:.2e} (step "
+                    f"{worst}), max abs {max(e['max_abs']):.2e}"
+                )
+    return lines
 
 
 def write_report(report: CompareReport, directory: Path) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""``fluxtrt build``: checkpoint -> ONNX per component -> engine per component -> manifest, atomically.
+"""``fluxtrt build``: checkpoint -> (calibration) -> ONNX per component -> engine per component -> manifest, atomically.
 
 Each component is exported and compiled in a staging directory and moved into place only when complete; the
 manifest is rewritten after every component, so an interrupted build keeps what it finished and leaves nothing
@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrt import __version__
-from fluxtrt.config import BuildConfig
-from fluxtrt.engines.backend import BuildJob, EngineBackend, get_backend
-from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, sha256_file
+from fluxtrt.backends.base import BackendOptions, BuildJob, EngineBackend, get_backend
+from fluxtrt.config import COMPUTE_DTYPE, QUANTIZED_PRECISIONS, BuildConfig
+from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, settings_hash, sha256_file
+from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
-from fluxtrt.quant import QUANTIZED_PRECISIONS
+from fluxtrt.specs.component import ComponentSpec
 from fluxtrt.specs.flux import FluxDims, Resolution, component_dims, profile_shapes
 
 STAGING_PREFIX = ".staging-"
-# Compute dtype of the exported graph per precision; fp8/fp4 quantise a bf16 graph.
-COMPUTE_DTYPE = {"fp32": "fp32", "bf16": "bf16", "fp8": "bf16", "fp4": "bf16"}
 
 Progress = Callable[[str, str], None]  # (component, what is happening)
 
@@ -50,6 +49,24 @@ class BuildReport:
     results: list[ComponentResult]
 
 
+@dataclass
+class _Build:
+    """What every component of one build shares."""
+
+    config: BuildConfig
+    backend: EngineBackend
+    options: BackendOptions
+    components: Any  # FluxKontextComponents
+    dims: FluxDims
+    specs: dict[str, ComponentSpec]
+    manifest: Manifest
+    say: Progress
+
+    @property
+    def out(self) -> Path:
+        return self.config.out
+
+
 def build_engines(
     config: BuildConfig, on_progress: Progress | None = None, backend: EngineBackend | None = None
 ) -> BuildReport:
@@ -64,14 +81,11 @@ def build_engines(
         The report; ``config.out/manifest.json`` describes every component built so far.
 
     Raises:
-        FluxtrtError: unavailable backend or device, an out directory holding other engines, export or build
-            failure. Completed components stay recorded and usable.
+        FluxtrtError: unavailable backend or device, an option the backend does not have, an out directory holding
+            other engines, export or build failure. Completed components stay recorded and usable.
     """
-    from fluxtrt.infer import check_device
     from fluxtrt.models import load_components
-    from fluxtrt.models.loading import model_fingerprint
-    from fluxtrt.specs import component_specs
-    from fluxtrt.specs.flux import dims_from_components
+    from fluxtrt.specs.flux import component_specs, dims_from_components
 
     say = on_progress or (lambda component, message: None)
     backend = backend or get_backend(config.backend)
@@ -81,16 +95,30 @@ def build_engines(
             f"--precision is '{config.precision}' but the {backend.name} backend builds "
             f"{', '.join(backend.precisions)}: pick one of those"
         )
+    options = backend.options(config.backend_options())
     check_device(config.device)
-    out = config.out
-    previous = _previous_manifest(out, config, backend)
-    _remove_leftovers(out)
+    previous = _previous_manifest(config.out, config, backend)
+    _remove_leftovers(config.out)
 
     say("model", f"loading {config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device})")
     components = load_components(config.model, config.device, COMPUTE_DTYPE[config.precision])
     dims = dims_from_components(components)
-    specs = component_specs(dims)
-    manifest = Manifest(
+    manifest = _new_manifest(config, backend, components, dims, previous)
+    build = _Build(config, backend, options, components, dims, component_specs(dims), manifest, say)
+    config.out.mkdir(parents=True, exist_ok=True)
+    _save_tokenizers(components, config.out)
+    manifest.save(config.out)  # from here on a rerun recognises the directory as its own
+    results = [_bring_up_to_date(build, name) for name in config.components]
+    manifest.save(config.out)
+    return BuildReport(config.out, manifest, results)
+
+
+def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, dims: FluxDims,
+                  previous: Manifest | None) -> Manifest:  # fmt: skip
+    """The manifest of this build, keeping the components of ``previous`` (the same backend and precision)."""
+    from fluxtrt.models.loading import model_fingerprint
+
+    return Manifest(
         backend=backend.name,
         backend_version=backend.version(),
         precision=config.precision,
@@ -104,64 +132,56 @@ def build_engines(
             "scheduler_config": components.scheduler_config,
             "max_sequence_length": components.max_sequence_length,
         },
-        build_env=_build_env(config.device),
-        resolutions={
-            "min": str(config.min_resolution),
-            "opt": str(config.opt_resolution),
-            "max": str(config.max_resolution),
-        },  # fmt: skip
+        build_env=device_environment(config.device),
+        resolutions={k: str(getattr(config, f"{k}_resolution")) for k in ("min", "opt", "max")},
         batch={"min": 1, "opt": 1, "max": config.max_batch},
         components=dict(previous.components) if previous else {},
     )
-    out.mkdir(parents=True, exist_ok=True)
-    _save_tokenizers(components, out)
-    manifest.save(out)  # from here on a rerun recognises the directory as its own
-
-    results = []
-    for name in config.components:
-        spec = specs[name]
-        profile = profile_shapes(
-            spec, dims, (1, 1, config.max_batch), (config.min_resolution, config.opt_resolution, config.max_resolution)
-        )
-        settings = {
-            "component": name,
-            "backend": backend.name,
-            "backend_version": manifest.backend_version,
-            "precision": config.precision,
-            "model": manifest.model["fingerprint"],
-            "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-            "fluxtrt": __version__,
-        }
-        if config.backend_options():
-            settings["options"] = config.backend_options()
-        amax = None
-        # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
-        imported = backend.uses_onnx and config.onnx_dir is not None
-        if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and not imported:
-            from fluxtrt.quant.calibrate import calibration_for_build
-
-            say(name, "calibrating (or reusing saved scales)")
-            fingerprint = manifest.model["fingerprint"]
-            calibration_path, calibration = calibration_for_build(config, components, fingerprint, out)
-            amax = calibration.amax
-            manifest.calibration = str(calibration_path.relative_to(out))
-            settings["calibration"] = sha256_file(calibration_path)
-        entry = manifest.components.get(name)
-        if not config.force and entry is not None and _up_to_date(entry, settings, out, name):
-            say(name, "up to date")
-            results.append(ComponentResult(name, "up to date", 0.0, _bytes(entry.onnx), entry.engine.bytes))
-            continue
-        module = _module(name, components)
-        manifest.components.pop(name, None)
-        entry = _build_component(name, spec, module, dims, config, backend, settings, profile, out, say, amax)
-        manifest.components[name] = entry
-        manifest.save(out)
-        results.append(ComponentResult(name, "built", entry.build_s, _bytes(entry.onnx), entry.engine.bytes))
-    manifest.save(out)
-    return BuildReport(out, manifest, results)
 
 
-def _build_component(name, spec, module, dims, config, backend, settings, profile, out, say, amax=None):
+def _bring_up_to_date(build: _Build, name: str) -> ComponentResult:
+    """Build component ``name`` unless its recorded settings and files match; calibrate a quantized transformer."""
+    config, manifest = build.config, build.manifest
+    profile = profile_shapes(
+        build.specs[name],
+        build.dims,
+        (1, 1, config.max_batch),
+        (config.min_resolution, config.opt_resolution, config.max_resolution),
+    )
+    settings = {
+        "component": name,
+        "backend": build.backend.name,
+        "backend_version": manifest.backend_version,
+        "precision": config.precision,
+        "model": manifest.model["fingerprint"],
+        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
+        "fluxtrt": __version__,
+        "options": build.options.to_dict(),
+    }
+    amax = None
+    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
+    imported = build.backend.uses_onnx and config.onnx_dir is not None
+    if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and not imported:
+        from fluxtrt.engines.calibrate import calibration_for_build
+
+        build.say(name, "calibrating (or reusing saved scales)")
+        path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
+        amax = calibration.amax
+        manifest.calibration = str(path.relative_to(build.out))
+        settings["calibration"] = sha256_file(path)
+    entry = manifest.components.get(name)
+    if not config.force and entry is not None and _up_to_date(entry, settings, build.out):
+        build.say(name, "up to date")
+        return ComponentResult(name, "up to date", 0.0, _bytes(entry.onnx), entry.engine.bytes)
+    manifest.components.pop(name, None)
+    entry = _build_component(build, name, settings, profile, amax)
+    manifest.components[name] = entry
+    manifest.save(build.out)
+    return ComponentResult(name, "built", entry.build_s, _bytes(entry.onnx), entry.engine.bytes)
+
+
+def _build_component(build: _Build, name: str, settings: dict, profile: dict,
+                     amax: dict[str, float] | None) -> ComponentEntry:  # fmt: skip
     """Export (if the backend reads ONNX) and compile one component in a staging directory, then move it in.
 
     With ``amax`` (calibrated input amax per linear), the exported ONNX gets FP8/NVFP4 Q/DQ before the build, or,
@@ -169,67 +189,84 @@ def _build_component(name, spec, module, dims, config, backend, settings, profil
     """
     import torch
 
-    from fluxtrt.models.loading import torch_dtype
+    from fluxtrt.backends.torch_modules import component_module
 
     t0 = time.perf_counter()
-    staging = out / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+    staging = build.out / f"{STAGING_PREFIX}{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         (staging / "onnx").mkdir(parents=True)
         (staging / "engine").mkdir()
-        onnx_path = None
-        if backend.uses_onnx and config.onnx_dir is not None:
-            from fluxtrt.export.onnx_dir import import_onnx
-
-            say(name, f"using ONNX from {config.onnx_dir}")
-            onnx_path = import_onnx(spec, config.onnx_dir, staging / "onnx")
-        elif backend.uses_onnx:
-            from fluxtrt.export.onnx import export_onnx
-
-            say(name, "exporting ONNX")
-            dtype = torch_dtype(COMPUTE_DTYPE[config.precision])
-            feed = spec.sample_feed(_sample_dims(name, dims, config), dtype, config.device)
-            onnx_path = export_onnx(spec, module, feed, staging / "onnx").model
-            if amax is not None:
-                from fluxtrt.quant.qdq import quantize_onnx
-
-                say(name, f"inserting {config.precision} Q/DQ")
-                quantize_onnx(onnx_path, amax, config.precision)
-        say(name, f"building {backend.name} engine")
-        engine_path = staging / "engine" / f"{name}{backend.extension}"
+        module = component_module(name, build.components)
+        onnx_path = _onnx_for(build, name, module, staging / "onnx", amax) if build.backend.uses_onnx else None
+        build.say(name, f"building {build.backend.name} engine")
+        engine_path = staging / "engine" / f"{name}{build.backend.extension}"
         # A backend without ONNX quantizes the module itself; the names get the wrapper's attribute in front.
-        module_amax = None if amax is None or backend.uses_onnx else {f"transformer.{k}": v for k, v in amax.items()}
-        job = BuildJob(spec, module, onnx_path, engine_path, config.precision, profile, config.device,
-                       staging / "work", options=config.backend_options(), amax=module_amax)  # fmt: skip
+        module_amax = (
+            None if amax is None or onnx_path is not None else {f"transformer.{k}": v for k, v in amax.items()}
+        )
+        job = BuildJob(build.specs[name], module, onnx_path, engine_path, build.config.precision, profile,
+                       build.config.device, staging / "work", build.options, module_amax)  # fmt: skip
         job.workdir.mkdir()
         with torch.inference_mode():
-            backend.build(job)
+            record = build.backend.build(job)
         if not engine_path.is_file():
-            raise EngineError(f"{name}: the {backend.name} backend reported success but wrote no {engine_path.name}")
-        # Move into place: ONNX folder first (swapping the directory), then extras, the engine file last.
-        onnx_records = []
-        if onnx_path is not None:
-            final_onnx = out / "onnx" / name
-            _replace_dir(staging / "onnx", final_onnx)
-            onnx_records = [FileRecord.of(out, p) for p in sorted(final_onnx.iterdir())]
-        extras = []
-        for f in sorted((staging / "engine").iterdir()):
-            if f != engine_path:
-                os.replace(f, out / f.name)
-                extras.append(FileRecord.of(out, out / f.name))
-        final_engine = out / engine_path.name
-        os.replace(engine_path, final_engine)
+            raise EngineError(
+                f"{name}: the {build.backend.name} backend reported success but wrote no {engine_path.name}"
+            )
+        onnx_records, engine, extras = _move_into_place(build.out, name, staging, onnx_path, engine_path)
         return ComponentEntry(
             settings=settings,
             onnx=onnx_records,
-            engine=FileRecord.of(out, final_engine),
+            engine=engine,
             profile={k: [list(s) for s in v] for k, v in profile.items()},
             build_s=time.perf_counter() - t0,
-            options=job.options,
+            record=record,
             engine_extra=extras,
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _onnx_for(build: _Build, name: str, module: Any, folder: Path, amax: dict[str, float] | None) -> Path:
+    """The component's ONNX in ``folder``: imported from ``--onnx-dir``, or exported (and Q/DQ-quantized)."""
+    config, spec = build.config, build.specs[name]
+    if config.onnx_dir is not None:
+        from fluxtrt.export.onnx_dir import import_onnx
+
+        build.say(name, f"using ONNX from {config.onnx_dir}")
+        return import_onnx(spec, config.onnx_dir, folder)
+    from fluxtrt.export.onnx import export_onnx
+    from fluxtrt.models.loading import torch_dtype
+
+    build.say(name, "exporting ONNX")
+    feed = spec.sample_feed(_sample_dims(name, build.dims, config), torch_dtype(COMPUTE_DTYPE[config.precision]),
+                            config.device)  # fmt: skip
+    onnx_path = export_onnx(spec, module, feed, folder).model
+    if amax is not None:
+        from fluxtrt.quant.qdq import quantize_onnx
+
+        build.say(name, f"inserting {config.precision} Q/DQ")
+        quantize_onnx(onnx_path, amax, config.precision)
+    return onnx_path
+
+
+def _move_into_place(out: Path, name: str, staging: Path, onnx_path: Path | None,
+                     engine_path: Path) -> tuple[list[FileRecord], FileRecord, list[FileRecord]]:  # fmt: skip
+    """ONNX folder first (swapping the directory), then the engine's extra files, the engine file last."""
+    onnx_records = []
+    if onnx_path is not None:
+        final_onnx = out / "onnx" / name
+        _replace_dir(staging / "onnx", final_onnx)
+        onnx_records = [FileRecord.of(out, p) for p in sorted(final_onnx.iterdir())]
+    extras = []
+    for f in sorted((staging / "engine").iterdir()):
+        if f != engine_path:
+            os.replace(f, out / f.name)
+            extras.append(FileRecord.of(out, out / f.name))
+    final_engine = out / engine_path.name
+    os.replace(engine_path, final_engine)
+    return onnx_records, FileRecord.of(out, final_engine), extras
 
 
 def _sample_dims(name: str, dims: FluxDims, config: BuildConfig) -> dict[str, int]:
@@ -289,10 +326,8 @@ def _remove_leftovers(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _up_to_date(entry: ComponentEntry, settings: dict, out: Path, name: str) -> bool:
+def _up_to_date(entry: ComponentEntry, settings: dict, out: Path) -> bool:
     """Same settings, and every recorded file present with its recorded size and hash."""
-    from fluxtrt.engines.manifest import settings_hash, sha256_file
-
     if entry.settings_hash != settings_hash(settings):
         return False
     for record in [*entry.onnx, entry.engine, *entry.engine_extra]:
@@ -304,22 +339,6 @@ def _up_to_date(entry: ComponentEntry, settings: dict, out: Path, name: str) -> 
 
 def _bytes(records: list[FileRecord]) -> int:
     return sum(r.bytes for r in records)
-
-
-def _module(name: str, components: Any) -> Any:
-    from fluxtrt.backends.torch_modules import component_module
-
-    return component_module(name, components)
-
-
-def _build_env(device: str) -> dict:
-    import torch
-
-    env = {"torch": torch.__version__, "device": device}
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, sm=f"{props.major}{props.minor}")
-    return env
 
 
 def _save_tokenizers(components: Any, out: Path) -> None:

@@ -1,26 +1,25 @@
-"""An engines directory back into a ``KontextPipeline``: runners from the manifest's backend, tokenizers beside."""
+"""Loading an engines directory as a ``KontextPipeline`` whose runners are its engines."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
-from fluxtrt.engines.backend import LoadJob, get_backend
-from fluxtrt.engines.build import COMPUTE_DTYPE
+from fluxtrt.backends.base import LoadJob, get_backend
+from fluxtrt.config import COMPUTE_DTYPE
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.errors import EngineError, FluxtrtError
-from fluxtrt.specs import COMPONENTS, component_specs
+from fluxtrt.specs.flux import COMPONENTS, component_specs
 
 
 def load_engine_pipeline(path: Path, device: str = "cpu"):
-    """A pipeline whose five runners are the engines in ``path``.
+    """A ``KontextPipeline`` whose runners are the engines in ``path``, loaded.
 
     Args:
         path: an engines directory written by ``fluxtrt build``.
         device: where the engines run (``cpu`` or ``cuda``).
 
     Returns:
-        A ``KontextPipeline`` that refuses edits outside the built resolution and batch range.
+        A ``KontextPipeline`` whose runners refuse shapes outside the built range (close it to free the engines).
 
     Raises:
         EngineError: missing/unreadable manifest, a component not built, a missing or truncated engine file, an
@@ -29,7 +28,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from fluxtrt.models.loading import torch_dtype
-    from fluxtrt.pipeline.kontext import EditLimits, KontextPipeline
+    from fluxtrt.pipeline.kontext import KontextPipeline
 
     path = Path(path)
     manifest = Manifest.load(path)
@@ -50,18 +49,23 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)
     runners = {}
-    for name in COMPONENTS:
-        entry = manifest.components[name]
-        for extra in entry.engine_extra:
-            extra.check(path, name)
-        engine = entry.engine.check(path, name)
-        job = LoadJob(specs[name], engine, device, dtype, asdict(entry))
-        runners[name] = backend.load(job)
     try:
+        for name in COMPONENTS:
+            entry = manifest.components[name]
+            for extra in entry.engine_extra:
+                extra.check(path, name)
+            engine = entry.engine.check(path, name)
+            options = backend.options(entry.settings.get("options", {}))
+            job = LoadJob(specs[name], engine, device, dtype, entry.profile, options, entry.record)
+            runners[name] = backend.load(job)
         tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
         tokenizer_2 = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
     except (OSError, ValueError) as exc:
+        _close(runners)
         raise EngineError(f"{path}: the tokenizers beside the engines cannot be read ({exc}): rebuild") from None
+    except BaseException:
+        _close(runners)
+        raise
     model = manifest.model
     return KontextPipeline(
         runners=runners,
@@ -73,5 +77,10 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
         scheduler_config=model["scheduler_config"],
         device=device,
         dtype=dtype,
-        limits=EditLimits(manifest.resolution("min"), manifest.resolution("max"), manifest.batch["max"], str(path)),
+        source=str(path),
     )
+
+
+def _close(runners: dict) -> None:
+    for runner in runners.values():
+        runner.close()

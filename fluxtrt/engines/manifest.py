@@ -20,7 +20,9 @@ from fluxtrt.io import atomic_write
 from fluxtrt.specs.flux import FluxDims, Resolution
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
+# Format 1 kept settings and the backend's record in one field, "options"; it is read as format 2.
+READABLE_FORMATS = (1, 2)
 # Files up to this size are hashed on every load (milliseconds to a second); larger ones are checked by size only,
 # since hashing a 24 GB transformer engine would add about 15 s to every start.
 HASH_ON_LOAD_LIMIT = 2**31
@@ -87,7 +89,7 @@ class ComponentEntry:
         engine_extra: files the engine needs beside it (external weights).
         profile: per input, [min, opt, max] shapes.
         build_s: export + compile seconds.
-        options: what the backend recorded (provider, flags, kernels).
+        record: what the backend recorded when it built the engine (versions, GPU, kernels chosen, counts).
     """
 
     settings: dict
@@ -95,7 +97,7 @@ class ComponentEntry:
     engine: FileRecord
     profile: dict[str, list[list[int]]]
     build_s: float
-    options: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
     engine_extra: list[FileRecord] = field(default_factory=list)
 
     @property
@@ -149,11 +151,12 @@ class Manifest:
             raise EngineError(f"--engines '{root}' has no {MANIFEST}, so it is not a finished engines directory: {fix}")
         try:
             raw = json.loads(path.read_text())
-            if raw.get("format") != FORMAT:
+            if raw.get("format") not in READABLE_FORMATS:
                 raise EngineError(
-                    f"{path} has format {raw.get('format')!r}, this fluxtrt reads format {FORMAT}: rebuild with "
-                    f"`fluxtrt build --out {root} --force`"
+                    f"{path} has format {raw.get('format')!r}, this fluxtrt reads formats "
+                    f"{', '.join(map(str, READABLE_FORMATS))}: rebuild with `fluxtrt build --out {root} --force`"
                 )
+            raw["format"] = FORMAT
             components = {
                 name: ComponentEntry(
                     settings=e["settings"],
@@ -161,7 +164,7 @@ class Manifest:
                     engine=FileRecord(**e["engine"]),
                     profile=e["profile"],
                     build_s=e["build_s"],
-                    options=e.get("options", {}),
+                    record=e.get("record", e.get("options", {})),
                     engine_extra=[FileRecord(**f) for f in e.get("engine_extra", [])],
                 )
                 for name, e in raw.pop("components").items()
@@ -174,13 +177,3 @@ class Manifest:
                 f"{path} is not a valid fluxtrt manifest ({type(exc).__name__}: {exc}): rebuild with "
                 f"`fluxtrt build --out {root} --force`"
             ) from None
-
-    def require(self, *, backend: str | None = None, precision: str | None = None) -> None:
-        """Raise EngineError unless the manifest is of ``backend`` and ``precision`` (where given)."""
-        for key, want in (("backend", backend), ("precision", precision)):
-            have = getattr(self, key)
-            if want is not None and have != want:
-                raise EngineError(
-                    f"the engines were built with {key} '{have}', expected '{want}': use an engines directory "
-                    f"built with --{key} {want}, or rebuild"
-                )

@@ -79,8 +79,6 @@ def export_onnx(
 
     _require("onnx")
     _require("onnxscript")
-    import onnx
-    import onnx_ir as ir
 
     t0 = time.perf_counter()
     args = tuple(sample_feed[n] for n in spec.input_names)
@@ -124,23 +122,30 @@ def export_onnx(
     model_path = out_dir / MODEL_FILE
     initializer_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value)
     external = initializer_bytes > external_data_threshold
+    _save_and_check(spec, program.model, model_path, external, lap)
+    del program
+    data_path = out_dir / DATA_FILE if external else None
+    return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes, phases)
+
+
+def _save_and_check(spec: ComponentSpec, model: Any, model_path: Path, external: bool, lap: Any) -> None:
+    """Write the model (weights to one data file when ``external``), then check it and its interface."""
+    import onnx
+    import onnx_ir as ir
+
     if external:
         # Every weight goes to the one data file; tiny constants (shape and axes operands) stay inline, where
         # shape inference in ONNX Runtime and TensorRT's parser read them.
-        ir.save(program.model, model_path, external_data=DATA_FILE, size_threshold_bytes=1024)
+        ir.save(model, model_path, external_data=DATA_FILE, size_threshold_bytes=1024)
     else:
-        ir.save(program.model, model_path)
-    del program
+        ir.save(model, model_path)
     lap("save")
-
     try:
         onnx.checker.check_model(str(model_path))  # path-based: works past protobuf's 2 GB limit
     except onnx.checker.ValidationError as exc:
         raise BuildError(f"{spec.name}: the exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     _check_interface(spec, model_path)
     lap("check")
-    data_path = out_dir / DATA_FILE if external else None
-    return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes, phases)
 
 
 def _fused_rms_norm(input, normalized_shape, weight=None, eps=None):  # noqa: A002 (aten's argument names)

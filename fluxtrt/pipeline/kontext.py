@@ -6,16 +6,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
-from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.errors import FluxtrtError, InputError, ShapeError
 from fluxtrt.pipeline.image import fit_to_area, images_to_tensor, preferred_resolution, tensor_to_images
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
-from fluxtrt.specs.flux import FluxDims, Resolution, dims_from_components
+from fluxtrt.specs.flux import FluxDims, Resolution, dim_values, dims_from_components
 from fluxtrt.timing import ComponentTimer
 
 DEFAULT_MAX_AREA = 1024**2
@@ -29,30 +30,6 @@ def diffusers_timestep(sigma: float, batch: int, device: torch.device, dtype: to
     """
     t = torch.full((batch,), float(sigma), dtype=torch.float32, device=device) * 1000.0  # fp32, as diffusers
     return t.to(dtype) / 1000.0
-
-
-@dataclass(frozen=True)
-class EditLimits:
-    """The shapes a pipeline's engines were built for; ``edit`` refuses anything outside them."""
-
-    min_resolution: Resolution
-    max_resolution: Resolution
-    max_batch: int
-    source: str  # the engines directory, named in the fix
-
-    def check(self, target: Resolution, reference: Resolution, batch: int) -> None:
-        """Raise InputError naming the value, the built range and the rebuild that covers it."""
-        fix = f"rebuild {self.source} with `fluxtrt build` and"
-        for label, res in (("target", target), ("reference", reference)):
-            if not res.within(self.min_resolution, self.max_resolution):
-                raise InputError(
-                    f"the {label} resolution is {res} but the engines accept {self.min_resolution} to "
-                    f"{self.max_resolution}: {fix} --min-resolution/--max-resolution covering {res}"
-                )
-        if batch > self.max_batch:
-            raise InputError(
-                f"batch is {batch} but the engines accept at most {self.max_batch}: {fix} --max-batch {batch}"
-            )
 
 
 @dataclass
@@ -90,7 +67,10 @@ class KontextPipeline:
         scheduler_config: shift parameters of the sigma schedule.
         device: where the runners take their inputs.
         dtype: the runners' compute dtype.
-        limits: the shape range of engine runners (None for torch runners, which take any shape).
+        source: what the runners come from (an engines directory), named when an edit does not fit them.
+
+    The pipeline owns its runners: it loads them (a loaded runner stays as it is), and ``close()`` (or leaving a
+    ``with`` block) closes them and frees their memory.
     """
 
     def __init__(
@@ -104,15 +84,26 @@ class KontextPipeline:
         scheduler_config: Mapping[str, Any],
         device: torch.device | str,
         dtype: torch.dtype,
-        limits: EditLimits | None = None,
+        source: str | None = None,
     ):
-        self.runners = dict(runners)
+        self.runners = {name: runner.load() for name, runner in runners.items()}
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.dims = dims
         self.vae_scaling, self.vae_shift = vae_scaling, vae_shift
         self.scheduler_config = dict(scheduler_config)
         self.device, self.dtype = torch.device(device), dtype
-        self.limits = limits
+        self.source = source
+
+    def close(self) -> None:
+        """Close every runner (engines free their device memory); the pipeline cannot edit afterwards."""
+        for runner in self.runners.values():
+            runner.close()
+
+    def __enter__(self) -> KontextPipeline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     @classmethod
     def from_components(cls, components: Any, runners: Mapping[str, Runner] | None = None) -> KontextPipeline:
@@ -185,67 +176,18 @@ class KontextPipeline:
         if len(images) not in (1, batch):
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
         target, reference = self.geometry(images[0].size, height, width, max_area)
-        if self.limits is not None:
-            self.limits.check(target, reference, batch)
+        self.check_fits(batch, target, reference)
         timer = ComponentTimer(self.device)
-        dev, dt = self.device, self.dtype
-
         with timer.region("total"):
-            # 1. Prompt: CLIP pooled [B, 768] + T5 hidden states [B, 512, 4096].
-            clip_ids, warnings = tokenize(self.tokenizer, prompts, self.dims.clip_len, "CLIP")
-            t5_ids, t5_warnings = tokenize(self.tokenizer_2, prompts, self.dims.t5_len, "T5")
-            warnings += t5_warnings
-            with timer.region("clip"):
-                pooled = self.runners["clip"].infer({"input_ids": clip_ids.to(dev)})["pooled_embeds"]
-            with timer.region("t5"):
-                text = self.runners["t5"].infer({"input_ids": t5_ids.to(dev)})["text_embeds"]
-
-            # 2. Reference: encode (distribution mode), normalise, pack; ids carry image index 1.
-            pixels = images_to_tensor(images, reference).to(dev, dt)  # [B|1, 3, H, W]
-            with timer.region("vae_encoder"):
-                ref = self.runners["vae_encoder"].infer({"image": pixels})["latent"]  # [B|1, 16, H/8, W/8]
-            ref = (ref - self.vae_shift) * self.vae_scaling
-            ref_tokens = pack(ref.expand(batch, -1, -1, -1))  # [B, S_ref, 64]
-            ref_ids = position_ids(ref.shape[2], ref.shape[3], image_index=1)
-
-            # 3. Noise for the target, packed; target ids carry image index 0.
+            pooled, text, warnings = self._encode_prompt(prompts, timer)
+            ref_tokens, ref_ids = self._encode_reference(images, reference, batch, timer)
+            latents, sigmas = self._denoise(
+                batch, target, ref_tokens, ref_ids, pooled, text, sampler, seed, guidance, on_step, timer
+            )
             h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
-            # Drawn on the CPU in the compute dtype, as diffusers draws it: the same seed gives diffusers' noise on
-            # every device (a bf16 draw is not an fp32 draw rounded in every torch release).
-            generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator, dtype=dt)
-            latents = pack(noise).to(dev)  # [B, S_target, 64]
-            s_target = latents.shape[1]
-            img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]
-            txt_ids = torch.zeros(self.dims.t5_len, 3, device=dev)
-            guidance_t = torch.full((batch,), guidance, dtype=torch.float32, device=dev)
-
-            # 4. Integrate the flow; the reference tokens ride along and their predictions are dropped.
-            sigmas = sigma_schedule(sampler.sigmas, sampler.num_steps, flux_mu(s_target, self.scheduler_config))
-            solver = make_solver(sampler.solver)
-            solver.reset(sigmas)
-            if on_step is not None:
-                on_step(0, sampler.num_steps)
-            for i in range(sampler.num_steps):
-                feed = {
-                    "hidden_states": torch.cat([latents, ref_tokens], dim=1),  # [B, S_target + S_ref, 64]
-                    "encoder_hidden_states": text,
-                    "pooled_projections": pooled,
-                    "timestep": diffusers_timestep(sigmas[i], batch, dev, dt),
-                    "guidance": guidance_t,
-                    "img_ids": img_ids,
-                    "txt_ids": txt_ids,
-                }
-                with timer.region("transformer"):
-                    v = self.runners["transformer"].infer(feed)["noise_pred"][:, :s_target]
-                latents = solver.step(v, i, latents)
-                if on_step is not None:
-                    on_step(i + 1, sampler.num_steps)
-
-            # 5. Unpack, un-normalise, decode.
             z = unpack(latents, h, w) / self.vae_scaling + self.vae_shift  # [B, 16, h, w]
             with timer.region("vae_decoder"):
-                decoded = self.runners["vae_decoder"].infer({"latent": z.to(dt)})["image"]  # [B, 3, H, W]
+                decoded = self.runners["vae_decoder"].infer({"latent": z.to(self.dtype)})["image"]  # [B, 3, H, W]
             out_images = tensor_to_images(decoded)
 
         final = latents.float().cpu()
@@ -265,3 +207,75 @@ class KontextPipeline:
             calls=dict(timer.calls),
             warnings=warnings,
         )
+
+    def check_fits(self, batch: int, target: Resolution, reference: Resolution) -> None:
+        """Raise InputError, before any work, when an edit of this geometry lies outside a runner's built range."""
+        dims = dim_values(self.dims, batch, target, reference)
+        for name, runner in self.runners.items():
+            try:
+                runner.check_dims(dims[name])
+            except ShapeError as exc:
+                where = f" of {self.source}" if self.source else ""
+                raise InputError(
+                    f"a {target} edit of a {reference} reference (batch {batch}) does not fit the engines{where}: {exc}"
+                ) from None
+
+    def _encode_prompt(self, prompts: list[str], timer: ComponentTimer) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """CLIP pooled [B, 768] and T5 hidden states [B, 512, 4096], and the truncation warnings."""
+        clip_ids, warnings = tokenize(self.tokenizer, prompts, self.dims.clip_len, "CLIP")
+        t5_ids, t5_warnings = tokenize(self.tokenizer_2, prompts, self.dims.t5_len, "T5")
+        with timer.region("clip"):
+            pooled = self.runners["clip"].infer({"input_ids": clip_ids.to(self.device)})["pooled_embeds"]
+        with timer.region("t5"):
+            text = self.runners["t5"].infer({"input_ids": t5_ids.to(self.device)})["text_embeds"]
+        return pooled, text, warnings + t5_warnings
+
+    def _encode_reference(self, images: list[Any], reference: Resolution, batch: int,
+                          timer: ComponentTimer) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The reference encoded (distribution mode), normalised and packed [B, S_ref, 64]; its ids [S_ref, 3]
+        carry image index 1."""
+        pixels = images_to_tensor(images, reference).to(self.device, self.dtype)  # [B|1, 3, H, W]
+        with timer.region("vae_encoder"):
+            ref = self.runners["vae_encoder"].infer({"image": pixels})["latent"]  # [B|1, 16, H/8, W/8]
+        ref = (ref - self.vae_shift) * self.vae_scaling
+        ref_ids = position_ids(ref.shape[2], ref.shape[3], image_index=1)
+        return pack(ref.expand(batch, -1, -1, -1)), ref_ids
+
+    def _denoise(self, batch: int, target: Resolution, ref_tokens: torch.Tensor, ref_ids: torch.Tensor,
+                 pooled: torch.Tensor, text: torch.Tensor, sampler: SamplerConfig, seed: int, guidance: float,
+                 on_step: Callable[[int, int], None] | None,
+                 timer: ComponentTimer) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+        """Noise for the target, integrated over the sampler's sigmas; returns the final packed latents
+        [B, S_target, 64] and the sigmas. The reference tokens ride along and their predictions are dropped."""
+        dev, dt = self.device, self.dtype
+        h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
+        # Drawn on the CPU in the compute dtype, as diffusers draws it: the same seed gives diffusers' noise on every
+        # device (a bf16 draw is not an fp32 draw rounded in every torch release).
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator, dtype=dt)
+        latents = pack(noise).to(dev)  # [B, S_target, 64]
+        s_target = latents.shape[1]
+        img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]
+        txt_ids = torch.zeros(self.dims.t5_len, 3, device=dev)
+        guidance_t = torch.full((batch,), guidance, dtype=torch.float32, device=dev)
+        sigmas = sigma_schedule(sampler.sigmas, sampler.num_steps, flux_mu(s_target, self.scheduler_config))
+        solver = make_solver(sampler.solver)
+        solver.reset(sigmas)
+        if on_step is not None:
+            on_step(0, sampler.num_steps)
+        for i in range(sampler.num_steps):
+            feed = {
+                "hidden_states": torch.cat([latents, ref_tokens], dim=1),  # [B, S_target + S_ref, 64]
+                "encoder_hidden_states": text,
+                "pooled_projections": pooled,
+                "timestep": diffusers_timestep(sigmas[i], batch, dev, dt),
+                "guidance": guidance_t,
+                "img_ids": img_ids,
+                "txt_ids": txt_ids,
+            }
+            with timer.region("transformer"):
+                v = self.runners["transformer"].infer(feed)["noise_pred"][:, :s_target]
+            latents = solver.step(v, i, latents)
+            if on_step is not None:
+                on_step(i + 1, sampler.num_steps)
+        return latents, sigmas

@@ -19,32 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FP8_MAX = 448.0
+from fluxtrt.kernels.fp8 import FP8_MAX, fp8_scale, fp8_weight, quantize_fp8
+
 FP4_MAX = 6.0
 FP4_BLOCK = 16
 # E2M1 magnitudes by code 0..7; midpoints between neighbours decide rounding.
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-
-
-def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """amax / 448 in fp32 (the scale that maps amax to the largest finite E4M3 value)."""
-    return amax.float() / FP8_MAX
-
-
-def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` / ``scale`` (broadcast against x) as float8_e4m3fn, saturating at +-448, rounded to nearest even."""
-    return torch.clamp(x.float() / scale, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-
-
-def fp8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight [out, in] in the static FP8 scheme: (float8_e4m3fn values, fp32 scale per output channel [out, 1]).
-
-    An all-zero row gets scale 1 (any scale gives zeros).
-    """
-    w = weight.detach().float()
-    scale = fp8_scale(w.abs().amax(dim=1, keepdim=True))
-    scale = torch.where(scale > 0, scale, 1.0)
-    return quantize_fp8(w, scale), scale
 
 
 def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from fluxtrt.errors import BuildError, InputError
-from fluxtrt.quant.fakequant import FP4_BLOCK, FP4_MAX, FP8_MAX
+from fluxtrt.kernels.fp8 import FP8_MAX
+from fluxtrt.quant.fakequant import FP4_BLOCK, FP4_MAX
 
-FP8_OPSET = 19
 FP4_OPSET = 23
 TRT_DOMAIN = "trt"
 FP8_TYPE = 17  # TensorProto.FLOAT8E4M3FN
@@ -142,7 +142,6 @@ def quantize_onnx(model_path: Path, amax: dict[str, float], precision: str) -> Q
         InputError: unknown precision or an empty calibration.
         BuildError: a calibrated linear is missing in the graph, or the written model fails the checker.
     """
-    import ml_dtypes
     import onnx
     import onnx_ir as ir
 
@@ -157,68 +156,14 @@ def quantize_onnx(model_path: Path, amax: dict[str, float], precision: str) -> Q
     model = ir.load(str(model_path))
     graph = model.graph
     nodes = _linear_nodes(graph, set(amax))
+    builder = _QdqBuilder(ir, graph)
+    quantize = builder.fp8 if precision == "fp8" else builder.fp4
     before = after = 0
-    fp8_zero = None
-
-    def constant(name: str, array: np.ndarray) -> Any:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        graph.register_initializer(value)
-        return value
-
     for name, (node, in_axis) in sorted(nodes.items()):
         old_w = node.inputs[1]
-        dtype = old_w.const_value.dtype  # the graph's compute dtype
-        np_dtype = _np_dtype(dtype)
-        w = old_w.const_value.numpy()
         before += old_w.const_value.nbytes
-        x = node.inputs[0]
-        out_axis = 1 - in_axis
-        new: list[Any] = []
-        if precision == "fp8":
-            if fp8_zero is None:
-                fp8_zero = constant("fp8_zero_point", np.zeros((), dtype=ml_dtypes.float8_e4m3fn))
-            s_x = constant(f"{name}.input_scale", np.array(amax[name] / FP8_MAX, dtype=np_dtype))
-            q = ir.node("QuantizeLinear", [x, s_x, fp8_zero], num_outputs=1, name=f"{name}/input_quantize")
-            dq = ir.node("DequantizeLinear", [q.outputs[0], s_x, fp8_zero], name=f"{name}/input_dequantize")
-            w_q, w_scale = quantize_fp8_weight(w, in_axis, np_dtype)
-            w_value = constant(f"{name}.weight_fp8", w_q)
-            s_w = constant(f"{name}.weight_scale", w_scale)
-            dq_w = ir.node(
-                "DequantizeLinear", [w_value, s_w], attributes={"axis": out_axis}, name=f"{name}/weight_dequantize"
-            )
-            new = [q, dq, dq_w]
-            after += w_value.const_value.nbytes
-        else:
-            g_x = constant(f"{name}.input_global_scale", np.array(amax[name] / (FP4_MAX * FP8_MAX), dtype=np_dtype))
-            dyn = ir.node(
-                "TRT_FP4DynamicQuantize",
-                [x, g_x],
-                domain=TRT_DOMAIN,
-                num_outputs=2,
-                attributes={"axis": -1, "block_size": FP4_BLOCK, "scale_type": FP8_TYPE},
-                name=f"{name}/input_fp4_quantize",
-            )
-            x_scale = ir.node("DequantizeLinear", [dyn.outputs[1], g_x], name=f"{name}/input_scale_dequantize")
-            dq = ir.node(
-                "DequantizeLinear",
-                [dyn.outputs[0], x_scale.outputs[0]],
-                attributes={"axis": -1, "block_size": FP4_BLOCK},
-                name=f"{name}/input_dequantize",
-            )
-            g = float(np.array(np.abs(w).max() / (FP4_MAX * FP8_MAX), dtype=np_dtype))  # as the graph stores it
-            w_q, w_b = quantize_nvfp4(w, g, in_axis)
-            g_w = constant(f"{name}.weight_global_scale", np.array(g, dtype=np_dtype))
-            w_value = constant(f"{name}.weight_fp4", w_q)
-            b_value = constant(f"{name}.weight_block_scale", w_b)
-            w_scale = ir.node("DequantizeLinear", [b_value, g_w], name=f"{name}/weight_scale_dequantize")
-            dq_w = ir.node(
-                "DequantizeLinear",
-                [w_value, w_scale.outputs[0]],
-                attributes={"axis": in_axis, "block_size": FP4_BLOCK},
-                name=f"{name}/weight_dequantize",
-            )
-            new = [dyn, x_scale, dq, w_scale, dq_w]
-            after += w_value.const_value.nbytes + b_value.const_value.nbytes
+        new, dq, dq_w, weight_bytes = quantize(name, node.inputs[0], old_w.const_value, in_axis, amax[name])
+        after += weight_bytes
         graph.insert_before(node, new)
         node.replace_input_with(0, dq.outputs[0])
         node.replace_input_with(1, dq_w.outputs[0])
@@ -234,6 +179,66 @@ def quantize_onnx(model_path: Path, amax: dict[str, float], precision: str) -> Q
         except onnx.checker.ValidationError as exc:
             raise BuildError(f"transformer: the FP8 Q/DQ ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     return QdqReport(precision, sorted(nodes), before, after)
+
+
+class _QdqBuilder:
+    """Makes the Q/DQ nodes and constants of one linear (in the graph's dtype, which its weight has).
+
+    ``fp8``/``fp4`` return (the new nodes in order, the input's DequantizeLinear, the weight's DequantizeLinear,
+    the bytes of the quantized weight and its scales).
+    """
+
+    def __init__(self, ir: Any, graph: Any):
+        self.ir, self.graph = ir, graph
+        self.fp8_zero: Any = None
+
+    def constant(self, name: str, array: np.ndarray) -> Any:
+        value = self.ir.Value(name=name, const_value=self.ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        return value
+
+    def fp8(self, name: str, x: Any, weight: Any, in_axis: int, amax: float) -> tuple[list, Any, Any, int]:
+        import ml_dtypes
+
+        ir, np_dtype = self.ir, _np_dtype(weight.dtype)
+        if self.fp8_zero is None:
+            self.fp8_zero = self.constant("fp8_zero_point", np.zeros((), dtype=ml_dtypes.float8_e4m3fn))
+        s_x = self.constant(f"{name}.input_scale", np.array(amax / FP8_MAX, dtype=np_dtype))
+        q = ir.node("QuantizeLinear", [x, s_x, self.fp8_zero], num_outputs=1, name=f"{name}/input_quantize")
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s_x, self.fp8_zero], name=f"{name}/input_dequantize")
+        w_q, w_scale = quantize_fp8_weight(weight.numpy(), in_axis, np_dtype)
+        w_value = self.constant(f"{name}.weight_fp8", w_q)
+        s_w = self.constant(f"{name}.weight_scale", w_scale)
+        dq_w = ir.node(
+            "DequantizeLinear", [w_value, s_w], attributes={"axis": 1 - in_axis}, name=f"{name}/weight_dequantize"
+        )
+        return [q, dq, dq_w], dq, dq_w, w_value.const_value.nbytes
+
+    def fp4(self, name: str, x: Any, weight: Any, in_axis: int, amax: float) -> tuple[list, Any, Any, int]:
+        ir, np_dtype = self.ir, _np_dtype(weight.dtype)
+        g_x = self.constant(f"{name}.input_global_scale", np.array(amax / (FP4_MAX * FP8_MAX), dtype=np_dtype))
+        dyn = ir.node(
+            "TRT_FP4DynamicQuantize",
+            [x, g_x],
+            domain=TRT_DOMAIN,
+            num_outputs=2,
+            attributes={"axis": -1, "block_size": FP4_BLOCK, "scale_type": FP8_TYPE},
+            name=f"{name}/input_fp4_quantize",
+        )
+        x_scale = ir.node("DequantizeLinear", [dyn.outputs[1], g_x], name=f"{name}/input_scale_dequantize")
+        dq = ir.node("DequantizeLinear", [dyn.outputs[0], x_scale.outputs[0]],
+                     attributes={"axis": -1, "block_size": FP4_BLOCK}, name=f"{name}/input_dequantize")  # fmt: skip
+        w = weight.numpy()
+        g = float(np.array(np.abs(w).max() / (FP4_MAX * FP8_MAX), dtype=np_dtype))  # as the graph stores it
+        w_q, w_b = quantize_nvfp4(w, g, in_axis)
+        g_w = self.constant(f"{name}.weight_global_scale", np.array(g, dtype=np_dtype))
+        w_value = self.constant(f"{name}.weight_fp4", w_q)
+        b_value = self.constant(f"{name}.weight_block_scale", w_b)
+        w_scale = ir.node("DequantizeLinear", [b_value, g_w], name=f"{name}/weight_scale_dequantize")
+        blocks = {"axis": in_axis, "block_size": FP4_BLOCK}
+        dq_w = ir.node("DequantizeLinear", [w_value, w_scale.outputs[0]], attributes=blocks,
+                       name=f"{name}/weight_dequantize")  # fmt: skip
+        return [dyn, x_scale, dq, w_scale, dq_w], dq, dq_w, w_value.const_value.nbytes + b_value.const_value.nbytes
 
 
 def _save(ir: Any, model: Any, model_path: Path, external: bool) -> None:

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from fluxtrt.backends.runner import Runner
+from fluxtrt.backends.runner import DelegatingRunner, Runner
 from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
 from fluxtrt.errors import FluxtrtError, InputError
 from fluxtrt.stages.cache import CacheStats, FirstBlockCacheRunner
 from fluxtrt.stages.config import StageConfig
+from fluxtrt.timing import sync
 
 
 @dataclass
@@ -66,33 +67,24 @@ class StageReport:
         return out
 
 
-class FirstCallTimer(Runner):
-    """Pass-through runner that times its first call (where compilation happens) with device synchronisation.
-
-    Only that call synchronises; the steady-state cost it is compared with comes from the pipeline's own timer.
-    """
+class FirstCallTimer(DelegatingRunner):
+    """A runner in front of another that times its first call (where compilation happens) with device
+    synchronisation. Only that call synchronises; the steady-state cost it is compared with comes from the pipeline's
+    own timer."""
 
     def __init__(self, inner: Runner):
-        super().__init__(inner.spec, inner.compute_dtype)
-        self.inner = inner
+        super().__init__(inner)
         self.first_ms: float | None = None
 
-    def _sync(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+    def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         if self.first_ms is not None:
             return self.inner.infer(feed)
-        self._sync()
+        sync()
         t0 = time.perf_counter()
         out = self.inner.infer(feed)
-        self._sync()
+        sync()
         self.first_ms = (time.perf_counter() - t0) * 1e3
         return out
-
-    def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:  # pragma: no cover - infer is overridden
-        return self.inner.infer(feed)
 
 
 class ChannelsLastDecoder(torch.nn.Module):
@@ -210,23 +202,45 @@ class StagedModel:
         if reason is not None:
             raise InputError(f"stage {config.name} cannot be applied to this model: {reason}; load the model again")
         t0 = time.perf_counter()
-        transformer, unavailable = self.components.transformer, []
+        unavailable: list[str] = []
 
         def unavailable_or_raise(feature: str, exc: FluxtrtError) -> None:
             if strict:
                 raise exc
             unavailable.append(f"{feature}: {exc}")
 
-        # Fused QKV (reversible through diffusers' public unfuse).
+        quant = self._set_linears(config, unavailable_or_raise)
+        attention, fp8_attention = self._set_attention(config, unavailable_or_raise)
+        # Compilation is lazy: it happens on the first call, which FirstCallTimer measures.
+        if config.compile and self.compiled_backend is None:
+            _raise_recompile_limits()
+            self.components.transformer.compile_repeated_blocks(fullgraph=True, backend=config.compile_backend)
+            self.compiled_backend = config.compile_backend
+        runners, cache_runner, timers = self._runners(config)
+        report = StageReport(
+            stage=config.name,
+            features=self._features(config, fp8_attention),
+            unavailable=unavailable,
+            sampler=_sampler_text(config),
+            attention=attention,
+            quant=quant,
+            compile=", ".join(self._compiled(config)) or "off",
+            apply_s=time.perf_counter() - t0,
+            first_block_cache=config.first_block_cache,
+        )
+        return AppliedStage(config, runners, report, cache_runner, timers)
+
+    def _set_linears(self, config: StageConfig, unavailable_or_raise) -> str:
+        """Fuse or unfuse Q/K/V (reversible, diffusers' own methods) and quantize the linears (irreversible:
+        ``can_apply`` guards it); returns the linears' precision path."""
+        transformer = self.components.transformer
         if config.fuse_qkv and not self.fused:
             transformer.fuse_qkv_projections()
         elif not config.fuse_qkv and self.fused:
             transformer.unfuse_qkv_projections()
         self.fused = config.fuse_qkv
-
-        # Quantized linears (irreversible: can_apply guards it).
         if config.quant is not None and self.quant is None:
-            from fluxtrt.stages.quant import quantize_transformer
+            from fluxtrt.stages.torchao_linears import quantize_transformer
 
             try:
                 self.quant_path = quantize_transformer(transformer, config.quant)
@@ -236,75 +250,60 @@ class StagedModel:
                     raise
                 unavailable_or_raise(f"{config.quant.upper()} linears", exc)
         dtype_name = str(transformer.dtype).removeprefix("torch.")
-        quant = self.quant_path if self.quant is not None else f"{dtype_name} (not quantized)"
+        return self.quant_path if self.quant is not None else f"{dtype_name} (not quantized)"
 
-        # Attention processor (reversible: set back to diffusers' default).
-        attention, fp8_attention = self._set_attention(config, unavailable_or_raise)
-
-        # Compilation is lazy: it happens on the first call, which FirstCallTimer measures.
-        if config.compile and self.compiled_backend is None:
-            _raise_recompile_limits()
-            transformer.compile_repeated_blocks(fullgraph=True, backend=config.compile_backend)
-            self.compiled_backend = config.compile_backend
-
-        runners = dict(torch_runners(self.components))
-        dtype = transformer.dtype
+    def _runners(self, config: StageConfig) -> tuple[dict[str, Runner], FirstBlockCacheRunner | None, dict]:
+        """The stage's runners: torch runners, the first-block cache in front of the transformer, a compiled
+        channels-last VAE decode, and first-call timers on what is compiled."""
+        runners: dict[str, Runner] = dict(torch_runners(self.components))
+        transformer, dtype = self.components.transformer, self.components.transformer.dtype
         cache_runner = None
         if config.first_block_cache is not None:
-            spec = runners["transformer"].spec
-            cache_runner = FirstBlockCacheRunner(spec, transformer, config.first_block_cache, dtype)
+            cache_runner = FirstBlockCacheRunner(runners["transformer"].spec, transformer, config.first_block_cache,
+                                                 dtype)  # fmt: skip
             runners["transformer"] = cache_runner
-
         vae = self.components.vae
         # Only the decoder goes channels-last: the encoder keeps its layout for its contiguous image input.
         decoder_modules = [m for m in (vae.decoder, getattr(vae, "post_quant_conv", None)) if m is not None]
+        layout = torch.channels_last if config.compile_vae else torch.contiguous_format
+        for m in decoder_modules:
+            m.to(memory_format=layout)
         if config.compile_vae:
-            for m in decoder_modules:
-                m.to(memory_format=torch.channels_last)
             decoder = self._decoders.get(config.compile_backend)
             if decoder is None:
                 decoder = torch.compile(ChannelsLastDecoder(vae), backend=config.compile_backend)
                 self._decoders[config.compile_backend] = decoder
             runners["vae_decoder"] = TorchRunner(runners["vae_decoder"].spec, decoder, dtype)
-        else:
-            for m in decoder_modules:
-                m.to(memory_format=torch.contiguous_format)
-
         timers = {}
         for name, on in (("transformer", self.compiled_backend is not None), ("vae_decoder", config.compile_vae)):
             if on:
-                timers[name] = FirstCallTimer(runners[name])
-                runners[name] = timers[name]
+                timers[name] = runners[name] = FirstCallTimer(runners[name])
+        return runners, cache_runner, timers
 
-        # What is on, in the table's order, as applied.
-        features, compiled = [], []
+    def _features(self, config: StageConfig, fp8_attention: bool) -> list[str]:
+        """What is on, in the table's order, as applied."""
+        features = []
         if self.compiled_backend is not None:
             features.append(f"regional compile ({self.compiled_backend})")
-            compiled.append(f"transformer blocks ({self.compiled_backend}, regional)")
         if self.fused:
             features.append("fused QKV")
         if config.compile_vae:
             features.append("channels-last VAE, compiled decode")
-            compiled.append(f"VAE decode ({config.compile_backend}, channels-last)")
         if config.first_block_cache is not None:
             features.append(f"first-block cache {config.first_block_cache:g}")
         if fp8_attention:
             features.append("FP8 attention")
         if self.quant is not None:
             features.append(f"{self.quant.upper()} linears")
+        return features
 
-        report = StageReport(
-            stage=config.name,
-            features=features,
-            unavailable=unavailable,
-            sampler=_sampler_text(config),
-            attention=attention,
-            quant=quant,
-            compile=", ".join(compiled) or "off",
-            apply_s=time.perf_counter() - t0,
-            first_block_cache=config.first_block_cache,
-        )
-        return AppliedStage(config, runners, report, cache_runner, timers)
+    def _compiled(self, config: StageConfig) -> list[str]:
+        compiled = []
+        if self.compiled_backend is not None:
+            compiled.append(f"transformer blocks ({self.compiled_backend}, regional)")
+        if config.compile_vae:
+            compiled.append(f"VAE decode ({config.compile_backend}, channels-last)")
+        return compiled
 
     def _set_attention(self, config: StageConfig, unavailable_or_raise) -> tuple[str, bool]:
         """Set every attention processor for ``config``; returns (kernel name, whether FP8 attention is on)."""
@@ -312,7 +311,7 @@ class StagedModel:
 
         transformer = self.components.transformer
         if config.attention == "fp8":
-            from fluxtrt.stages.attention import Fp8FluxAttnProcessor, checked_fp8_attention_kernel
+            from fluxtrt.kernels.attention import Fp8FluxAttnProcessor, checked_fp8_attention_kernel
 
             try:
                 kernel = checked_fp8_attention_kernel(self.device)
@@ -322,12 +321,3 @@ class StagedModel:
                 unavailable_or_raise("FP8 attention", exc)
         transformer.set_attn_processor(FluxAttnProcessor())
         return f"torch SDPA ({self.device.type}, default backend selection)", False
-
-
-def apply_stage(components: Any, config: StageConfig, strict: bool = False) -> AppliedStage:
-    """Apply ``config`` to freshly loaded ``components`` (modified in place); see ``StagedModel`` to chain stages.
-
-    Returns:
-        The stage's runners (``clip``, ``t5``, ``vae_encoder``, ``transformer``, ``vae_decoder``) and its report.
-    """
-    return StagedModel(components).apply(config, strict=strict)

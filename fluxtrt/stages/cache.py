@@ -9,7 +9,6 @@ gain for a checkpoint is predictable from its skip count.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.specs.component import ComponentSpec
+from fluxtrt.timing import EventClock
 
 
 @dataclass
@@ -40,37 +40,6 @@ class CacheStats:
         return sum(self.skipped_ms) / len(self.skipped_ms) if self.skipped_ms else None
 
 
-class _StepClock:
-    """Wall time of labelled calls: CUDA events resolved on demand on a GPU, a host clock on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: list[tuple[str, Any, Any]] = []
-        self.host: list[tuple[str, float]] = []
-
-    def start(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def stop(self, label: str, start: Any) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.pending.append((label, start, end))
-        else:
-            self.host.append((label, (time.perf_counter() - start) * 1e3))
-
-    def resolve(self) -> list[tuple[str, float]]:
-        if self.pending:
-            torch.cuda.synchronize()
-            self.host += [(label, s.elapsed_time(e)) for label, s, e in self.pending]
-            self.pending = []
-        return self.host
-
-
 class FirstBlockCacheRunner(Runner):
     """The FLUX transformer with a first-block cache, as a runner with the transformer spec's contract.
 
@@ -89,10 +58,11 @@ class FirstBlockCacheRunner(Runner):
     """
 
     def __init__(self, spec: ComponentSpec, transformer: torch.nn.Module, threshold: float, compute_dtype: Any):
-        super().__init__(spec, compute_dtype)
+        super().__init__(spec, compute_dtype, transformer.device)
         self.transformer = transformer
         self.threshold = float(threshold)
         self.reset()
+        self.load()  # the model is the caller's and already in memory
 
     def reset(self) -> None:
         """Forget the cache and start counting a new edit."""
@@ -100,7 +70,7 @@ class FirstBlockCacheRunner(Runner):
         self._rest_residual: torch.Tensor | None = None
         self._last_t: float | None = None
         self._changes: list[float] = []
-        self._clock = _StepClock(torch.device(self.transformer.device))
+        self._clock = EventClock(self.transformer.device)
 
     def stats(self) -> CacheStats:
         """Counts and per-step milliseconds of the current (or last) edit."""

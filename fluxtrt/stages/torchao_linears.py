@@ -1,4 +1,5 @@
-"""Stage 3: low-precision transformer linears through torchao (imported only here, only when asked for).
+"""Stage 3: low-precision transformer linears through torchao (not to be confused with ``fluxtrt.quant``, the
+static quantization of engines) (imported only here, only when asked for).
 
 Quantized: the token-wise linears inside the transformer blocks (attention projections, MLPs). Left in the model's
 dtype: the modulation linears (one token per image), the embedders, norm_out and proj_out, as in DESIGN 5 and 9.
@@ -10,7 +11,8 @@ from typing import Any
 
 import torch
 
-from fluxtrt.errors import DeviceError, MissingDependencyError
+from fluxtrt.environment import require_cuda_sm
+from fluxtrt.errors import MissingDependencyError
 
 _BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
 _UNFUSED = (".to_q", ".to_k", ".to_v", ".add_q_proj", ".add_k_proj", ".add_v_proj")
@@ -34,23 +36,6 @@ def token_linear_filter(transformer: torch.nn.Module):
     return keep
 
 
-def check_quant_device(quant: str, device: torch.device) -> None:
-    """Raise DeviceError unless ``device`` has tensor cores for ``quant`` (fp8: sm89+, fp4: sm100+)."""
-    if device.type != "cuda":
-        raise DeviceError(
-            f"{quant.upper()} linears are unavailable on {device.type}: torchao's {quant.upper()} kernels need a "
-            "CUDA GPU; run with --device cuda"
-        )
-    major, minor = torch.cuda.get_device_capability(device)
-    need = (10, 0) if quant == "fp4" else (8, 9)
-    if (major, minor) < need:
-        raise DeviceError(
-            f"{quant.upper()} linears need compute capability {need[0]}.{need[1]}+ ("
-            f"{'Blackwell FP4' if quant == 'fp4' else 'Ada/Hopper FP8'} tensor cores) but this GPU is sm{major}{minor}:"
-            f" use {'quant=fp8' if quant == 'fp4' else 'a stage without quant'}"
-        )
-
-
 def quantize_transformer(transformer: torch.nn.Module, quant: str) -> str:
     """Quantize the transformer's token-wise linears in place; returns a description of the path taken.
 
@@ -63,7 +48,8 @@ def quantize_transformer(transformer: torch.nn.Module, quant: str) -> str:
         DeviceError: the GPU lacks tensor cores for ``quant``.
         MissingDependencyError: torchao is not installed.
     """
-    check_quant_device(quant, next(transformer.parameters()).device)
+    fix = "use quant=fp8" if quant == "fp4" else "use a stage without quant"
+    require_cuda_sm(next(transformer.parameters()).device, quant, fix, f"{quant.upper()} linears")
     try:
         from torchao.quantization import quantize_
     except ImportError:

@@ -48,12 +48,6 @@ PROMPTS = (
     "make the lighting soft and golden like late afternoon",
 )
 CALIBRATION_SUFFIX = ".safetensors"
-_runs = 0
-
-
-def calibration_runs() -> int:
-    """How many calibrations (pipeline runs over calibration edits) this process has performed."""
-    return _runs
 
 
 def quantized_linears(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) -> list[str]:
@@ -173,7 +167,6 @@ def calibrate(
     Raises:
         InputError: ``edits`` < 1.
     """
-    global _runs
     import torch
 
     from fluxtrt.config import SamplerConfig
@@ -194,7 +187,6 @@ def calibrate(
     handles = [transformer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     sampler = SamplerConfig(steps=steps)
     pipeline = KontextPipeline.from_components(components)
-    _runs += 1
     try:
         with torch.inference_mode():
             for i in range(edits):

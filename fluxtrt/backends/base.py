@@ -1,8 +1,10 @@
-"""The interface every engine backend implements, and the registry that imports backends lazily.
+"""What an engine backend is: typed options, the build and load jobs it takes, and the registry that imports a
+backend only when it is asked for.
 
-A backend turns one component (its torch module and/or its exported ONNX) into an engine file, and loads an engine
-file back as a ``Runner``. The build orchestration (``fluxtrt.engines.build``) owns exports, hashing, atomic
-renames and the manifest; a backend only writes the file it is asked to write.
+A backend turns one component (its torch module and/or its exported ONNX) into an engine file and returns a record
+of what it built; it loads an engine file back as a loaded ``Runner``. The build orchestration
+(``fluxtrt.engines.build``) owns exports, hashing, atomic renames and the manifest, which keeps the settings a
+component was built with apart from the backend's record; a backend only writes the files it is asked to write.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +29,51 @@ BACKENDS = {
 }
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+# What a backend recorded about one engine (versions, GPU, kernels chosen, counts): JSON-able, kept in the manifest.
+Record = dict[str, Any]
+
+# Option name -> the command-line flag that sets it, for messages.
+OPTION_FLAGS = {
+    "workspace_gib": "--workspace-gib",
+    "opt_level": "--opt-level",
+    "timing_cache": "--timing-cache",
+    "weights": "--aoti-weights",
+    "cuda_graph": "--cuda-graph",
+    "fp8_attention": "--aoti-fp8-attention",
+    "inductor_configs": "inductor_configs",
+}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """A backend's settings. Subclasses are frozen dataclasses whose fields have defaults; a name that is not a
+    field is an error, never ignored."""
+
+    @classmethod
+    def from_dict(cls, given: Mapping[str, Any], backend: str) -> BackendOptions:
+        """The options with ``given`` (name -> value) set and the rest at their defaults.
+
+        Raises:
+            InputError: a name that is not an option of this backend.
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            takes = ", ".join(OPTION_FLAGS.get(n, n) for n in names) or "no options"
+            raise InputError(
+                f"{OPTION_FLAGS.get(unknown[0], unknown[0])} is not an option of the {backend} backend (it takes "
+                f"{takes}): leave it out, or pick the backend it belongs to"
+            )
+        return cls(**given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class NoOptions(BackendOptions):
+    """A backend without settings."""
 
 
 @dataclass
@@ -42,7 +90,7 @@ class BuildJob:
         profile: min/opt/max shape per input, from the spec and the resolution/batch range.
         device: ``cpu`` or ``cuda``.
         workdir: scratch space that the caller deletes afterwards.
-        options: backend-specific settings (recorded in the manifest).
+        options: the backend's typed options.
         amax: for an fp8/fp4 transformer on a backend that reads no ONNX: calibrated input amax per quantized
             linear, named relative to ``module``. None otherwise (ONNX backends get the Q/DQ in the ONNX).
     """
@@ -55,7 +103,7 @@ class BuildJob:
     profile: Profile
     device: str
     workdir: Path
-    options: dict = field(default_factory=dict)
+    options: Any
     amax: dict[str, float] | None = None
 
 
@@ -68,23 +116,32 @@ class LoadJob:
         engine_path: the engine file.
         device: where inputs and outputs live.
         compute_dtype: torch dtype of the spec's ``compute`` tensors.
-        entry: the component's manifest entry (profile, options, sizes).
+        profile: per input, the [min, opt, max] shapes the engine was built for.
+        options: the backend's typed options the engine was built with.
+        record: what the backend recorded when it built the engine.
     """
 
     spec: ComponentSpec
     engine_path: Path
     device: str
     compute_dtype: Any
-    entry: dict
+    profile: Mapping[str, Any]
+    options: Any
+    record: Record
 
 
 class EngineBackend(ABC):
     """A way to compile and run components ahead of time."""
 
     name: ClassVar[str]
-    extension: ClassVar[str]  # engine file suffix, e.g. ".onnx", ".plan", ".pt2"
+    extension: ClassVar[str]  # engine file suffix, e.g. ".onnx", ".plan", ".pt2"; "" for no engine file
     uses_onnx: ClassVar[bool]  # whether build() reads the exported ONNX
     precisions: ClassVar[tuple[str, ...]]
+    options_type: ClassVar[type[BackendOptions]] = NoOptions
+
+    def options(self, given: Mapping[str, Any]) -> BackendOptions:
+        """This backend's typed options from the settings given (InputError for one it does not have)."""
+        return self.options_type.from_dict(given, self.name)
 
     @abstractmethod
     def check_available(self) -> None:
@@ -99,12 +156,12 @@ class EngineBackend(ABC):
         """The backend library's version, recorded in the manifest and checked at load."""
 
     @abstractmethod
-    def build(self, job: BuildJob) -> None:
-        """Write the engine for ``job`` to ``job.engine_path``."""
+    def build(self, job: BuildJob) -> Record:
+        """Write the engine for ``job`` to ``job.engine_path``; return the record of what was built."""
 
     @abstractmethod
     def load(self, job: LoadJob) -> Runner:
-        """A runner over the engine file; raises EngineError if the file is unusable."""
+        """A loaded runner over the engine file; raises EngineError if the file is unusable."""
 
 
 def get_backend(name: str) -> EngineBackend:

@@ -1,4 +1,5 @@
-"""FP8 attention for stage 2: a diffusers attention processor whose attention runs on FP8 Q/K/V.
+"""FP8 attention (stage 2, and the AOTInductor transformer): a diffusers attention processor whose attention runs on
+FP8 Q/K/V.
 
 The processor does what diffusers' ``FluxAttnProcessor`` does (projections, fused or not; QK RMS norms; text tokens
 first; RoPE) and then quantizes Q, K and V per tensor (dynamic amax, e4m3) for an FP8 attention kernel:
@@ -17,19 +18,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fluxtrt.environment import require_cuda_sm
 from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
+from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
 _SOFTMAX_SCALE = 256.0
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor dynamic FP8 (e4m3): ``x ~= x8.float() * descale``; descale is fp32 [1, 1, 1, 1] on x's device."""
-    amax = x.detach().abs().amax().float().clamp_min(1e-12)
-    scale = FP8_MAX / amax
-    x8 = (x.float() * scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return x8, (1.0 / scale).reshape(1, 1, 1, 1)
 
 
 @torch.library.custom_op("fluxtrt::emulated_fp8_sdpa", mutates_args=())
@@ -203,18 +197,7 @@ def fp8_attention_kernel(device: torch.device | str) -> Any:
         DeviceError: not a CUDA device of compute capability 9.0 or newer.
         MissingDependencyError: neither flash_attn_interface nor nvidia-cudnn-frontend is installed.
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise DeviceError(
-            f"FP8 attention is unavailable on {device.type}: it needs a CUDA GPU with FP8 attention kernels "
-            "(compute capability 9.0+); run with --device cuda"
-        )
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 9:
-        raise DeviceError(
-            f"FP8 attention needs compute capability 9.0 or newer (Hopper) but this GPU is sm{major}{minor}: "
-            "use a stage with attention=sdpa"
-        )
+    require_cuda_sm(device, "fp8_attention", "use a stage with attention=sdpa (or --aoti-no-fp8-attention)")
     try:
         import flash_attn_interface  # noqa: F401
 
@@ -295,9 +278,9 @@ def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads:
     q, k, v = (torch.randn(1, seq, heads, dim, generator=gen).to(device, torch.bfloat16) for _ in range(3))
     scale = dim**-0.5
     with torch.inference_mode():
-        q8, dq = quantize_fp8(q)
-        k8, dk = quantize_fp8(k)
-        v8, dv = quantize_fp8(v)
+        q8, dq = quantize_fp8_dynamic(q)
+        k8, dk = quantize_fp8_dynamic(k)
+        v8, dv = quantize_fp8_dynamic(v)
         out = kernel(q8, k8, v8, dq, dk, dv, scale).float()
         ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
         ref = ref.transpose(1, 2).float()
@@ -353,9 +336,9 @@ class Fp8FluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        q8, dq = quantize_fp8(query)
-        k8, dk = quantize_fp8(key)
-        v8, dv = quantize_fp8(value)
+        q8, dq = quantize_fp8_dynamic(query)
+        k8, dk = quantize_fp8_dynamic(key)
+        v8, dv = quantize_fp8_dynamic(value)
         out = self.kernel(q8, k8, v8, dq, dk, dv, attn.head_dim**-0.5)  # [B, S, H, D_head]
         out = out.flatten(2, 3).to(hidden_states.dtype)  # [B, S, H * D_head]
 

@@ -1,7 +1,7 @@
 """The static FP8 scheme on real FP8 matrix multiplies (``torch._scaled_mm``), for engines compiled from PyTorch.
 
-Same numbers as ``fakequant``'s fp8 and the FP8 Q/DQ ONNX (DESIGN 5): the activation quantized with its calibrated
-per-tensor scale, the weight stored as float8_e4m3fn with one scale per output channel. The multiply is
+Same numbers as ``fluxtrt.quant.fakequant``'s fp8 and the FP8 Q/DQ ONNX (DESIGN 5): the activation quantized with its
+calibrated per-tensor scale, the weight stored as float8_e4m3fn with one scale per output channel. The multiply is
 ``torch._scaled_mm`` with row-wise scales (the per-tensor activation scale repeated per row, the weight's scale per
 column of the output): one FP8 GEMM with fp32 accumulation and the scales applied in its epilogue, the kernel torchao
 uses for its per-row FP8. AOTInductor exports it as is.
@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from fluxtrt.quant.fakequant import fp8_scale, fp8_weight, quantize_fp8
+from fluxtrt.kernels.fp8 import fp8_scale, fp8_weight, quantize_fp8
 
 
 class StaticFp8Linear(nn.Module):

@@ -1,0 +1,152 @@
+"""AOTInductor: ``torch.export`` + ``aoti_compile_and_package`` per component, an ahead-of-time engine without TensorRT.
+
+Build (``build``): the component's module is exported with one ``torch.export.Dim`` per spec symbol (``B``, ``S``,
+``H``...), its range taken from the build profile, then compiled by inductor into a ``.pt2`` package (a shared
+library plus metadata). Load (``runtime``): ``aoti_load_package`` in any process with the same torch; no compiler
+and no checkpoint needed.
+
+Options (``AotInductorOptions``):
+
+- ``weights``: ``packaged`` (default; the weights are compiled into the package, one file, right for small models
+  and the text encoders) or ``external`` (a code-only package, inductor's
+  ``aot_inductor.package_constants_in_so=False``, with the constants it uses in ``<engine stem>.safetensors``,
+  handed to the package on load with ``load_constants(..., user_managed=True)``: what makes the full-size
+  transformer fit the disk and load).
+- ``cuda_graph`` (CUDA builds only): the transformer's runner replays one CUDA graph per input shape; the package is
+  loaded with ``run_single_threaded``, which leaves out the locking a capture cannot contain.
+- ``fp8_attention`` (the transformer; default: on for an fp8 build on CUDA where a kernel is available): attention
+  runs on per-tensor FP8 Q/K/V through fluxtrt's registered ops (``fluxtrt.kernels.attention``). When the default
+  cannot have its kernel, the build keeps BF16 SDPA and records why; asked for explicitly, it is an error.
+
+One package per component with dynamic dimensions over the whole profile, not one per resolution bucket: the matrix
+multiplies are cuBLAS calls that pick their kernel per call, and a bucket would store the weights again
+(docs/DESIGN.md gives the measured difference). A build whose range is one resolution gets a static package.
+
+Precisions: fp32 and bf16 (the module's own dtype), and fp8: the transformer's calibrated linears become
+``StaticFp8Linear`` (``torch._scaled_mm``) for the export, with the same static scales as the FP8 Q/DQ ONNX; every
+other component is bf16. The transformer is exported with fused Q/K/V projections (one GEMM, and at fp8 one
+activation quantization, instead of three on the same input).
+
+The package is compiled for one device type, one torch build and (on CUDA) one GPU architecture; the build records
+them and ``load`` refuses an engine built for anything else. The compiled code has no shape checks of its own; the
+runner refuses symbol values outside the built range before calling it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.backends.base import BackendOptions, BuildJob, EngineBackend, LoadJob, Record
+from fluxtrt.backends.compat import incompatibility
+from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.environment import device_environment
+from fluxtrt.errors import BuildError, EngineError, InputError, MissingDependencyError
+
+REBUILD = "rebuild with fluxtrt build --backend aotinductor"
+WEIGHTS = ("packaged", "external")
+PRECISIONS = ("fp32", "bf16", "fp8")
+COMPAT_KEYS = ("torch", "device", "gpu", "sm")
+
+
+@dataclass(frozen=True)
+class AotInductorOptions(BackendOptions):
+    """The aotinductor backend's settings (see the module docstring)."""
+
+    weights: str = "packaged"
+    cuda_graph: bool = False
+    fp8_attention: bool | None = None
+    inductor_configs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise InputError(f"--aoti-weights is '{self.weights}', expected one of {', '.join(WEIGHTS)}")
+
+
+class AotInductorBackend(EngineBackend):
+    """torch.export + AOTInductor packages (``.pt2``); see the module docstring for options and files."""
+
+    name = "aotinductor"
+    extension = ".pt2"
+    uses_onnx = False
+    precisions = PRECISIONS
+    options_type = AotInductorOptions
+
+    def check_available(self) -> None:
+        """Raise unless torch has inductor (what loading a package needs).
+
+        Raises:
+            MissingDependencyError: this torch has no ``torch._inductor``.
+        """
+        import torch
+
+        try:
+            from torch._inductor import package  # noqa: F401
+        except ImportError:
+            feature = f"the aotinductor backend (torch {torch.__version__} has no torch._inductor)"
+            raise MissingDependencyError("torch", feature, "pip install torch") from None
+
+    def check_buildable(self) -> None:
+        """``check_available``, and a C++ compiler runs (inductor compiles the package with one).
+
+        Raises:
+            MissingDependencyError: this torch has no ``torch._inductor``.
+            BuildError: no C++ compiler found.
+        """
+        self.check_available()
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpp_builder
+        from torch._inductor import exc as inductor_exc
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except inductor_exc.InvalidCxxCompiler:
+            searched = [c for c in inductor_config.cpp.cxx if c] if isinstance(inductor_config.cpp.cxx, tuple) else []
+            raise BuildError(
+                f"the aotinductor backend needs a C++ compiler but none of {searched or 'g++'} runs: install one "
+                "(apt-get install g++) or set CXX to one"
+            ) from None
+
+    def version(self) -> str:
+        """The torch version: an AOTInductor package runs only under the torch that built it."""
+        import torch
+
+        return torch.__version__
+
+    def build(self, job: BuildJob) -> Record:
+        """Export ``job.module`` over the profile's ranges and compile it to ``job.engine_path`` (see
+        ``fluxtrt.backends.aotinductor.build.build_package``)."""
+        from fluxtrt.backends.aotinductor.build import build_package
+
+        return build_package(job)
+
+    def load(self, job: LoadJob) -> Any:
+        """Load the package (and its external weights) as a loaded ``AotInductorRunner``.
+
+        Raises:
+            EngineError: the record holds no build environment, or another torch, device, GPU or SM; the external
+                weights file is missing or does not fit the package; the package does not load.
+            DeviceError: CUDA asked for on a machine without it.
+            MissingDependencyError: the package calls an FP8 attention op whose kernel package is missing.
+        """
+        from fluxtrt.backends.aotinductor.runtime import AotInductorRunner
+        from fluxtrt.kernels.attention import require_ops
+
+        spec, path = job.spec, Path(job.engine_path)
+        if "torch" not in job.record:
+            raise EngineError(f"{spec.name}: {path.name} records no torch version in the manifest: {REBUILD}")
+        problem = incompatibility(job.record, device_environment(job.device), COMPAT_KEYS)
+        if problem:
+            raise EngineError(f"{spec.name}: {path.name} {problem}: {REBUILD}")
+        require_ops(job.record.get("attention") or [], f"the {spec.name} engine {path.name}")
+        runner = AotInductorRunner(
+            spec,
+            path,
+            job.compute_dtype,
+            job.device,
+            runner_ranges(spec, job.profile),
+            external_weights=job.options.weights == "external",
+            cuda_graph=job.options.cuda_graph and spec.name == "transformer" and job.device.startswith("cuda"),
+        )
+        return runner.load()

@@ -1,0 +1,122 @@
+"""Running an AOTInductor package: loading it (and its external weights) and calling it as a runner."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.backends.cuda_graphs import CudaGraphs
+from fluxtrt.backends.runner import Runner
+from fluxtrt.errors import EngineError, first_line
+from fluxtrt.specs.component import ComponentSpec
+
+REBUILD = "rebuild with fluxtrt build --backend aotinductor"
+
+
+def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False) -> Any:
+    """``torch._inductor.aoti_load_package`` with the C++ runtime's symbols global first.
+
+    A package's wrapper library is compiled by the machine's g++ and parses its device string with ``std::regex``.
+    When libstdc++ reached the process only as a dependency of torch's own libraries (not in the global symbol
+    scope), that code binds to a second, uninitialised copy of the locale facets and the load segfaults (seen with
+    torch 2.11 + g++ 13 on CPU and CUDA alike; ``LD_PRELOAD=libstdc++.so.6`` also cures it). Loading libstdc++ with
+    RTLD_GLOBAL first puts the one the process already uses ahead of any other.
+    """
+    import ctypes
+    import ctypes.util
+    import os
+
+    import torch._inductor
+
+    name = ctypes.util.find_library("stdc++")
+    if name:
+        ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
+    return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
+                                             device_index=device_index)  # fmt: skip
+
+
+def external_weights_path(engine_path: Path) -> Path:
+    """Where ``weights=external`` keeps an engine's weights: ``<stem>.safetensors`` beside it."""
+    return Path(engine_path).with_suffix(".safetensors")
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: first line`` of an exception from torch's export, compile or load."""
+    return f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
+
+
+class AotInductorRunner(Runner):
+    """Runs an AOTInductor package; ``load`` loads it (and its external weights), ``close`` drops them.
+
+    Args:
+        spec: the component spec.
+        path: the ``.pt2`` package.
+        compute_dtype: dtype of the spec's ``compute`` tensors (the build precision).
+        device: where inputs must live and outputs are returned.
+        ranges: symbol -> (min, max) the package was compiled for.
+        external_weights: the package is code only; its constants are in ``external_weights_path(path)``.
+        cuda_graph: replay CUDA graphs (``CudaGraphs``) instead of calling the package directly.
+    """
+
+    def __init__(self, spec: ComponentSpec, path: Path, compute_dtype: Any, device: str,
+                 ranges: Mapping[str, tuple[int, int]], external_weights: bool = False,
+                 cuda_graph: bool = False):  # fmt: skip
+        super().__init__(spec, compute_dtype, device, ranges)
+        self.path = Path(path)
+        self.external_weights = external_weights
+        self.cuda_graph = cuda_graph
+        self.model: Any = None
+        self.call: Any = None
+        self._constants: dict[str, Any] | None = None
+
+    def _load(self) -> None:
+        import torch
+
+        device = torch.device(self.device)
+        index = device.index if device.index is not None else -1
+        try:
+            model = load_package(self.path, index, run_single_threaded=self.cuda_graph)
+        except Exception as exc:
+            raise EngineError(f"{self.name}: {self.path} does not load ({error_text(exc)}): {REBUILD}") from exc
+        if self.external_weights:
+            self._constants = self._load_weights(model, device)
+        self.model = model
+        self.call = CudaGraphs(model) if self.cuda_graph else model
+
+    def _load_weights(self, model: Any, device: Any) -> dict[str, Any]:
+        from safetensors.torch import load_file
+
+        weights_path = external_weights_path(self.path)
+        if not weights_path.is_file():
+            raise EngineError(f"{self.name}: {self.path.name} keeps its weights in {weights_path}, which is missing: "
+                              f"{REBUILD}")  # fmt: skip
+        constants = load_file(str(weights_path), device=str(device))
+        try:
+            # user_managed: the package uses these tensors' memory as is (no second copy); the runner keeps them.
+            model.load_constants(constants, check_full_update=True, user_managed=True)
+        except Exception as exc:
+            raise EngineError(
+                f"{self.name}: {weights_path.name} does not fit {self.path.name} ({error_text(exc)}): {REBUILD}"
+            ) from exc
+        return constants
+
+    def _close(self) -> None:
+        self.call = self.model = self._constants = None
+
+    def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        import torch
+
+        # The compiled code assumes the dense strides it was exported with.
+        args = [feed[n].contiguous() for n in self.spec.input_names]
+        try:
+            out = self.call(*args)
+        except RuntimeError as exc:
+            # The compiled code raises when a runtime shape assert (shape_guards "runtime_asserts") fails.
+            shapes = {n: tuple(a.shape) for n, a in zip(self.spec.input_names, args, strict=True)}
+            raise EngineError(
+                f"{self.name}: the AOTInductor engine failed on input shapes {shapes} ({error_text(exc)}): {REBUILD} "
+                "for a range that fits the model"
+            ) from exc
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return dict(zip(self.spec.output_names, outs, strict=True))

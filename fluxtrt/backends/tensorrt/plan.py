@@ -1,0 +1,185 @@
+"""The TensorRT build decided without TensorRT: options, the plan of one component's build, and what the ONNX holds.
+
+``build_plan`` decides everything from the spec, the precision, the profile and the options without importing
+TensorRT (so it is tested everywhere): network flags, parser flags, the profile, builder level, workspace, timing
+cache, the precision of each component and where the ONNX keeps its weights. ``fluxtrt.backends.tensorrt.build``
+then hands that plan to TensorRT.
+
+Strongly typed networks take every tensor's type from the ONNX: a BF16 export builds a BF16 engine, and FP8/FP4 come
+from QuantizeLinear/DequantizeLinear pairs in the transformer's graph (DESIGN 5). The text encoders and the VAE stay
+BF16 at ``--precision fp8|fp4``, as the orchestrator exports them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.backends.base import BackendOptions
+from fluxtrt.backends.profile import check_profile
+from fluxtrt.environment import MIN_SM
+from fluxtrt.errors import BuildError, InputError
+from fluxtrt.specs.component import ComponentSpec
+
+PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
+QUANTIZED = {"fp8": "transformer", "fp4": "transformer"}  # precision -> the component it quantises (DESIGN 5)
+# ONNX element types of the quantised tensors a Q/DQ pair carries: FLOAT8E4M3FN = 17, FLOAT4E2M1 = 23.
+QUANT_ELEM_TYPES = {"fp8": (17,), "fp4": (23,)}
+DEFAULT_WORKSPACE_GIB = 8.0
+DEFAULT_OPT_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class TensorRTOptions(BackendOptions):
+    """The tensorrt backend's settings.
+
+    Attributes:
+        workspace_gib: the builder's workspace pool limit in GiB.
+        opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
+        timing_cache: the timing cache file (None: ``default_timing_cache()``).
+        cuda_graph: the runner replays a CUDA graph per input shape.
+    """
+
+    workspace_gib: float = DEFAULT_WORKSPACE_GIB
+    opt_level: int = DEFAULT_OPT_LEVEL
+    timing_cache: str | None = None
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= int(self.opt_level) <= 5:
+            raise InputError(f"--opt-level is {self.opt_level}, expected 0..5 (TensorRT's builder optimisation level)")
+        if float(self.workspace_gib) <= 0:
+            raise InputError(f"--workspace-gib is {self.workspace_gib}, expected a positive size in GiB such as 8")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything one TensorRT build does, decided before TensorRT is imported.
+
+    Attributes:
+        component: the spec's name.
+        onnx_path: the ONNX that the parser reads from its file, so external data beside it is found.
+        external_data: files of external weights next to the ONNX (empty when the weights are inside it).
+        strongly_typed: create the network with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``.
+        parser_flags: ``trt.OnnxParserFlag`` member names to set.
+        profile: per input, the (min, opt, max) shapes of the one optimisation profile.
+        opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
+        workspace_bytes: the ``MemoryPoolType.WORKSPACE`` limit.
+        timing_cache: file the timing cache is read from and written back to.
+        precision: the build's ``--precision``.
+        compute: what this component computes in (``fp32``, ``bf16``, ``fp8`` or ``fp4``).
+        min_sm: the smallest compute capability (as 89, 90, 100) that runs the plan fast, 0 for any.
+        tf32: let fp32 matrix products use TF32 (off for fp32 builds: fp32 means fp32 there).
+    """
+
+    component: str
+    onnx_path: str
+    external_data: tuple[str, ...]
+    strongly_typed: bool
+    parser_flags: tuple[str, ...]
+    profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    opt_level: int
+    workspace_bytes: int
+    timing_cache: str
+    precision: str
+    compute: str
+    min_sm: int = 0
+    tf32: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The plan as JSON-able options for the manifest."""
+        out = asdict(self)
+        out["profile"] = {k: [list(s) for s in v] for k, v in self.profile.items()}
+        return out
+
+
+def component_precision(component: str, precision: str) -> str:
+    """What ``component`` computes in for a build at ``precision``: FP8/FP4 quantise the transformer only."""
+    if precision in QUANTIZED:
+        return precision if QUANTIZED[precision] == component else "bf16"
+    return precision
+
+
+def default_timing_cache() -> Path:
+    """``$XDG_CACHE_HOME/fluxtrt/tensorrt/timing.cache`` (``~/.cache`` by default), kept across builds."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "fluxtrt" / "tensorrt" / "timing.cache"
+
+
+def onnx_quantization(onnx_path: Path) -> set[str]:
+    """Which of ``fp8``/``fp4`` the ONNX's Q/DQ nodes carry (read without loading external weights)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found: set[str] = set()
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        # The zero point (input 2) or, for DQ of stored weights, the quantised input/initialiser has the low type.
+        names = list(node.input) + list(node.output)
+        elem = {types.get(n) or inits.get(n) for n in names}
+        for attr in node.attribute:
+            if attr.name == "output_dtype":
+                elem.add(attr.i)
+        for precision, codes in QUANT_ELEM_TYPES.items():
+            if elem & set(codes):
+                found.add(precision)
+    return found
+
+
+def build_plan(spec: ComponentSpec, onnx_path: Path, precision: str, profile: Mapping[str, Any],
+               options: TensorRTOptions | None = None) -> BuildPlan:  # fmt: skip
+    """Decide a TensorRT build without TensorRT.
+
+    Args:
+        spec: the component spec.
+        onnx_path: the component's ``model.onnx`` (external data files, if any, beside it).
+        precision: ``fp32``, ``bf16``, ``fp8`` or ``fp4``.
+        profile: per input, (min, opt, max) shapes.
+        options: workspace, optimisation level and timing cache (defaults when None).
+
+    Returns:
+        The ``BuildPlan``.
+
+    Raises:
+        InputError: an unknown precision.
+        BuildError: a profile that does not fit the spec, a missing ONNX, or an FP8/FP4 transformer graph without
+            Q/DQ nodes of that type.
+    """
+    options = options or TensorRTOptions()
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision is '{precision}', the tensorrt backend builds {', '.join(PRECISIONS)}: pick "
+                         "one of those")  # fmt: skip
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise BuildError(f"{spec.name}: no ONNX at {onnx_path}: export it first (fluxtrt build does) or fix --onnx-dir")
+    compute = component_precision(spec.name, precision)
+    if compute in QUANTIZED and compute not in onnx_quantization(onnx_path):
+        raise BuildError(
+            f"{spec.name}: --precision {precision} needs {compute.upper()} QuantizeLinear/DequantizeLinear nodes in "
+            f"{onnx_path}, which has none: pass --onnx-dir with a quantised export (such as NVIDIA's FLUX.1-Kontext "
+            f"{compute.upper()} ONNX) or build --precision bf16"
+        )
+    external = tuple(sorted(p.name for p in onnx_path.parent.iterdir() if p.is_file() and p.name != onnx_path.name))
+    # Native InstanceNormalization keeps the VAE's GroupNorm (exported as reshape + InstanceNorm) in one kernel.
+    flags = ("NATIVE_INSTANCENORM",) if spec.name.startswith("vae") else ()
+    return BuildPlan(
+        component=spec.name,
+        onnx_path=str(onnx_path),
+        external_data=external,
+        strongly_typed=True,
+        parser_flags=flags,
+        profile=check_profile(spec, profile),
+        opt_level=int(options.opt_level),
+        workspace_bytes=int(float(options.workspace_gib) * 2**30),
+        timing_cache=str(options.timing_cache or default_timing_cache()),
+        precision=precision,
+        compute=compute,
+        min_sm=MIN_SM.get(compute, 0),
+        tf32=precision != "fp32",
+    )

@@ -1,0 +1,118 @@
+"""Running a serialized TensorRT plan: deserialization (``load``), bindings on torch CUDA tensors, and optional
+CUDA-graph replay through the shared ``CudaGraphs``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fluxtrt.backends.cuda_graphs import CudaGraphs
+from fluxtrt.backends.runner import Runner
+from fluxtrt.errors import EngineError, MissingDependencyError, ShapeError
+from fluxtrt.specs.component import ComponentSpec
+
+INSTALL = (
+    "install TensorRT 10 from NVIDIA's Python package index (`pip install tensorrt-cu12` with that index as an extra "
+    "index), or use the Docker image in docker/"
+)
+REBUILD = "rebuild with fluxtrt build --backend tensorrt"
+
+
+def trt() -> Any:
+    """The tensorrt module (MissingDependencyError naming the install command if absent)."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise MissingDependencyError("tensorrt", "the tensorrt backend (TensorRT 10)", INSTALL) from None
+    return tensorrt
+
+
+class TrtRunner(Runner):
+    """Runs a TensorRT plan on torch CUDA tensors; ``load`` deserializes it, ``close`` frees engine and context.
+
+    Inputs are bound in place (made contiguous); outputs are torch tensors allocated for each call's shapes and
+    returned. With ``cuda_graph``, each input signature's call is captured once and replayed (``CudaGraphs``).
+
+    Args:
+        spec: the component spec.
+        path: the plan file.
+        compute_dtype: dtype of the spec's ``compute`` tensors.
+        device: the CUDA device.
+        ranges: symbol -> (min, max) the plan's profile allows.
+        cuda_graph: capture and replay CUDA graphs for repeated shapes.
+    """
+
+    def __init__(self, spec: ComponentSpec, path: Path, compute_dtype: Any, device: str = "cuda",
+                 ranges: Mapping[str, tuple[int, int]] | None = None, cuda_graph: bool = False):  # fmt: skip
+        super().__init__(spec, compute_dtype, device, ranges)
+        self.path = Path(path)
+        self.cuda_graph = cuda_graph
+        self.runtime = self.engine = self.context = self.graphs = None
+        self.dtypes: dict[str, Any] = {}
+
+    def _load(self) -> None:
+        lib = trt()
+        self.runtime = lib.Runtime(lib.Logger(lib.Logger.WARNING))  # the engine must not outlive its runtime
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{self.name}: TensorRT cannot deserialize {self.path} (corrupt or truncated): {REBUILD}")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == lib.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
+            raise EngineError(
+                f"{self.name}: the engine's inputs/outputs are {inputs}/{outputs}, expected "
+                f"{list(self.spec.input_names)}/{list(self.spec.output_names)}: {REBUILD}"
+            )
+        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.graphs = CudaGraphs(self._execute) if self.cuda_graph else None
+
+    def _close(self) -> None:
+        self.graphs = self.context = self.engine = self.runtime = None
+
+    def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        args = [feed[n].to(self.dtypes[n]).contiguous() for n in self.spec.input_names]
+        outs = self.graphs(*args) if self.graphs is not None else self._execute(*args)
+        return dict(zip(self.spec.output_names, outs, strict=True))
+
+    def _execute(self, *args: Any) -> tuple[Any, ...]:
+        """Bind ``args`` (spec input order), allocate the outputs, enqueue on the current stream."""
+        import torch
+
+        for n, t in zip(self.spec.input_names, args, strict=True):
+            if not self.context.set_input_shape(n, tuple(t.shape)):
+                raise ShapeError(f"{self.name}.{n}: TensorRT refused shape {tuple(t.shape)}: {REBUILD} for it")
+            self.context.set_tensor_address(n, t.data_ptr())
+        outputs = []
+        for n in self.spec.output_names:
+            out = torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n], device=args[0].device)
+            self.context.set_tensor_address(n, out.data_ptr())
+            outputs.append(out)
+        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+            raise EngineError(
+                f"{self.name}: TensorRT execute_async_v3 failed on shapes {[tuple(a.shape) for a in args]}"
+            )
+        return tuple(outputs)
+
+
+def torch_dtype(trt_dtype: Any) -> Any:
+    """The torch dtype of a ``trt.DataType``."""
+    import torch
+
+    kinds = trt().DataType
+    table = {
+        kinds.FLOAT: torch.float32,
+        kinds.HALF: torch.float16,
+        kinds.BF16: torch.bfloat16,
+        kinds.INT64: torch.int64,
+        kinds.INT32: torch.int32,
+        kinds.INT8: torch.int8,
+        kinds.BOOL: torch.bool,
+    }
+    if trt_dtype not in table:
+        raise EngineError(f"the engine has an I/O tensor of type {trt_dtype}, which fluxtrt cannot bind: {REBUILD}")
+    return table[trt_dtype]

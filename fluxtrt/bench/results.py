@@ -1,0 +1,151 @@
+"""The data of a comparison: one record per timed edit, one result per contender, the report that holds them, and
+the per-contender summary that the JSON, the Markdown and the console share."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from fluxtrt.errors import FluxtrtError
+from fluxtrt.specs.flux import COMPONENTS as MODEL_COMPONENTS
+
+# What an edit's time is split into: the five components and the glue between them.
+COMPONENTS = (*MODEL_COMPONENTS, "glue")
+
+
+@dataclass
+class RunRecord:
+    """One timed edit of one contender. ``image``/``latents`` stay in memory for fidelity, not in the JSON."""
+
+    run: int
+    steps: int
+    timings_ms: dict[str, float]
+    cache: dict | None = None
+    fidelity: dict[str, float] | None = None
+    image: Any = None
+    latents: Any = None
+
+    @property
+    def transformer_ms_per_step(self) -> float:
+        return self.timings_ms["transformer"] / self.steps
+
+
+@dataclass
+class ContenderResult:
+    """Everything measured for one contender."""
+
+    name: str
+    kind: str
+    base: str | None
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    what: list[str] = field(default_factory=list)
+    sampler: str | None = None
+    details: dict = field(default_factory=dict)
+    load_s: float | None = None
+    prepare_s: float | None = None
+    first_call_s: float | None = None
+    warmup_s: list[float] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
+    peak_gpu_mem_gib: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and bool(self.runs)
+
+    @property
+    def totals_ms(self) -> list[float]:
+        return [r.timings_ms["total"] for r in self.runs]
+
+    @property
+    def median_total_ms(self) -> float | None:
+        return statistics.median(self.totals_ms) if self.runs else None
+
+    @property
+    def representative(self) -> RunRecord | None:
+        """The run with the median total (the lower middle one for an even count): its parts sum to its total."""
+        if not self.runs:
+            return None
+        ordered = sorted(self.runs, key=lambda r: r.timings_ms["total"])
+        return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def compile_s(self) -> float | None:
+        return self.details.get("compile_s")
+
+
+@dataclass
+class CompareReport:
+    """A comparison: configuration, environment, inputs, and one result per contender (in run order)."""
+
+    config: dict
+    environment: dict
+    inputs: dict
+    contenders: list[ContenderResult] = field(default_factory=list)
+    checks: dict = field(default_factory=dict)
+    created_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def failed(self) -> list[ContenderResult]:
+        return [c for c in self.contenders if c.status != "ok"]
+
+    def raise_for_failures(self) -> None:
+        """Raise FluxtrtError naming the failed contenders, if any (the report is complete either way)."""
+        if self.failed:
+            where = self.config.get("report_dir") or "the report"
+            first = self.failed[0]
+            raise FluxtrtError(
+                f"{len(self.failed)} of {len(self.contenders)} contenders failed (first: {first.name}: {first.error}); "
+                f"the others are measured in {where}: see its 'Failed contenders' section"
+            )
+
+    def baseline(self, base: str) -> ContenderResult | None:
+        """The first successful stage contender derived from table stage ``base`` (``"0"``, ``"1"``)."""
+        return next((c for c in self.contenders if c.kind == "stage" and c.base == base and c.ok), None)
+
+    def speedup(self, result: ContenderResult, base: str) -> float | None:
+        ref = self.baseline(base)
+        if ref is None or not result.ok:
+            return None
+        return ref.median_total_ms / result.median_total_ms
+
+
+def summary_row(report: CompareReport, result: ContenderResult) -> dict:
+    """The per-contender summary that report.json's ``contenders`` list holds."""
+    rep = result.representative
+    totals = result.totals_ms
+    fids = [r.fidelity for r in result.runs if r.fidelity is not None]
+    return {
+        "contender": result.name,
+        "kind": result.kind,
+        "stage": result.base,
+        "status": result.status,
+        "error": result.error,
+        "what": result.what,
+        "sampler": result.sampler,
+        "steps": rep.steps if rep else None,
+        "runs": len(result.runs),
+        "load_s": result.load_s,
+        "prepare_s": result.prepare_s,
+        "first_call_s": result.first_call_s,
+        "compile_s": result.compile_s,
+        "warmup_s": result.warmup_s,
+        "median_total_ms": result.median_total_ms,
+        "min_total_ms": min(totals) if totals else None,
+        "max_total_ms": max(totals) if totals else None,
+        "stdev_total_ms": statistics.stdev(totals) if len(totals) > 1 else None,
+        "representative_run": rep.run if rep else None,
+        "components_ms": {k: rep.timings_ms.get(k) for k in (*COMPONENTS, "total")} if rep else None,
+        "transformer_ms_per_step": statistics.median(r.transformer_ms_per_step for r in result.runs)
+        if result.runs
+        else None,
+        "speedup_vs_0": report.speedup(result, "0"),
+        "speedup_vs_1": report.speedup(result, "1"),
+        "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
+        "psnr_db": statistics.median(f["psnr_db"] for f in fids) if fids else None,
+        "ssim": statistics.median(f["ssim"] for f in fids) if fids else None,
+        "latent_cosine": statistics.median(f["latent_cosine"] for f in fids) if fids else None,
+        "details": result.details,
+    }
