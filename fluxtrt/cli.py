@@ -133,7 +133,8 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 
 @main.command()
 @model_option
-@click.option("--backend", default="onnxruntime", show_default=True, help="onnxruntime, aotinductor or tensorrt.")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime, aotinductor, tensorrt (TensorRT 10), tensorrt-rtx or onnx (no engine)")  # fmt: skip
 @click.option("--precision", default="fp32", show_default=True, help="fp32, bf16, fp8 or fp4 (as the backend allows).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engines directory to write.")
 @click.option("--min-resolution", default="512x512", show_default=True, help="Smallest WIDTHxHEIGHT accepted.")
@@ -160,9 +161,12 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--aoti-fp8-attention/--aoti-no-fp8-attention", default=None,
               help="aotinductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA). Default: on for "
               "--precision fp8 on cuda when a kernel is available.")  # fmt: skip
+@click.option("--compute-capability", "compute_capability", default=None,
+              help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
+              "target that runs the precision).")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights, cuda_graph, aoti_fp8_attention):  # fmt: skip
+          aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -185,6 +189,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         aoti_weights=aoti_weights,
         cuda_graph=cuda_graph,
         aoti_fp8_attention=aoti_fp8_attention,
+        compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines
@@ -198,10 +203,12 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
 @click.argument("engines", type=click.Path(path_type=Path))
 def inspect(engines):
     """Show what an engines directory holds: components, shapes, precision, sizes, versions."""
-    from fluxtrt.console import print_manifest
+    from fluxtrt.console import print_manifest, print_trtexec_commands
     from fluxtrt.engines.manifest import Manifest
 
-    print_manifest(Manifest.load(engines), engines)
+    manifest = Manifest.load(engines)
+    print_manifest(manifest, engines)
+    print_trtexec_commands(manifest)
 
 
 @main.command()

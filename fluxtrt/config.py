@@ -131,7 +131,7 @@ class BuildConfig:
 
     Args:
         model: ``tiny``, ``random-full`` or a checkpoint directory / cached hub id.
-        backend: ``onnxruntime``, ``aotinductor`` or ``tensorrt``.
+        backend: ``onnxruntime``, ``aotinductor``, ``tensorrt``, ``tensorrt-rtx`` or ``onnx`` (ONNX only).
         precision: ``fp32``, ``bf16``, ``fp8`` or ``fp4``.
         out: the engines directory.
         min_resolution, opt_resolution, max_resolution: the range the engines accept (each side of the target
@@ -152,6 +152,8 @@ class BuildConfig:
             tensorrt).
         aoti_fp8_attention: AOTInductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA); None:
             on for an fp8 build on CUDA where a kernel is available.
+        compute_capabilities: TensorRT-RTX: the GPUs to build for, as "8.9"; None: the current GPU where TensorRT-RTX
+            supports it, else every target that runs the precision.
     """
 
     model: str
@@ -174,13 +176,15 @@ class BuildConfig:
     aoti_weights: str | None = None
     cuda_graph: bool = False
     aoti_fp8_attention: bool | None = None
+    compute_capabilities: tuple[str, ...] | None = None
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
         backend turns them into its typed options and refuses one it does not have."""
         given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
                  "weights": self.aoti_weights, "cuda_graph": self.cuda_graph or None,
-                 "fp8_attention": self.aoti_fp8_attention}  # fmt: skip
+                 "fp8_attention": self.aoti_fp8_attention,
+                 "compute_capabilities": self.compute_capabilities}  # fmt: skip
         return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
 
     def __post_init__(self) -> None:

@@ -126,6 +126,18 @@ def print_manifest(m, root: Path) -> None:
         console.print(table)
 
 
+def print_trtexec_commands(m) -> None:
+    """For an ONNX-only directory (``--backend onnx``): the ``trtexec`` command that builds each component's engine
+    with fluxtrt's profiles, run from inside the directory."""
+    commands = [(name, e.record.get("trtexec")) for name, e in m.components.items() if e.record.get("trtexec")]
+    if not commands:
+        return
+    console.print("build the engines with TensorRT 10 (run inside the directory), or with `fluxtrt build --backend "
+                  "tensorrt --onnx-dir DIR/onnx`:")  # fmt: skip
+    for name, command in commands:
+        console.print(f"# {name}\n{command}", soft_wrap=True, highlight=False)
+
+
 def _option_text(value) -> str:
     if isinstance(value, dict):  # e.g. dims: {"S": [2048, 19208]} -> "S 2048..19208"
         return ", ".join(f"{k} {'..'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in value.items())

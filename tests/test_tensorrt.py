@@ -572,29 +572,8 @@ def test_trt_edit_from_engines(trt_and_ort, tmp_path):
     assert (tmp_path / "o.png").stat().st_size > 0
 
 
-def test_parser_errors_are_one_line_each_and_oom_is_recognised():
-    from fluxtrt.backends.tensorrt.build import _is_oom, parser_errors
+def test_out_of_memory_is_recognised():
+    from fluxtrt.backends.tensorrt.build import _is_oom
 
-    class Err:
-        def __init__(self, node, op, desc):
-            self.args = (node, op, desc)
-
-        def node_name(self):
-            return self.args[0]
-
-        def node_operator(self):
-            return self.args[1]
-
-        def desc(self):
-            return self.args[2]
-
-    class Parser:
-        errors = [Err("/attn/Softmax", "Softmax", "unsupported\ntype"), Err("/norm", "", "bad axis")]
-        num_errors = 2
-
-        def get_error(self, i):
-            return self.errors[i]
-
-    assert parser_errors(Parser()) == ["node /attn/Softmax (Softmax): unsupported type", "node /norm: bad axis"]
     assert _is_oom("Error Code 2: OutOfMemory (Requested size was 40 GiB)")
     assert not _is_oom("Error Code 4: API Usage Error")

@@ -26,6 +26,8 @@ BACKENDS = {
     "onnxruntime": "fluxtrt.backends.onnxruntime:OnnxRuntimeBackend",
     "aotinductor": "fluxtrt.backends.aotinductor:AotInductorBackend",
     "tensorrt": "fluxtrt.backends.tensorrt:TensorRTBackend",
+    "tensorrt-rtx": "fluxtrt.backends.tensorrt:TensorRTRtxBackend",
+    "onnx": "fluxtrt.backends.onnx:OnnxOnlyBackend",
 }
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
@@ -41,6 +43,7 @@ OPTION_FLAGS = {
     "cuda_graph": "--cuda-graph",
     "fp8_attention": "--aoti-fp8-attention",
     "inductor_configs": "inductor_configs",
+    "compute_capabilities": "--compute-capability",
 }
 
 
@@ -136,12 +139,17 @@ class EngineBackend(ABC):
     name: ClassVar[str]
     extension: ClassVar[str]  # engine file suffix, e.g. ".onnx", ".plan", ".pt2"; "" for no engine file
     uses_onnx: ClassVar[bool]  # whether build() reads the exported ONNX
+    writes_engine: ClassVar[bool] = True  # False: the component's ONNX is what the directory holds
     precisions: ClassVar[tuple[str, ...]]
     options_type: ClassVar[type[BackendOptions]] = NoOptions
 
     def options(self, given: Mapping[str, Any]) -> BackendOptions:
         """This backend's typed options from the settings given (InputError for one it does not have)."""
         return self.options_type.from_dict(given, self.name)
+
+    def check_build(self, precision: str, options: BackendOptions) -> None:  # noqa: B027 (optional hook)
+        """Raise before anything is loaded when a build of ``precision`` with ``options`` cannot succeed here (by
+        default, nothing to check)."""
 
     @abstractmethod
     def check_available(self) -> None:

@@ -96,6 +96,7 @@ def build_engines(
             f"{', '.join(backend.precisions)}: pick one of those"
         )
     options = backend.options(config.backend_options())
+    backend.check_build(config.precision, options)
     check_device(config.device)
     previous = _previous_manifest(config.out, config, backend)
     _remove_leftovers(config.out)
@@ -210,7 +211,7 @@ def _build_component(build: _Build, name: str, settings: dict, profile: dict,
         job.workdir.mkdir()
         with torch.inference_mode():
             record = build.backend.build(job)
-        if not engine_path.is_file():
+        if build.backend.writes_engine and not engine_path.is_file():
             raise EngineError(
                 f"{name}: the {build.backend.name} backend reported success but wrote no {engine_path.name}"
             )
@@ -264,6 +265,8 @@ def _move_into_place(out: Path, name: str, staging: Path, onnx_path: Path | None
         if f != engine_path:
             os.replace(f, out / f.name)
             extras.append(FileRecord.of(out, out / f.name))
+    if not engine_path.is_file():  # a backend that writes no engine: the ONNX is what the directory holds
+        return onnx_records, onnx_records[0], extras
     final_engine = out / engine_path.name
     os.replace(engine_path, final_engine)
     return onnx_records, FileRecord.of(out, final_engine), extras

@@ -1,77 +1,174 @@
-"""TensorRT: ONNX -> strongly typed network -> one optimisation profile -> serialized plan (``.plan``), and its runner.
+"""TensorRT 10 and TensorRT-RTX: ONNX -> strongly typed network -> one optimisation profile -> serialized plan
+(``.plan``), and its runner. One implementation, the differences held by ``flavour``.
 
-Modules: ``plan`` decides a build without TensorRT, ``build`` applies it with TensorRT's API, ``runtime`` runs the
-plan. A plan runs only under the TensorRT version and on the GPU architecture that built it; ``build`` records both
-and ``load`` refuses an engine whose record differs (``fluxtrt.backends.compat.incompatibility``).
+Modules: ``flavour`` (what differs between the two), ``plan`` (a build decided without TensorRT), ``network`` (the
+quantization check on the parsed network), ``build`` (the build through Polygraphy), ``runtime`` (the runner). A plan
+runs only under the TensorRT release that built it and on the GPUs it was built for: ``build`` records both and
+``load`` refuses an engine whose record differs, before deserializing anything.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
 from fluxtrt.backends.compat import incompatibility
 from fluxtrt.backends.profile import runner_ranges
-from fluxtrt.backends.tensorrt.plan import PRECISIONS, TensorRTOptions, build_plan
-from fluxtrt.backends.tensorrt.runtime import REBUILD, TrtRunner, trt
+from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour, rtx_plan_version
+from fluxtrt.backends.tensorrt.plan import (
+    PRECISIONS,
+    TensorRTOptions,
+    TensorRTRtxOptions,
+    build_plan,
+    component_precision,
+)
+from fluxtrt.backends.tensorrt.runtime import TrtRunner, rebuild
 from fluxtrt.environment import MIN_SM, gpu_info, require_sm
-from fluxtrt.errors import BuildError, EngineError
+from fluxtrt.errors import BuildError, DeviceError, EngineError
 
 COMPAT_KEYS = ("tensorrt", "sm", "gpu")
 
 
 class TensorRTBackend(EngineBackend):
-    """TensorRT plans (``.plan``) from the exported ONNX; see the module docstring."""
+    """TensorRT 10 plans (``.plan``) from the exported ONNX, built on the GPU they run on."""
 
     name = "tensorrt"
     extension = ".plan"
     uses_onnx = True
     precisions = PRECISIONS
     options_type = TensorRTOptions
+    flavour: ClassVar[Flavour] = TENSORRT
 
     def check_available(self) -> None:
-        """Raise MissingDependencyError (how to install TensorRT, or the Docker image) when it does not import."""
-        trt()
+        """Raise MissingDependencyError (how to install it) when the TensorRT module does not import."""
+        self.flavour.lib()
 
     def version(self) -> str:
-        return trt().__version__
+        return self.flavour.lib().__version__
 
     def build(self, job: BuildJob) -> Record:
-        """Plan the build, apply it with TensorRT, write ``job.engine_path``; the record holds the plan and the GPU.
+        """Plan the build, apply it, write ``job.engine_path``; the record holds the plan and where it runs.
 
         Raises:
-            InputError, BuildError: see ``build_plan``; the parser's errors; a failed or out-of-memory build.
-            DeviceError: no CUDA GPU, or one too old for the precision.
+            InputError, BuildError: see ``build_plan``; the parser's errors; lost quantized linears; a failed build.
+            DeviceError: no CUDA GPU, or one too old for the precision (TensorRT 10); a target too old for it
+                (TensorRT-RTX).
         """
         from fluxtrt.backends.tensorrt.build import build_plan_file
 
         if job.onnx_path is None:
-            raise BuildError(f"{job.spec.name}: the tensorrt backend builds from ONNX but the job has none")
-        plan = build_plan(job.spec, job.onnx_path, job.precision, job.profile, job.options)
-        lib = trt()
-        env = gpu_info(job.device)
-        if plan.compute in MIN_SM:
-            require_sm(env["sm"], plan.compute, "build --precision bf16 here, or build on a newer GPU",
-                       f"--precision {plan.compute}")  # fmt: skip
+            raise BuildError(f"{job.spec.name}: the {self.name} backend builds from ONNX but the job has none")
+        env = self._build_environment(job)
+        plan = build_plan(job.spec, job.onnx_path, job.precision, job.profile, job.options, self.flavour,
+                          int(env["sm"]) if "sm" in env else None)  # fmt: skip
         try:
-            details = build_plan_file(lib, plan, Path(job.engine_path))
+            details = build_plan_file(self.flavour, plan, Path(job.engine_path))
         except BaseException:
             Path(job.engine_path).unlink(missing_ok=True)
             raise
-        return {"tensorrt": lib.__version__, **env, "plan": plan.record(), **details}
+        return {self.flavour.record_key: self.version(), **env, "targets": list(plan.targets),
+                "plan": plan.record(), **details}  # fmt: skip
+
+    def _build_environment(self, job: BuildJob) -> dict[str, str]:
+        """TensorRT 10 builds on the GPU it targets: that GPU, checked against the precision."""
+        env = gpu_info(job.device)
+        compute = component_precision(job.spec.name, job.precision)
+        if compute in MIN_SM:
+            fix = "build --precision bf16 here, or build on a newer GPU"
+            require_sm(env["sm"], compute, fix, f"--precision {compute}")
+        return env
 
     def load(self, job: LoadJob) -> TrtRunner:
         """Deserialize the plan as a loaded ``TrtRunner`` (``options.cuda_graph`` turns CUDA graphs on).
 
         Raises:
-            EngineError: no recorded TensorRT version, another TensorRT, GPU or SM, or a plan that does not load.
+            EngineError: no recorded version, another release, GPU or SM, or a plan that does not load.
             DeviceError: no CUDA GPU.
         """
         spec, path = job.spec, Path(job.engine_path)
-        if "tensorrt" not in job.record:
-            raise EngineError(f"{spec.name}: {path.name} records no TensorRT version in the manifest: {REBUILD}")
-        problem = incompatibility(job.record, {"tensorrt": trt().__version__, **gpu_info(job.device)}, COMPAT_KEYS)
-        if problem:
-            raise EngineError(f"{spec.name}: {path.name} {problem}: {REBUILD}")
+        import torch
+
+        if not job.device.startswith("cuda") or not torch.cuda.is_available():
+            raise DeviceError(
+                f"{spec.name}: {path.name} is a {self.flavour.name} engine, which runs on a CUDA GPU, but this run is "
+                f"on {job.device if job.device.startswith('cuda') else 'the CPU'} (torch {torch.__version__}): run "
+                "with --device cuda on a machine with a supported GPU"
+            )
+        self._check_loadable(job)
         ranges = runner_ranges(spec, job.profile)
-        return TrtRunner(spec, path, job.compute_dtype, job.device, ranges, job.options.cuda_graph).load()
+        runner = TrtRunner(spec, path, job.compute_dtype, job.device, ranges, job.options.cuda_graph, self.flavour)
+        return runner.load()
+
+    def _check_loadable(self, job: LoadJob) -> None:
+        key, path = self.flavour.record_key, Path(job.engine_path)
+        if key not in job.record:
+            raise EngineError(f"{job.spec.name}: {path.name} records no {self.flavour.name} version in the manifest: "
+                              f"{rebuild(self.flavour)}")  # fmt: skip
+        problem = incompatibility(job.record, {key: self.version(), **gpu_info(job.device)}, COMPAT_KEYS)
+        if problem:
+            raise EngineError(f"{job.spec.name}: {path.name} {problem}: {rebuild(self.flavour)}")
+
+
+class TensorRTRtxBackend(TensorRTBackend):
+    """TensorRT-RTX plans for chosen compute capabilities, built with or without a GPU; they run on Ampere, Ada and
+    RTX Blackwell GPUs (8.0, 8.6, 8.9, 12.0, 12.1), not on Hopper."""
+
+    name = "tensorrt-rtx"
+    options_type = TensorRTRtxOptions
+    flavour = TENSORRT_RTX
+
+    def check_build(self, precision: str, options: TensorRTRtxOptions) -> None:
+        """Every given target must run the precision (FP8 from 8.9, NVFP4 from 12.0)."""
+        compute = component_precision("transformer", precision)
+        if compute in MIN_SM and options.compute_capabilities:
+            for sm in options.targets(precision, None):
+                cc = f"{sm // 10}.{sm % 10}"
+                fix = f"leave {cc} out of --compute-capability, or build --precision bf16"
+                require_sm(sm, compute, fix, f"--precision {compute} for target {cc}")
+
+    def _build_environment(self, job: BuildJob) -> dict[str, str]:
+        """No GPU needed; the one present (if any) is the default target where TensorRT-RTX supports it."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+        return gpu_info(job.device if job.device.startswith("cuda") else "cuda")
+
+    def _check_loadable(self, job: LoadJob) -> None:
+        """The release (recorded, then in the plan's header), then the GPU against the plan's targets: all before
+        anything large is read."""
+        key, path = self.flavour.record_key, Path(job.engine_path)
+        have = job.record.get(key)
+        if have != self.version():
+            raise EngineError(f"{job.spec.name}: {path.name} was built with TensorRT-RTX {have} but this is "
+                              f"TensorRT-RTX {self.version()}: {rebuild(self.flavour)}")  # fmt: skip
+        with open(path, "rb") as f:
+            written = rtx_plan_version(f.read(64))
+        if written != self.version():
+            raise EngineError(f"{job.spec.name}: {path.name} is not a TensorRT-RTX {self.version()} plan (its header "
+                              f"says {written or 'no TensorRT-RTX plan'}): {rebuild(self.flavour)}")  # fmt: skip
+        check_runs_here(int(gpu_info(job.device)["sm"]), tuple(job.record.get("targets") or ()), path.name)
+
+
+def check_runs_here(sm: int, targets: tuple[int, ...], what: str) -> None:
+    """Raise DeviceError unless a GPU of compute capability ``sm`` runs a TensorRT-RTX plan built for ``targets``.
+
+    Raises:
+        DeviceError: naming the GPU's compute capability and the supported (or built-for) list.
+    """
+
+    def cc(value: int) -> str:
+        return f"{value // 10}.{value % 10}"
+
+    supported = TENSORRT_RTX.runs_on
+    if sm not in supported:
+        raise DeviceError(
+            f"{what}: this GPU has compute capability {cc(sm)}, which TensorRT-RTX does not run (it runs "
+            f"{', '.join(map(cc, supported))}): use --backend tensorrt (TensorRT 10) or aotinductor on this GPU"
+        )
+    if targets and sm not in targets:
+        raise DeviceError(
+            f"{what}: this GPU has compute capability {cc(sm)} but the plan was built for "
+            f"{', '.join(map(cc, targets))}: rebuild with --compute-capability {cc(sm)}"
+        )

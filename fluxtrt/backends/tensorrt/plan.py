@@ -1,5 +1,8 @@
 """The TensorRT build decided without TensorRT: options, the plan of one component's build, and what the ONNX holds.
 
+One plan serves TensorRT 10 and TensorRT-RTX (``flavour``): the RTX plan has compute-capability targets instead of
+a timing cache and a workspace limit, and refuses a precision one of its targets cannot run.
+
 ``build_plan`` decides everything from the spec, the precision, the profile and the options without importing
 TensorRT (so it is tested everywhere): network flags, parser flags, the profile, builder level, workspace, timing
 cache, the precision of each component and where the ONNX keeps its weights. ``fluxtrt.backends.tensorrt.build``
@@ -20,7 +23,8 @@ from typing import Any
 
 from fluxtrt.backends.base import BackendOptions
 from fluxtrt.backends.profile import check_profile
-from fluxtrt.environment import MIN_SM
+from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour
+from fluxtrt.environment import MIN_SM, require_sm
 from fluxtrt.errors import BuildError, InputError
 from fluxtrt.specs.component import ComponentSpec
 
@@ -49,10 +53,66 @@ class TensorRTOptions(BackendOptions):
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 <= int(self.opt_level) <= 5:
-            raise InputError(f"--opt-level is {self.opt_level}, expected 0..5 (TensorRT's builder optimisation level)")
+        _check_opt_level(self.opt_level)
         if float(self.workspace_gib) <= 0:
             raise InputError(f"--workspace-gib is {self.workspace_gib}, expected a positive size in GiB such as 8")
+
+
+# TensorRT-RTX's builder targets (IBuilderConfig.set_compute_capability), as 89 for SM89.
+RTX_TARGETS = (75, 80, 86, 89, 120, 121)
+# The targets a TensorRT-RTX build gets when --compute-capability is not given and no supported GPU is present:
+# every RTX target that runs the precision (FP8 from Ada, NVFP4 on Blackwell), except Turing (no BF16 kernels) and
+# SM121 (one product, the GB10): GeForce/RTX PRO 3000, 4000 and 5000 series.
+RTX_DEFAULT_TARGETS = {"fp32": (80, 86, 89, 120), "bf16": (80, 86, 89, 120), "fp8": (89, 120), "fp4": (120,)}
+
+
+@dataclass(frozen=True)
+class TensorRTRtxOptions(BackendOptions):
+    """The tensorrt-rtx backend's settings.
+
+    Attributes:
+        compute_capabilities: the GPUs the plans are built for, as "8.9"; None: the current GPU where it is
+            supported, else ``RTX_DEFAULT_TARGETS`` of the precision.
+        opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
+        cuda_graph: the runner replays a CUDA graph per input shape.
+    """
+
+    compute_capabilities: tuple[str, ...] | None = None
+    opt_level: int = DEFAULT_OPT_LEVEL
+    cuda_graph: bool = False
+
+    def __post_init__(self) -> None:
+        _check_opt_level(self.opt_level)
+        if self.compute_capabilities is not None:
+            object.__setattr__(self, "compute_capabilities", tuple(self.compute_capabilities))
+            for cc in self.compute_capabilities:
+                parse_compute_capability(cc)
+
+    def targets(self, precision: str, current_sm: int | None) -> tuple[int, ...]:
+        """The build's targets (as 89): the ones given, else the current GPU's if supported, else the defaults."""
+        if self.compute_capabilities:
+            return tuple(parse_compute_capability(cc) for cc in self.compute_capabilities)
+        if current_sm in TENSORRT_RTX.runs_on:
+            return (current_sm,)
+        return RTX_DEFAULT_TARGETS[precision]
+
+
+def parse_compute_capability(text: str) -> int:
+    """``"8.9"`` (or ``"89"``, ``"sm89"``) -> 89, checked against TensorRT-RTX's targets.
+
+    Raises:
+        InputError: not a compute capability TensorRT-RTX builds for.
+    """
+    digits = str(text).lower().removeprefix("sm").replace(".", "")
+    allowed = ", ".join(f"{t // 10}.{t % 10}" for t in RTX_TARGETS)
+    if not digits.isdigit() or int(digits) not in RTX_TARGETS:
+        raise InputError(f"--compute-capability '{text}' is not a TensorRT-RTX target, expected some of {allowed}")
+    return int(digits)
+
+
+def _check_opt_level(level: int) -> None:
+    if not 0 <= int(level) <= 5:
+        raise InputError(f"--opt-level is {level}, expected 0..5 (TensorRT's builder optimisation level)")
 
 
 @dataclass(frozen=True)
@@ -67,12 +127,14 @@ class BuildPlan:
         parser_flags: ``trt.OnnxParserFlag`` member names to set.
         profile: per input, the (min, opt, max) shapes of the one optimisation profile.
         opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
-        workspace_bytes: the ``MemoryPoolType.WORKSPACE`` limit.
-        timing_cache: file the timing cache is read from and written back to.
+        workspace_bytes: the ``MemoryPoolType.WORKSPACE`` limit (None: TensorRT's own, TensorRT-RTX).
+        timing_cache: file the timing cache is read from and written back to (None: TensorRT-RTX has none).
         precision: the build's ``--precision``.
         compute: what this component computes in (``fp32``, ``bf16``, ``fp8`` or ``fp4``).
         min_sm: the smallest compute capability (as 89, 90, 100) that runs the plan fast, 0 for any.
         tf32: let fp32 matrix products use TF32 (off for fp32 builds: fp32 means fp32 there).
+        flavour: ``tensorrt`` or ``tensorrt-rtx`` (the backend name).
+        targets: TensorRT-RTX's compute-capability targets (as 89); empty for TensorRT 10 (the building GPU).
     """
 
     component: str
@@ -82,12 +144,14 @@ class BuildPlan:
     parser_flags: tuple[str, ...]
     profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     opt_level: int
-    workspace_bytes: int
-    timing_cache: str
+    workspace_bytes: int | None
+    timing_cache: str | None
     precision: str
     compute: str
     min_sm: int = 0
     tf32: bool = False
+    flavour: str = TENSORRT.backend
+    targets: tuple[int, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The plan as JSON-able options for the manifest."""
@@ -133,32 +197,41 @@ def onnx_quantization(onnx_path: Path) -> set[str]:
 
 
 def build_plan(spec: ComponentSpec, onnx_path: Path, precision: str, profile: Mapping[str, Any],
-               options: TensorRTOptions | None = None) -> BuildPlan:  # fmt: skip
-    """Decide a TensorRT build without TensorRT.
+               options: TensorRTOptions | TensorRTRtxOptions | None = None, flavour: Flavour = TENSORRT,
+               current_sm: int | None = None) -> BuildPlan:  # fmt: skip
+    """Decide a TensorRT (or TensorRT-RTX) build without TensorRT.
 
     Args:
         spec: the component spec.
         onnx_path: the component's ``model.onnx`` (external data files, if any, beside it).
         precision: ``fp32``, ``bf16``, ``fp8`` or ``fp4``.
         profile: per input, (min, opt, max) shapes.
-        options: workspace, optimisation level and timing cache (defaults when None).
+        options: the backend's options (defaults when None).
+        flavour: which TensorRT.
+        current_sm: the GPU present (as 89), or None; TensorRT-RTX targets it by default where it is supported.
 
     Returns:
         The ``BuildPlan``.
 
     Raises:
         InputError: an unknown precision.
+        DeviceError: a TensorRT-RTX target that cannot run the component's precision (FP8 below 8.9, FP4 below 12.0).
         BuildError: a profile that does not fit the spec, a missing ONNX, or an FP8/FP4 transformer graph without
             Q/DQ nodes of that type.
     """
-    options = options or TensorRTOptions()
+    options = options or (TensorRTRtxOptions() if flavour.rtx else TensorRTOptions())
     if precision not in PRECISIONS:
-        raise InputError(f"--precision is '{precision}', the tensorrt backend builds {', '.join(PRECISIONS)}: pick "
-                         "one of those")  # fmt: skip
+        raise InputError(f"--precision is '{precision}', the {flavour.backend} backend builds {', '.join(PRECISIONS)}: "
+                         "pick one of those")  # fmt: skip
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise BuildError(f"{spec.name}: no ONNX at {onnx_path}: export it first (fluxtrt build does) or fix --onnx-dir")
     compute = component_precision(spec.name, precision)
+    targets = options.targets(precision, current_sm) if flavour.rtx else ()
+    for sm in targets if compute in MIN_SM else ():
+        cc = f"{sm // 10}.{sm % 10}"
+        fix = f"leave {cc} out of --compute-capability, or build --precision bf16"
+        require_sm(sm, compute, fix, f"--precision {compute} for target {cc}")
     if compute in QUANTIZED and compute not in onnx_quantization(onnx_path):
         raise BuildError(
             f"{spec.name}: --precision {precision} needs {compute.upper()} QuantizeLinear/DequantizeLinear nodes in "
@@ -176,10 +249,34 @@ def build_plan(spec: ComponentSpec, onnx_path: Path, precision: str, profile: Ma
         parser_flags=flags,
         profile=check_profile(spec, profile),
         opt_level=int(options.opt_level),
-        workspace_bytes=int(float(options.workspace_gib) * 2**30),
-        timing_cache=str(options.timing_cache or default_timing_cache()),
+        workspace_bytes=None if flavour.rtx else int(float(options.workspace_gib) * 2**30),
+        timing_cache=None if flavour.rtx else str(options.timing_cache or default_timing_cache()),
         precision=precision,
         compute=compute,
         min_sm=MIN_SM.get(compute, 0),
         tf32=precision != "fp32",
+        flavour=flavour.backend,
+        targets=targets,
     )
+
+
+def trtexec_command(component: str, onnx_path: Path, profile: Mapping[str, Any], compute: str) -> str:
+    """The ``trtexec`` command line (TensorRT 10) that builds what fluxtrt's tensorrt backend would from this ONNX:
+    strongly typed, the component's min/opt/max shapes, a timing cache, TF32 off for fp32."""
+
+    def shapes(which: int) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in s[which])}" for name, s in profile.items())
+
+    parts = [
+        "trtexec",
+        f"--onnx={onnx_path}",
+        f"--saveEngine={component}.plan",
+        "--stronglyTyped",
+        f"--minShapes={shapes(0)}",
+        f"--optShapes={shapes(1)}",
+        f"--maxShapes={shapes(2)}",
+        "--timingCacheFile=timing.cache",
+    ]
+    if compute == "fp32":
+        parts.append("--noTF32")
+    return " ".join(parts)

@@ -1,5 +1,8 @@
-"""Running a serialized TensorRT plan: deserialization (``load``), bindings on torch CUDA tensors, and optional
-CUDA-graph replay through the shared ``CudaGraphs``."""
+"""Running a serialized TensorRT (or TensorRT-RTX) plan: deserialization through Polygraphy's ``EngineFromBytes``
+(``load``), bindings on torch CUDA tensors, and optional CUDA-graph replay through the shared ``CudaGraphs``.
+
+Polygraphy's own ``TrtRunner`` is not used: fluxtrt's runner contract (the spec, the built range, the device, the
+lifecycle) and its CUDA-graph capture are one implementation for every backend."""
 
 from __future__ import annotations
 
@@ -9,23 +12,13 @@ from typing import Any
 
 from fluxtrt.backends.cuda_graphs import CudaGraphs
 from fluxtrt.backends.runner import Runner
-from fluxtrt.errors import EngineError, MissingDependencyError, ShapeError
+from fluxtrt.backends.tensorrt.flavour import TENSORRT, Flavour
+from fluxtrt.errors import EngineError, ShapeError
 from fluxtrt.specs.component import ComponentSpec
 
-INSTALL = (
-    "install TensorRT 10 from NVIDIA's Python package index (`pip install tensorrt-cu12` with that index as an extra "
-    "index), or use the Docker image in docker/"
-)
-REBUILD = "rebuild with fluxtrt build --backend tensorrt"
 
-
-def trt() -> Any:
-    """The tensorrt module (MissingDependencyError naming the install command if absent)."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise MissingDependencyError("tensorrt", "the tensorrt backend (TensorRT 10)", INSTALL) from None
-    return tensorrt
+def rebuild(flavour: Flavour) -> str:
+    return f"rebuild with fluxtrt build --backend {flavour.backend}"
 
 
 class TrtRunner(Runner):
@@ -41,22 +34,32 @@ class TrtRunner(Runner):
         device: the CUDA device.
         ranges: symbol -> (min, max) the plan's profile allows.
         cuda_graph: capture and replay CUDA graphs for repeated shapes.
+        flavour: which TensorRT built the plan.
     """
 
     def __init__(self, spec: ComponentSpec, path: Path, compute_dtype: Any, device: str = "cuda",
-                 ranges: Mapping[str, tuple[int, int]] | None = None, cuda_graph: bool = False):  # fmt: skip
+                 ranges: Mapping[str, tuple[int, int]] | None = None, cuda_graph: bool = False,
+                 flavour: Flavour = TENSORRT):  # fmt: skip
         super().__init__(spec, compute_dtype, device, ranges)
         self.path = Path(path)
         self.cuda_graph = cuda_graph
+        self.flavour = flavour
         self.runtime = self.engine = self.context = self.graphs = None
         self.dtypes: dict[str, Any] = {}
 
     def _load(self) -> None:
-        lib = trt()
+        from polygraphy.exception import PolygraphyException
+
+        lib, polygraphy = self.flavour.lib(), self.flavour.polygraphy()
         self.runtime = lib.Runtime(lib.Logger(lib.Logger.WARNING))  # the engine must not outlive its runtime
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"{self.name}: TensorRT cannot deserialize {self.path} (corrupt or truncated): {REBUILD}")
+        try:
+            self.engine = polygraphy.EngineFromBytes(self.path.read_bytes(), runtime=self.runtime)()
+        except PolygraphyException:
+            self.runtime = None
+            raise EngineError(
+                f"{self.name}: {self.flavour.name} cannot deserialize {self.path} (corrupt or truncated): "
+                f"{rebuild(self.flavour)}"
+            ) from None
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
@@ -66,9 +69,9 @@ class TrtRunner(Runner):
         if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
             raise EngineError(
                 f"{self.name}: the engine's inputs/outputs are {inputs}/{outputs}, expected "
-                f"{list(self.spec.input_names)}/{list(self.spec.output_names)}: {REBUILD}"
+                f"{list(self.spec.input_names)}/{list(self.spec.output_names)}: {rebuild(self.flavour)}"
             )
-        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: torch_dtype(lib, self.engine.get_tensor_dtype(n)) for n in names}
         self.graphs = CudaGraphs(self._execute) if self.cuda_graph else None
 
     def _close(self) -> None:
@@ -85,7 +88,7 @@ class TrtRunner(Runner):
 
         for n, t in zip(self.spec.input_names, args, strict=True):
             if not self.context.set_input_shape(n, tuple(t.shape)):
-                raise ShapeError(f"{self.name}.{n}: TensorRT refused shape {tuple(t.shape)}: {REBUILD} for it")
+                raise ShapeError(f"{self.name}.{n}: TensorRT refused shape {tuple(t.shape)}: {rebuild(self.flavour)}")
             self.context.set_tensor_address(n, t.data_ptr())
         outputs = []
         for n in self.spec.output_names:
@@ -99,11 +102,11 @@ class TrtRunner(Runner):
         return tuple(outputs)
 
 
-def torch_dtype(trt_dtype: Any) -> Any:
+def torch_dtype(trt: Any, trt_dtype: Any) -> Any:
     """The torch dtype of a ``trt.DataType``."""
     import torch
 
-    kinds = trt().DataType
+    kinds = trt.DataType
     table = {
         kinds.FLOAT: torch.float32,
         kinds.HALF: torch.float16,
@@ -114,5 +117,5 @@ def torch_dtype(trt_dtype: Any) -> Any:
         kinds.BOOL: torch.bool,
     }
     if trt_dtype not in table:
-        raise EngineError(f"the engine has an I/O tensor of type {trt_dtype}, which fluxtrt cannot bind: {REBUILD}")
+        raise EngineError(f"the engine has an I/O tensor of type {trt_dtype}, which fluxtrt cannot bind: rebuild it")
     return table[trt_dtype]
