@@ -14,7 +14,7 @@ from fluxtrt.specs.flux import Resolution
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 SOLVERS = ("euler", "dpmpp-2m")
-SIGMA_SCHEDULES = ("flux-shift", "karras")
+SIGMA_SCHEDULES = ("log-snr", "flux-shift", "karras")
 
 DEFAULT_GUIDANCE = 2.5
 DEFAULT_SEED = 0
@@ -32,7 +32,8 @@ class SamplerConfig:
 
     Args:
         solver: ``euler`` or ``dpmpp-2m``.
-        sigmas: ``flux-shift`` (FLUX's resolution-shifted schedule) or ``karras``.
+        sigmas: ``flux-shift`` (FLUX's resolution-shifted schedule), ``log-snr`` (uniform in log-SNR, sigma 1,
+            0.99 -> 0.02, 0) or ``karras``.
         steps: model calls per edit; ``None`` takes the solver's default (28 Euler, 14 DPM-Solver++ 2M).
     """
 
