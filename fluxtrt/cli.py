@@ -75,9 +75,8 @@ device_options = device_options_for("cpu")
 
 def sampler_options(f):
     f = click.option("--steps", type=int, default=None, help="Denoising steps (default: 28 euler, 14 dpmpp-2m).")(f)
-    f = click.option("--sigmas", default="flux-shift", show_default=True, help=f"One of {', '.join(SIGMA_SCHEDULES)}.")(
-        f
-    )
+    sigmas_help = f"One of {', '.join(SIGMA_SCHEDULES)} (default: log-snr for dpmpp-2m, flux-shift for euler)."
+    f = click.option("--sigmas", default=None, help=sigmas_help)(f)
     return click.option("--scheduler", default="dpmpp-2m", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
 
 
@@ -213,7 +212,7 @@ def inspect(engines):
 
 @main.command()
 @model_option
-@click.option("--stages", default="0,1,2,3,4,4k", show_default=True, help="Stage specs, e.g. 0,1:fbc=off,4.")
+@click.option("--stages", default="0,1,2,3,4,4f,4k", show_default=True, help="Stage specs, e.g. 0,1:fbc=off,4.")
 @click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path), help="Engines dir (repeatable).")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Reference image (default: synthetic).")
 @click.option("--prompt", default="make the house blue", show_default=True, help="The edit instruction.")

@@ -14,11 +14,14 @@ from fluxtrt.specs.flux import COMPONENTS, Resolution
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
 SOLVERS = ("euler", "dpmpp-2m")
-SIGMA_SCHEDULES = ("flux-shift", "karras")
+SIGMA_SCHEDULES = ("log-snr", "flux-shift", "karras")
 
 DEFAULT_GUIDANCE = 2.5
 DEFAULT_SEED = 0
 DEFAULT_STEPS = {"euler": 28, "dpmpp-2m": 14}
+# DESIGN 3: log-snr is where 14 DPM-Solver++ 2M steps beat 28 Euler steps for narrow and wide data alike; Euler keeps
+# diffusers' FLUX schedule, on which it reproduces diffusers exactly.
+DEFAULT_SIGMAS = {"euler": "flux-shift", "dpmpp-2m": "log-snr"}
 
 
 def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -32,16 +35,20 @@ class SamplerConfig:
 
     Args:
         solver: ``euler`` or ``dpmpp-2m``.
-        sigmas: ``flux-shift`` (FLUX's resolution-shifted schedule) or ``karras``.
+        sigmas: ``log-snr`` (uniform in log-SNR, sigma 1, 0.99 -> 0.02, 0), ``flux-shift`` (FLUX's
+            resolution-shifted schedule) or ``karras``; ``None`` takes the solver's default (log-snr for DPM-Solver++
+            2M, flux-shift for Euler).
         steps: model calls per edit; ``None`` takes the solver's default (28 Euler, 14 DPM-Solver++ 2M).
     """
 
     solver: str = "dpmpp-2m"
-    sigmas: str = "flux-shift"
+    sigmas: str | None = None
     steps: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("--scheduler", self.solver, SOLVERS)
+        if self.sigmas is None:
+            object.__setattr__(self, "sigmas", DEFAULT_SIGMAS[self.solver])
         _one_of("--sigmas", self.sigmas, SIGMA_SCHEDULES)
         if self.steps is not None and self.steps < 1:
             raise InputError(f"--steps is {self.steps}, expected an integer >= 1")

@@ -184,7 +184,7 @@ def test_benchmark_matrix_is_a_valid_comparison(tmp_path):
     config = load_matrix(ROOT / "benchmarks" / "matrix.toml", report_dir=tmp_path)
     assert config.model == "random-full" and config.device == "cuda" and config.resolution == Resolution(1024, 1024)
     assert config.runs >= 3 and config.diffusers_check
-    for stage in ("0", "1", "2", "3", "4", "4k"):
+    for stage in ("0", "1", "2", "3", "4", "4f", "4k"):
         assert stage in config.stages
         if stage != "0":
             assert f"{stage}:fbc=off" in config.stages

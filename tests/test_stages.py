@@ -12,7 +12,7 @@ from fluxtrt.config import SamplerConfig
 from fluxtrt.errors import DeviceError, InputError
 from fluxtrt.stages import STAGES, StageConfig, stage_config
 
-ORDER = ("0", "1", "2", "3", "4", "4k")
+ORDER = ("0", "1", "2", "3", "4", "4f", "4k")
 FIELDS = ("compile", "fuse_qkv", "compile_vae", "first_block_cache", "attention", "quant", "sampler")
 
 
@@ -29,7 +29,8 @@ def test_stage_table_is_design_4():
     assert s["1"].compile and s["1"].fuse_qkv and s["1"].compile_vae and s["1"].first_block_cache is not None
     assert changed(s["1"], s["2"]) == {"attention"} and s["2"].attention == "fp8"
     assert changed(s["2"], s["3"]) == {"quant"} and s["3"].quant == "fp8"
-    assert changed(s["3"], s["4"]) == {"sampler"} and s["4"].sampler == SamplerConfig("dpmpp-2m", "flux-shift", 14)
+    assert changed(s["3"], s["4"]) == {"sampler"} and s["4"].sampler == SamplerConfig("dpmpp-2m", "log-snr", 14)
+    assert changed(s["4"], s["4f"]) == {"sampler"} and s["4f"].sampler == SamplerConfig("dpmpp-2m", "flux-shift", 14)
     assert changed(s["4"], s["4k"]) == {"sampler"} and s["4k"].sampler == SamplerConfig("dpmpp-2m", "karras", 14)
     for prev, cur in zip(ORDER, ORDER[1:], strict=False):
         assert s[cur].includes(s[prev]), (prev, cur)
@@ -42,11 +43,12 @@ def test_stage_spec_overrides():
     c = stage_config("1:fbc=off")
     assert c.name == "1:fbc=off" and c.base == "1" and c.first_block_cache is None and c.compile
     assert stage_config("3:quant=fp4").quant == "fp4"
-    assert stage_config("4:steps=8").sampler == SamplerConfig("dpmpp-2m", "flux-shift", 8)
+    assert stage_config("4:steps=8").sampler == SamplerConfig("dpmpp-2m", "log-snr", 8)
     off = stage_config("4:compile=off")
     assert not off.compile and not off.compile_vae and off.fuse_qkv and off.attention == "fp8"
     assert stage_config("1:compile=aot_eager").compile_backend == "aot_eager"
     assert stage_config("4k:fbc=0.2:sigmas=flux-shift").sampler.sigmas == "flux-shift"
+    assert stage_config("4f:sigmas=log-snr").sampler == STAGES["4"].sampler
     for bad in ("5", "1:foo=bar", "1:fbc=x", "1:steps=0", "2:attention=fp4", "3:quant=int4", "1:fbc", "4:solver=ddim"):
         with pytest.raises(InputError):
             stage_config(bad)

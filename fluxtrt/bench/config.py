@@ -10,7 +10,7 @@ from fluxtrt.errors import InputError
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
 
-DEFAULT_STAGES = ("0", "1", "2", "3", "4", "4k")
+DEFAULT_STAGES = ("0", "1", "2", "3", "4", "4f", "4k")
 DEFAULT_PROMPT = "make the house blue"
 
 
@@ -66,7 +66,7 @@ class CompareConfig:
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise InputError(f"--warmup-steps is {self.warmup_steps}, expected an integer >= 1")
         if not self.stages and not self.engines:
-            raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4k) and/or --engines DIR")
+            raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4f,4k) and/or --engines DIR")
         if len(set(self.stages)) != len(self.stages):
             raise InputError(f"--stages {','.join(self.stages)} names a stage twice: give each stage spec once")
         for spec in self.stages:

@@ -13,6 +13,9 @@ import numpy as np
 from fluxtrt.errors import InputError
 
 KARRAS_RHO = 7.0
+# log-snr end points (DESIGN 3): after sigma = 1 the grid runs from lambda = -log 99 to lambda = log 49.
+LOG_SNR_SIGMA_MAX = 0.99
+LOG_SNR_SIGMA_MIN = 0.02
 
 
 def flux_mu(target_tokens: int, config: Mapping[str, float]) -> float:
@@ -57,14 +60,52 @@ def karras_sigmas(steps: int, mu: float) -> np.ndarray:
     return np.append((hi + ramp * (lo - hi)) ** KARRAS_RHO, 0.0)
 
 
-SCHEDULES = {"flux-shift": flux_shift_sigmas, "karras": karras_sigmas}
+def log_snr_sigmas(
+    steps: int, mu: float, sigma_max: float = LOG_SNR_SIGMA_MAX, sigma_min: float = LOG_SNR_SIGMA_MIN
+) -> np.ndarray:
+    """1, then steps - 1 sigmas evenly spaced in log-SNR from sigma_max down to sigma_min, then a final 0.
+
+    With alpha = 1 - sigma, lambda = log(alpha / sigma), so sigma = 1 / (1 + exp(lambda)). The inner sigmas have
+    lambda_k = lambda(sigma_min) - (steps - 1 - k) h for k = 1 .. steps - 1, h = (lambda(sigma_min) -
+    lambda(sigma_max)) / (steps - 2): the time-uniform log-SNR grid of the DPM-Solver papers, led by sigma = 1 (the
+    pipeline's pure noise) and ended by 0. Two steps give [1, sigma_min, 0], one step [1, 0]. At the defaults the
+    grid runs from lambda = -log 99 to log 49 whatever the step count; 14 steps give h = log(99 * 49) / 12 = 0.7073.
+
+    It does not follow FLUX's resolution shift: sigma_min bounds the error of the last, first-order step (it lands
+    on the data prediction at sigma_min), which depends on how narrow the data are, not on the token count. DESIGN 3
+    has the measurements behind both end points.
+
+    Args:
+        steps: model calls per edit, >= 1.
+        mu: FLUX's time-shift exponent; accepted like every schedule's, and unused.
+        sigma_max: the first sigma after 1.
+        sigma_min: the last nonzero sigma.
+
+    Returns:
+        float64 array of steps + 1 sigmas, strictly decreasing from 1 to a final 0.
+
+    Raises:
+        InputError: end points not within 0 < sigma_min < sigma_max < 1.
+    """
+    del mu
+    if not 0.0 < sigma_min < sigma_max < 1.0:
+        raise InputError(
+            f"log-snr end points are sigma_max={sigma_max}, sigma_min={sigma_min}, expected 0 < sigma_min < "
+            f"sigma_max < 1: keep the defaults ({LOG_SNR_SIGMA_MAX}, {LOG_SNR_SIGMA_MIN}) or pick values inside (0, 1)"
+        )
+    lam_max, lam_min = math.log((1.0 - sigma_max) / sigma_max), math.log((1.0 - sigma_min) / sigma_min)
+    lam = np.linspace(lam_min, lam_max, steps - 1, dtype=np.float64)[::-1]  # counted back from lambda_min
+    return np.concatenate(([1.0], 1.0 / (1.0 + np.exp(lam)), [0.0]))
+
+
+SCHEDULES = {"log-snr": log_snr_sigmas, "flux-shift": flux_shift_sigmas, "karras": karras_sigmas}
 
 
 def sigma_schedule(name: str, steps: int, mu: float) -> np.ndarray:
     """Sigmas of schedule ``name`` for ``steps`` model calls at shift ``mu``.
 
     Args:
-        name: a key of ``SCHEDULES`` (``flux-shift`` or ``karras``).
+        name: a key of ``SCHEDULES`` (``log-snr``, ``flux-shift`` or ``karras``).
         steps: model calls per edit, >= 1.
         mu: FLUX's time-shift exponent, from ``flux_mu``.
 

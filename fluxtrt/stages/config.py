@@ -1,7 +1,7 @@
 """The PyTorch stages of DESIGN 4 as frozen configurations over one pipeline; torch-free, so the CLI validates early.
 
-A stage is named by the table (``0``, ``1``, ``2``, ``3``, ``4``, ``4k``); a contender spec may override fields after
-colons, e.g. ``1:fbc=off`` (stage 1 without the first-block cache), ``3:quant=fp4``, ``4:steps=8:compile=off``.
+A stage is named by the table (``0``, ``1``, ``2``, ``3``, ``4``, ``4f``, ``4k``); a contender spec may override fields
+after colons, e.g. ``1:fbc=off`` (stage 1 without the first-block cache), ``3:quant=fp4``, ``4:steps=8:compile=off``.
 """
 
 from __future__ import annotations
@@ -95,9 +95,10 @@ def _stage_table() -> dict[str, StageConfig]:
     s1 = replace(s0, name="1", compile=True, fuse_qkv=True, compile_vae=True, first_block_cache=DEFAULT_FBC_THRESHOLD)
     s2 = replace(s1, name="2", attention="fp8")
     s3 = replace(s2, name="3", quant="fp8")
-    s4 = replace(s3, name="4", sampler=SamplerConfig("dpmpp-2m", "flux-shift", 14))
+    s4 = replace(s3, name="4", sampler=SamplerConfig("dpmpp-2m", "log-snr", 14))
+    s4f = replace(s4, name="4f", sampler=SamplerConfig("dpmpp-2m", "flux-shift", 14))  # stage 4 before log-snr
     s4k = replace(s4, name="4k", sampler=SamplerConfig("dpmpp-2m", "karras", 14))
-    return {s.name: s for s in (s0, s1, s2, s3, s4, s4k)}
+    return {s.name: s for s in (s0, s1, s2, s3, s4, s4f, s4k)}
 
 
 # DESIGN 4: each stage adds to the previous one.
