@@ -22,7 +22,8 @@ from fluxtrt.specs.flux import COMPONENTS, Resolution
 
 
 class FluxtrtGroup(click.Group):
-    """Prints any failure as one line on stderr and exits non-zero; ``--verbose`` re-raises for the traceback."""
+    """Prints any failure as one line on stderr and exits non-zero (130 for Ctrl-C); ``--verbose`` re-raises for the
+    traceback."""
 
     def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
         args = list(sys.argv[1:] if args is None else args)
@@ -31,8 +32,12 @@ class FluxtrtGroup(click.Group):
             return super().main(args, prog_name, standalone_mode=False, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
+        except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+            click.echo(
+                "error: interrupted: nothing half-written was left (a build keeps the components it finished; run "
+                "it again to go on)",
+                err=True,
+            )
             sys.exit(130)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
@@ -54,23 +59,16 @@ def model_option(f):
     return click.option("--model", required=True, help=MODEL_HELP)(f)
 
 
-def device_options_for(device_default: str):
-    """``--device`` (with the given default) and ``--dtype`` options."""
-
-    def decorate(f):
-        f = click.option(
-            "--dtype",
-            default="auto",
-            show_default=True,
-            help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
-        )(f)
-        choices = ", ".join((*(("auto",) if device_default == "auto" else ()), *DEVICES))
-        return click.option("--device", default=device_default, show_default=True, help=f"One of {choices}.")(f)
-
-    return decorate
-
-
-device_options = device_options_for("cpu")
+def device_options(f):
+    """``--device`` (auto: cuda where PyTorch sees a GPU, else cpu) and ``--dtype``, alike for infer and compare."""
+    f = click.option(
+        "--dtype",
+        default="auto",
+        show_default=True,
+        help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
+    )(f)
+    help_ = f"One of auto, {', '.join(DEVICES)}; auto = cuda where PyTorch sees a GPU, else cpu."
+    return click.option("--device", default="auto", show_default=True, help=help_)(f)
 
 
 def sampler_options(f):
@@ -94,7 +92,8 @@ def main(verbose: bool) -> None:
 )
 @click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="Reference image to edit.")
 @click.option("--prompt", required=True, help="The edit instruction.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output PNG path.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--guidance", type=float, default=2.5, show_default=True, help="Distilled guidance scale.")
@@ -105,9 +104,11 @@ def main(verbose: bool) -> None:
     help="Target height (with --width); default keeps the input's aspect ratio at its preferred Kontext resolution.",
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
-@device_options_for("auto")
+@device_options
 def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype):
-    """Edit an image as the prompt says and write a PNG, on PyTorch (--model) or on built engines (--engines)."""
+    """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
+
+    The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
     config = InferConfig(
         model=model,
         engines=engines,
@@ -199,14 +200,15 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
 
 
 @main.command()
-@click.argument("engines", type=click.Path(path_type=Path))
-def inspect(engines):
-    """Show what an engines directory holds: components, shapes, precision, sizes, versions."""
+@click.argument("engines_dir", metavar="ENGINES_DIR", type=click.Path(path_type=Path))
+def inspect(engines_dir):
+    """Show what ENGINES_DIR (from `fluxtrt build`) holds: components, shapes, precision, sizes, versions; for an
+    ONNX-only directory, the trtexec command that builds each engine."""
     from fluxtrt.console import print_manifest, print_trtexec_commands
     from fluxtrt.engines.manifest import Manifest
 
-    manifest = Manifest.load(engines)
-    print_manifest(manifest, engines)
+    manifest = Manifest.load(engines_dir, label="ENGINES_DIR")
+    print_manifest(manifest, engines_dir)
     print_trtexec_commands(manifest)
 
 

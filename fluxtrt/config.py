@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxtrt.errors import InputError
+from fluxtrt.io import check_writable
 from fluxtrt.specs.flux import COMPONENTS, Resolution
 
 DEVICES = ("cpu", "cuda")
@@ -22,6 +23,8 @@ DEFAULT_STEPS = {"euler": 28, "dpmpp-2m": 14}
 # DESIGN 3: log-snr is where 14 DPM-Solver++ 2M steps beat 28 Euler steps for narrow and wide data alike; Euler keeps
 # diffusers' FLUX schedule, on which it reproduces diffusers exactly.
 DEFAULT_SIGMAS = {"euler": "flux-shift", "dpmpp-2m": "log-snr"}
+# The image format written for each ``--out`` extension (Pillow's format names).
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -67,7 +70,7 @@ class InferConfig:
         image: reference image to edit.
         engines: an engines directory from ``fluxtrt build`` (instead of ``model``).
         prompt: the edit instruction.
-        out: PNG to write (written atomically).
+        out: the image to write (atomically), in the format its extension names (``OUTPUT_FORMATS``).
         sampler: solver, sigma schedule and steps.
         seed: seed of the initial noise.
         guidance: distilled-guidance scale fed to the transformer.
@@ -91,9 +94,11 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.engines is None):
+            model = "not given" if self.model is None else f"'{self.model}'"
+            engines = "not given" if self.engines is None else f"'{self.engines}'"
             raise InputError(
-                f"--model is {self.model!r} and --engines is {self.engines!r}: give exactly one (a model to run on "
-                "PyTorch, or an engines directory from `fluxtrt build`)"
+                f"--model is {model} and --engines is {engines}: give exactly one (a model to run on PyTorch, or an "
+                "engines directory from `fluxtrt build`)"
             )
         _one_of("--device", self.device, ("auto", *DEVICES))
         _one_of("--dtype", self.dtype, DTYPES)
@@ -109,6 +114,18 @@ class InferConfig:
             raise InputError(f"--image '{self.image}' does not exist or is not a file: pass a PNG or JPEG path")
         if self.out.exists() and self.out.is_dir():
             raise InputError(f"--out '{self.out}' is a directory, expected a file path such as {self.out}/edit.png")
+        if self.out.suffix.lower() not in OUTPUT_FORMATS:
+            what = f"the extension '{self.out.suffix}'" if self.out.suffix else "no extension"
+            raise InputError(
+                f"--out '{self.out}' has {what}, expected one of "
+                f"{', '.join(OUTPUT_FORMATS)}: name the file e.g. {self.out.with_suffix('.png').name}"
+            )
+        check_writable(self.out, "--out")
+
+    @property
+    def out_format(self) -> str:
+        """The image format ``out`` is written in: PNG, JPEG or WEBP, by its extension."""
+        return OUTPUT_FORMATS[self.out.suffix.lower()]
 
     @property
     def resolved_dtype(self) -> str:

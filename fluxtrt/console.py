@@ -1,16 +1,41 @@
-"""Rich output for the CLI: step progress and result tables (on stderr, so stdout stays clean)."""
+"""Rich output for the CLI, the Unix way: results (tables, what was written, inspect's manifest) on stdout, progress,
+logs and notices on stderr, so ``fluxtrt inspect DIR > info.txt`` keeps the tables and a pipe keeps only results.
+
+Written to a terminal, tables fit its width; written to a file or a pipe, they are as wide as their content
+(``PIPED_WIDTH`` at most), so no name is cut to "engine…".
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+PIPED_WIDTH = 1000
+
+
+def _console(stream: TextIO) -> Console:
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=None if tty else PIPED_WIDTH)
+
+
+def out() -> Console:
+    """The console of results: stdout, as it is now (the CLI's test runner swaps it)."""
+    return _console(sys.stdout)
+
+
+def err() -> Console:
+    """The console of progress, logs and notices: stderr."""
+    return _console(sys.stderr)
+
 
 COMPONENT_ORDER = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder", "glue", "total")
 
@@ -22,7 +47,7 @@ def step_progress() -> Iterator[Callable[[int, int], None]]:
     The bar appears at the first callback, so errors raised while loading are not preceded by an empty bar.
     """
     columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    progress = Progress(*columns, console=console, transient=False)
+    progress = Progress(*columns, console=err(), transient=False)
     task = None
 
     def on_step(done: int, steps: int) -> None:
@@ -35,18 +60,25 @@ def step_progress() -> Iterator[Callable[[int, int], None]]:
     try:
         yield on_step
     finally:
-        progress.stop()
+        if task is not None:  # an unstarted Progress still prints an empty line when it stops
+            progress.stop()
 
 
-def print_infer_report(report, out: Path) -> None:
-    """Warnings, per-component times and where the image went."""
+def print_notices(notices: list[str]) -> None:
+    """One ``notice:`` line each on stderr (markup in the text is printed as it is)."""
+    console = err()
+    for notice in notices:
+        console.print(f"[yellow]notice:[/] {escape(notice)}", soft_wrap=True)
+
+
+def print_infer_report(report, path: Path) -> None:
+    """Notices on stderr; per-component times and where the image went on stdout."""
     result = report.result
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
-    table = Table(
-        title=f"{report.model} on {report.device} ({report.dtype}), {result.target} edit of a "
-        f"{result.reference} reference"
-    )
+    print_notices(result.warnings)
+    console = out()
+    console.print(escape(f"{report.model} on {report.device} ({report.dtype}): {result.target} edit of a "
+                         f"{result.reference} reference"), soft_wrap=True)  # fmt: skip
+    table = Table()
     table.add_column("component")
     table.add_column("calls", justify="right")
     table.add_column("ms", justify="right")
@@ -56,17 +88,19 @@ def print_infer_report(report, out: Path) -> None:
             ms, calls = result.timings_ms[name], result.calls.get(name, 0)
             table.add_row(name, str(calls or ""), f"{ms:.1f}", f"{ms / calls:.1f}" if calls else "")
     console.print(table)
-    console.print(f"model load {report.load_s:.1f} s; wrote {out} ({result.target.width}x{result.target.height})")
+    console.print(escape(f"model load {report.load_s:.1f} s; wrote {path} ({result.target})"), soft_wrap=True)
 
 
 @contextmanager
 def build_progress() -> Iterator[Callable[[str, str], None]]:
     """A live status line per build step; yields the ``on_progress(component, message)`` callback."""
+    console = err()
     with console.status("starting build") as status:
 
         def on_progress(component: str, message: str) -> None:
-            status.update(f"[bold]{component}[/]: {message}")
-            console.log(f"{component}: {message}")
+            status.update(f"[bold]{component}[/]: {escape(message)}")
+            # A time and the text, unwrapped (console.log would pad each line to the console's width).
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {component}: {escape(message)}", soft_wrap=True)
 
         yield on_progress
 
@@ -75,20 +109,29 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f}"
 
 
+def _onnx_mb(n: int) -> str:
+    return _mb(n) if n else "-"  # "-": the backend reads no ONNX (AOTInductor), not an empty file
+
+
 def print_build_report(report) -> None:
     """Per component: built or up to date, seconds, ONNX and engine sizes."""
     m = report.manifest
-    table = Table(title=f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model['source']}")
+    console = out()
+    console.print(escape(f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model['source']}"),
+                  soft_wrap=True)  # fmt: skip
+    table = Table()
     for col in ("component", "status", "seconds", "ONNX MiB", "engine MiB"):
         table.add_column(col, justify="left" if col in ("component", "status") else "right")
     for r in report.results:
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _mb(r.onnx_bytes), _mb(r.engine_bytes))
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _onnx_mb(r.onnx_bytes), _mb(r.engine_bytes))
     console.print(table)
 
 
 def print_manifest(m, root: Path) -> None:
     """``fluxtrt inspect``: the manifest as tables."""
-    head = Table(title=f"{root}", show_header=False)
+    console = out()
+    console.print(escape(str(root)), soft_wrap=True)
+    head = Table(show_header=False)
     head.add_column()
     head.add_column()
     rows = [
@@ -109,7 +152,7 @@ def print_manifest(m, root: Path) -> None:
         table.add_column(col)
     for name, e in m.components.items():
         shapes = "\n".join(f"{k}: " + " / ".join("x".join(map(str, s)) for s in v) for k, v in e.profile.items())
-        onnx_mb = _mb(sum(f.bytes for f in e.onnx))
+        onnx_mb = _onnx_mb(sum(f.bytes for f in e.onnx))
         engine_mb = _mb(e.engine.bytes + sum(f.bytes for f in e.engine_extra))
         table.add_row(name, e.engine.path, engine_mb, onnx_mb, f"{e.build_s:.1f}", shapes)
     console.print(table)

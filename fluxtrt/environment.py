@@ -1,5 +1,5 @@
 """The machine a result was measured or an engine was built on: one probe of the GPU, one check of a device and its
-compute capability, and the environment recorded with every benchmark result.
+compute capability and of its free memory, and the environment recorded with every benchmark result.
 
 What each precision and kernel needs of a GPU is written here once (``MIN_SM``), for the stages, the engine builders
 and their runners alike.
@@ -7,6 +7,7 @@ and their runners alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -49,6 +50,57 @@ def check_device(device: str) -> None:
         raise DeviceError(
             f"--device {device} was asked for but this machine has no CUDA device visible to PyTorch "
             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): use --device cpu or install a CUDA build"
+        )
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes ``device`` can still allocate, or None where that cannot be read.
+
+    On the host: MemAvailable of /proc/meminfo (what can be allocated without swapping), capped by the cgroup's
+    memory.max less its memory.current in a container; elsewhere the free physical pages. On CUDA: the GPU's free
+    memory plus what PyTorch's caching allocator holds unused (a model released earlier in the process leaves its
+    memory there, for the next one).
+    """
+    if str(device).startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return torch.cuda.mem_get_info(dev)[0] + cached
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    if not found and hasattr(os, "sysconf"):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return min(found) if found else None
+
+
+def check_memory(needed: int, device: str, what: str, fix: str) -> None:
+    """Raise DeviceError, before anything is allocated, when ``device`` has less than ``needed`` bytes available.
+
+    Args:
+        needed: bytes the work needs.
+        device: ``cpu`` or a CUDA device.
+        what: what needs them, for the message ("--model random-full in fp32").
+        fix: what to do instead.
+    """
+    free = available_memory(device)
+    if free is not None and free < needed:
+        where = "of GPU memory" if str(device).startswith("cuda") else "of memory"
+        raise DeviceError(
+            f"{what} needs about {needed / 2**30:.1f} GiB {where} on {device}, but {free / 2**30:.1f} GiB is "
+            f"available: {fix}"
         )
 
 

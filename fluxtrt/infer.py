@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fluxtrt.config import InferConfig
 from fluxtrt.environment import check_device
+from fluxtrt.errors import FluxtrtError
 from fluxtrt.io import atomic_write
 from fluxtrt.pipeline.kontext import EditResult
 
@@ -24,7 +26,7 @@ class InferReport:
 
 
 def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
-    """Load the model, edit the image, write the PNG atomically.
+    """Load the model, edit the image, write it atomically (PNG, JPEG or WebP, as ``config.out_format`` says).
 
     Args:
         config: the validated edit request.
@@ -34,8 +36,8 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         The report; ``config.out`` holds the edited image.
 
     Raises:
-        FluxtrtError: bad input, an unloadable model, an unavailable device, or a non-finite edit. Nothing is
-            written in that case.
+        FluxtrtError: bad input, an unloadable model, an unavailable device, a non-finite edit, or an output that
+            cannot be written. Nothing is written in that case.
     """
     from fluxtrt.models import load_components
     from fluxtrt.pipeline.image import load_image
@@ -66,6 +68,25 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
             width=config.width,
             on_step=on_step,
         )
-    atomic_write(config.out, lambda tmp: result.images[0].save(tmp, format="PNG"))
+    save_image(result.images[0], config)
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
     return InferReport(result, load_s, source, device, dtype)
+
+
+# Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.
+LOSSY_QUALITY = 95
+
+
+def save_image(image: Any, config: InferConfig) -> None:
+    """Write ``image`` to ``config.out`` atomically in ``config.out_format``.
+
+    Raises:
+        FluxtrtError: the file cannot be written (the directory became read-only, the disk is full).
+    """
+    options = {} if config.out_format == "PNG" else {"quality": LOSSY_QUALITY}
+    try:
+        atomic_write(config.out, lambda tmp: image.save(tmp, format=config.out_format, **options))
+    except OSError as exc:
+        raise FluxtrtError(
+            f"--out '{config.out}' could not be written ({exc.strerror or exc}): pick a writable path with free space"
+        ) from None

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -292,7 +293,7 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     # `fluxtrt inspect` shows what the engine runs.
     from tests.conftest import run_cli
 
-    shown = run_cli("inspect", str(tmp_path / "engines")).stderr.splitlines()
+    shown = run_cli("inspect", str(tmp_path / "engines")).stdout.splitlines()
     assert any("fp8_linears" in line and f" {len(kept) + len(fused)} " in line for line in shown), shown
     assert any("fp8_attention" in line and " False " in line for line in shown), shown
 
@@ -357,8 +358,11 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
                    profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
                    backend.options(options))  # fmt: skip
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         record = backend.build(job)
+    # torch's internal LeafSpec deprecation (once per component, raised inside export and inductor) is not shown.
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
     assert record["fp8_attention"] is True
     assert record["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
     # The build leaves the model as it found it.

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +93,19 @@ def test_infer_from_engines_matches_torch(engines, tmp_path):
     assert b.std() > 5  # a real image, not a constant
 
 
-def test_inspect_shows_the_manifest(engines):
-    result = run_cli("inspect", str(engines))
+def test_inspect_shows_the_manifest_on_stdout_uncut(engines, tmp_path):
+    """`fluxtrt inspect DIR > info.txt` keeps the tables: they go to stdout, as wide as they need when piped (a long
+    directory name is not cut to "…"); nothing goes to stderr."""
+    long_dir = tmp_path / ("engines-with-a-directory-name-longer-than-any-terminal-" + "x" * 60)
+    shutil.copytree(engines, long_dir)
+    result = run_cli("inspect", str(long_dir))
     assert result.exit_code == 0, result.stderr
-    for text in ("onnxruntime", "fp32", "transformer", "1568x1568", "tiny"):
-        assert text in result.stderr
+    assert result.stderr == ""
+    for text in ("onnxruntime", "fp32", "transformer", "1568x1568", "tiny", str(long_dir), *COMPONENTS):
+        assert text in result.stdout
+    assert "…" not in result.stdout
+    line = one_error_line(run_cli("inspect", str(tmp_path / "nowhere")))
+    assert "ENGINES_DIR" in line and "--engines" not in line and "--model MODEL" in line
 
 
 # --- skipping and partial rebuilds ---------------------------------------------------------------------------------
@@ -215,6 +228,8 @@ def test_bad_manifest_is_one_clear_error(engines_copy, tmp_path, case):
     line = one_error_line(run_cli(*infer_args(target, tmp_path)))
     assert {"missing": "manifest.json", "unparsable": "not a valid", "other backend": "openvino",
             "other format": "format 99", "no directory": "not a directory"}[case] in line  # fmt: skip
+    if case in ("unparsable", "other format"):  # the fix is a command that works: it names --model
+        assert "`fluxtrt build --model MODEL --out " in line and "--force" in line
 
 
 def test_build_into_other_precision_or_backend_is_refused_and_loses_nothing(engines_copy):
@@ -273,6 +288,97 @@ def test_interrupted_build_leaves_nothing_half_written(tmp_path):
     assert {r.name: r.status for r in report.results} == {"clip": "up to date", "t5": "built"}
     assert (out / "clip.onnx").read_bytes() == clip_before
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+class SwallowingBackend(OnnxRuntimeBackend):
+    """ONNX Runtime, but Ctrl-C arrives during one component's build inside code that swallows it, as a weakref
+    callback does ("Exception ignored in: ... KeyboardInterrupt"), and the build then finishes normally."""
+
+    def __init__(self, interrupt: str):
+        self.interrupt = interrupt
+
+    def build(self, job):
+        if job.spec.name == self.interrupt:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+        return super().build(job)
+
+
+def test_swallowed_ctrl_c_still_stops_the_build(tmp_path):
+    out = tmp_path / "eng"
+    with pytest.raises(KeyboardInterrupt):
+        build_engines(tiny_config(out, components=("clip", "t5")), backend=SwallowingBackend("clip"))
+    assert not (out / "clip.onnx").exists() and list(Manifest.load(out).components) == []
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no staging folder, no lock
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_is_exit_130_and_one_line(tmp_path, monkeypatch):
+    import fluxtrt.engines.build
+
+    monkeypatch.setattr(fluxtrt.engines.build, "get_backend", lambda name: InterruptingBackend("clip"))
+    result = run_cli("build", "--model", "tiny", "--components", "clip", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 130
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the progress lines
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted: nothing half-written was left")
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+
+
+def test_second_build_into_the_same_directory_is_refused_naming_the_holder(tmp_path):
+    from fluxtrt.engines.lock import build_lock
+
+    out = tmp_path / "eng"
+    said = []
+    with build_lock(out, lambda *m: said.append(m)):
+        info = json.loads((out / ".lock").read_text())
+        with pytest.raises(EngineError, match=rf"being built by another fluxtrt build \(pid {os.getpid()} on "):
+            build_engines(tiny_config(out, components=("clip",)))
+        result = run_cli("build", "--model", "tiny", "--out", str(out), "--max-resolution", "1024x1024")
+        line = one_error_line(result)
+        assert f"pid {info['pid']} on {info['host']}, started " in line and "wait for it" in line
+    assert said == [] and not out.exists()  # the lock made the folder; leaving removed both
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    line = one_error_line(run_cli("build", "--model", "tiny", "--out", str(a_file / "engines")))
+    assert f"--out '{a_file / 'engines'}' cannot be written" in line
+
+
+def test_lock_of_a_dead_build_is_taken_over(tmp_path):
+    out = tmp_path / "eng"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": "h", "started": 0, "command": "fluxtrt build"}))
+    said = []
+    report = build_engines(tiny_config(out, components=("clip",)), lambda c, m: said.append(f"{c}: {m}"))
+    assert [r.status for r in report.results] == ["built"]
+    assert any(line.startswith("lock: took over") and f"pid {dead.pid} on h" in line for line in said), said
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_build_prints_results_on_stdout_and_timed_progress_on_stderr(engines_copy):
+    result = run_cli("build", "--model", "tiny", "--out", str(engines_copy), "--min-resolution", "256x256",
+                     "--max-batch", "2")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.count("up to date") == len(COMPONENTS) and str(engines_copy) in result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.strip()]
+    assert progress and all(re.match(r"\d\d:\d\d:\d\d \S+: ", line) for line in progress), progress
+    assert ".py:" not in result.stderr and "up to date" not in result.stdout.split("\n")[0]
+
+
+def test_build_report_shows_no_onnx_size_for_a_backend_without_onnx(capsys):
+    from fluxtrt.console import print_build_report
+    from fluxtrt.engines.build import BuildReport, ComponentResult
+
+    manifest = Manifest("aotinductor", "2.13", "bf16", "0", {"source": "tiny"}, {}, {}, {})
+    results = [ComponentResult("clip", "built", 1.0, 0, 2**21), ComponentResult("t5", "built", 1.0, 2**20, 2**21)]
+    print_build_report(BuildReport(Path("e"), manifest, results))
+    rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in capsys.readouterr().out.splitlines()
+            if line.count("│") > 4 and "component" not in line}  # fmt: skip
+    assert rows == {"clip": "-", "t5": "1.0"}
 
 
 def test_build_into_foreign_directory_is_refused(tmp_path):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, one_error_line, run_cli
 
 
 def error_lines(result) -> list[str]:
@@ -51,8 +53,10 @@ def test_infer_tiny_writes_png_at_preferred_aspect(tmp_path):
     _, ew, eh = min((abs(640 / 480 - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
     assert size == (ew, eh) == (1184, 880)
     for component in ("clip", "t5", "vae_encoder", "transformer", "vae_decoder"):
-        assert component in proc.stderr  # per-component time table
-    assert "14/14" in proc.stderr  # the default loop: DPM-Solver++ 2M, 14 steps
+        assert component in proc.stdout  # per-component time table: a result, on stdout
+    assert f"wrote {out}" in proc.stdout
+    assert "14/14" in proc.stderr  # the default loop (DPM-Solver++ 2M, 14 steps): progress, on stderr
+    assert "clip" not in proc.stderr and "notice" not in proc.stderr
 
 
 def test_infer_explicit_size_and_seed_is_deterministic(tmp_path, image_file):
@@ -172,3 +176,158 @@ def test_verbose_shows_traceback(tmp_path):
         str(tmp_path / "o.png"),
     )
     assert result.exit_code != 0
+
+
+# --- what the user sees: results on stdout, notices on stderr, bad input refused before the work -------------------
+
+
+def test_results_on_stdout_notices_on_stderr_and_format_by_extension(tmp_path):
+    """A 3000-word prompt (one line per encoder: how many tokens were dropped and where, no warning of
+    transformers'), an explicit size that fitting changes and a 1x1 reference each get one notice line on stderr; the
+    summary is on stdout; ``.jpg`` writes JPEG bytes."""
+    src, out = tmp_path / "dot.png", tmp_path / "edit.jpg"
+    Image.new("RGB", (1, 1), "red").save(src)
+    words = " ".join(f"word{i}" for i in range(3000))
+    result = run_cli("infer", "--model", "tiny", "--image", str(src), "--prompt", words, "--out", str(out),
+                     "--height", "512", "--width", "512", "--steps", "1")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG's start-of-image marker
+    notices = [line for line in result.stderr.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 4, result.stderr
+    for line, encoder in zip(notices[2:], ("CLIP", "T5"), strict=True):
+        kept, full, dropped = map(int, re.search(r"keeps (\d+) of (\d+) tokens; dropped (\d+) tokens", line).groups())
+        assert line.startswith(f"notice: prompt 0: {encoder} keeps ")
+        assert kept in (77, 512) and dropped == full - kept > 0
+        assert len(line) < 200 and line.endswith(" ...'")
+    assert notices[:2] == [
+        "notice: --width 512 --height 512 became 1024x1024: an explicit size is scaled to an area of 1,048,576 "
+        "pixels at the same aspect ratio, each side a multiple of 16",
+        "notice: the reference is 1x1 px, upscaled to 1024x1024: references under 64 px on a side carry little "
+        "for the edit to keep",
+    ]
+    assert "Token indices" not in result.stderr and len(result.stderr) < 2000
+    assert "transformer" in result.stdout and f"wrote {out} (1024x1024)" in result.stdout
+    assert "notice:" not in result.stdout and "transformer" not in result.stderr
+    assert ".py:" not in result.stdout + result.stderr  # no source locations
+
+
+def test_input_notices():
+    from fluxtrt.pipeline.kontext import input_notices
+    from fluxtrt.specs.flux import Resolution
+
+    r = Resolution(1024, 1024)
+    assert input_notices(["", "  ", "x"], (640, 480), (None, None), r, r, 2**20) == [
+        "prompt 0 is empty: the edit follows no instruction",
+        "prompt 1 is empty: the edit follows no instruction",
+    ]
+    assert input_notices(["x"], (64, 64), (1024, 1024), r, r, 2**20) == []  # nothing changed, nothing said
+
+
+def test_tokenize_names_the_first_dropped_words(tiny):
+    from fluxtrt.pipeline.text import tokenize
+
+    prompt = " ".join(["keep"] * 60 + ["alpha", "beta", "gamma"] + ["tail"] * 200)
+    _, messages = tokenize(tiny.tokenizer_2, [prompt, "short"], 64, "T5")
+    assert len(messages) == 1 and messages[0].startswith("prompt 0: T5 keeps 64 of ")
+    assert "starting '" in messages[0] and messages[0].count("tail") <= 8
+
+
+def _out_cases(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return {
+        "gif": (tmp_path / "edit.gif", "has the extension '.gif', expected one of .png, .jpg, .jpeg, .webp"),
+        "no extension": (tmp_path / "edit", "has no extension"),
+        "under a file": (a_file / "sub" / "edit.png", "is a file, not a directory"),
+        "cannot create": (Path("/proc/self/edit.png"), "no file can be created in '/proc/self'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["gif", "no extension", "under a file", "cannot create"])
+def test_unwritable_or_unknown_out_is_refused_before_the_edit(tmp_path, image_file, case):
+    out, needle = _out_cases(tmp_path)[case]
+    if case == "cannot create" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    result = run_cli("infer", "--model", "tiny", "--image", str(image_file), "--prompt", "p", "--out", str(out))
+    line = one_error_line(result)
+    assert needle in line and f"--out '{out}'" in line
+    assert "denoising" not in result.stderr and not out.exists()
+
+
+def test_save_failure_after_the_edit_is_one_error(tmp_path, image_file):
+    """The directory went away between the check and the write: one FluxtrtError, no traceback, nothing written."""
+    from fluxtrt.config import InferConfig
+    from fluxtrt.errors import FluxtrtError
+    from fluxtrt.infer import save_image
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    config = InferConfig(model="tiny", image=image_file, prompt="p", out=folder / "edit.webp")
+    assert config.out_format == "WEBP"
+    folder.rmdir()
+    folder.write_text("now a file")
+    with pytest.raises(FluxtrtError, match="--out .*could not be written"):
+        save_image(Image.new("RGB", (8, 8)), config)
+    config = InferConfig(model="tiny", image=image_file, prompt="p", out=tmp_path / "e.WEBP")
+    save_image(Image.new("RGB", (8, 8)), config)
+    assert (tmp_path / "e.WEBP").read_bytes()[8:12] == b"WEBP"
+
+
+@pytest.mark.parametrize("side", [120, 200])  # Pillow warns above the limit and refuses above twice the limit
+def test_decompression_bomb_is_one_line(tmp_path, monkeypatch, side):
+    from PIL import Image as PILImage
+
+    src = tmp_path / "big.png"
+    Image.new("L", (side, 100)).save(src)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+    result = run_cli("infer", "--model", "tiny", "--image", str(src), "--prompt", "p", "--out", str(tmp_path / "o.png"))
+    line = one_error_line(result)
+    assert f"has {side * 100:,} pixels, over the limit of 10,000" in line and "downscale" in line
+
+
+def test_random_full_that_cannot_fit_is_refused_before_loading(tmp_path, image_file, monkeypatch):
+    import fluxtrt.environment
+    import fluxtrt.models.synthetic
+
+    monkeypatch.setattr(fluxtrt.environment, "available_memory", lambda device: 8 * 2**30)
+    monkeypatch.setattr(fluxtrt.models.synthetic, "build_synthetic", lambda *a, **k: pytest.fail("loaded anyway"))
+    result = run_cli("infer", "--model", "random-full", "--device", "cpu", "--image", str(image_file), "--prompt", "p",
+                     "--out", str(tmp_path / "o.png"))  # fmt: skip
+    line = one_error_line(result)
+    assert "--model random-full (16.7B parameters in fp32) needs about 68.4 GiB of memory on cpu" in line
+    assert "but 8.0 GiB is available" in line and "--device cuda" in line
+
+
+def test_full_parameter_count_is_the_architecture():
+    """FULL_PARAMETERS (what the memory check counts) is what the full-size architecture has, counted on the meta
+    device (no memory)."""
+    from fluxtrt.models.synthetic import FULL, FULL_PARAMETERS, build_synthetic
+
+    components = build_synthetic(FULL, 0, "meta", torch.float32, "random-full")
+    modules = (components.transformer, components.vae, components.text_encoder, components.text_encoder_2)
+    assert sum(p.numel() for m in modules for p in m.parameters()) == FULL_PARAMETERS
+
+
+def test_available_memory_reads_the_host():
+    from fluxtrt.environment import available_memory
+
+    free = available_memory("cpu")
+    assert free is None or 0 < free < 2**50
+
+
+def test_option_messages_name_values_as_typed():
+    line = one_error_line(run_cli("infer", "--model", "tiny", "--engines", "eng", "--image", "x", "--prompt", "p",
+                                  "--out", "o.png"))  # fmt: skip
+    assert "--model is 'tiny' and --engines is 'eng'" in line and "PosixPath" not in line
+
+
+def test_compare_device_defaults_to_auto_like_infer():
+    from fluxtrt.bench.config import CompareConfig
+    from fluxtrt.cli import main
+
+    for command in ("infer", "compare"):
+        device = next(p for p in main.commands[command].params if p.name == "device")
+        assert device.default == "auto", command
+    config = CompareConfig(model="tiny")
+    assert config.device == "auto"
+    assert config.to_dict()["device"] == config.resolved_device == ("cuda" if torch.cuda.is_available() else "cpu")

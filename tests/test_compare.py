@@ -220,7 +220,7 @@ def test_cli_compare_writes_report_and_fails_on_a_failed_contender(tmp_path):
     """A stage and an engines directory that cannot load: the report is written, and the exit code says failure."""
     from fluxtrt.cli import main
 
-    empty = tmp_path / "engines_empty"
+    empty = tmp_path / "engines_empty_with_a_name_longer_than_a_table_column_would_keep_on_an_80_column_screen"
     empty.mkdir()
     out = tmp_path / "report"
     args = ["compare", "--model", "tiny", "--stages", "0:steps=1", "--engines", str(empty), "--runs", "1"]
@@ -228,7 +228,11 @@ def test_cli_compare_writes_report_and_fails_on_a_failed_contender(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "1 of 2 contenders failed (first: engines:engines_empty" in errors[0]
+    assert len(errors) == 1 and f"1 of 2 contenders failed (first: engines:{empty.name}" in errors[0]
+    # The table and the report's paths are results (stdout), whole when piped; progress is on stderr.
+    assert f"engines:{empty.name}" in result.stdout and "…" not in result.stdout
+    assert f"wrote {out / 'report.md'}, report.json and report.png" in result.stdout
+    assert "run 1:" in result.stderr and "run 1:" not in result.stdout
     data = json.loads((out / "report.json").read_text())
     assert [c["status"] for c in data["contenders"]] == ["ok", "failed"]
     assert data["contenders"][1]["kind"] == "engines"

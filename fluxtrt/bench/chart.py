@@ -1,11 +1,20 @@
 """report.png: one stacked bar per contender, a segment per component (ms of the contender's median-total run).
 
+The transformer takes 95-99% of a full-size edit, so at one scale CLIP, T5 and the VAE are a pixel or less. Where a
+component would be under ``ZOOM_BELOW_PX`` tall, a second panel below the first shows every component but the
+dominant one on a scale of its own, in the same columns. Each bar's name is written under its own column, wrapped at
+``:`` first, then at ``,``, ``=``, ``-``, ``_`` or ``/``, to the column's width (engines are named
+``engines:<directory>``).
+
 matplotlib draws it where it is installed (``pip install 'fluxtrt[plot]'``); otherwise Pillow, which fluxtrt already
-needs, draws the same chart more plainly, so a report is never without its picture.
+needs, draws the same chart (``fluxtrt.bench.chart_pillow``), so a report is never without its picture.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 COLORS = {
@@ -16,65 +25,116 @@ COLORS = {
     "vae_decoder": "#ff7f0e",
     "glue": "#7f7f7f",
 }
+# A component drawn shorter than this (main panel height in px, or matplotlib's equivalent) calls for the zoom panel.
+ZOOM_BELOW_PX = 4.0
+MAIN_PANEL_PX = 300
+
+Bars = list[tuple[str, dict[str, float]]]
 
 
-def write_chart(bars: list[tuple[str, dict[str, float]]], path: Path, title: str) -> str:
-    """Draw ``bars`` (name, {component: ms}) to the PNG ``path``; returns the renderer used (matplotlib/pillow)."""
+def write_chart(bars: Bars, path: Path, title: str, renderer: str | None = None) -> str:
+    """Draw ``bars`` (name, {component: ms}) to the PNG ``path``; returns the renderer used (matplotlib/pillow).
+
+    ``renderer`` ``"pillow"`` draws with Pillow even where matplotlib is installed; None takes matplotlib where it
+    is.
+    """
     try:
+        if renderer == "pillow":
+            raise ImportError
         import matplotlib
     except ImportError:
-        _pillow_chart(bars, path, title)
+        from fluxtrt.bench.chart_pillow import draw_chart
+
+        draw_chart(bars, path, title)
         return "pillow"
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(bars) + 2), 5), dpi=110)
-    names = [name for name, _ in bars]
-    bottoms = [0.0] * len(bars)
-    for comp, color in COLORS.items():
-        values = [ms.get(comp, 0.0) for _, ms in bars]
-        ax.bar(names, values, bottom=bottoms, color=color, label=comp)
-        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    for i, total in enumerate(bottoms):
-        ax.text(i, total, f"{total:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("ms per edit")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    _matplotlib_chart(bars, path, title)
     return "matplotlib"
 
 
-def _pillow_chart(bars: list[tuple[str, dict[str, float]]], path: Path, title: str) -> None:
-    from PIL import Image, ImageDraw
+def total(ms: dict[str, float], components: tuple[str, ...] | None = None) -> float:
+    return sum(ms.get(c, 0.0) for c in (components or tuple(COLORS)))
 
-    bar_w, gap, left, top, bottom, height = 56, 44, 70, 40, 110, 360
-    width = left + max(len(bars), 1) * (bar_w + gap) + 150
-    img = Image.new("RGB", (width, top + height + bottom), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 10), title, fill="black")
-    totals = [sum(ms.get(c, 0.0) for c in COLORS) for _, ms in bars]
-    peak = max(totals, default=0.0) or 1.0
-    base_y = top + height
-    draw.line((left, top, left, base_y), fill="black")
-    draw.line((left, base_y, width - 150, base_y), fill="black")
-    for frac in (0.0, 0.5, 1.0):
-        y = base_y - frac * height
-        draw.text((5, y - 6), f"{peak * frac:.0f} ms", fill="black")
-    for i, (name, ms) in enumerate(bars):
-        x = left + gap // 2 + i * (bar_w + gap)
-        y = base_y
-        for comp, color in COLORS.items():
-            h = ms.get(comp, 0.0) / peak * height
-            if h > 0:
-                draw.rectangle((x, y - h, x + bar_w, y), fill=color)
-            y -= h
-        draw.text((x, y - 14), f"{totals[i]:.0f}", fill="black")
-        draw.text((x - gap // 2, base_y + 6 + (i % 3) * 14), name[:24], fill="black")
-    for j, (comp, color) in enumerate(COLORS.items()):
-        ly = top + j * 18
-        draw.rectangle((width - 140, ly, width - 128, ly + 12), fill=color)
-        draw.text((width - 122, ly), comp, fill="black")
-    img.save(path, format="PNG")
+
+def zoom_split(bars: Bars, panel_px: float = MAIN_PANEL_PX) -> str | None:
+    """The dominant component (largest summed over the bars) when some other component would be drawn under
+    ``ZOOM_BELOW_PX`` on one scale for all, so the rest needs a panel of its own; else None."""
+    peak = max((total(ms) for _, ms in bars), default=0.0)
+    if peak <= 0:
+        return None
+    smallest = min((v for _, ms in bars for c, v in ms.items() if c in COLORS and v > 0), default=peak)
+    if smallest / peak * panel_px >= ZOOM_BELOW_PX:
+        return None
+    return max(COLORS, key=lambda c: sum(ms.get(c, 0.0) for _, ms in bars))
+
+
+def nice_ticks(peak: float, count: int = 5) -> list[float]:
+    """Ticks 0, s, 2s, ... up to the first at or above ``peak``, with s of the form 1, 2, 2.5 or 5 x 10^k."""
+    if peak <= 0:
+        return [0.0, 1.0]
+    raw = peak / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    top = math.ceil(peak / step - 1e-9)
+    return [i * step for i in range(top + 1)]
+
+
+def tick_text(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 or value == 0 else f"{value:.3g}"
+
+
+def wrap_label(name: str, max_width: float, measure: Callable[[str], float]) -> list[str]:
+    """``name`` in lines no wider than ``max_width`` (as ``measure`` says): broken after ``:`` first (a stage's
+    overrides, ``engines:`` and its directory), then inside a part too wide alone after ``,=-_/`` or a space, and
+    only then between characters."""
+    lines: list[str] = []
+    for part in [p for p in re.split(r"(?<=:)", name) if p]:
+        if lines and measure(lines[-1] + part) <= max_width:
+            lines[-1] += part
+            continue
+        line = ""
+        for piece in [p for p in re.split(r"(?<=[,=\-_/ ])", part) if p]:
+            if line and measure(line + piece) > max_width:
+                lines.append(line)
+                line = ""
+            line += piece
+            while measure(line) > max_width and len(line) > 1:  # a piece wider than the column: cut it
+                cut = max([i for i in range(1, len(line)) if measure(line[:i]) <= max_width] or [1])
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return [s.rstrip() for s in lines if s.strip()] or [name]
+
+
+def _matplotlib_chart(bars: Bars, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    dominant = zoom_split(bars)
+    panels = [tuple(COLORS)] + ([tuple(c for c in COLORS if c != dominant)] if dominant else [])
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, height_ratios=[3, 1.3][: len(panels)],
+                             figsize=(max(6.0, 0.9 * len(bars) + 2.5), 5.5 if dominant else 4.5), dpi=110)  # fmt: skip
+    xs = list(range(len(bars)))
+    for ax, components in zip(axes[:, 0], panels, strict=True):
+        bottoms = [0.0] * len(bars)
+        for comp in components:
+            values = [ms.get(comp, 0.0) for _, ms in bars]
+            ax.bar(xs, values, bottom=bottoms, color=COLORS[comp], label=comp, width=0.6)
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+        for x, height in zip(xs, bottoms, strict=True):
+            ax.text(x, height, tick_text(height), ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max(bottoms, default=1.0) * 1.15 or 1.0)
+        ax.grid(axis="y", color="#dddddd")
+        ax.set_axisbelow(True)
+    axes[0, 0].set_ylabel("ms per edit")
+    axes[0, 0].set_title(title, fontsize=9)
+    if dominant:
+        axes[1, 0].set_ylabel(f"ms, all but\n{dominant}", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    # Names wrapped to their column, centred under their own bar.
+    ax = axes[-1, 0]
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["\n".join(wrap_label(n, 13, len)) for n, _ in bars], fontsize=8, ha="center")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

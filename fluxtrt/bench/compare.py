@@ -62,7 +62,7 @@ class _Comparison:
 
     def __init__(self, config: CompareConfig, emit: Callable[[dict], None]):
         self.config, self.emit = config, emit
-        self.session = ModelSession(config.model, config.device, config.resolved_dtype, seed=0)
+        self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0)
         if config.image is not None:
             from fluxtrt.pipeline.image import load_image
 
@@ -204,7 +204,7 @@ def compare(
     """
     from fluxtrt.environment import check_device, environment
 
-    check_device(config.device)
+    check_device(config.resolved_device)
     emit = on_event or (lambda _event: None)
     contenders = list(contenders) if contenders is not None else contenders_from_config(config.stages, config.engines)
     state = _Comparison(config, emit)

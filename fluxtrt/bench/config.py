@@ -30,7 +30,7 @@ class CompareConfig:
         runs: timed edits per contender (>= 1; use >= 3 for a median and spread that mean something).
         warmup: untimed edits per contender before the timed ones (compilation happens in the first).
         warmup_steps: denoising steps of a warmup edit; None for the contender's own.
-        device: ``cpu`` or ``cuda``.
+        device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU), as ``fluxtrt infer``.
         dtype: ``auto`` (bf16 on cuda, fp32 on cpu), ``fp32`` or ``bf16``.
         seed: noise seed, the same for every contender.
         guidance: distilled-guidance scale.
@@ -48,15 +48,15 @@ class CompareConfig:
     runs: int = 3
     warmup: int = 1
     warmup_steps: int | None = 2
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     seed: int = DEFAULT_SEED
     guidance: float = DEFAULT_GUIDANCE
     diffusers_check: bool = False
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise InputError(f"--device is '{self.device}', expected one of {', '.join(DEVICES)}")
+        if self.device not in ("auto", *DEVICES):
+            raise InputError(f"--device is '{self.device}', expected one of auto, {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype is '{self.dtype}', expected one of {', '.join(DTYPES)}")
         if self.runs < 1:
@@ -80,10 +80,19 @@ class CompareConfig:
             raise InputError(f"--report '{self.report_dir}' is a file, expected a directory for the report")
 
     @property
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` decided: cuda where PyTorch sees a GPU (imports torch)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
             return self.dtype
-        return "bf16" if self.device == "cuda" else "fp32"
+        return "bf16" if self.resolved_device == "cuda" else "fp32"
 
     def to_dict(self) -> dict:
         """JSON-ready: paths and resolutions as strings."""
@@ -98,7 +107,7 @@ class CompareConfig:
             "runs": self.runs,
             "warmup": self.warmup,
             "warmup_steps": self.warmup_steps,
-            "device": self.device,
+            "device": self.resolved_device,
             "dtype": self.resolved_dtype,
             "seed": self.seed,
             "guidance": self.guidance,

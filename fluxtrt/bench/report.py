@@ -269,11 +269,22 @@ def write_report(report: CompareReport, directory: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / name for name in FILES}
     bars = [(c.name, c.representative.timings_ms) for c in report.contenders if c.representative is not None]
-    device = report.environment.get("gpu") or "CPU"
-    title = f"fluxtrt compare: {report.config['model']} on {device}, {report.inputs.get('target', '')} edit"
+    title = chart_title(report.config, report.environment, report.inputs)
     chart: list[str] = []
     atomic_write(paths["report.png"], lambda tmp: chart.append(write_chart(bars, tmp, title)))
     data = report_json(report, chart[0])
     atomic_write(paths["report.json"], lambda tmp: tmp.write_text(json.dumps(data, indent=1, allow_nan=False)))
     atomic_write(paths["report.md"], lambda tmp: tmp.write_text(report_markdown(report)))
     return paths
+
+
+def chart_title(config: dict, environment: dict, inputs: dict) -> str:
+    return f"fluxtrt compare: {config['model']} on {environment.get('gpu') or 'CPU'}, {inputs.get('target', '')} edit"
+
+
+def redraw_chart(data: dict, path: Path, renderer: str | None = None) -> str:
+    """Draw report.png again from a report.json's ``data`` (the same bars: each contender's median-total run), e.g.
+    with another renderer (``"pillow"``); returns the renderer used."""
+    bars = [(c["contender"], c["components_ms"]) for c in data["contenders"] if c.get("components_ms")]
+    title = chart_title(data["config"], data["environment"], data["inputs"])
+    return write_chart(bars, path, title, renderer)

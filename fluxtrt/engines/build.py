@@ -18,6 +18,8 @@ from typing import Any
 from fluxtrt import __version__
 from fluxtrt.backends.base import BackendOptions, BuildJob, EngineBackend, get_backend
 from fluxtrt.config import COMPUTE_DTYPE, QUANTIZED_PRECISIONS, BuildConfig
+from fluxtrt.engines.interrupt import Interrupts, watch_interrupts
+from fluxtrt.engines.lock import build_lock
 from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, settings_hash, sha256_file
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
@@ -61,6 +63,7 @@ class _Build:
     specs: dict[str, ComponentSpec]
     manifest: Manifest
     say: Progress
+    interrupts: Interrupts
 
     @property
     def out(self) -> Path:
@@ -82,12 +85,11 @@ def build_engines(
 
     Raises:
         FluxtrtError: unavailable backend or device, an option the backend does not have, an out directory holding
-            other engines, export or build failure. Completed components stay recorded and usable.
+            other engines or being built by another build (``DIR/.lock``), export or build failure. Completed
+            components stay recorded and usable.
+        KeyboardInterrupt: Ctrl-C, at once or, where Python swallowed it, at the next step. Completed components
+            stay recorded and usable; nothing half-written is left.
     """
-    from fluxtrt.models import load_components
-    from fluxtrt.specs.flux import component_specs, dims_from_components
-
-    say = on_progress or (lambda component, message: None)
     backend = backend or get_backend(config.backend)
     backend.check_buildable()
     if config.precision not in backend.precisions:
@@ -98,6 +100,23 @@ def build_engines(
     options = backend.options(config.backend_options())
     backend.check_build(config.precision, options)
     check_device(config.device)
+    with watch_interrupts() as interrupts:
+        tell = on_progress or (lambda component, message: None)
+
+        def say(component: str, message: str) -> None:
+            interrupts.check()
+            tell(component, message)
+
+        with build_lock(config.out, say):
+            return _build_locked(config, backend, options, say, interrupts)
+
+
+def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendOptions, say: Progress,
+                  interrupts: Interrupts) -> BuildReport:  # fmt: skip
+    """``build_engines`` once it holds the directory's lock."""
+    from fluxtrt.models import load_components
+    from fluxtrt.specs.flux import component_specs, dims_from_components
+
     previous = _previous_manifest(config.out, config, backend)
     _remove_leftovers(config.out)
 
@@ -105,7 +124,7 @@ def build_engines(
     components = load_components(config.model, config.device, COMPUTE_DTYPE[config.precision])
     dims = dims_from_components(components)
     manifest = _new_manifest(config, backend, components, dims, previous)
-    build = _Build(config, backend, options, components, dims, component_specs(dims), manifest, say)
+    build = _Build(config, backend, options, components, dims, component_specs(dims), manifest, say, interrupts)
     config.out.mkdir(parents=True, exist_ok=True)
     _save_tokenizers(components, config.out)
     manifest.save(config.out)  # from here on a rerun recognises the directory as its own
@@ -211,6 +230,7 @@ def _build_component(build: _Build, name: str, settings: dict, profile: dict,
         job.workdir.mkdir()
         with torch.inference_mode():
             record = build.backend.build(job)
+        build.interrupts.check()  # a Ctrl-C swallowed during the build: stop before the component counts as built
         if build.backend.writes_engine and not engine_path.is_file():
             raise EngineError(
                 f"{name}: the {build.backend.name} backend reported success but wrote no {engine_path.name}"

@@ -43,8 +43,9 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
     missing = [c for c in COMPONENTS if c not in manifest.components]
     if missing:
         raise EngineError(
-            f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --out {path} "
-            f"--components {','.join(missing)}` (same model, backend and precision)"
+            f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
+            f"{manifest.model['source']} --backend {manifest.backend} --precision {manifest.precision} --out {path} "
+            f"--components {','.join(missing)}` (and the original build's range options)"
         )
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)

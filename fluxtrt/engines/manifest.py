@@ -28,6 +28,15 @@ READABLE_FORMATS = (1, 2)
 HASH_ON_LOAD_LIMIT = 2**31
 
 
+def rebuild_hint(root: Path, force: bool = True) -> str:
+    """The command that rebuilds ``root``: the original build's model and options are not known here, so they are
+    named as what to fill in."""
+    return (
+        f"rebuild it: rerun the `fluxtrt build --model MODEL --out {root}` command that made it (same --backend, "
+        f"--precision and options){' with --force' if force else ''}"
+    )
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     """Hex sha256 of a file, read in 16 MiB chunks."""
     digest = hashlib.sha256()
@@ -63,17 +72,17 @@ class FileRecord:
         """
         path = root / self.path
         if not path.is_file():
-            raise EngineError(f"{component}: {path} is missing: rebuild with `fluxtrt build ... --out {root}`")
+            raise EngineError(f"{component}: {path} is missing: {rebuild_hint(root, force=False)}")
         size = path.stat().st_size
         if size != self.bytes:
             raise EngineError(
                 f"{component}: {path} has {size} bytes but the manifest records {self.bytes}: the file is truncated "
-                f"or was replaced; rebuild it with `fluxtrt build ... --out {root} --force`"
+                f"or was replaced; {rebuild_hint(root)}"
             )
         if size <= HASH_ON_LOAD_LIMIT and sha256_file(path) != self.sha256:
             raise EngineError(
                 f"{component}: {path} does not have the sha256 the manifest records: the file is corrupt or was "
-                f"replaced; rebuild it with `fluxtrt build ... --out {root} --force`"
+                f"replaced; {rebuild_hint(root)}"
             )
         return path
 
@@ -137,24 +146,28 @@ class Manifest:
         atomic_write(root / MANIFEST, lambda tmp: tmp.write_text(text))
 
     @classmethod
-    def load(cls, root: Path) -> Manifest:
+    def load(cls, root: Path, label: str = "--engines") -> Manifest:
         """Read and check ``root/manifest.json``.
+
+        Args:
+            root: the engines directory.
+            label: what the user called it, for the messages (``--engines``, or ``fluxtrt inspect``'s argument).
 
         Raises:
             EngineError: no directory, no manifest, unparsable JSON or an unknown format.
         """
         path = root / MANIFEST
-        fix = f"build it with `fluxtrt build --out {root}`"
+        fix = f"build it with `fluxtrt build --model MODEL --out {root}`"
         if not root.is_dir():
-            raise EngineError(f"--engines '{root}' is not a directory: {fix}")
+            raise EngineError(f"{label} '{root}' is not a directory: {fix}")
         if not path.is_file():
-            raise EngineError(f"--engines '{root}' has no {MANIFEST}, so it is not a finished engines directory: {fix}")
+            raise EngineError(f"{label} '{root}' has no {MANIFEST}, so it is not a finished engines directory: {fix}")
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") not in READABLE_FORMATS:
                 raise EngineError(
                     f"{path} has format {raw.get('format')!r}, this fluxtrt reads formats "
-                    f"{', '.join(map(str, READABLE_FORMATS))}: rebuild with `fluxtrt build --out {root} --force`"
+                    f"{', '.join(map(str, READABLE_FORMATS))}: {rebuild_hint(root)}"
                 )
             raw["format"] = FORMAT
             components = {
@@ -174,6 +187,5 @@ class Manifest:
             raise
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise EngineError(
-                f"{path} is not a valid fluxtrt manifest ({type(exc).__name__}: {exc}): rebuild with "
-                f"`fluxtrt build --out {root} --force`"
+                f"{path} is not a valid fluxtrt manifest ({type(exc).__name__}: {exc}): {rebuild_hint(root)}"
             ) from None

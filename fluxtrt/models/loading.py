@@ -11,6 +11,8 @@ from fluxtrt.errors import ModelLoadError, first_line
 from fluxtrt.models.components import SUBFOLDERS, FluxKontextComponents
 
 BUILTIN_MODELS = ("tiny", "random-full")
+# Memory a model needs beyond its weights while it loads and runs (activations, allocator slack), as a fraction.
+MEMORY_HEADROOM = 0.1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -35,6 +37,7 @@ def load_components(model: str, device: str = "cpu", dtype: str = "fp32", seed: 
 
     Raises:
         ModelLoadError: the path is missing or not a FLUX.1-Kontext checkpoint, or a hub id has no local copy.
+        DeviceError: ``random-full`` would not fit the memory available on ``device``.
     """
     from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
 
@@ -43,8 +46,30 @@ def load_components(model: str, device: str = "cpu", dtype: str = "fp32", seed: 
         tiny = build_synthetic(TINY, seed, "cpu", torch_dtype("fp32"), "tiny")
         return tiny.to(device, torch_dtype(dtype)) if (device, dtype) != ("cpu", "fp32") else tiny
     if model == "random-full":
+        check_full_fits(device, dtype)
         return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full")
     return load_checkpoint(resolve_checkpoint(model), device, dtype)
+
+
+def check_full_fits(device: str, dtype: str) -> None:
+    """Raise DeviceError, before allocating anything, when random-full's weights (plus headroom) would not fit the
+    memory available on ``device``: on a CPU machine the kernel's OOM killer would otherwise end the process after
+    a minute, without a word."""
+    from fluxtrt.environment import check_memory
+    from fluxtrt.models.synthetic import FULL_PARAMETERS
+
+    def needed(dtype_name: str) -> int:
+        return round(FULL_PARAMETERS * {"fp32": 4, "bf16": 2}[dtype_name] * (1 + MEMORY_HEADROOM))
+
+    if str(device).startswith("cuda"):
+        fix = "free the GPU's memory, or use a GPU with more" + (" (or --dtype bf16)" if dtype == "fp32" else "")
+    else:
+        fix = (
+            f"run it on a GPU machine (--device cuda; in bf16 it needs about {needed('bf16') / 2**30:.0f} GiB of GPU "
+            "memory), or use --model tiny on the CPU"
+        )
+    what = f"--model random-full ({FULL_PARAMETERS / 1e9:.1f}B parameters in {dtype})"
+    check_memory(needed(dtype), device, what, fix)
 
 
 def resolve_checkpoint(model: str) -> Path:

@@ -106,6 +106,10 @@ FULL = SyntheticConfigs(
     },
 )
 
+# Parameters of FULL: transformer 11,901,408,320, T5-XXL encoder 4,631,222,272, CLIP-L text 85,515,264, VAE 83,819,683
+# (tests/test_cli.py counts them on the meta device). What random-full's weights need: 4 bytes each in fp32, 2 in bf16.
+FULL_PARAMETERS = 16_701_965_539
+
 
 @contextmanager
 def constructing(device: Any, dtype: Any) -> Iterator[None]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +34,34 @@ PREFERRED_KONTEXT_RESOLUTIONS = [
 ]
 
 
+# A reference smaller than this on a side is upscaled many times over to its ~1 MP size: the edit gets a notice.
+MIN_REFERENCE_SIDE = 64
+
+
 def load_image(path: Path) -> Any:
     """Open ``path`` as an RGB PIL image.
 
+    Images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 MP by default) are refused
+    from their header, before their pixels are decoded: the edit uses about 1 MP of them anyway.
+
     Raises:
-        InputError: missing file or not an image PIL can read.
+        InputError: missing file, not an image PIL can read, or more pixels than the limit.
     """
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        # Pillow's message: "Image size (N pixels) exceeds limit of M pixels, ..."
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(pixels.group(1)):,} pixels" if pixels else "more pixels than that"
+        raise InputError(
+            f"--image '{path}' has {count}, over the limit of {Image.MAX_IMAGE_PIXELS:,} (Pillow's decompression-bomb "
+            "guard): downscale it first, e.g. to 1024x1024 (the edit works at about 1 MP)"
+        ) from None
     except FileNotFoundError:
         raise InputError(f"--image '{path}' does not exist: pass a PNG or JPEG path") from None
     except (UnidentifiedImageError, OSError) as exc:

@@ -12,7 +12,13 @@ import torch
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, ShapeError
-from fluxtrt.pipeline.image import fit_to_area, images_to_tensor, preferred_resolution, tensor_to_images
+from fluxtrt.pipeline.image import (
+    MIN_REFERENCE_SIDE,
+    fit_to_area,
+    images_to_tensor,
+    preferred_resolution,
+    tensor_to_images,
+)
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
@@ -43,7 +49,8 @@ class EditResult:
         sigmas: the schedule that was integrated (steps + 1 values).
         timings_ms: per-component milliseconds, ``total`` and ``glue``.
         calls: calls per component.
-        warnings: prompt truncation and other things the user should know.
+        warnings: one line per thing the user should know and might not expect: an empty prompt, tokens dropped
+            from a long prompt, an explicit size changed by fitting, a tiny reference upscaled.
     """
 
     images: list[Any]
@@ -54,6 +61,26 @@ class EditResult:
     timings_ms: dict[str, float]
     calls: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+
+
+def input_notices(prompts: list[str], image_size: tuple[int, int], size: tuple[int | None, int | None],
+                  target: Resolution, reference: Resolution, max_area: int) -> list[str]:  # fmt: skip
+    """What an edit does to its inputs that the user may not expect, one line each: an empty prompt, an explicit
+    (width, height) ``size`` that fitting to ``max_area`` changed, a reference so small that it is upscaled many
+    times over."""
+    notices = [f"prompt {i} is empty: the edit follows no instruction" for i, p in enumerate(prompts) if not p.strip()]
+    width, height = size
+    if width is not None and height is not None and (target.width, target.height) != (width, height):
+        notices.append(
+            f"--width {width} --height {height} became {target}: an explicit size is scaled to an area of "
+            f"{max_area:,} pixels at the same aspect ratio, each side a multiple of 16"
+        )
+    if min(image_size) < MIN_REFERENCE_SIDE:
+        notices.append(
+            f"the reference is {image_size[0]}x{image_size[1]} px, upscaled to {reference}: references under "
+            f"{MIN_REFERENCE_SIDE} px on a side carry little for the edit to keep"
+        )
+    return notices
 
 
 class KontextPipeline:
@@ -177,6 +204,7 @@ class KontextPipeline:
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
         target, reference = self.geometry(images[0].size, height, width, max_area)
         self.check_fits(batch, target, reference)
+        notices = input_notices(prompts, images[0].size, (width, height), target, reference, max_area)
         timer = ComponentTimer(self.device)
         with timer.region("total"):
             pooled, text, warnings = self._encode_prompt(prompts, timer)
@@ -205,7 +233,7 @@ class KontextPipeline:
             sigmas=[float(s) for s in sigmas],
             timings_ms=timer.summary(),
             calls=dict(timer.calls),
-            warnings=warnings,
+            warnings=notices + warnings,
         )
 
     def check_fits(self, batch: int, target: Resolution, reference: Resolution) -> None:

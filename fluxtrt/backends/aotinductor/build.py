@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ def build_package(job: BuildJob) -> Record:
         DeviceError: CUDA asked for on a machine without it.
         BuildError: the profile does not fit the spec, torch.export rejects the dynamic ranges, or inductor fails.
     """
+    with warnings.catch_warnings():
+        # torch's own deprecation inside export and inductor (raised from copyreg, once per component): nothing a
+        # user of fluxtrt can act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+        return _build_package(job)
+
+
+def _build_package(job: BuildJob) -> Record:
     _check_job(job)
     record: Record = device_environment(job.device)
     ranges = symbol_ranges(job.spec, job.profile)
