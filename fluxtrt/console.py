@@ -175,8 +175,9 @@ def print_trtexec_commands(m) -> None:
     commands = [(name, e.record.get("trtexec")) for name, e in m.components.items() if e.record.get("trtexec")]
     if not commands:
         return
+    console = out()
     console.print("build the engines with TensorRT 10 (run inside the directory), or with `fluxtrt build --backend "
-                  "tensorrt --onnx-dir DIR/onnx`:")  # fmt: skip
+                  "tensorrt --onnx-dir DIR/onnx`:", soft_wrap=True)  # fmt: skip
     for name, command in commands:
         console.print(f"# {name}\n{command}", soft_wrap=True, highlight=False)
 
