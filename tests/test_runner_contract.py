@@ -39,7 +39,11 @@ def _runners(backend: str, request):
         return pipeline.runners, ORT_GEOMETRIES, (3, ORT_MIN_RES, ORT_MIN_RES)  # max batch 2
     if backend == "aotinductor":
         return request.getfixturevalue("aoti_engines"), AOTI_GEOMETRIES, (1, Resolution(192, 128), Resolution(192, 128))
-    pytest.skip(f"no tiny {backend} engines on a machine without a GPU: {backend} builds and runs only on one")
+    if backend == "onnx":
+        pytest.skip("the onnx backend writes ONNX only, no engine to run")
+    if backend == "tensorrt-rtx":
+        pytest.skip("TensorRT-RTX plans run only on GPUs of compute capability 8.0, 8.6, 8.9, 12.0 or 12.1; none here")
+    pytest.skip(f"no tiny {backend} engines here: {backend} builds and runs only on a GPU")
 
 
 def _params() -> list:
