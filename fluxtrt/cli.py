@@ -220,7 +220,7 @@ def inspect(engines_dir):
 @click.option("--prompt", default="make the house blue", show_default=True, help="The edit instruction.")
 @click.option("--resolution", default=None, help="Target WIDTHxHEIGHT (default: the reference's preferred size).")
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed edits per contender.")
-@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed edits per contender first.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed edits per contender first.")
 @click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")

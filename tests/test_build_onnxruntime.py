@@ -470,3 +470,30 @@ def test_manifest_of_format_1_is_read(engines_copy):
     assert manifest.components["clip"].record == {"graph_optimization": "basic", "external_data": None}
     with load_engine_pipeline(engines_copy, "cpu") as pipeline:
         assert set(pipeline.runners) == set(COMPONENTS)
+
+
+def test_compare_times_engines_as_infer_runs_them(engines, tmp_path):
+    """compare's transformer step for an engines directory is what `infer --engines`'s pipeline costs once its
+    sessions are warm, and its timed edits are steady. With one warmup edit the first timed edit still met cold ONNX
+    Runtime sessions (they take three calls at a shape to reach their speed): 7x the second edit on this model, and
+    engines looked several times slower than they run. (A one-shot `infer` is one cold edit: its step costs more.)"""
+    from fluxtrt.bench.compare import compare
+    from fluxtrt.bench.config import CompareConfig
+    from fluxtrt.bench.contenders import EngineContender
+    from fluxtrt.config import SamplerConfig
+    from fluxtrt.pipeline.image import load_image
+
+    image = tmp_path / "in.png"
+    make_image(400, 300).save(image)
+    sampler = SamplerConfig("dpmpp-2m", steps=4)
+    with load_engine_pipeline(engines, "cpu") as pipeline:  # what run_infer edits with, here three times
+        edit = [pipeline.edit(load_image(image), "p", sampler=sampler) for _ in range(3)][-1]
+    infer_step = edit.timings_ms["transformer"] / edit.calls["transformer"]
+    report = compare(CompareConfig(model="tiny", stages=(), engines=(engines,), image=image, runs=2, device="cpu"),
+                     contenders=[EngineContender(engines, sampler=sampler)])  # fmt: skip
+    runs = report.contenders[0].runs
+    assert [r.steps for r in runs] == [4, 4] and runs[0].image.size == edit.images[0].size
+    for run in runs:
+        assert 1 / 1.5 < run.transformer_ms_per_step / infer_step < 1.5, (run.transformer_ms_per_step, infer_step)
+    totals = [r.timings_ms["total"] for r in runs]
+    assert max(totals) < 1.5 * min(totals), totals

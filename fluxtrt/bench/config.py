@@ -12,6 +12,7 @@ from fluxtrt.stages.config import stage_config
 
 DEFAULT_STAGES = ("0", "1", "2", "3", "4", "4f", "4k")
 DEFAULT_PROMPT = "make the house blue"
+DEFAULT_WARMUP = 2
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,10 @@ class CompareConfig:
         resolution: target size; None keeps the reference's preferred Kontext resolution. Used exactly (no fitting
             to 1 MP), floored to the model's multiple of 16.
         runs: timed edits per contender (>= 1; use >= 3 for a median and spread that mean something).
-        warmup: untimed edits per contender before the timed ones (compilation happens in the first).
+        warmup: untimed edits per contender before the timed ones (compilation happens in the first). Two by
+            default: ONNX Runtime's CPU sessions reach their steady speed only at the third call at a shape (the VAE
+            of a tiny 1184x880 edit: 3.8 s at the second call, 0.26 s from the third), so one warmup edit left the
+            first timed edit cold and made engines look several times slower than they run.
         warmup_steps: denoising steps of a warmup edit; None for the contender's own.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU), as ``fluxtrt infer``.
         dtype: ``auto`` (bf16 on cuda, fp32 on cpu), ``fp32`` or ``bf16``.
@@ -46,7 +50,7 @@ class CompareConfig:
     prompt: str = DEFAULT_PROMPT
     resolution: Resolution | None = None
     runs: int = 3
-    warmup: int = 1
+    warmup: int = DEFAULT_WARMUP
     warmup_steps: int | None = 2
     device: str = "auto"
     dtype: str = "auto"
