@@ -122,8 +122,10 @@ def print_build_report(report) -> None:
     table = Table()
     for col in ("component", "status", "seconds", "ONNX MiB", "engine MiB"):
         table.add_column(col, justify="left" if col in ("component", "status") else "right")
+    no_engine = m.backend == "onnx"  # an ONNX-only directory: the ONNX is all there is
     for r in report.results:
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _onnx_mb(r.onnx_bytes), _mb(r.engine_bytes))
+        engine = "-" if no_engine else _mb(r.engine_bytes)
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", _onnx_mb(r.onnx_bytes), engine)
     console.print(table)
 
 

@@ -247,3 +247,11 @@ def test_engines_dir_copy_keeps_working(rtx, tmp_path):
     shutil.copytree(rtx / "fp32", out)
     report = build(out)
     assert [r.status for r in report.results] == ["up to date"] * 5
+
+
+def test_onnx_only_build_report_shows_no_engine_size(tmp_path):
+    out = tmp_path / "o"
+    result = run_cli("build", "--model", "tiny", "--backend", "onnx", "--components", "clip", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "clip" in line and "built" in line)
+    assert row.rstrip(" │|").endswith("-"), row  # the engine column: no engine was written
