@@ -4,6 +4,7 @@ and the first-call (compile) time of the stages."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -92,3 +93,41 @@ class ComponentTimer:
         if "total" in ms:
             ms["glue"] = ms["total"] - sum(v for k, v in ms.items() if k != "total")
         return ms
+
+
+class HostLoad:
+    """How many CPU cores other processes kept busy while the enclosed work ran (Linux ``/proc``; None elsewhere).
+
+    A CPU timing taken while another process used a core is not comparable with one taken on a quiet machine (on 2
+    cores, one busy foreign process made a tiny AOTInductor engine's step 5x slower), so ``compare`` records this
+    beside every timed edit. Use as ``with HostLoad() as load: ...``, then ``load.foreign_cores``.
+    """
+
+    def __init__(self) -> None:
+        self.foreign_cores: float | None = None
+
+    def __enter__(self) -> HostLoad:
+        self._start = _cpu_jiffies(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = _cpu_jiffies()
+        start, wall = self._start[0], time.perf_counter() - self._start[1]
+        if start is None or end is None or wall <= 0:
+            return
+        busy, own = end[0] - start[0], end[1] - start[1]
+        self.foreign_cores = max(busy - own, 0) / os.sysconf("SC_CLK_TCK") / wall
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(jiffies every CPU spent busy, jiffies this process spent) from /proc, or None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        idle = int(fields[3]) + int(fields[4])  # idle + iowait
+        busy = sum(int(f) for f in fields[:8]) - idle  # user..steal, guest is counted in user already
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None

@@ -239,3 +239,45 @@ def test_cli_compare_writes_report_and_fails_on_a_failed_contender(tmp_path):
 
     bad = CliRunner().invoke(main, ["compare", "--model", "tiny", "--stages", "0,9", "--report", str(out)])
     assert bad.exit_code == 1 and "stage '9'" in bad.stderr
+
+
+def test_host_load_counts_other_processes_not_this_one():
+    """timing.HostLoad: a busy child process is foreign load; this process's own work is not."""
+    import subprocess
+    import sys
+    import time
+
+    from fluxtrt.timing import HostLoad
+
+    with HostLoad() as own:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            pass
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.5)  # the child's start-up
+        with HostLoad() as other:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert own.foreign_cores is not None and other.foreign_cores is not None
+    assert other.foreign_cores > 0.6, other.foreign_cores  # one core kept busy by the child
+    assert own.foreign_cores < other.foreign_cores - 0.4, (own.foreign_cores, other.foreign_cores)
+
+
+def test_report_warns_of_timings_taken_under_load(tiny):
+    from fluxtrt.bench.report import report_markdown
+    from fluxtrt.bench.results import CompareReport, ContenderResult, RunRecord
+
+    timings = {k: 1.0 for k in ("clip", "t5", "vae_encoder", "transformer", "vae_decoder", "glue", "total")}
+    quiet = ContenderResult("0", "stage", "0", runs=[RunRecord(0, 2, timings, foreign_cores=0.05)])
+    loaded = ContenderResult("engines:e", "engines", None, runs=[RunRecord(0, 2, timings, foreign_cores=0.97)])
+    report = CompareReport(config={"model": "tiny", "dtype": "fp32", "runs": 1, "warmup": 2, "warmup_steps": 2},
+                           environment={"cpu": "x86_64"},
+                           inputs={"image_size": "64x64", "image": "synthetic", "prompt": "p", "seed": 0})  # fmt: skip
+    report.contenders = [quiet]
+    assert "Warning" not in report_markdown(report)
+    report.contenders = [quiet, loaded]
+    text = report_markdown(report)
+    assert "other processes kept up to 1.0 CPU cores busy during timed edits of engines:e" in text

@@ -22,7 +22,7 @@ from fluxtrt.bench.fidelity import fidelity
 from fluxtrt.bench.results import CompareReport, ContenderResult, RunRecord, summary_row
 from fluxtrt.errors import FluxtrtError, first_line
 from fluxtrt.specs.flux import Resolution
-from fluxtrt.timing import sync
+from fluxtrt.timing import HostLoad, sync
 
 
 def synthetic_image(resolution: Resolution) -> Any:
@@ -106,7 +106,8 @@ class _Comparison:
                 torch.cuda.reset_peak_memory_stats()
             for i in range(c.runs):
                 prepared.begin_edit()
-                edit = self.edit(prepared.pipeline, sampler)
+                with HostLoad() as load:
+                    edit = self.edit(prepared.pipeline, sampler)
                 cache = prepared.end_edit(edit)
                 record = RunRecord(
                     run=i,
@@ -115,10 +116,12 @@ class _Comparison:
                     cache=cache,
                     image=edit.images[0],
                     latents=edit.latents,
+                    foreign_cores=load.foreign_cores,
                 )
                 result.runs.append(record)
                 self.emit({"event": "run", "contender": contender.name, "run": i, "steps": record.steps,
-                           "timings_ms": record.timings_ms, "cache": cache})  # fmt: skip
+                           "timings_ms": record.timings_ms, "cache": cache,
+                           "foreign_cores": record.foreign_cores})  # fmt: skip
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 result.peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             result.details = prepared.details()

@@ -22,7 +22,8 @@ Each row has exactly ``ROW_KEYS``:
     transformer_ms_per_step (float | null), cache_computed, cache_skipped (int | null: first-block-cache steps),
     cache_computed_ms, cache_skipped_ms (float | null: mean ms of a computed / skipped step), psnr_db, ssim,
     latent_cosine (float | null: against the reference's first run; PSNR capped at 100 dB for identical images),
-    peak_gpu_mem_gib (float | null: peak allocated during the contender's timed runs, weights included).
+    peak_gpu_mem_gib (float | null: peak allocated during the contender's timed runs, weights included),
+    foreign_cores (float | null: CPU cores other processes kept busy during the run; see ``HOST_LOAD_LIMIT``).
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ ROW_KEYS = (
     "ssim",
     "latent_cosine",
     "peak_gpu_mem_gib",
+    "foreign_cores",
 )
 TIMING_HEADER = (
     "| stage | what is on | steps | CLIP ms | T5 ms | VAE enc ms | transformer ms (per step) | VAE dec ms | glue ms "
     "| total ms (min-max) | vs stage 0 | vs stage 1 |"
 )
 FILES = ("report.json", "report.md", "report.png")
+# Other processes keeping more CPU cores than this busy during a timed CPU edit make its timing incomparable.
+HOST_LOAD_LIMIT = 0.2
 
 
 def rows(report: CompareReport) -> list[dict[str, Any]]:
@@ -90,6 +94,7 @@ def rows(report: CompareReport) -> list[dict[str, Any]]:
                     "ssim": fid.get("ssim"),
                     "latent_cosine": fid.get("latent_cosine"),
                     "peak_gpu_mem_gib": c.peak_gpu_mem_gib,
+                    "foreign_cores": r.foreign_cores,
                 }
             )
     return out
@@ -179,6 +184,7 @@ def report_markdown(report: CompareReport) -> str:
         "Fidelity is against the first run of the first stage-0 row, on the decoded 8-bit image and the final latents.",
     ]
     lines += _cache_notes(report)
+    lines += _host_load_warning(report)
     lines += _step_error_section(report)
     notes = [(c.name, u) for c in report.contenders for u in c.details.get("unavailable", [])]
     if notes:
@@ -262,6 +268,20 @@ def _step_error_section(report: CompareReport) -> list[str]:
                     f"{worst}), max abs {max(e['max_abs']):.2e}"
                 )
     return lines
+
+
+def _host_load_warning(report: CompareReport) -> list[str]:
+    """A warning when other processes used the CPU during timed edits of a CPU comparison."""
+    if report.environment.get("gpu"):
+        return []
+    loaded = [(c.name, r.foreign_cores) for c in report.contenders for r in c.runs
+              if r.foreign_cores is not None and r.foreign_cores > HOST_LOAD_LIMIT]  # fmt: skip
+    if not loaded:
+        return []
+    worst = max(load for _, load in loaded)
+    names = ", ".join(dict.fromkeys(name for name, _ in loaded))
+    return ["", f"**Warning:** other processes kept up to {worst:.1f} CPU cores busy during timed edits of {names}: "
+            "those timings are not comparable with the others; rerun on a quiet machine."]  # fmt: skip
 
 
 def write_report(report: CompareReport, directory: Path) -> dict[str, Path]:

@@ -26,6 +26,7 @@ class RunRecord:
     fidelity: dict[str, float] | None = None
     image: Any = None
     latents: Any = None
+    foreign_cores: float | None = None  # CPU cores other processes kept busy during the edit (timing.HostLoad)
 
     @property
     def transformer_ms_per_step(self) -> float:
