@@ -105,23 +105,7 @@ class _Comparison:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
             for i in range(c.runs):
-                prepared.begin_edit()
-                with HostLoad() as load:
-                    edit = self.edit(prepared.pipeline, sampler)
-                cache = prepared.end_edit(edit)
-                record = RunRecord(
-                    run=i,
-                    steps=edit.calls["transformer"],
-                    timings_ms=dict(edit.timings_ms),
-                    cache=cache,
-                    image=edit.images[0],
-                    latents=edit.latents,
-                    foreign_cores=load.foreign_cores,
-                )
-                result.runs.append(record)
-                self.emit({"event": "run", "contender": contender.name, "run": i, "steps": record.steps,
-                           "timings_ms": record.timings_ms, "cache": cache,
-                           "foreign_cores": record.foreign_cores})  # fmt: skip
+                result.runs.append(self._timed_edit(contender, prepared, sampler, i))
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 result.peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             result.details = prepared.details()
@@ -142,6 +126,18 @@ class _Comparison:
                 result.details["step_error"] = {"error": _error_text(exc)}
             self.emit({"event": "step_error", "contender": contender.name, **result.details["step_error"]})
         return result
+
+    def _timed_edit(self, contender: Contender, prepared: Any, sampler: Any, i: int) -> RunRecord:
+        """Timed edit ``i`` of a prepared contender, with the CPU load other processes put on the machine meanwhile."""
+        prepared.begin_edit()
+        with HostLoad() as load:
+            edit = self.edit(prepared.pipeline, sampler)
+        cache = prepared.end_edit(edit)
+        record = RunRecord(run=i, steps=edit.calls["transformer"], timings_ms=dict(edit.timings_ms), cache=cache,
+                           image=edit.images[0], latents=edit.latents, foreign_cores=load.foreign_cores)  # fmt: skip
+        self.emit({"event": "run", "contender": contender.name, "run": i, "steps": record.steps,
+                   "timings_ms": record.timings_ms, "cache": cache, "foreign_cores": record.foreign_cores})  # fmt: skip
+        return record
 
     def diffusers_check(self, report: CompareReport) -> None:
         """Harness-overhead check: stage 0's transformer ms/step against diffusers' own pipeline on the same modules."""
