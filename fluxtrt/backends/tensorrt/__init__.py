@@ -21,6 +21,7 @@ from fluxtrt.backends.tensorrt.plan import (
     TensorRTOptions,
     TensorRTRtxOptions,
     build_plan,
+    check_targets,
     component_precision,
 )
 from fluxtrt.backends.tensorrt.runtime import TrtRunner, rebuild
@@ -120,12 +121,8 @@ class TensorRTRtxBackend(TensorRTBackend):
 
     def check_build(self, precision: str, options: TensorRTRtxOptions) -> None:
         """Every given target must run the precision (FP8 from 8.9, NVFP4 from 12.0)."""
-        compute = component_precision("transformer", precision)
-        if compute in MIN_SM and options.compute_capabilities:
-            for sm in options.targets(precision, None):
-                cc = f"{sm // 10}.{sm % 10}"
-                fix = f"leave {cc} out of --compute-capability, or build --precision bf16"
-                require_sm(sm, compute, fix, f"--precision {compute} for target {cc}")
+        if options.compute_capabilities:
+            check_targets(component_precision("transformer", precision), options.targets(precision, None))
 
     def _build_environment(self, job: BuildJob) -> dict[str, str]:
         """No GPU needed; the one present (if any) is the default target where TensorRT-RTX supports it."""
@@ -139,10 +136,9 @@ class TensorRTRtxBackend(TensorRTBackend):
         """The release (recorded, then in the plan's header), then the GPU against the plan's targets: all before
         anything large is read."""
         key, path = self.flavour.record_key, Path(job.engine_path)
-        have = job.record.get(key)
-        if have != self.version():
-            raise EngineError(f"{job.spec.name}: {path.name} was built with TensorRT-RTX {have} but this is "
-                              f"TensorRT-RTX {self.version()}: {rebuild(self.flavour)}")  # fmt: skip
+        problem = incompatibility(job.record, {key: self.version()}, (key,))
+        if problem:
+            raise EngineError(f"{job.spec.name}: {path.name} {problem}: {rebuild(self.flavour)}")
         with open(path, "rb") as f:
             written = rtx_plan_version(f.read(64))
         if written != self.version():

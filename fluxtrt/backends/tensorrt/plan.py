@@ -97,6 +97,15 @@ class TensorRTRtxOptions(BackendOptions):
         return RTX_DEFAULT_TARGETS[precision]
 
 
+def check_targets(compute: str, targets: tuple[int, ...]) -> None:
+    """Raise DeviceError naming the first TensorRT-RTX target (as 89) that cannot run ``compute`` (FP8 below 8.9,
+    FP4 below 10.0)."""
+    for sm in targets if compute in MIN_SM else ():
+        cc = f"{sm // 10}.{sm % 10}"
+        fix = f"leave {cc} out of --compute-capability, or build --precision bf16"
+        require_sm(sm, compute, fix, f"--precision {compute} for target {cc}")
+
+
 def parse_compute_capability(text: str) -> int:
     """``"8.9"`` (or ``"89"``, ``"sm89"``) -> 89, checked against TensorRT-RTX's targets.
 
@@ -228,10 +237,7 @@ def build_plan(spec: ComponentSpec, onnx_path: Path, precision: str, profile: Ma
         raise BuildError(f"{spec.name}: no ONNX at {onnx_path}: export it first (fluxtrt build does) or fix --onnx-dir")
     compute = component_precision(spec.name, precision)
     targets = options.targets(precision, current_sm) if flavour.rtx else ()
-    for sm in targets if compute in MIN_SM else ():
-        cc = f"{sm // 10}.{sm % 10}"
-        fix = f"leave {cc} out of --compute-capability, or build --precision bf16"
-        require_sm(sm, compute, fix, f"--precision {compute} for target {cc}")
+    check_targets(compute, targets)
     if compute in QUANTIZED and compute not in onnx_quantization(onnx_path):
         raise BuildError(
             f"{spec.name}: --precision {precision} needs {compute.upper()} QuantizeLinear/DequantizeLinear nodes in "
