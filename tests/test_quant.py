@@ -181,6 +181,64 @@ def test_fp8_with_external_data(calibration, exported, tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("in_axis", [0, 1])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+def test_fp8_weight_quantization_is_bit_equal_to_ml_dtypes(dtype_name, in_axis):
+    """The threaded torch quantizer against NumPy + ml_dtypes (round to nearest even), an all-zero channel included."""
+    import ml_dtypes
+
+    from fluxtrt.kernels.fp8 import FP8_MAX
+    from fluxtrt.quant.qdq import quantize_fp8_weight
+
+    dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 160)) * rng.uniform(0.01, 1000, (96, 160)) ** (rng.random((96, 160)) > 0.9)
+    w = w.astype(dtype)
+    w[(slice(None), 5) if in_axis == 0 else (5, slice(None))] = 0
+    want_scale = (np.abs(w.astype(np.float32)).max(axis=in_axis) / FP8_MAX).astype(dtype)
+    want_scale = np.where(want_scale > 0, want_scale, np.ones_like(want_scale))
+    s = np.expand_dims(want_scale.astype(np.float32), in_axis)
+    want = np.clip(w.astype(np.float32) / s, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+    got, scale = quantize_fp8_weight(w, in_axis, dtype)
+    assert got.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    np.testing.assert_array_equal(scale.view(np.uint8), want_scale.view(np.uint8))
+
+
+def test_export_with_qdq_rewrite_equals_the_file_rewrite(tiny, calibration, exported, tmp_path):
+    """Q/DQ inserted in memory before the one write (how build exports a quantized transformer) gives the graph
+    that rewriting the written file gives: the same nodes in order and bit-equal initializers."""
+    from fluxtrt.backends.torch_modules import component_module
+    from fluxtrt.export.onnx import export_onnx
+    from fluxtrt.quant.qdq import quantize_model
+    from fluxtrt.specs.flux import component_dims, dims_from_components
+
+    _, spec, feed = exported
+
+    sample = spec.sample_feed(component_dims("transformer", dims_from_components(tiny), 2, Resolution(144, 160), RES),
+                              torch.float32)  # fmt: skip
+    (tmp_path / "mem").mkdir()
+    rewrite = lambda model: quantize_model(model, calibration.amax, "fp8")  # noqa: E731
+    in_memory = export_onnx(spec, component_module("transformer", tiny), sample, tmp_path / "mem", rewrite=rewrite)
+    assert "rewrite" in in_memory.phases
+    file_rewrite = quantized_copy(exported, tmp_path, calibration.amax, "fp8")
+    a, b = (onnx.load(str(p)) for p in (in_memory.model, file_rewrite))
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    inits_b = {i.name: i for i in b.graph.initializer}
+    assert sorted(i.name for i in a.graph.initializer) == sorted(inits_b)
+    for init in a.graph.initializer:
+        assert onnx.numpy_helper.to_array(init).tobytes() == onnx.numpy_helper.to_array(inits_b[init.name]).tobytes()
+    outs = [ort_output(p, spec, feed) for p in (in_memory.model, file_rewrite)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def ort_output(path: Path, spec, feed) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: feed[k].numpy() for k in spec.input_names})[0]
+
+
 # --- (c) NVFP4 graph in onnx.reference against the fake-quant oracle -----------------------------------------------
 
 

@@ -260,16 +260,16 @@ def _onnx_for(build: _Build, name: str, module: Any, folder: Path, amax: dict[st
     from fluxtrt.export.onnx import export_onnx
     from fluxtrt.models.loading import torch_dtype
 
-    build.say(name, "exporting ONNX")
     feed = spec.sample_feed(_sample_dims(name, build.dims, config), torch_dtype(COMPUTE_DTYPE[config.precision]),
                             config.device)  # fmt: skip
-    onnx_path = export_onnx(spec, module, feed, folder).model
-    if amax is not None:
-        from fluxtrt.quant.qdq import quantize_onnx
+    if amax is None:
+        build.say(name, "exporting ONNX")
+        return export_onnx(spec, module, feed, folder).model
+    from fluxtrt.quant.qdq import quantize_model
 
-        build.say(name, f"inserting {config.precision} Q/DQ")
-        quantize_onnx(onnx_path, amax, config.precision)
-    return onnx_path
+    build.say(name, f"exporting ONNX with {config.precision} Q/DQ")
+    return export_onnx(spec, module, feed, folder, rewrite=lambda model: quantize_model(model, amax, config.precision),
+                       checker=config.precision == "fp8").model  # fmt: skip
 
 
 def _move_into_place(out: Path, name: str, staging: Path, onnx_path: Path | None,

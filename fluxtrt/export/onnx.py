@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,8 @@ def export_onnx(
     out_dir: Path,
     *,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    rewrite: Callable[[Any], None] | None = None,
+    checker: bool = True,
 ) -> OnnxExport:
     """Export ``module`` (forward signature = ``spec.input_names``) to ``out_dir/model.onnx`` and check it.
 
@@ -67,6 +70,9 @@ def export_onnx(
             should differ between axes that are free to differ.
         out_dir: an empty directory that receives ``model.onnx`` (+ ``model.onnx_data`` above the threshold).
         external_data_threshold: total initializer bytes above which weights go to one external file.
+        rewrite: called with the in-memory ``onnx_ir`` model before it is written (the Q/DQ insertion), so a
+            large graph is written once.
+        checker: run onnx.checker on the written model (not for graphs with TensorRT's custom ops).
 
     Returns:
         The written files and timings.
@@ -118,17 +124,21 @@ def export_onnx(
         first = first_line(exc)
         raise BuildError(f"{spec.name}: ONNX export failed ({type(exc).__name__}: {first[:300]})") from exc
     _name_axes(spec, program.model)
+    if rewrite is not None:
+        rewrite(program.model)
+        lap("rewrite")
 
     model_path = out_dir / MODEL_FILE
     initializer_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value)
     external = initializer_bytes > external_data_threshold
-    _save_and_check(spec, program.model, model_path, external, lap)
+    _save_and_check(spec, program.model, model_path, external, lap, checker)
     del program
     data_path = out_dir / DATA_FILE if external else None
     return OnnxExport(model_path, data_path, time.perf_counter() - t0, initializer_bytes, phases)
 
 
-def _save_and_check(spec: ComponentSpec, model: Any, model_path: Path, external: bool, lap: Any) -> None:
+def _save_and_check(spec: ComponentSpec, model: Any, model_path: Path, external: bool, lap: Any,
+                    checker: bool) -> None:  # fmt: skip
     """Write the model (weights to one data file when ``external``), then check it and its interface."""
     import onnx
     import onnx_ir as ir
@@ -141,7 +151,8 @@ def _save_and_check(spec: ComponentSpec, model: Any, model_path: Path, external:
         ir.save(model, model_path)
     lap("save")
     try:
-        onnx.checker.check_model(str(model_path))  # path-based: works past protobuf's 2 GB limit
+        if checker:
+            onnx.checker.check_model(str(model_path))  # path-based: works past protobuf's 2 GB limit
     except onnx.checker.ValidationError as exc:
         raise BuildError(f"{spec.name}: the exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     _check_interface(spec, model_path)
