@@ -34,6 +34,10 @@ class FluxtrtGroup(click.Group):
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+            from fluxtrt.parallel.launch import in_worker
+
+            if in_worker():  # Ctrl-C reaches every --gpus worker; their parent says it once
+                sys.exit(130)
             click.echo(
                 "error: interrupted: nothing half-written was left (a build keeps the components it finished; run "
                 "it again to go on)",

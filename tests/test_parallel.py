@@ -64,6 +64,40 @@ def test_infer_gpus_2_on_cpu_writes_the_image_of_one_process(tmp_path, image_fil
     assert a.shape == b.shape and np.abs(a - b).max() <= 1  # float32 rounding may flip one 8-bit level
 
 
+def test_compare_gpus_2_names_what_it_switched_off(tmp_path):
+    """Stage 1 on two CPU processes: the first-block cache is off and says why; the split is among what is on."""
+    import json
+
+    from fluxtrt.parallel.context import FBC_OFF
+
+    report = tmp_path / "report"
+    stage = "1:compile=off:vae=off"
+    proc = run_fluxtrt(
+        "compare",
+        "--model",
+        "tiny",
+        "--stages",
+        stage,
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--resolution",
+        "256x256",
+        "--device",
+        "cpu",
+        "--gpus",
+        "2",
+        "--report",
+        str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("the transformer split over 2 processes") == 1
+    (row,) = json.loads((report / "report.json").read_text())["contenders"]
+    assert row["status"] == "ok" and row["details"]["unavailable"] == [FBC_OFF]
+    assert row["what"] == ["fused QKV", "context parallel over 2 processes (Ulysses)"]
+
+
 def test_uneven_sequence_is_refused_in_one_line(tmp_path, image_file):
     """1040x1008 has 65 x 63 = 4095 target tokens; with the 74 x 55 = 4070 of the reference, 8165: odd."""
     out = tmp_path / "edit.png"

@@ -96,6 +96,7 @@ def launch(gpus: int, args: Sequence[str], script: str | None = None) -> None:
     Raises:
         FluxtrtError: a worker failed.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -109,8 +110,12 @@ def launch(gpus: int, args: Sequence[str], script: str | None = None) -> None:
         with _worker_environment(gpus, workdir), _quiet_torchrun():
             run(parse_args(argv))
     except ChildFailedError as exc:
+        if exc.get_first_failure()[1].exitcode in (130, -2):  # a worker stopped by Ctrl-C (SIGINT)
+            raise KeyboardInterrupt from None
         error, keep = _failure(exc, gpus, workdir)
         raise error from None
+    except SignalException:  # Ctrl-C (or SIGTERM): torchrun has stopped the workers; the CLI says "interrupted"
+        raise KeyboardInterrupt from None
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -161,7 +166,8 @@ def _worker_environment(gpus: int, workdir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _quiet_torchrun() -> Iterator[None]:
     """torchrun's own log lines (its banner, a failure's report) stay off the terminal: fluxtrt says what failed."""
-    loggers = [logging.getLogger(name) for name in _TORCHRUN_LOGGERS]
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(_TORCHRUN_LOGGERS)]  # each has its own level
+    loggers = [logging.getLogger(name) for name in {*_TORCHRUN_LOGGERS, *names}]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
