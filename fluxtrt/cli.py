@@ -29,10 +29,15 @@ class FluxtrtGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         verbose = "--verbose" in args
         try:
-            return super().main(args, prog_name, standalone_mode=False, **extra)
+            # The arguments travel with the context: `--gpus N` runs the same command again under torchrun.
+            return super().main(args, prog_name, standalone_mode=False, obj={"args": args}, **extra)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
+            from fluxtrt.parallel.launch import in_worker
+
+            if in_worker():  # Ctrl-C reaches every --gpus worker; their parent says it once
+                sys.exit(130)
             click.echo(
                 "error: interrupted: nothing half-written was left (a build keeps the components it finished; run "
                 "it again to go on)",
@@ -45,7 +50,10 @@ class FluxtrtGroup(click.Group):
         except FluxtrtError as exc:
             if verbose:
                 raise
-            click.echo(f"error: {exc}", err=True)
+            from fluxtrt.parallel.launch import record_worker_error
+
+            if not record_worker_error(str(exc)):  # a --gpus worker leaves it to the parent to print
+                click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 
 
@@ -69,6 +77,19 @@ def device_options(f):
     )(f)
     help_ = f"One of auto, {', '.join(DEVICES)}; auto = cuda where PyTorch sees a GPU, else cpu."
     return click.option("--device", default="auto", show_default=True, help=help_)(f)
+
+
+def gpus_option(f):
+    help_ = ("Split the transformer's sequence over N GPUs of this host (Ulysses attention; launched under "
+             "torchrun; with --device cpu, N CPU processes).")  # fmt: skip
+    return click.option("--gpus", type=int, default=1, show_default=True, help=help_)(f)
+
+
+def relaunched(gpus: int, device: str) -> bool:
+    """True when this process launched ``gpus`` workers for the command (and they finished)."""
+    from fluxtrt.parallel.launch import relaunch
+
+    return relaunch(gpus, device, click.get_current_context().find_root().obj["args"])
 
 
 def sampler_options(f):
@@ -105,7 +126,9 @@ def main(verbose: bool) -> None:
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
 @device_options
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype):
+@gpus_option
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype,
+          gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
@@ -122,13 +145,18 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
         width=width,
         device=device,
         dtype=dtype,
+        gpus=gpus,
     )
+    if relaunched(config.gpus, config.device):
+        return
     from fluxtrt.console import print_infer_report, step_progress
     from fluxtrt.infer import run_infer
+    from fluxtrt.parallel.launch import is_main_process
 
     with step_progress() as on_step:
         report = run_infer(config, on_step=on_step)
-    print_infer_report(report, config.out)
+    if is_main_process():
+        print_infer_report(report, config.out)
 
 
 @main.command()
@@ -226,8 +254,9 @@ def inspect(engines_dir):
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
 @device_options
+@gpus_option
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            report_dir, device, dtype):  # fmt: skip
+            report_dir, device, dtype, gpus):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -246,12 +275,17 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         dtype=dtype,
         seed=seed,
         diffusers_check=diffusers_check,
+        gpus=gpus,
     )
+    if relaunched(config.gpus, config.device):
+        return
     from fluxtrt.bench.compare import compare as run_compare
     from fluxtrt.bench.console import print_compare_report, print_event
+    from fluxtrt.parallel.launch import is_main_process
 
     report = run_compare(config, on_event=print_event)
-    print_compare_report(report, config.report_dir)
+    if is_main_process():
+        print_compare_report(report, config.report_dir)
     report.raise_for_failures()
 
 

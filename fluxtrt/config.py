@@ -32,6 +32,17 @@ def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
         raise InputError(f"{option} is '{value}', expected one of {', '.join(allowed)}")
 
 
+def check_gpus_option(gpus: int, engines: bool) -> None:
+    """``--gpus``: an integer >= 1, and 1 with engines (an engine runs its whole sequence on one GPU)."""
+    if gpus < 1:
+        raise InputError(f"--gpus is {gpus}, expected an integer >= 1 (the GPUs of this host to split the edit over)")
+    if gpus > 1 and engines:
+        raise InputError(
+            f"--gpus {gpus} with --engines: an engine runs the whole sequence on one GPU; use --gpus 1 with engines, "
+            "or --model for the PyTorch pipeline split over GPUs"
+        )
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How the denoising loop integrates the flow: solver, sigma schedule and step count.
@@ -77,6 +88,8 @@ class InferConfig:
         height, width: target size; both or neither. ``None`` keeps the reference's preferred Kontext resolution.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU).
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
+        gpus: processes the transformer's sequence is split over (one per GPU of this host; with ``device="cpu"``
+            CPU processes). 1 runs in this process; more are launched under torchrun (``fluxtrt.parallel``).
     """
 
     model: str | None
@@ -91,8 +104,10 @@ class InferConfig:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    gpus: int = 1
 
     def __post_init__(self) -> None:
+        check_gpus_option(self.gpus, engines=self.engines is not None)
         if (self.model is None) == (self.engines is None):
             model = "not given" if self.model is None else f"'{self.model}'"
             engines = "not given" if self.engines is None else f"'{self.engines}'"

@@ -11,7 +11,7 @@ from fluxtrt.config import InferConfig
 from fluxtrt.environment import check_device
 from fluxtrt.errors import FluxtrtError
 from fluxtrt.io import atomic_write
-from fluxtrt.pipeline.kontext import EditResult
+from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult
 
 
 @dataclass
@@ -28,6 +28,9 @@ class InferReport:
 def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
     """Load the model, edit the image, write it atomically (PNG, JPEG or WebP, as ``config.out_format`` says).
 
+    With ``config.gpus`` > 1 this runs in each of the processes ``fluxtrt.parallel.launch`` started: the
+    transformer's sequence is split over them, and rank 0 alone writes the image.
+
     Args:
         config: the validated edit request.
         on_step: progress callback ``(done, total)``.
@@ -36,41 +39,57 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         The report; ``config.out`` holds the edited image.
 
     Raises:
-        FluxtrtError: bad input, an unloadable model, an unavailable device, a non-finite edit, or an output that
-            cannot be written. Nothing is written in that case.
+        FluxtrtError: bad input, an unloadable model, an unavailable device, a non-finite edit, a sequence that does
+            not split over ``config.gpus``, or an output that cannot be written. Nothing is written in that case.
     """
-    from fluxtrt.models import load_components
     from fluxtrt.pipeline.image import load_image
-    from fluxtrt.pipeline.kontext import KontextPipeline
 
     device = config.resolved_device
     check_device(device)
     image = load_image(config.image)
-    t0 = time.perf_counter()
+    world = None
+    if config.gpus > 1:
+        from fluxtrt.parallel.context import init_world
+
+        world = init_world(config.gpus, device)
+    try:
+        t0 = time.perf_counter()
+        pipeline, source = _load_pipeline(config, device, world)
+        load_s = time.perf_counter() - t0
+        with pipeline:
+            if world is not None:
+                from fluxtrt.parallel.context import check_sequence
+
+                geometry = pipeline.geometry(image.size, config.height, config.width, DEFAULT_MAX_AREA)
+                check_sequence(pipeline.dims, *geometry, world.size)
+            result = pipeline.edit(image, config.prompt, sampler=config.sampler, seed=config.seed,
+                                   guidance=config.guidance, height=config.height, width=config.width,
+                                   on_step=on_step)  # fmt: skip
+        if world is None or world.main:
+            save_image(result.images[0], config)
+    finally:
+        if world is not None:
+            world.close()
+    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
+    where = device if world is None else f"{world.size} x {device} (context parallel)"
+    return InferReport(result, load_s, source, where, dtype)
+
+
+def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, str]:
+    """The pipeline of an edit and what it runs (engines or a model, its transformer split over ``world``)."""
+    from fluxtrt.models import load_components
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
     if config.engines is not None:
         from fluxtrt.engines.load import load_engine_pipeline
 
-        pipeline = load_engine_pipeline(config.engines, device)
-        source = f"engines {config.engines}"
-    else:
-        components = load_components(config.model, device, config.resolved_dtype, seed=0)
-        pipeline = KontextPipeline.from_components(components)
-        source = config.model
-    load_s = time.perf_counter() - t0
-    with pipeline:
-        result = pipeline.edit(
-            image,
-            config.prompt,
-            sampler=config.sampler,
-            seed=config.seed,
-            guidance=config.guidance,
-            height=config.height,
-            width=config.width,
-            on_step=on_step,
-        )
-    save_image(result.images[0], config)
-    dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
-    return InferReport(result, load_s, source, device, dtype)
+        return load_engine_pipeline(config.engines, device), f"engines {config.engines}"
+    components = load_components(config.model, device, config.resolved_dtype, seed=0)
+    if world is not None:
+        from fluxtrt.parallel.context import enable_context_parallel
+
+        enable_context_parallel(components.transformer, world)
+    return KontextPipeline.from_components(components), config.model
 
 
 # Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.

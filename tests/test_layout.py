@@ -25,7 +25,7 @@ LAYERS = (
     ("pipeline",),
     ("engines",),
     ("stages",),
-    ("console",),
+    ("console", "parallel"),
     ("infer", "bench"),
     ("cli",),
     ("__main__",),

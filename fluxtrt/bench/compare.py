@@ -60,9 +60,9 @@ def fill_fidelity(report: CompareReport) -> None:
 class _Comparison:
     """The state of one ``compare`` call."""
 
-    def __init__(self, config: CompareConfig, emit: Callable[[dict], None]):
+    def __init__(self, config: CompareConfig, emit: Callable[[dict], None], world: Any = None):
         self.config, self.emit = config, emit
-        self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0)
+        self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0, world=world)
         if config.image is not None:
             from fluxtrt.pipeline.image import load_image
 
@@ -77,6 +77,18 @@ class _Comparison:
     def edit(self, pipeline: Any, sampler: Any) -> Any:
         c = self.config
         return pipeline.edit(self.image, c.prompt, sampler=sampler, seed=c.seed, guidance=c.guidance, **self.size)
+
+    def check_split(self) -> None:
+        """With --gpus: refuse, before any contender runs, an edit whose tokens do not split over the processes
+        (the model is loaded for its sizes, as the first contender would load it)."""
+        from fluxtrt.parallel.context import check_sequence
+        from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, KontextPipeline
+
+        pipeline = KontextPipeline.from_components(self.session.staged_for(_stage0()).components)
+        s = self.size
+        max_area = s.get("max_area", DEFAULT_MAX_AREA)
+        geometry = pipeline.geometry(self.image.size, s.get("height"), s.get("width"), max_area)
+        check_sequence(pipeline.dims, *geometry, self.session.world.size)
 
     def run(self, contender: Contender) -> ContenderResult:
         c = self.config
@@ -197,16 +209,24 @@ def compare(
     Returns:
         The report; ``report.failed`` lists the contenders that failed (each with its error).
 
+    With ``config.gpus`` > 1 this runs in each of the processes ``fluxtrt.parallel.launch`` started, every stage's
+    transformer split over them; rank 0 alone emits events and writes the report.
+
     Raises:
         DeviceError: ``--device cuda`` without a CUDA device.
-        InputError: an unreadable --image.
+        InputError: an unreadable --image, or an edit whose sequence does not split over ``config.gpus``.
     """
     from fluxtrt.environment import check_device, environment
 
     check_device(config.resolved_device)
-    emit = on_event or (lambda _event: None)
+    world = None
+    if config.gpus > 1:
+        from fluxtrt.parallel.context import init_world
+
+        world = init_world(config.gpus, config.resolved_device)
+    emit = on_event if on_event is not None and (world is None or world.main) else (lambda _event: None)
     contenders = list(contenders) if contenders is not None else contenders_from_config(config.stages, config.engines)
-    state = _Comparison(config, emit)
+    state = _Comparison(config, emit, world)
     report = CompareReport(
         config=config.to_dict(),
         environment=environment(),
@@ -221,6 +241,8 @@ def compare(
     )
     emit({"event": "start", "config": report.config, "environment": report.environment})
     try:
+        if world is not None:
+            state.check_split()
         for contender in contenders:
             result = state.run(contender)
             report.contenders.append(result)
@@ -230,10 +252,12 @@ def compare(
             if result.runs and "target" not in report.inputs:
                 report.inputs["target"] = f"{result.runs[0].image.size[0]}x{result.runs[0].image.size[1]}"
             emit({"event": "done", **summary_row(report, result)})
-            if config.report_dir is not None:
+            if config.report_dir is not None and (world is None or world.main):
                 from fluxtrt.bench.report import write_report
 
                 write_report(report, config.report_dir)
     finally:
         state.session.release()
+        if world is not None:
+            world.close()
     return report

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES
+from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES, check_gpus_option
 from fluxtrt.errors import InputError
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
@@ -40,6 +40,7 @@ class CompareConfig:
         guidance: distilled-guidance scale.
         diffusers_check: after stage 0, time diffusers' own FluxKontextPipeline on the same modules and compare the
             transformer's per-step time with stage 0's.
+        gpus: processes each PyTorch stage's transformer is split over (``fluxtrt.parallel``); no engines then.
     """
 
     model: str
@@ -57,8 +58,10 @@ class CompareConfig:
     seed: int = DEFAULT_SEED
     guidance: float = DEFAULT_GUIDANCE
     diffusers_check: bool = False
+    gpus: int = 1
 
     def __post_init__(self) -> None:
+        check_gpus_option(self.gpus, engines=bool(self.engines))
         if self.device not in ("auto", *DEVICES):
             raise InputError(f"--device is '{self.device}', expected one of auto, {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
@@ -116,4 +119,5 @@ class CompareConfig:
             "seed": self.seed,
             "guidance": self.guidance,
             "diffusers_check": self.diffusers_check,
+            "gpus": self.gpus,
         }

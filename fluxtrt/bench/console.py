@@ -32,8 +32,10 @@ def print_compare_report(report, directory: Path | None) -> None:
     from fluxtrt.bench.results import summary_row
 
     console = out()
-    console.print(f"fluxtrt compare: {escape(report.config['model'])} on {report.environment.get('gpu') or 'CPU'}",
-                  soft_wrap=True)  # fmt: skip
+    gpus = report.config.get("gpus", 1)
+    split = f", the transformer split over {gpus} processes" if gpus > 1 else ""
+    console.print(f"fluxtrt compare: {escape(report.config['model'])} on {report.environment.get('gpu') or 'CPU'}"
+                  f"{split}", soft_wrap=True)  # fmt: skip
     table = Table()
     for name in ("contender", "steps", "total ms", "transformer ms/step", "vs 0", "vs 1", "PSNR dB", "SSIM", "status"):
         table.add_column(name, justify="left" if name in ("contender", "status") else "right")

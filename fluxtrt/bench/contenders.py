@@ -39,10 +39,12 @@ class ModelSession:
         model: ``tiny``, ``random-full`` or a checkpoint.
         device, dtype: where and in what precision to load it.
         seed: initialisation seed of the synthetic models (the same weights after every reload).
+        world: the processes the transformer is split over (``fluxtrt.parallel.context.World``), or None.
     """
 
-    def __init__(self, model: str, device: str, dtype: str, seed: int = 0):
+    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, world: Any = None):
         self.model, self.device, self.dtype, self.seed = model, device, dtype, seed
+        self.world = world
         self.staged: Any = None  # fluxtrt.stages.apply.StagedModel
         self.loads: list[float] = []  # seconds of each load
 
@@ -56,6 +58,10 @@ class ModelSession:
         self.release()
         t0 = time.perf_counter()
         components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+        if self.world is not None:
+            from fluxtrt.parallel.context import enable_context_parallel
+
+            enable_context_parallel(components.transformer, self.world)
         self.loads.append(time.perf_counter() - t0)
         self.staged = StagedModel(components)
         return self.staged
@@ -129,9 +135,20 @@ class StageContender(Contender):
         from fluxtrt.pipeline.kontext import KontextPipeline
 
         loads = len(session.loads)
-        staged = session.staged_for(self.config)
-        applied = staged.apply(self.config, strict=self.strict)
+        config, notes = self.config, []
+        if session.world is not None:
+            from fluxtrt.parallel.context import restrict_stage
+
+            config, notes = restrict_stage(config)
+        staged = session.staged_for(config)
+        applied = staged.apply(config, strict=self.strict)
         report = applied.report
+        if session.world is not None:
+            from fluxtrt.parallel.context import attach_processors
+
+            attach_processors(staged.components.transformer)  # the stage set new attention processors
+            report.unavailable.extend(notes)
+            report.features.append(f"context parallel over {session.world.size} processes (Ulysses)")
 
         def end_edit(edit: Any = None) -> dict | None:
             stats = applied.end_edit(*((edit.timings_ms, edit.calls) if edit is not None else ()))
@@ -265,6 +282,10 @@ class CustomContender(Contender):
         loads = len(session.loads)
         staged = session.staged_for(STAGES["0"])
         runners = dict(staged.apply(STAGES["0"]).runners)  # plain runners, reversible switches reset
+        if session.world is not None:
+            from fluxtrt.parallel.context import attach_processors
+
+            attach_processors(staged.components.transformer)
         runners.update(self.make_runners(staged.components))
         return Prepared(
             pipeline=KontextPipeline.from_components(staged.components, runners=runners),
