@@ -262,14 +262,18 @@ def _onnx_for(build: _Build, name: str, module: Any, folder: Path, amax: dict[st
 
     feed = spec.sample_feed(_sample_dims(name, build.dims, config), torch_dtype(COMPUTE_DTYPE[config.precision]),
                             config.device)  # fmt: skip
+
+    def progress(phase: str, seconds: float) -> None:
+        build.say(name, f"ONNX {phase} done in {seconds:.1f} s")
+
     if amax is None:
         build.say(name, "exporting ONNX")
-        return export_onnx(spec, module, feed, folder).model
+        return export_onnx(spec, module, feed, folder, progress=progress).model
     from fluxtrt.quant.qdq import quantize_model
 
     build.say(name, f"exporting ONNX with {config.precision} Q/DQ")
     return export_onnx(spec, module, feed, folder, rewrite=lambda model: quantize_model(model, amax, config.precision),
-                       checker=config.precision == "fp8").model  # fmt: skip
+                       checker=config.precision == "fp8", progress=progress).model  # fmt: skip
 
 
 def _move_into_place(out: Path, name: str, staging: Path, onnx_path: Path | None,

@@ -60,6 +60,7 @@ def export_onnx(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     rewrite: Callable[[Any], None] | None = None,
     checker: bool = True,
+    progress: Callable[[str, float], None] | None = None,
 ) -> OnnxExport:
     """Export ``module`` (forward signature = ``spec.input_names``) to ``out_dir/model.onnx`` and check it.
 
@@ -73,6 +74,7 @@ def export_onnx(
         rewrite: called with the in-memory ``onnx_ir`` model before it is written (the Q/DQ insertion), so a
             large graph is written once.
         checker: run onnx.checker on the written model (not for graphs with TensorRT's custom ops).
+        progress: called with each phase's name and seconds as it ends (a full-size transformer takes minutes).
 
     Returns:
         The written files and timings.
@@ -101,6 +103,8 @@ def export_onnx(
         nonlocal mark
         now = time.perf_counter()
         phases[phase], mark = now - mark, now
+        if progress is not None:
+            progress(phase, phases[phase])
 
     try:
         with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
