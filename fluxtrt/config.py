@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fluxtrt.errors import InputError
 from fluxtrt.io import check_writable
-from fluxtrt.specs.flux import COMPONENTS, Resolution
+from fluxtrt.specs.flux import BUILDABLE, COMPONENTS, TRANSFORMER_PARTS, Resolution
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -23,6 +23,10 @@ DEFAULT_STEPS = {"euler": 28, "dpmpp-2m": 14}
 # DESIGN 3: log-snr is where 14 DPM-Solver++ 2M steps beat 28 Euler steps for narrow and wide data alike; Euler keeps
 # diffusers' FLUX schedule, on which it reproduces diffusers exactly.
 DEFAULT_SIGMAS = {"euler": "flux-shift", "dpmpp-2m": "log-snr"}
+# Relative change of the first block's residual below which a step reuses the cached residual of the others (the
+# first-block cache of stages 1-4 and of engines built with --first-block-cache). The skip rate it gives depends on
+# the real weights: tune it per checkpoint.
+DEFAULT_FBC_THRESHOLD = 0.08
 # The image format written for each ``--out`` extension (Pillow's format names).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -30,6 +34,26 @@ OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InputError(f"{option} is '{value}', expected one of {', '.join(allowed)}")
+
+
+def parse_fbc_threshold(text: str | None, option: str) -> float | None:
+    """A first-block-cache threshold as given on the command line: ``off`` (None), or a number >= 0; None (not
+    given) is ``DEFAULT_FBC_THRESHOLD``.
+
+    Raises:
+        InputError: neither off nor a number >= 0.
+    """
+    if text is None:
+        return DEFAULT_FBC_THRESHOLD
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise InputError(f"{option} is '{text}', expected off or a threshold >= 0 such as {DEFAULT_FBC_THRESHOLD}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -77,6 +101,8 @@ class InferConfig:
         height, width: target size; both or neither. ``None`` keeps the reference's preferred Kontext resolution.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU).
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
+        fbc: engines built with ``--first-block-cache``: the cache's threshold as given (``off`` or a number);
+            None takes ``DEFAULT_FBC_THRESHOLD``. Given explicitly, the engines must hold the transformer's parts.
     """
 
     model: str | None
@@ -91,6 +117,7 @@ class InferConfig:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    fbc: str | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.engines is None):
@@ -102,6 +129,12 @@ class InferConfig:
             )
         _one_of("--device", self.device, ("auto", *DEVICES))
         _one_of("--dtype", self.dtype, DTYPES)
+        parse_fbc_threshold(self.fbc, "--fbc")
+        if self.fbc is not None and self.engines is None:
+            raise InputError(
+                f"--fbc is '{self.fbc}' but no --engines is given: the threshold is for engines built with "
+                "--first-block-cache (PyTorch runs the cache as stages 1-4 of `fluxtrt compare`)"
+            )
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and value <= 0:
                 raise InputError(f"{name} is {value}, expected a positive number of pixels (e.g. 1024)")
@@ -121,6 +154,11 @@ class InferConfig:
                 f"{', '.join(OUTPUT_FORMATS)}: name the file e.g. {self.out.with_suffix('.png').name}"
             )
         check_writable(self.out, "--out")
+
+    @property
+    def fbc_threshold(self) -> float | None:
+        """The first-block-cache threshold for the engines (None: off)."""
+        return parse_fbc_threshold(self.fbc, "--fbc")
 
     @property
     def out_format(self) -> str:
@@ -161,7 +199,10 @@ class BuildConfig:
         min_resolution, opt_resolution, max_resolution: the range the engines accept (each side of the target
             and of the reference within min..max) and the size they are tuned for.
         max_batch: largest batch the engines accept.
-        components: which components to build (default all five).
+        components: which components to build (default all five); ``transformer_first`` and ``transformer_rest``
+            are the transformer's two parts for the first-block cache.
+        first_block_cache: build the transformer as its two parts (``transformer_first``, ``transformer_rest``)
+            instead of one engine, so ``infer``/``compare`` can skip the remaining blocks (DESIGN 6).
         force: rebuild even where the recorded settings match.
         device: where the model is loaded for export (``cuda`` for bf16 at full size).
         onnx_dir: use ``<onnx_dir>/<component>/model.onnx`` (exported elsewhere, same input/output names) instead
@@ -201,6 +242,7 @@ class BuildConfig:
     cuda_graph: bool = False
     aoti_fp8_attention: bool | None = None
     compute_capabilities: tuple[str, ...] | None = None
+    first_block_cache: bool = False
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
@@ -222,9 +264,12 @@ class BuildConfig:
                 "--calibration-edits 8"
             )
         for c in self.components:
-            _one_of("--components", c, COMPONENTS)
+            _one_of("--components", c, BUILDABLE)
         if not self.components:
             raise InputError(f"--components is empty, expected some of {', '.join(COMPONENTS)}")
+        if self.first_block_cache:  # the transformer is built as its two parts, in its place
+            parts = [p for c in self.components for p in (TRANSFORMER_PARTS if c == "transformer" else (c,))]
+            object.__setattr__(self, "components", tuple(dict.fromkeys(parts)))
         if self.max_batch < 1:
             raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
         lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution

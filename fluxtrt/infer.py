@@ -16,13 +16,16 @@ from fluxtrt.pipeline.kontext import EditResult
 
 @dataclass
 class InferReport:
-    """An edit written to disk: the pipeline's result plus model load time."""
+    """An edit written to disk: the pipeline's result plus model load time, and the first-block cache's counts
+    (``fluxtrt.pipeline.first_block_cache.CacheStats``) and threshold when the engines run it."""
 
     result: EditResult
     load_s: float
     model: str
     device: str
     dtype: str
+    cache: Any = None
+    fbc_threshold: float | None = None
 
 
 def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
@@ -50,7 +53,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     if config.engines is not None:
         from fluxtrt.engines.load import load_engine_pipeline
 
-        pipeline = load_engine_pipeline(config.engines, device)
+        pipeline = load_engine_pipeline(config.engines, device, config.fbc_threshold, config.fbc is not None)
         source = f"engines {config.engines}"
     else:
         components = load_components(config.model, device, config.resolved_dtype, seed=0)
@@ -70,7 +73,10 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         )
     save_image(result.images[0], config)
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
-    return InferReport(result, load_s, source, device, dtype)
+    stats = getattr(pipeline.runners["transformer"], "stats", None)  # engines built with --first-block-cache
+    cache = stats() if stats is not None else None
+    threshold = pipeline.runners["transformer"].threshold if cache is not None else None
+    return InferReport(result, load_s, source, device, dtype, cache, threshold)
 
 
 # Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.

@@ -205,7 +205,11 @@ def compare(
 
     check_device(config.resolved_device)
     emit = on_event or (lambda _event: None)
-    contenders = list(contenders) if contenders is not None else contenders_from_config(config.stages, config.engines)
+    contenders = (
+        list(contenders)
+        if contenders is not None
+        else contenders_from_config(config.stages, config.engines, config.engines_fbc_threshold)
+    )
     state = _Comparison(config, emit)
     report = CompareReport(
         config=config.to_dict(),

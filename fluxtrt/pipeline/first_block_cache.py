@@ -137,7 +137,8 @@ class SplitTransformerRunner(Runner):
         first = self.first.infer({**feed, "rest_residual": rest_residual})
         if self._skip(first["first_residual"]):
             return first["cached_pred"], "skipped"
-        rest = self.rest.infer({name: first[name] if name in first else feed[name] for name in self.rest.spec.input_names})
+        handed = {name: first[name] if name in first else feed[name] for name in self.rest.spec.input_names}
+        rest = self.rest.infer(handed)  # hidden, encoder_hidden, temb from the first part; the ids from the feed
         self._first_residual, self._rest_residual = first["first_residual"], rest["rest_residual"]
         return rest["noise_pred"], "computed"
 

@@ -208,8 +208,13 @@ def transformer_part_specs(transformer_inputs: tuple[TensorSpec, ...], dim: int)
     first = ComponentSpec(
         "transformer_first",
         (*transformer_inputs, TensorSpec("rest_residual", ("B", "S", d), "compute")),
-        (hidden, encoder_hidden, temb, TensorSpec("first_residual", ("B", "S", d), "compute"),
-         TensorSpec("cached_pred", ("B", "S", p), "compute")),  # fmt: skip
+        (
+            hidden,
+            encoder_hidden,
+            temb,
+            TensorSpec("first_residual", ("B", "S", d), "compute"),
+            TensorSpec("cached_pred", ("B", "S", p), "compute"),
+        ),  # fmt: skip
         _TOLERANCE["transformer_first"],
     )
     rest = ComponentSpec(

@@ -42,4 +42,3 @@ class FirstBlockCacheRunner(SplitTransformerRunner):
         rest = TorchRunner(specs["transformer_rest"], TransformerRestModule(transformer).eval(), compute_dtype)
         super().__init__(spec, first, rest, threshold)
         self.transformer = transformer
-
