@@ -156,3 +156,30 @@ def test_compare_reports_cache_counts_for_engines(fbc_engines, tmp_path):
     assert (cache["computed"], cache["skipped"]) == (1, 2) and cache["mean_skipped_ms"] > 0
     assert row.details["first_block_cache"] == 1e9
     assert "first-block cache" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_aotinductor_parts_follow_the_pytorch_cache(tiny, aoti_engines):
+    """The split AOTInductor engines of the tiny model under the cache rule, fed a sequence of steps: the same
+    decisions and outputs as the PyTorch first-block cache on the same feeds."""
+    from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
+    from fluxtrt.stages.cache import FirstBlockCacheRunner
+
+    spec = aoti_engines.specs["transformer"]
+    feed = spec.sample_feed({"B": 1, "S": 48}, torch.float32, seed=3)
+    steps = (1.0, 0.99, 0.98, 0.6, 0.59, 0.2)
+
+    def run(runner):
+        outs = [runner.infer({**feed, "timestep": torch.tensor([t])})["noise_pred"] for t in steps]
+        return outs, runner.stats()
+
+    _, probe = run(FirstBlockCacheRunner(spec, tiny.transformer, 0.0, torch.float32))
+    changes = sorted(probe.changes)
+    threshold = (changes[1] + changes[2]) / 2
+    want, want_stats = run(FirstBlockCacheRunner(spec, tiny.transformer, threshold, torch.float32))
+    engines = SplitTransformerRunner(spec, *(aoti_engines[p] for p in TRANSFORMER_PARTS), threshold)
+    got, stats = run(engines)
+    assert 1 <= want_stats.skipped < len(steps)
+    assert (stats.computed, stats.skipped) == (want_stats.computed, want_stats.skipped)
+    assert stats.changes == pytest.approx(want_stats.changes, rel=1e-3)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
