@@ -151,7 +151,8 @@ def monolithic(args, manifest, load, feed, split_out) -> dict:
     with torch.inference_mode():
         ms = step_ms(lambda: runner.infer(feed))
         out = runner.infer(feed)["noise_pred"]
-    return {"source": "this run", "load_s": load_s, "step_ms": ms, "split_vs_monolithic": relative_error(split_out, out)}
+    error = relative_error(split_out, out)
+    return {"source": "this run", "load_s": load_s, "step_ms": ms, "split_vs_monolithic": error}
 
 
 def main() -> None:

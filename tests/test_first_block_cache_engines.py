@@ -129,8 +129,20 @@ def test_threshold_zero_split_edit_equals_the_monolithic_engine(fbc_engines, zer
 def test_infer_reports_the_cache_and_refuses_a_threshold_for_engines_without_parts(fbc_engines, ort_engines, tmp_path):
     image = tmp_path / "in.png"
     make_image(SIZE, SIZE).save(image)
-    common = ["--image", str(image), "--prompt", "p", "--steps", "3", "--device", "cpu", "--height", "256",
-              "--width", "256"]
+    common = [
+        "--image",
+        str(image),
+        "--prompt",
+        "p",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--height",
+        "256",
+        "--width",
+        "256",
+    ]
     result = run_cli("infer", "--engines", str(fbc_engines), "--fbc", "1e9", "--out", str(tmp_path / "a.png"), *common)
     assert result.exit_code == 0, result.stderr
     assert "first-block cache (threshold 1e+09): 1 steps computed, 2 skipped" in result.stdout
