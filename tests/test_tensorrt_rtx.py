@@ -86,7 +86,7 @@ def test_quantized_transformer_keeps_every_linear_quantized(rtx, tiny, precision
     assert tuple(entry.record["targets"]) == {"fp8": (89, 120), "fp4": (120,)}[precision]
 
 
-def test_first_block_cache_parts_build_as_fp8_plans_with_each_partss_linears_quantized(rtx, tiny, tmp_path):
+def test_first_block_cache_parts_build_as_fp8_plans_with_each_parts_linears_quantized(rtx, tiny, tmp_path):
     """The transformer's two parts (``--first-block-cache``) exported with FP8 Q/DQ from the build's calibration and
     built as real plans: each quantizes exactly the linears it computes, and together they are the transformer's."""
     from fluxtrt.backends.torch_modules import part_owns_linear
