@@ -9,6 +9,7 @@ import click
 
 from fluxtrt import __version__
 from fluxtrt.config import (
+    DEFAULT_FBC_THRESHOLD,
     DEVICES,
     DTYPES,
     SIGMA_SCHEDULES,
@@ -125,10 +126,12 @@ def main(verbose: bool) -> None:
     help="Target height (with --width); default keeps the input's aspect ratio at its preferred Kontext resolution.",
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
+@click.option("--fbc", default=None, help="Engines built with --first-block-cache: the cache's threshold, or off "
+              f"(default {DEFAULT_FBC_THRESHOLD}).")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype,
-          gpus):  # fmt: skip
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, device,
+          dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
@@ -146,6 +149,7 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
         device=device,
         dtype=dtype,
         gpus=gpus,
+        fbc=fbc,
     )
     if relaunched(config.gpus, config.device):
         return
@@ -169,7 +173,14 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--opt-resolution", default="1024x1024", show_default=True, help="WIDTHxHEIGHT the engines tune for.")
 @click.option("--max-resolution", default="1568x1568", show_default=True, help="Largest WIDTHxHEIGHT accepted.")
 @click.option("--max-batch", type=int, default=1, show_default=True, help="Largest batch accepted.")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True, help="Comma-separated subset.")
+@click.option(
+    "--components",
+    default=",".join(COMPONENTS),
+    show_default=True,
+    help="Comma-separated subset (transformer_first, transformer_rest: the transformer's two parts).",
+)
+@click.option("--first-block-cache", is_flag=True, help="Build the transformer as two engines (embeddings + first "
+              "block, the rest) so infer/compare can skip the rest on steps that barely change it.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Rebuild everything, even components whose settings match.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
@@ -192,9 +203,9 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--compute-capability", "compute_capability", default=None,
               help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
               "target that runs the precision).")  # fmt: skip
-def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
-          device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability):  # fmt: skip
+def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
+          first_block_cache, force, device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits,
+          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -218,6 +229,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         cuda_graph=cuda_graph,
         aoti_fp8_attention=aoti_fp8_attention,
         compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
+        first_block_cache=first_block_cache,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines
@@ -252,11 +264,13 @@ def inspect(engines_dir):
 @click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
+@click.option("--engines-fbc", default=None, help="First-block-cache threshold, or off, for engines built with "
+              f"--first-block-cache (default {DEFAULT_FBC_THRESHOLD}, the stages').")  # fmt: skip
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
 @device_options
 @gpus_option
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            report_dir, device, dtype, gpus):  # fmt: skip
+            engines_fbc, report_dir, device, dtype, gpus):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -276,6 +290,7 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         seed=seed,
         diffusers_check=diffusers_check,
         gpus=gpus,
+        engines_fbc=engines_fbc,
     )
     if relaunched(config.gpus, config.device):
         return

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fluxtrt.errors import InputError
 from fluxtrt.io import check_writable
-from fluxtrt.specs.flux import COMPONENTS, Resolution
+from fluxtrt.specs.flux import BUILDABLE, COMPONENTS, TRANSFORMER_PARTS, Resolution
 
 DEVICES = ("cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
@@ -23,6 +23,10 @@ DEFAULT_STEPS = {"euler": 28, "dpmpp-2m": 14}
 # DESIGN 3: log-snr is where 14 DPM-Solver++ 2M steps beat 28 Euler steps for narrow and wide data alike; Euler keeps
 # diffusers' FLUX schedule, on which it reproduces diffusers exactly.
 DEFAULT_SIGMAS = {"euler": "flux-shift", "dpmpp-2m": "log-snr"}
+# Relative change of the first block's residual below which a step reuses the cached residual of the others (the
+# first-block cache of stages 1-4 and of engines built with --first-block-cache). The skip rate it gives depends on
+# the real weights: tune it per checkpoint.
+DEFAULT_FBC_THRESHOLD = 0.08
 # The image format written for each ``--out`` extension (Pillow's format names).
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -41,6 +45,26 @@ def check_gpus_option(gpus: int, engines: bool) -> None:
             f"--gpus {gpus} with --engines: an engine runs the whole sequence on one GPU; use --gpus 1 with engines, "
             "or --model for the PyTorch pipeline split over GPUs"
         )
+
+
+def parse_fbc_threshold(text: str | None, option: str) -> float | None:
+    """A first-block-cache threshold as given on the command line: ``off`` (None), or a number >= 0; None (not
+    given) is ``DEFAULT_FBC_THRESHOLD``.
+
+    Raises:
+        InputError: neither off nor a number >= 0.
+    """
+    if text is None:
+        return DEFAULT_FBC_THRESHOLD
+    if text.strip().lower() == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise InputError(f"{option} is '{text}', expected off or a threshold >= 0 such as {DEFAULT_FBC_THRESHOLD}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,8 @@ class InferConfig:
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
         gpus: processes the transformer's sequence is split over (one per GPU of this host; with ``device="cpu"``
             CPU processes). 1 runs in this process; more are launched under torchrun (``fluxtrt.parallel``).
+        fbc: engines built with ``--first-block-cache``: the cache's threshold as given (``off`` or a number);
+            None takes ``DEFAULT_FBC_THRESHOLD``. Given explicitly, the engines must hold the transformer's parts.
     """
 
     model: str | None
@@ -105,6 +131,7 @@ class InferConfig:
     device: str = "auto"
     dtype: str = "auto"
     gpus: int = 1
+    fbc: str | None = None
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=self.engines is not None)
@@ -117,6 +144,12 @@ class InferConfig:
             )
         _one_of("--device", self.device, ("auto", *DEVICES))
         _one_of("--dtype", self.dtype, DTYPES)
+        parse_fbc_threshold(self.fbc, "--fbc")
+        if self.fbc is not None and self.engines is None:
+            raise InputError(
+                f"--fbc is '{self.fbc}' but no --engines is given: the threshold is for engines built with "
+                "--first-block-cache (PyTorch runs the cache as stages 1-4 of `fluxtrt compare`)"
+            )
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and value <= 0:
                 raise InputError(f"{name} is {value}, expected a positive number of pixels (e.g. 1024)")
@@ -136,6 +169,11 @@ class InferConfig:
                 f"{', '.join(OUTPUT_FORMATS)}: name the file e.g. {self.out.with_suffix('.png').name}"
             )
         check_writable(self.out, "--out")
+
+    @property
+    def fbc_threshold(self) -> float | None:
+        """The first-block-cache threshold for the engines (None: off)."""
+        return parse_fbc_threshold(self.fbc, "--fbc")
 
     @property
     def out_format(self) -> str:
@@ -176,7 +214,10 @@ class BuildConfig:
         min_resolution, opt_resolution, max_resolution: the range the engines accept (each side of the target
             and of the reference within min..max) and the size they are tuned for.
         max_batch: largest batch the engines accept.
-        components: which components to build (default all five).
+        components: which components to build (default all five); ``transformer_first`` and ``transformer_rest``
+            are the transformer's two parts for the first-block cache.
+        first_block_cache: build the transformer as its two parts (``transformer_first``, ``transformer_rest``)
+            instead of one engine, so ``infer``/``compare`` can skip the remaining blocks (DESIGN 6).
         force: rebuild even where the recorded settings match.
         device: where the model is loaded for export (``cuda`` for bf16 at full size).
         onnx_dir: use ``<onnx_dir>/<component>/model.onnx`` (exported elsewhere, same input/output names) instead
@@ -216,6 +257,7 @@ class BuildConfig:
     cuda_graph: bool = False
     aoti_fp8_attention: bool | None = None
     compute_capabilities: tuple[str, ...] | None = None
+    first_block_cache: bool = False
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
@@ -237,9 +279,12 @@ class BuildConfig:
                 "--calibration-edits 8"
             )
         for c in self.components:
-            _one_of("--components", c, COMPONENTS)
+            _one_of("--components", c, BUILDABLE)
         if not self.components:
             raise InputError(f"--components is empty, expected some of {', '.join(COMPONENTS)}")
+        if self.first_block_cache:  # the transformer is built as its two parts, in its place
+            parts = [p for c in self.components for p in (TRANSFORMER_PARTS if c == "transformer" else (c,))]
+            object.__setattr__(self, "components", tuple(dict.fromkeys(parts)))
         if self.max_batch < 1:
             raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
         lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution

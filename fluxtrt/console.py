@@ -88,6 +88,13 @@ def print_infer_report(report, path: Path) -> None:
             ms, calls = result.timings_ms[name], result.calls.get(name, 0)
             table.add_row(name, str(calls or ""), f"{ms:.1f}", f"{ms / calls:.1f}" if calls else "")
     console.print(table)
+    cache = report.cache
+    if cache is not None:
+        threshold = "off" if report.fbc_threshold is None else f"{report.fbc_threshold:g}"
+        ms = " / ".join(f"{v:.1f}" if v is not None else "-" for v in (cache.mean_computed_ms, cache.mean_skipped_ms))
+        line = (f"first-block cache (threshold {threshold}): {cache.computed} steps computed, {cache.skipped} "
+                f"skipped; ms per computed / skipped step {ms}")  # fmt: skip
+        console.print(escape(line), soft_wrap=True)
     console.print(escape(f"model load {report.load_s:.1f} s; wrote {path} ({result.target})"), soft_wrap=True)
 
 

@@ -16,13 +16,16 @@ from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult
 
 @dataclass
 class InferReport:
-    """An edit written to disk: the pipeline's result plus model load time."""
+    """An edit written to disk: the pipeline's result plus model load time, and the first-block cache's counts
+    (``fluxtrt.pipeline.first_block_cache.CacheStats``) and threshold when the engines run it."""
 
     result: EditResult
     load_s: float
     model: str
     device: str
     dtype: str
+    cache: Any = None
+    fbc_threshold: float | None = None
 
 
 def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = None) -> InferReport:
@@ -72,7 +75,10 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
             world.close()
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
     where = device if world is None else f"{world.size} x {device} (context parallel)"
-    return InferReport(result, load_s, source, where, dtype)
+    stats = getattr(pipeline.runners["transformer"], "stats", None)  # engines built with --first-block-cache
+    cache = stats() if stats is not None else None
+    threshold = pipeline.runners["transformer"].threshold if cache is not None else None
+    return InferReport(result, load_s, source, where, dtype, cache, threshold)
 
 
 def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, str]:
@@ -83,7 +89,8 @@ def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, s
     if config.engines is not None:
         from fluxtrt.engines.load import load_engine_pipeline
 
-        return load_engine_pipeline(config.engines, device), f"engines {config.engines}"
+        pipeline = load_engine_pipeline(config.engines, device, config.fbc_threshold, config.fbc is not None)
+        return pipeline, f"engines {config.engines}"
     components = load_components(config.model, device, config.resolved_dtype, seed=0)
     if world is not None:
         from fluxtrt.parallel.context import enable_context_parallel

@@ -86,6 +86,27 @@ def test_quantized_transformer_keeps_every_linear_quantized(rtx, tiny, precision
     assert tuple(entry.record["targets"]) == {"fp8": (89, 120), "fp4": (120,)}[precision]
 
 
+def test_first_block_cache_parts_build_as_fp8_plans_with_each_parts_linears_quantized(rtx, tiny, tmp_path):
+    """The transformer's two parts (``--first-block-cache``) exported with FP8 Q/DQ from the build's calibration and
+    built as real plans: each quantizes exactly the linears it computes, and together they are the transformer's."""
+    from fluxtrt.backends.torch_modules import part_owns_linear
+    from fluxtrt.engines.calibrate import quantized_linears
+    from fluxtrt.specs.flux import TRANSFORMER_PARTS
+
+    calibration = rtx / "onnx-fp8" / "calibration" / "transformer-fp8.safetensors"
+    build(tmp_path / "onnx", backend="onnx", precision="fp8", first_block_cache=True, components=("transformer",),
+          calibration=calibration)  # fmt: skip
+    build(tmp_path / "fp8", precision="fp8", onnx_dir=tmp_path / "onnx" / "onnx", components=TRANSFORMER_PARTS)
+    m = manifest(tmp_path / "fp8")
+    assert list(m.components) == list(TRANSFORMER_PARTS)
+    linears = quantized_linears(tiny.transformer)
+    counts = {p: sum(part_owns_linear(p, n) for n in linears) for p in TRANSFORMER_PARTS}
+    assert all(counts.values()) and sum(counts.values()) == len(linears) == 17
+    for name, entry in m.components.items():
+        assert (tmp_path / "fp8" / entry.engine.path).stat().st_size > 100_000
+        assert entry.record["quantized_matmuls"] == {"fp8_quantize": counts[name], "fp8_matmuls": counts[name]}
+
+
 def test_network_check_refuses_a_graph_that_lost_quantized_linears(rtx):
     """The FP8 graph parsed again, checked against one more quantized linear than it has: a BuildError."""
     from fluxtrt.backends.tensorrt.flavour import TENSORRT_RTX

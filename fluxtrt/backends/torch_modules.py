@@ -1,4 +1,5 @@
-"""Each component as an ``nn.Module`` whose forward takes the spec's inputs in order and returns its outputs.
+"""Each component (and each part of the split transformer) as an ``nn.Module`` whose forward takes the spec's inputs
+in order and returns its outputs.
 
 These are what the torch runner calls and what ONNX export traces, so both see the same graph.
 """
@@ -85,6 +86,77 @@ class TransformerModule(nn.Module):
         )[0]
 
 
+def _blocks(blocks, hidden, context, temb, rope):
+    """Run FLUX transformer blocks in order; returns (text tokens, image tokens)."""
+    for block in blocks:
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb, image_rotary_emb=rope)
+    return context, hidden
+
+
+def _rope(transformer: nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor):
+    return transformer.pos_embed(torch.cat((txt_ids, img_ids), dim=0))  # cos, sin: [512 + S, head_dim]
+
+
+class TransformerFirstModule(nn.Module):
+    """The first part of the split transformer (the first-block cache's engine, DESIGN 6): the embeddings and the
+    first double block, with the prediction a skipped step returns.
+
+    diffusers' FluxTransformer2DModel.forward written out (without ControlNet and IP-Adapter inputs), calling the
+    model's own submodules. The inputs are the transformer's plus ``rest_residual`` [B, S, D] (the residual of the
+    remaining blocks cached from the last computed step); the outputs are the spec's: hidden [B, S, D] and
+    encoder_hidden [B, 512, D] after the first block, temb [B, D], first_residual [B, S, D] (the first block's
+    output minus its input) and cached_pred [B, S, 64] = proj_out(norm_out(hidden + rest_residual, temb)).
+    """
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, img_ids, txt_ids,
+                rest_residual):  # fmt: skip
+        tr = self.transformer
+        embedded = tr.x_embedder(hidden_states)  # [B, S, D]
+        t = timestep.to(embedded.dtype) * 1000
+        if tr.config.guidance_embeds:
+            temb = tr.time_text_embed(t, guidance.to(embedded.dtype) * 1000, pooled_projections)  # [B, D]
+        else:
+            temb = tr.time_text_embed(t, pooled_projections)
+        context = tr.context_embedder(encoder_hidden_states)  # [B, 512, D]
+        rope = _rope(tr, img_ids, txt_ids)
+        context, hidden = _blocks(tr.transformer_blocks[:1], embedded, context, temb, rope)
+        cached_pred = tr.proj_out(tr.norm_out(hidden + rest_residual, temb))  # [B, S, 64]
+        return hidden, context, temb, hidden - embedded, cached_pred
+
+
+class TransformerRestModule(nn.Module):
+    """The second part of the split transformer: the double blocks after the first, the single blocks, norm_out and
+    proj_out. hidden [B, S, D], encoder_hidden [B, 512, D], temb [B, D], img_ids, txt_ids -> noise_pred [B, S, 64]
+    and rest_residual [B, S, D] (the blocks' output minus their input, what the first-block cache keeps)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden, encoder_hidden, temb, img_ids, txt_ids):
+        tr = self.transformer
+        rope = _rope(tr, img_ids, txt_ids)
+        context, out = _blocks(tr.transformer_blocks[1:], hidden, encoder_hidden, temb, rope)
+        _, out = _blocks(tr.single_transformer_blocks, out, context, temb, rope)
+        return tr.proj_out(tr.norm_out(out, temb)), out - hidden
+
+
+def part_owns_linear(part: str, linear: str) -> bool:
+    """Whether the transformer's linear ``linear`` (its name in the diffusers model) is computed by ``part``
+    (``transformer``, ``transformer_first`` or ``transformer_rest``), so calibrated scales go to the part that runs
+    the layer. The embedders, norm_out and proj_out count as the first part's (they stay unquantized anyway)."""
+    if part == "transformer":
+        return True
+    in_rest = linear.startswith("single_transformer_blocks.") or (
+        linear.startswith("transformer_blocks.") and not linear.startswith("transformer_blocks.0.")
+    )
+    return in_rest == (part == "transformer_rest")
+
+
 @contextlib.contextmanager
 def fused_qkv(transformer: nn.Module) -> Iterator[int]:
     """diffusers' ``fuse_qkv_projections`` of a FLUX transformer for the duration (one GEMM instead of three on the
@@ -115,6 +187,8 @@ def component_module(name: str, components) -> nn.Module:
         "vae_encoder": lambda: VaeEncoderModule(components.vae),
         "vae_decoder": lambda: VaeDecoderModule(components.vae),
         "transformer": lambda: TransformerModule(components.transformer),
+        "transformer_first": lambda: TransformerFirstModule(components.transformer),
+        "transformer_rest": lambda: TransformerRestModule(components.transformer),
     }
     if name not in modules:
         raise ValueError(f"unknown component '{name}', expected one of {', '.join(modules)}")

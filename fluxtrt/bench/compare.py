@@ -225,7 +225,11 @@ def compare(
 
         world = init_world(config.gpus, config.resolved_device)
     emit = on_event if on_event is not None and (world is None or world.main) else (lambda _event: None)
-    contenders = list(contenders) if contenders is not None else contenders_from_config(config.stages, config.engines)
+    contenders = (
+        list(contenders)
+        if contenders is not None
+        else contenders_from_config(config.stages, config.engines, config.engines_fbc_threshold)
+    )
     state = _Comparison(config, emit, world)
     report = CompareReport(
         config=config.to_dict(),

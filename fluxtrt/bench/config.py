@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES, check_gpus_option
+from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES, check_gpus_option, parse_fbc_threshold
 from fluxtrt.errors import InputError
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
@@ -23,6 +23,8 @@ class CompareConfig:
         model: ``tiny``, ``random-full`` or a FLUX.1-Kontext directory / cached hub id (for the PyTorch stages).
         stages: stage specs (``"0"``, ``"1:fbc=off"``, ...; see ``fluxtrt.stages.stage_config``), in run order.
         engines: engines directories from ``fluxtrt build``, run after the stages.
+        engines_fbc: the first-block cache's threshold (``off`` or a number; None: the stages' default) for the
+            engines directories built with ``--first-block-cache``; the others run their one transformer engine.
         report_dir: where report.md, report.json and report.png are written (after every contender).
         image: reference image; None makes a synthetic one of ``resolution`` (1024x1024 by default).
         prompt: the edit instruction.
@@ -59,6 +61,7 @@ class CompareConfig:
     guidance: float = DEFAULT_GUIDANCE
     diffusers_check: bool = False
     gpus: int = 1
+    engines_fbc: str | None = None
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=bool(self.engines))
@@ -72,6 +75,7 @@ class CompareConfig:
             raise InputError(f"--warmup is {self.warmup}, expected an integer >= 0")
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise InputError(f"--warmup-steps is {self.warmup_steps}, expected an integer >= 1")
+        parse_fbc_threshold(self.engines_fbc, "--engines-fbc")
         if not self.stages and not self.engines:
             raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4f,4k) and/or --engines DIR")
         if len(set(self.stages)) != len(self.stages):
@@ -85,6 +89,11 @@ class CompareConfig:
             raise InputError(f"--image '{self.image}' does not exist or is not a file: pass a PNG or JPEG path")
         if self.report_dir is not None and self.report_dir.exists() and not self.report_dir.is_dir():
             raise InputError(f"--report '{self.report_dir}' is a file, expected a directory for the report")
+
+    @property
+    def engines_fbc_threshold(self) -> float | None:
+        """The engines' first-block-cache threshold (None: off)."""
+        return parse_fbc_threshold(self.engines_fbc, "--engines-fbc")
 
     @property
     def resolved_device(self) -> str:
@@ -120,4 +129,5 @@ class CompareConfig:
             "guidance": self.guidance,
             "diffusers_check": self.diffusers_check,
             "gpus": self.gpus,
+            "engines_fbc": self.engines_fbc_threshold,
         }

@@ -17,8 +17,9 @@ from typing import Any
 
 from fluxtrt.backends.recording import RecordingRunner
 from fluxtrt.backends.runner import Runner
-from fluxtrt.config import COMPUTE_DTYPE, SamplerConfig
+from fluxtrt.config import COMPUTE_DTYPE, DEFAULT_FBC_THRESHOLD, SamplerConfig
 from fluxtrt.engines.manifest import Manifest
+from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.stages.config import STAGES, StageConfig, stage_config
 
 
@@ -152,15 +153,7 @@ class StageContender(Contender):
 
         def end_edit(edit: Any = None) -> dict | None:
             stats = applied.end_edit(*((edit.timings_ms, edit.calls) if edit is not None else ()))
-            if stats is None:
-                return None
-            return {
-                "computed": stats.computed,
-                "skipped": stats.skipped,
-                "mean_computed_ms": stats.mean_computed_ms,
-                "mean_skipped_ms": stats.mean_skipped_ms,
-                "changes": stats.changes,
-            }
+            return stats.to_dict() if stats is not None else None
 
         return Prepared(
             pipeline=KontextPipeline.from_components(staged.components, runners=applied.runners),
@@ -180,10 +173,13 @@ class EngineContender(Contender):
     Args:
         path: the engines directory.
         sampler: the sampler of its edits (fluxtrt's default, stage 4's, unless given).
+        first_block_cache: the cache's threshold where the directory was built with ``--first-block-cache`` (None:
+            off); its counts are reported per edit as for a stage.
     """
 
     path: Path
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    first_block_cache: float | None = DEFAULT_FBC_THRESHOLD
     kind: str = field(default="engines", init=False)
 
     def __post_init__(self) -> None:
@@ -194,19 +190,33 @@ class EngineContender(Contender):
 
         session.release()  # the engines get the GPU to themselves
         t0 = time.perf_counter()
-        pipeline = load_engine_pipeline(self.path, session.device)
+        pipeline = load_engine_pipeline(self.path, session.device, self.first_block_cache)
         load_s = time.perf_counter() - t0
-        recorder = RecordingRunner(pipeline.runners["transformer"])
+        transformer = pipeline.runners["transformer"]
+        cached = isinstance(transformer, SplitTransformerRunner) and transformer.threshold is not None
+        recorder = RecordingRunner(transformer)
         pipeline.runners["transformer"] = recorder
         manifest = Manifest.load(self.path)  # loaded once already by the pipeline: it parses
         what = [f"{manifest.backend} {manifest.precision} engines ({self.path.name})"]
+        if cached:
+            what.append(f"first-block cache {transformer.threshold:g}")
+
+        def begin_edit() -> None:
+            recorder.clear()
+            if cached:
+                transformer.reset()
+
         # Each edit starts a fresh recording, so after the runs it holds the last timed edit's transformer calls.
         return Prepared(
             pipeline=pipeline,
             sampler=self.sampler,
             what=what,
-            begin_edit=recorder.clear,
-            details=lambda: {"path": str(self.path)},
+            begin_edit=begin_edit,
+            end_edit=lambda edit=None: transformer.stats().to_dict() if cached else None,
+            details=lambda: {
+                "path": str(self.path),
+                "first_block_cache": transformer.threshold if cached else None,
+            },  # fmt: skip
             load_s=load_s,
             after=lambda session: engine_step_error(self.path, recorder.calls, session),
         )
@@ -295,6 +305,8 @@ class CustomContender(Contender):
         )
 
 
-def contenders_from_config(stages: tuple[str, ...], engines: tuple[Path, ...]) -> list[Contender]:
-    """The stage contenders in the given order, then one per engines directory."""
-    return [StageContender(s) for s in stages] + [EngineContender(p) for p in engines]
+def contenders_from_config(stages: tuple[str, ...], engines: tuple[Path, ...],
+                           engines_fbc: float | None = DEFAULT_FBC_THRESHOLD) -> list[Contender]:  # fmt: skip
+    """The stage contenders in the given order, then one per engines directory (``engines_fbc``: the first-block
+    cache's threshold for those built with ``--first-block-cache``)."""
+    return [StageContender(s) for s in stages] + [EngineContender(p, first_block_cache=engines_fbc) for p in engines]

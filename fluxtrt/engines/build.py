@@ -24,7 +24,7 @@ from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, setti
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
 from fluxtrt.specs.component import ComponentSpec
-from fluxtrt.specs.flux import FluxDims, Resolution, component_dims, profile_shapes
+from fluxtrt.specs.flux import TRANSFORMERS, FluxDims, Resolution, component_dims, profile_shapes
 
 STAGING_PREFIX = ".staging-"
 
@@ -181,12 +181,13 @@ def _bring_up_to_date(build: _Build, name: str) -> ComponentResult:
     amax = None
     # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
     imported = build.backend.uses_onnx and config.onnx_dir is not None
-    if name == "transformer" and config.precision in QUANTIZED_PRECISIONS and not imported:
+    if name in TRANSFORMERS and config.precision in QUANTIZED_PRECISIONS and not imported:
+        from fluxtrt.backends.torch_modules import part_owns_linear
         from fluxtrt.engines.calibrate import calibration_for_build
 
         build.say(name, "calibrating (or reusing saved scales)")
         path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
-        amax = calibration.amax
+        amax = {k: v for k, v in calibration.amax.items() if part_owns_linear(name, k)}  # the linears it computes
         manifest.calibration = str(path.relative_to(build.out))
         settings["calibration"] = sha256_file(path)
     entry = manifest.components.get(name)

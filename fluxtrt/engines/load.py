@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fluxtrt.backends.base import LoadJob, get_backend
-from fluxtrt.config import COMPUTE_DTYPE
+from fluxtrt.config import COMPUTE_DTYPE, DEFAULT_FBC_THRESHOLD
 from fluxtrt.engines.manifest import Manifest
-from fluxtrt.errors import EngineError, FluxtrtError
-from fluxtrt.specs.flux import COMPONENTS, component_specs
+from fluxtrt.errors import EngineError, FluxtrtError, InputError
+from fluxtrt.specs.flux import COMPONENTS, TRANSFORMER_PARTS, component_specs
 
 
-def load_engine_pipeline(path: Path, device: str = "cpu"):
+def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> tuple[str, ...]:
+    """Which engines serve the transformer: its two parts (the first-block cache) where the directory holds them and
+    the cache is on or no monolithic transformer was built, else the one transformer engine; () when neither."""
+    components = manifest.components
+    parts = all(p in components for p in TRANSFORMER_PARTS)
+    if parts and (first_block_cache is not None or "transformer" not in components):
+        return TRANSFORMER_PARTS
+    return ("transformer",) if "transformer" in components else ()
+
+
+def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: float | None = DEFAULT_FBC_THRESHOLD,
+                         require_first_block_cache: bool = False):  # fmt: skip
     """A ``KontextPipeline`` whose runners are the engines in ``path``, loaded.
 
     Args:
         path: an engines directory written by ``fluxtrt build``.
         device: where the engines run (``cpu`` or ``cuda``).
+        first_block_cache: for a directory built with ``--first-block-cache``, the cache's threshold (None: off;
+            the parts then run every step, unless a monolithic transformer engine is there too). The pipeline's
+            transformer runner is then a ``SplitTransformerRunner`` (its ``stats()`` count the skipped steps).
+        require_first_block_cache: raise when the directory holds no transformer parts (the threshold was asked
+            for explicitly).
 
     Returns:
         A ``KontextPipeline`` whose runners refuse shapes outside the built range (close it to free the engines).
@@ -24,6 +41,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
     Raises:
         EngineError: missing/unreadable manifest, a component not built, a missing or truncated engine file, an
             unknown backend, or an engine the backend cannot load.
+        InputError: ``require_first_block_cache`` and the directory has no transformer parts.
     """
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -40,18 +58,13 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
             "with `fluxtrt build --backend onnxruntime|aotinductor|tensorrt`"
         ) from None
     backend.check_available()
-    missing = [c for c in COMPONENTS if c not in manifest.components]
-    if missing:
-        raise EngineError(
-            f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
-            f"{manifest.model['source']} --backend {manifest.backend} --precision {manifest.precision} --out {path} "
-            f"--components {','.join(missing)}` (and the original build's range options)"
-        )
+    transformer = transformer_engines(manifest, first_block_cache)
+    _check_complete(path, manifest, transformer, require_first_block_cache)
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)
-    runners = {}
+    runners: dict[str, Any] = {}
     try:
-        for name in COMPONENTS:
+        for name in (*[c for c in COMPONENTS if c != "transformer"], *transformer):
             entry = manifest.components[name]
             for extra in entry.engine_extra:
                 extra.check(path, name)
@@ -67,9 +80,14 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
     except BaseException:
         _close(runners)
         raise
+    if transformer == TRANSFORMER_PARTS:
+        from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
+
+        first, rest = (runners.pop(p) for p in TRANSFORMER_PARTS)
+        runners["transformer"] = SplitTransformerRunner(specs["transformer"], first, rest, first_block_cache)
     model = manifest.model
     return KontextPipeline(
-        runners=runners,
+        runners={name: runners[name] for name in COMPONENTS},
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         dims=manifest.dims,
@@ -80,6 +98,26 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
         dtype=dtype,
         source=str(path),
     )
+
+
+def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...], require_parts: bool) -> None:
+    """Raise unless every component (the transformer as one engine or as its parts) is built."""
+    if require_parts and transformer != TRANSFORMER_PARTS:
+        raise InputError(
+            f"a first-block-cache threshold was given but {path} holds no transformer parts "
+            f"({', '.join(TRANSFORMER_PARTS)}): build them with `fluxtrt build ... --first-block-cache --out {path}`, "
+            "or leave the threshold out"
+        )
+    missing = [c for c in COMPONENTS if c != "transformer" and c not in manifest.components]
+    if not transformer:
+        missing.append("transformer")
+    if missing:
+        raise EngineError(
+            f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
+            f"{manifest.model['source']} --backend {manifest.backend} --precision {manifest.precision} --out {path} "
+            f"--components {','.join(missing)}` (and the original build's range options; the transformer may be "
+            "built as its two parts with --first-block-cache)"
+        )
 
 
 def _close(runners: dict) -> None:

@@ -1,4 +1,5 @@
-"""The five FLUX.1-Kontext component specs (DESIGN 1), parameterised by the model's dimensions.
+"""The five FLUX.1-Kontext component specs (DESIGN 1), parameterised by the model's dimensions, and the two parts
+the transformer splits into for the first-block cache (DESIGN 6).
 
 Symbols: ``B`` batch; ``H``/``W`` the component's image size in pixels; ``h``/``w`` its latent size (pixels / 8);
 ``S`` transformer tokens = target tokens + reference tokens (Kontext appends the packed reference latents).
@@ -12,6 +13,11 @@ from typing import Any
 from fluxtrt.specs.component import ComponentSpec, TensorSpec, Tolerance
 
 COMPONENTS = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder")
+# The transformer as two engines, for the first-block cache: embeddings + the first double block, and the rest.
+TRANSFORMER_PARTS = ("transformer_first", "transformer_rest")
+# Everything ``fluxtrt build`` can build, and the components that are (part of) the transformer.
+BUILDABLE = (*COMPONENTS, *TRANSFORMER_PARTS)
+TRANSFORMERS = ("transformer", *TRANSFORMER_PARTS)
 
 # fp32 runners of one graph agree to float rounding; bf16 runners to a few bf16 ulps of accumulated error.
 _TOLERANCE = {
@@ -19,6 +25,8 @@ _TOLERANCE = {
     "t5": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
     "vae_encoder": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
     "transformer": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "transformer_first": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
+    "transformer_rest": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
     "vae_decoder": {"fp32": Tolerance(1e-4, 1e-4), "bf16": Tolerance(5e-2, 5e-2)},
 }
 
@@ -65,6 +73,8 @@ class FluxDims:
         latent_channels: VAE latent channels (16).
         vae_scale: pixels per latent (8).
         packed_channels: transformer input width (latent_channels * 4 = 64, 2x2 patches).
+        transformer_dim: the transformer's hidden width (heads x head dim: 3072); what its two parts hand over.
+            Manifests written before it was recorded read as FLUX's 3072 (they hold no parts).
     """
 
     clip_vocab: int
@@ -76,6 +86,7 @@ class FluxDims:
     latent_channels: int
     vae_scale: int
     packed_channels: int
+    transformer_dim: int = 3072
 
     @property
     def multiple_of(self) -> int:
@@ -89,13 +100,13 @@ class FluxDims:
 
 # FLUX.1-Kontext-dev: CLIP-L (49408 tokens, 77, 768 pooled), T5-XXL (32128 tokens, 512, 4096), 16-channel VAE at
 # 8x, 64 packed channels. What the full-size (random-full) model has; loaded checkpoints are read, not assumed.
-FLUX_KONTEXT_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64)
+FLUX_KONTEXT_DIMS = FluxDims(49408, 77, 768, 32128, 512, 4096, 16, 8, 64, 3072)
 
 
 def component_dims(name: str, dims: FluxDims, batch: int, target: Resolution, reference: Resolution) -> dict[str, int]:
     """Symbol values of component ``name`` for one edit geometry.
 
-    The VAE encoder sees the reference image, the VAE decoder the target, the transformer both.
+    The VAE encoder sees the reference image, the VAE decoder the target, the transformer (and its parts) both.
     """
     if name == "vae_encoder" or name == "vae_decoder":
         res = reference if name == "vae_encoder" else target
@@ -106,14 +117,14 @@ def component_dims(name: str, dims: FluxDims, batch: int, target: Resolution, re
             "h": res.height // dims.vae_scale,
             "w": res.width // dims.vae_scale,
         }
-    if name == "transformer":
+    if name in TRANSFORMERS:
         return {"B": batch, "S": dims.tokens(target) + dims.tokens(reference)}
     return {"B": batch}
 
 
 def dim_values(dims: FluxDims, batch: int, target: Resolution, reference: Resolution) -> dict[str, dict[str, int]]:
-    """``component_dims`` for all five components."""
-    return {name: component_dims(name, dims, batch, target, reference) for name in COMPONENTS}
+    """``component_dims`` for everything buildable: the five components and the transformer's parts."""
+    return {name: component_dims(name, dims, batch, target, reference) for name in BUILDABLE}
 
 
 def profile_shapes(
@@ -132,8 +143,17 @@ def profile_shapes(
 
 
 def component_specs(dims: FluxDims) -> dict[str, ComponentSpec]:
-    """The five specs for a model of ``dims``."""
+    """The five specs for a model of ``dims``, and the specs of the transformer's two parts."""
     c, p = dims.latent_channels, dims.packed_channels
+    transformer_inputs = (
+        TensorSpec("hidden_states", ("B", "S", p), "compute"),
+        TensorSpec("encoder_hidden_states", ("B", dims.t5_len, dims.t5_dim), "compute"),
+        TensorSpec("pooled_projections", ("B", dims.clip_dim), "compute"),
+        TensorSpec("timestep", ("B",), "compute", "unit"),
+        TensorSpec("guidance", ("B",), "float32", "const", value=2.5),
+        TensorSpec("img_ids", ("S", 3), "float32", "grid"),
+        TensorSpec("txt_ids", (dims.t5_len, 3), "float32", "const", value=0.0),
+    )
     specs = [
         ComponentSpec(
             "clip",
@@ -155,18 +175,11 @@ def component_specs(dims: FluxDims) -> dict[str, ComponentSpec]:
         ),
         ComponentSpec(
             "transformer",
-            (
-                TensorSpec("hidden_states", ("B", "S", p), "compute"),
-                TensorSpec("encoder_hidden_states", ("B", dims.t5_len, dims.t5_dim), "compute"),
-                TensorSpec("pooled_projections", ("B", dims.clip_dim), "compute"),
-                TensorSpec("timestep", ("B",), "compute", "unit"),
-                TensorSpec("guidance", ("B",), "float32", "const", value=2.5),
-                TensorSpec("img_ids", ("S", 3), "float32", "grid"),
-                TensorSpec("txt_ids", (dims.t5_len, 3), "float32", "const", value=0.0),
-            ),
+            transformer_inputs,
             (TensorSpec("noise_pred", ("B", "S", p), "compute"),),
             _TOLERANCE["transformer"],
         ),
+        *transformer_part_specs(transformer_inputs, dims.transformer_dim).values(),
         ComponentSpec(
             "vae_decoder",
             (TensorSpec("latent", ("B", c, "h", "w"), "compute"),),
@@ -175,6 +188,42 @@ def component_specs(dims: FluxDims) -> dict[str, ComponentSpec]:
         ),
     ]
     return {s.name: s for s in specs}
+
+
+def transformer_part_specs(transformer_inputs: tuple[TensorSpec, ...], dim: int) -> dict[str, ComponentSpec]:
+    """The specs of the transformer's two parts, from the transformer's inputs and its hidden width ``dim``
+    (modules: ``fluxtrt.backends.torch_modules.TransformerFirstModule`` and ``TransformerRestModule``).
+
+    transformer_first: the transformer's inputs and the rest-residual cached from the last computed step (zeros
+    before one) -> the image and text tokens after the first double block, temb, the first block's residual, and
+    ``cached_pred``: norm_out and proj_out of (first block's output + cached rest-residual), the prediction of a
+    step that skips. transformer_rest: the first block's outputs, temb and the ids -> noise_pred and the residual of
+    the remaining blocks (their output minus their input), which the cache keeps.
+    """
+    d, p, text = dim, transformer_inputs[0].shape[-1], transformer_inputs[1].shape[1]
+    hidden = TensorSpec("hidden", ("B", "S", d), "compute")
+    encoder_hidden = TensorSpec("encoder_hidden", ("B", text, d), "compute")
+    temb = TensorSpec("temb", ("B", d), "compute")
+    ids = transformer_inputs[-2:]  # img_ids, txt_ids: the rest recomputes the rotary embedding from them
+    first = ComponentSpec(
+        "transformer_first",
+        (*transformer_inputs, TensorSpec("rest_residual", ("B", "S", d), "compute")),
+        (
+            hidden,
+            encoder_hidden,
+            temb,
+            TensorSpec("first_residual", ("B", "S", d), "compute"),
+            TensorSpec("cached_pred", ("B", "S", p), "compute"),
+        ),  # fmt: skip
+        _TOLERANCE["transformer_first"],
+    )
+    rest = ComponentSpec(
+        "transformer_rest",
+        (hidden, encoder_hidden, temb, *ids),
+        (TensorSpec("noise_pred", ("B", "S", p), "compute"), TensorSpec("rest_residual", ("B", "S", d), "compute")),
+        _TOLERANCE["transformer_rest"],
+    )
+    return {first.name: first, rest.name: rest}
 
 
 def dims_from_components(components: Any) -> FluxDims:
@@ -190,4 +239,6 @@ def dims_from_components(components: Any) -> FluxDims:
         latent_channels=vae.latent_channels,
         vae_scale=2 ** (len(vae.block_out_channels) - 1),
         packed_channels=components.transformer.config.in_channels,
+        transformer_dim=components.transformer.config.num_attention_heads
+        * components.transformer.config.attention_head_dim,
     )

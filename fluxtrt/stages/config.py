@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fluxtrt.config import SIGMA_SCHEDULES, SOLVERS, SamplerConfig
+from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SIGMA_SCHEDULES, SOLVERS, SamplerConfig
 from fluxtrt.errors import InputError
 
 ATTENTION = ("sdpa", "fp8")
 QUANT = (None, "fp8", "fp4")
-# Relative change of the first block's residual below which a step reuses the cached residual of the others.
-# The skip rate it gives depends on the real weights: tune it per checkpoint.
-DEFAULT_FBC_THRESHOLD = 0.08
 
 _EULER_28 = SamplerConfig("euler", "flux-shift", 28)
 

@@ -43,6 +43,7 @@ from fluxtrt.backends.compat import incompatibility
 from fluxtrt.backends.profile import runner_ranges
 from fluxtrt.environment import device_environment
 from fluxtrt.errors import BuildError, EngineError, InputError, MissingDependencyError
+from fluxtrt.specs.flux import TRANSFORMERS
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 WEIGHTS = ("packaged", "external")
@@ -147,6 +148,6 @@ class AotInductorBackend(EngineBackend):
             job.device,
             runner_ranges(spec, job.profile),
             external_weights=job.options.weights == "external",
-            cuda_graph=job.options.cuda_graph and spec.name == "transformer" and job.device.startswith("cuda"),
+            cuda_graph=job.options.cuda_graph and spec.name in TRANSFORMERS and job.device.startswith("cuda"),
         )
         return runner.load()

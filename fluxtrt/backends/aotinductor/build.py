@@ -18,12 +18,13 @@ from fluxtrt.backends.profile import symbol_ranges
 from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.environment import device_environment
 from fluxtrt.errors import BuildError, DeviceError, InputError, MissingDependencyError
+from fluxtrt.specs.flux import TRANSFORMERS
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # Components exported with fused Q/K/V projections (the module is unfused again after the export), and those whose
 # attention may run in FP8 (FLUX attention processors).
-FUSE_QKV = ("transformer",)
-FP8_ATTENTION = ("transformer",)
+FUSE_QKV = TRANSFORMERS
+FP8_ATTENTION = TRANSFORMERS
 
 
 def build_package(job: BuildJob) -> Record:
@@ -96,7 +97,7 @@ def _check_job(job: BuildJob) -> None:
             f"--cuda-graph is set but the engines are built for device '{job.device}': CUDA graphs need --device cuda "
             "(or leave --cuda-graph out)"
         )
-    if job.precision == "fp8" and job.spec.name == "transformer" and job.amax is None:
+    if job.precision == "fp8" and job.spec.name in TRANSFORMERS and job.amax is None:
         raise InputError(
             f"{job.spec.name}: --precision fp8 needs calibrated input scales for the transformer's linears and the "
             "build passed none: build through `fluxtrt build` (it calibrates) or pass --calibration FILE"

@@ -27,9 +27,11 @@ from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour
 from fluxtrt.environment import MIN_SM, require_sm
 from fluxtrt.errors import BuildError, InputError
 from fluxtrt.specs.component import ComponentSpec
+from fluxtrt.specs.flux import TRANSFORMERS
 
 PRECISIONS = ("fp32", "bf16", "fp8", "fp4")
-QUANTIZED = {"fp8": "transformer", "fp4": "transformer"}  # precision -> the component it quantises (DESIGN 5)
+# precision -> the components it quantises (DESIGN 5): the transformer, or its two parts
+QUANTIZED = {"fp8": TRANSFORMERS, "fp4": TRANSFORMERS}
 # ONNX element types of the quantised tensors a Q/DQ pair carries: FLOAT8E4M3FN = 17, FLOAT4E2M1 = 23.
 QUANT_ELEM_TYPES = {"fp8": (17,), "fp4": (23,)}
 DEFAULT_WORKSPACE_GIB = 8.0
@@ -170,9 +172,10 @@ class BuildPlan:
 
 
 def component_precision(component: str, precision: str) -> str:
-    """What ``component`` computes in for a build at ``precision``: FP8/FP4 quantise the transformer only."""
+    """What ``component`` computes in for a build at ``precision``: FP8/FP4 quantise the transformer (or its parts)
+    only."""
     if precision in QUANTIZED:
-        return precision if QUANTIZED[precision] == component else "bf16"
+        return precision if component in QUANTIZED[precision] else "bf16"
     return precision
 
 

@@ -1,0 +1,192 @@
+"""The first-block cache on AOTInductor engines on the GPU: what a computed and a skipped step cost, and the split
+engine's step without the cache against the monolithic engine's.
+
+    python benchmarks/fbc_engine_gpu.py --precision fp8|bf16 --workdir /tmp/fbc --out $OUT/fbc_engine.json
+                                        [--size 1024] [--model random-full] [--monolithic]
+
+1. ``fluxtrt build --backend aotinductor --components transformer --first-block-cache --aoti-weights external`` (a
+   subprocess, the command a user runs; fp8 calibrates first): the two parts over the default range 512..1568.
+   ``--monolithic`` builds the one-engine transformer in the same run too (about twice the build time: a bf16 run
+   fits in ~9 minutes, an fp8 one does not); without it, the monolithic figure is the committed one of the same GPU
+   and precision (benchmarks/results/aoti_<precision>_<h100|h200>.json), named as such in the output.
+2. A fresh process loads the parts and, for a size x size edit of a size x size reference (batch 1, one feed; mean
+   of 10 calls after 3, CUDA events): each part alone; the split runner with the cache off (every step computed:
+   the split's price against the monolithic engine); with threshold 0 (computed steps, the skip decision included);
+   with threshold inf (every call after the first skips: the cost of a skipped step). With ``--monolithic``, the
+   monolithic engine's step on the same feed and its output against the split's.
+
+Random weights skip nothing at a real threshold (their residual changes say nothing about a real checkpoint); what
+carries over is the two costs. Time per edit = n_computed * t_computed + n_skipped * t_skipped + the rest of the edit
+(text encoders, VAE, glue: `fluxtrt compare`). Prints one JSON line per phase and rewrites --out after each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.records import Records, relative_error, step_ms  # noqa: E402
+
+PARTS = ("transformer_first", "transformer_rest")
+STEPS = 14  # fluxtrt's default edit (DPM-Solver++ 2M)
+
+
+def build(args, records: Records) -> None:
+    cmd = [sys.executable, "-m", "fluxtrt", "build", "--model", args.model, "--backend", "aotinductor",
+           "--precision", args.precision, "--device", args.device, "--first-block-cache",
+           "--components", ",".join(("transformer", *PARTS) if args.monolithic else ("transformer",)),
+           "--aoti-weights", "external", "--out", str(args.workdir), "--force",
+           "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
+    if args.monolithic:  # --first-block-cache would turn "transformer" into the parts: name all three instead
+        cmd.remove("--first-block-cache")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    wall = time.perf_counter() - t0
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    if proc.returncode != 0:
+        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
+                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
+        sys.exit(1)
+    manifest = json.loads((args.workdir / "manifest.json").read_text())
+    records.emit({
+        "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
+        "build_s": {n: e["build_s"] for n, e in manifest["components"].items()},
+        "files": {p.name: p.stat().st_size for p in args.workdir.iterdir() if p.is_file()},
+        "record": {n: e.get("record") for n, e in manifest["components"].items()},
+    })  # fmt: skip
+
+
+def committed_monolithic(precision: str, gpu: str) -> dict:
+    """The monolithic engine's step from the committed aoti_gpu.py result of this GPU class and precision."""
+    name = f"aoti_{precision}_{'h100' if 'H100' in gpu else 'h200'}.json"
+    path = ROOT / "benchmarks" / "results" / name
+    if not path.is_file():
+        return {"source": str(path), "error": "missing"}
+    items = json.loads(path.read_text())
+    engine = next((i for i in items if i.get("phase") == "engine"), {})
+    env = next((i for i in items if i.get("phase") == "environment"), {})
+    return {"source": f"benchmarks/results/{name} (committed, not this run)", "step_ms": engine.get("step_ms"),
+            "gpu": env.get("gpu"), "fluxtrt_commit": env.get("fluxtrt_commit")}  # fmt: skip
+
+
+def measure(args, records: Records) -> None:
+    import torch
+
+    from fluxtrt.backends.base import LoadJob, get_backend
+    from fluxtrt.config import COMPUTE_DTYPE
+    from fluxtrt.engines.manifest import Manifest
+    from fluxtrt.environment import device_environment
+    from fluxtrt.models.loading import torch_dtype
+    from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
+    from fluxtrt.specs import Resolution, component_specs
+    from fluxtrt.specs.flux import component_dims
+
+    manifest = Manifest.load(args.workdir)
+    specs = component_specs(manifest.dims)
+    dtype = torch_dtype(COMPUTE_DTYPE[args.precision])
+    res = Resolution(args.size, args.size)
+    feed = specs["transformer"].sample_feed(component_dims("transformer", manifest.dims, 1, res, res), dtype,
+                                            args.device, seed=0)  # fmt: skip
+    backend = get_backend("aotinductor")
+
+    def load(name: str):
+        entry = manifest.components[name]
+        job = LoadJob(specs[name], args.workdir / entry.engine.path, args.device, dtype, entry.profile,
+                      backend.options(entry.settings.get("options", {})), entry.record)  # fmt: skip
+        t0 = time.perf_counter()
+        runner = backend.load(job)
+        return runner, time.perf_counter() - t0
+
+    first, first_load = load(PARTS[0])
+    rest, rest_load = load(PARTS[1])
+    records.emit({"phase": "load", "load_s": {PARTS[0]: first_load, PARTS[1]: rest_load}})
+    with torch.inference_mode():
+        d = specs[PARTS[0]].outputs[0].shape[-1]
+        one = first.infer({**feed, "rest_residual": torch.zeros(1, feed["hidden_states"].shape[1], d, dtype=dtype,
+                                                                   device=args.device)})  # fmt: skip
+        handed = {n: one[n] if n in one else feed[n] for n in specs[PARTS[1]].input_names}
+        parts_ms = {
+            PARTS[0]: step_ms(lambda: first.infer({**feed, "rest_residual": one["hidden"]})),
+            PARTS[1]: step_ms(lambda: rest.infer(handed)),
+        }
+        records.emit({"phase": "parts", "step_ms": parts_ms})
+        split = {}
+        for label, threshold in (("off", None), ("threshold_0", 0.0), ("threshold_inf", math.inf)):
+            runner = SplitTransformerRunner(specs["transformer"], first, rest, threshold)
+            split[label] = step_ms(lambda r=runner: r.infer(feed))  # the same timestep: one edit, no reset
+            stats = runner.stats()
+            records.emit({"phase": "split", "cache": label, "step_ms": split[label], "computed": stats.computed,
+                          "skipped": stats.skipped, "mean_computed_ms": stats.mean_computed_ms,
+                          "mean_skipped_ms": stats.mean_skipped_ms})  # fmt: skip
+        split_out = SplitTransformerRunner(specs["transformer"], first, rest, None).infer(feed)["noise_pred"]
+    mono = monolithic(args, manifest, load, feed, split_out) if args.monolithic else None
+    if mono is None:
+        mono = committed_monolithic(args.precision, device_environment(args.device).get("gpu", ""))
+    records.emit({"phase": "monolithic", **mono})
+    t_c, t_s = split["threshold_0"], split["threshold_inf"]
+    records.emit({
+        "phase": "summary", "t_computed_ms": t_c, "t_skipped_ms": t_s, "split_no_cache_ms": split["off"],
+        "monolithic_ms": mono.get("step_ms"),
+        "split_overhead_ms": split["off"] - mono["step_ms"] if mono.get("step_ms") else None,
+        "transformer_ms_per_14_step_edit": {f"{k}_skipped": (STEPS - k) * t_c + k * t_s for k in (0, 2, 4, 6, 8)},
+        "formula": "time per edit = n_computed * t_computed + n_skipped * t_skipped + rest (text encoders, VAE, "
+                   "glue); random weights skip nothing at a real threshold, so n_skipped comes from a real checkpoint",
+    })  # fmt: skip
+
+
+def monolithic(args, manifest, load, feed, split_out) -> dict:
+    """The monolithic engine built in this run: its step on the same feed, and the split's output against it."""
+    import torch
+
+    runner, load_s = load("transformer")
+    with torch.inference_mode():
+        ms = step_ms(lambda: runner.infer(feed))
+        out = runner.infer(feed)["noise_pred"]
+    error = relative_error(split_out, out)
+    return {"source": "this run", "load_s": load_s, "step_ms": ms, "split_vs_monolithic": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", choices=("bf16", "fp8", "fp32"), required=True, help="fp32: CPU smoke runs")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/out")) / "fbc_engine.json")
+    parser.add_argument("--model", default="random-full")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--device", default="cuda", help="cpu only for a smoke run (with --model tiny)")
+    parser.add_argument("--calibration-edits", type=int, default=1)
+    parser.add_argument("--monolithic", action="store_true", help="also build the one-engine transformer and time it")
+    parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
+    args = parser.parse_args()
+    records = Records(args.out)
+    if args.phase in ("all", "build"):
+        from fluxtrt.environment import environment
+
+        records.emit({"phase": "environment", **environment(), "precision": args.precision})
+        build(args, records)
+    if args.phase == "all":
+        # Measure in a fresh process (load time without the build's state); it appends to the same records.
+        part = args.out.with_suffix(".measure.json")
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if part.exists():
+            for item in json.loads(part.read_text()):
+                records.add(item)
+            part.unlink()
+        if proc.returncode != 0:
+            records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
+        sys.exit(proc.returncode)
+    measure(args, records)
+
+
+if __name__ == "__main__":
+    main()
