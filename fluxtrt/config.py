@@ -32,6 +32,16 @@ def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
         raise InputError(f"{option} is '{value}', expected one of {', '.join(allowed)}")
 
 
+def check_vae_option(vae: str | None) -> None:
+    """Raise InputError unless ``vae`` is None, ``tiny`` or an existing directory (its contents are checked when it
+    is loaded)."""
+    if vae is not None and vae != "tiny" and not Path(vae).expanduser().is_dir():
+        raise InputError(
+            f"--vae '{vae}' is neither tiny nor a directory: pass tiny (random weights, for timing) or a "
+            "diffusers-format AutoencoderTiny directory such as a download of madebyollin/taef1"
+        )
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How the denoising loop integrates the flow: solver, sigma schedule and step count.
@@ -77,6 +87,10 @@ class InferConfig:
         height, width: target size; both or neither. ``None`` keeps the reference's preferred Kontext resolution.
         device: ``cpu``, ``cuda`` or ``auto`` (CUDA where PyTorch sees a GPU, else the CPU).
         dtype: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA, fp32 on CPU).
+        vae: the slim autoencoder in place of the model's VAE: ``tiny`` (random weights) or an AutoencoderTiny
+            directory (e.g. a download of madebyollin/taef1); None keeps the model's own.
+        low_vram: the 24 GB mode (DESIGN 12): FP8 transformer linears quantized block by block on the way to the
+            GPU, text encoders kept on the host and streamed through the GPU, VAE tiled above its tile size.
     """
 
     model: str | None
@@ -91,6 +105,8 @@ class InferConfig:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    vae: str | None = None
+    low_vram: bool = False
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.engines is None):
@@ -102,6 +118,13 @@ class InferConfig:
             )
         _one_of("--device", self.device, ("auto", *DEVICES))
         _one_of("--dtype", self.dtype, DTYPES)
+        if self.engines is not None and (self.vae is not None or self.low_vram):
+            flag = "--vae" if self.vae is not None else "--low-vram"
+            raise InputError(
+                f"{flag} applies to --model, not to --engines '{self.engines}' (engines hold their own VAE and "
+                "placement): build engines with `fluxtrt build --vae ...`, or run --model"
+            )
+        check_vae_option(self.vae)
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and value <= 0:
                 raise InputError(f"{name} is {value}, expected a positive number of pixels (e.g. 1024)")
@@ -178,6 +201,7 @@ class BuildConfig:
             on for an fp8 build on CUDA where a kernel is available.
         compute_capabilities: TensorRT-RTX: the GPUs to build for, as "8.9"; None: the current GPU where TensorRT-RTX
             supports it, else every target that runs the precision.
+        vae: the slim autoencoder built in place of the model's VAE: ``tiny`` or an AutoencoderTiny directory.
     """
 
     model: str
@@ -201,6 +225,7 @@ class BuildConfig:
     cuda_graph: bool = False
     aoti_fp8_attention: bool | None = None
     compute_capabilities: tuple[str, ...] | None = None
+    vae: str | None = None
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
@@ -214,6 +239,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--device", self.device, DEVICES)
+        check_vae_option(self.vae)
         if self.aoti_weights is not None:
             _one_of("--aoti-weights", self.aoti_weights, ("packaged", "external"))
         if self.calibration_edits < 1:
