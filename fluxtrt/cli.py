@@ -71,6 +71,12 @@ def device_options(f):
     return click.option("--device", default="auto", show_default=True, help=help_)(f)
 
 
+def vae_option(what: str):
+    """``--vae tiny|DIR``: the slim autoencoder (AutoencoderTiny with FLUX's 16 latent channels, as TAEF1)."""
+    help_ = what + "tiny (random weights, for timing) or a diffusers-format AutoencoderTiny directory (taef1)."
+    return click.option("--vae", default=None, help=help_)
+
+
 def sampler_options(f):
     f = click.option("--steps", type=int, default=None, help="Denoising steps (default: 28 euler, 14 dpmpp-2m).")(f)
     sigmas_help = f"One of {', '.join(SIGMA_SCHEDULES)} (default: log-snr for dpmpp-2m, flux-shift for euler)."
@@ -104,8 +110,13 @@ def main(verbose: bool) -> None:
     help="Target height (with --width); default keeps the input's aspect ratio at its preferred Kontext resolution.",
 )
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
+@vae_option("Replace the model's VAE with the slim autoencoder: ")
+@click.option("--low-vram", is_flag=True,
+              help="24 GB mode: FP8 transformer linears (sm89+) quantized while loading, text encoders streamed from "
+              "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, device, dtype):
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, vae, low_vram,
+          device, dtype):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
@@ -122,6 +133,8 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
         width=width,
         device=device,
         dtype=dtype,
+        vae=vae,
+        low_vram=low_vram,
     )
     from fluxtrt.console import print_infer_report, step_progress
     from fluxtrt.infer import run_infer
@@ -164,9 +177,10 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--compute-capability", "compute_capability", default=None,
               help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
               "target that runs the precision).")  # fmt: skip
+@vae_option("Build the VAE components from the slim autoencoder: ")
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components, force,
           device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits, calibration,
-          aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability):  # fmt: skip
+          aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -190,6 +204,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         cuda_graph=cuda_graph,
         aoti_fp8_attention=aoti_fp8_attention,
         compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
+        vae=vae,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines
@@ -214,7 +229,8 @@ def inspect(engines_dir):
 
 @main.command()
 @model_option
-@click.option("--stages", default="0,1,2,3,4,4f,4k", show_default=True, help="Stage specs, e.g. 0,1:fbc=off,4.")
+@click.option("--stages", default="0,1,2,3,4,4f,4k", show_default=True,
+              help="Stage specs, e.g. 0,1:fbc=off,4,4:vae=tiny,4:lowvram=on.")  # fmt: skip
 @click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path), help="Engines dir (repeatable).")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Reference image (default: synthetic).")
 @click.option("--prompt", default="make the house blue", show_default=True, help="The edit instruction.")
@@ -225,9 +241,10 @@ def inspect(engines_dir):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
+@vae_option("The slim autoencoder of stages with vae=tiny (e.g. 4:vae=tiny): ")
 @device_options
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            report_dir, device, dtype):  # fmt: skip
+            report_dir, vae, device, dtype):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -246,6 +263,7 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         dtype=dtype,
         seed=seed,
         diffusers_check=diffusers_check,
+        vae=vae,
     )
     from fluxtrt.bench.compare import compare as run_compare
     from fluxtrt.bench.console import print_compare_report, print_event

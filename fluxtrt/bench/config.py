@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES
+from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES, check_vae_option
 from fluxtrt.errors import InputError
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
@@ -40,6 +40,8 @@ class CompareConfig:
         guidance: distilled-guidance scale.
         diffusers_check: after stage 0, time diffusers' own FluxKontextPipeline on the same modules and compare the
             transformer's per-step time with stage 0's.
+        vae: the slim autoencoder that stages with ``vae=tiny`` run: None or ``tiny`` for random weights (timing
+            only), or an AutoencoderTiny directory (e.g. a download of madebyollin/taef1).
     """
 
     model: str
@@ -57,6 +59,7 @@ class CompareConfig:
     seed: int = DEFAULT_SEED
     guidance: float = DEFAULT_GUIDANCE
     diffusers_check: bool = False
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", *DEVICES):
@@ -73,8 +76,13 @@ class CompareConfig:
             raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4f,4k) and/or --engines DIR")
         if len(set(self.stages)) != len(self.stages):
             raise InputError(f"--stages {','.join(self.stages)} names a stage twice: give each stage spec once")
-        for spec in self.stages:
-            stage_config(spec)  # raises InputError on an unknown stage or override
+        configs = [stage_config(spec) for spec in self.stages]  # raises InputError on an unknown stage or override
+        check_vae_option(self.vae)
+        if self.vae is not None and not any(c.vae == "tiny" for c in configs):
+            raise InputError(
+                f"--vae '{self.vae}' is used by stages with vae=tiny and --stages {','.join(self.stages)} has none: "
+                "add one such as 4:vae=tiny"
+            )
         for path in self.engines:
             if not path.is_dir():
                 raise InputError(f"--engines '{path}' is not a directory: pass a directory written by `fluxtrt build`")
@@ -116,4 +124,5 @@ class CompareConfig:
             "seed": self.seed,
             "guidance": self.guidance,
             "diffusers_check": self.diffusers_check,
+            "vae": self.vae,
         }

@@ -39,10 +39,12 @@ class ModelSession:
         model: ``tiny``, ``random-full`` or a checkpoint.
         device, dtype: where and in what precision to load it.
         seed: initialisation seed of the synthetic models (the same weights after every reload).
+        tiny_vae: the slim autoencoder of ``vae=tiny`` stages: ``tiny`` (random weights) or a directory.
     """
 
-    def __init__(self, model: str, device: str, dtype: str, seed: int = 0):
+    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, tiny_vae: str = "tiny"):
         self.model, self.device, self.dtype, self.seed = model, device, dtype, seed
+        self.tiny_vae = tiny_vae
         self.staged: Any = None  # fluxtrt.stages.apply.StagedModel
         self.loads: list[float] = []  # seconds of each load
 
@@ -55,9 +57,14 @@ class ModelSession:
             return self.staged
         self.release()
         t0 = time.perf_counter()
-        components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+        if config.low_vram:
+            from fluxtrt.stages.lowvram import load_low_vram
+
+            self.staged = load_low_vram(self.model, self.device, self.dtype, config, self.seed, self.tiny_vae)
+        else:
+            components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+            self.staged = StagedModel(components, tiny_vae=self.tiny_vae, seed=self.seed)
         self.loads.append(time.perf_counter() - t0)
-        self.staged = StagedModel(components)
         return self.staged
 
     def release(self) -> None:

@@ -45,8 +45,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu"):
         vae = f" --vae {manifest.model['vae']}" if manifest.model.get("vae") else ""
         raise EngineError(
             f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
-            f"{manifest.model['source']}{vae} --backend {manifest.backend} --precision {manifest.precision} --out {path} "
-            f"--components {','.join(missing)}` (and the original build's range options)"
+            f"{manifest.model['source']}{vae} --backend {manifest.backend} --precision {manifest.precision} "
+            f"--out {path} --components {','.join(missing)}` (and the original build's range options)"
         )
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)

@@ -82,7 +82,7 @@ def check_tiny_vae(source: str, latent_channels: int) -> Path:
         ModelLoadError: missing, not an AutoencoderTiny directory, or another latent channel count.
     """
     path = Path(source).expanduser()
-    expected = f"expected {TINY_VAE} or a diffusers-format AutoencoderTiny directory such as a download of madebyollin/taef1"
+    expected = f"expected {TINY_VAE} or a diffusers-format AutoencoderTiny directory (a download of madebyollin/taef1)"
     if not path.is_dir():
         raise ModelLoadError(f"--vae '{source}' is not a directory: {expected}")
     try:

@@ -40,6 +40,7 @@ class StageReport:
         first_call_ms: each compiled component's first-call milliseconds (includes compilation).
         first_block_cache: the threshold, or None.
         cache: computed/skipped steps and their costs, of the last edit.
+        low_vram: loaded for the 24 GB mode (DESIGN 12).
     """
 
     stage: str
@@ -54,6 +55,7 @@ class StageReport:
     first_call_ms: dict[str, float] = field(default_factory=dict)
     first_block_cache: float | None = None
     cache: CacheStats | None = None
+    low_vram: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -242,6 +244,7 @@ class StagedModel:
             compile=", ".join(self._compiled(config)) or "off",
             apply_s=time.perf_counter() - t0,
             first_block_cache=config.first_block_cache,
+            low_vram=self.low_vram,
         )
         return AppliedStage(config, runners, report, cache_runner, timers)
 

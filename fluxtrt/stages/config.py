@@ -175,7 +175,7 @@ def stage_config(spec: str) -> StageConfig:
             cfg = replace(cfg, vae=value)
         elif key == "vae":
             if value not in ("on", "off", "true", "false", "1", "0"):
-                raise InputError(f"stage spec '{spec}': vae={value}, expected on or off (compiled decode), tiny or full")
+                raise InputError(f"stage spec '{spec}': vae={value}, expected on/off (compiled decode), tiny or full")
             cfg = replace(cfg, compile_vae=_switch(key, value, spec))
         elif key == "lowvram":
             cfg = replace(cfg, low_vram=_switch(key, value, spec))
