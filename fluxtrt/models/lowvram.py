@@ -63,19 +63,29 @@ def place_transformer(transformer: Any, device: Any, place: PlaceBlock) -> None:
 
 def materialize_transformer(config: dict, seed: int, device: Any, dtype: Any, place: PlaceBlock) -> Any:
     """The seeded ``FluxTransformer2DModel`` of ``config`` built on ``device`` part by part: the same weights as
-    ``build_transformer(config, seed, device, dtype)``, without ever holding the whole unplaced model.
+    ``build_transformer(config, seed, device, dtype)``, without ever holding the whole unplaced model."""
+    model = meta_transformer(config, dtype)
+    materialize(model, seed, device, place)
+    return model
 
-    Constructed on the meta device, then each part's parameters are allocated on ``device`` and its modules'
-    ``reset_parameters`` (the initialisers their constructors call) run in construction order from the same seed.
-    """
-    import torch
+
+def meta_transformer(config: dict, dtype: Any) -> Any:
+    """``FluxTransformer2DModel(**config)`` on the meta device (no memory, no initialisation), in eval mode."""
     from diffusers import FluxTransformer2DModel
 
     from fluxtrt.models.synthetic import constructing
 
     with constructing("meta", dtype):
         model = FluxTransformer2DModel(**config)
-    model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def materialize(model: Any, seed: int, device: Any, place: PlaceBlock) -> None:
+    """Allocate a meta model's parts on ``device`` one at a time and run their modules' ``reset_parameters`` (the
+    initialisers their constructors call) in construction order from ``seed``; each block goes through ``place``
+    before the next is allocated."""
+    import torch
+
     torch.manual_seed(seed)
     for name, child in model.named_children():
         if isinstance(child, torch.nn.ModuleList):
@@ -84,7 +94,6 @@ def materialize_transformer(config: dict, seed: int, device: Any, dtype: Any, pl
                 place(f"{name}.{i}", block)
         else:
             _initialise(child, device)
-    return model
 
 
 def _initialise(module: Any, device: Any) -> None:
