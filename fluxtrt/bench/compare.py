@@ -84,7 +84,7 @@ class _Comparison:
         result = ContenderResult(contender.name, contender.kind, contender.base)
         self.emit({"event": "contender", "contender": contender.name, "kind": contender.kind})
         prepared = None
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        cuda = torch.cuda.is_available() and torch.device(self.session.device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
@@ -106,9 +106,9 @@ class _Comparison:
                 prepared.end_edit(None)
                 self.emit({"event": "warmup", "contender": contender.name, "i": i, "seconds": result.warmup_s[-1]})
             result.first_call_s = result.warmup_s[0] if result.warmup_s else None
+            if cuda:  # loading, compiling and warming up: what a process that starts with this contender must fit
+                result.prepare_peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             if torch.cuda.is_available() and torch.cuda.is_initialized():
-                # Loading, compiling and warming up: what a process that starts with this contender must fit.
-                result.prepare_peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
                 torch.cuda.reset_peak_memory_stats()
             for i in range(c.runs):
                 result.runs.append(self._timed_edit(contender, prepared, sampler, i))
