@@ -309,3 +309,18 @@ def test_low_vram_drops_unfused_projections_and_tiles_the_full_vae_over_its_tile
         tiled = vae.tiled_encode(wide).latent_dist.mode()
     assert torch.equal(got, tiled)
     assert not torch.equal(got, plain["vae_encoder"].infer({"image": wide})["latent"])
+
+
+def test_infer_low_vram_writes_the_same_image_and_refuses_engines(tmp_path):
+    image = tmp_path / "in.png"
+    make_image(96, 96).save(image)
+    outs = []
+    for extra in ((), ("--low-vram",)):
+        outs.append(tmp_path / f"out{len(outs)}.png")
+        result = run_cli("infer", "--model", "tiny", "--image", str(image), "--prompt", "blue", "--out", str(outs[-1]),
+                         "--steps", "2", "--device", "cpu", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+    assert np.array_equal(np.asarray(Image.open(outs[0])), np.asarray(Image.open(outs[1])))
+    result = run_cli("infer", "--engines", str(tmp_path), "--low-vram", "--image", str(image), "--prompt", "p",
+                     "--out", str(tmp_path / "x.png"))  # fmt: skip
+    assert "--low-vram applies to --model" in one_error_line(result)
