@@ -93,6 +93,12 @@ def relaunched(gpus: int, device: str) -> bool:
     return relaunch(gpus, device, click.get_current_context().find_root().obj["args"])
 
 
+def vae_option(what: str):
+    """``--vae tiny|DIR``: the slim autoencoder (AutoencoderTiny with FLUX's 16 latent channels, as TAEF1)."""
+    help_ = what + "tiny (random weights, for timing) or a diffusers-format AutoencoderTiny directory (taef1)."
+    return click.option("--vae", default=None, help=help_)
+
+
 def sampler_options(f):
     f = click.option("--steps", type=int, default=None, help="Denoising steps (default: 28 euler, 14 dpmpp-2m).")(f)
     sigmas_help = f"One of {', '.join(SIGMA_SCHEDULES)} (default: log-snr for dpmpp-2m, flux-shift for euler)."
@@ -128,10 +134,14 @@ def main(verbose: bool) -> None:
 @click.option("--width", type=int, default=None, help="Target width (with --height).")
 @click.option("--fbc", default=None, help="Engines built with --first-block-cache: the cache's threshold, or off "
               f"(default {DEFAULT_FBC_THRESHOLD}).")  # fmt: skip
+@vae_option("Replace the model's VAE with the slim autoencoder: ")
+@click.option("--low-vram", is_flag=True,
+              help="24 GB mode: FP8 transformer linears (sm89+) quantized while loading, text encoders streamed from "
+              "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, device,
-          dtype, gpus):  # fmt: skip
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae, low_vram,
+          device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
@@ -150,6 +160,8 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
         dtype=dtype,
         gpus=gpus,
         fbc=fbc,
+        vae=vae,
+        low_vram=low_vram,
     )
     if relaunched(config.gpus, config.device):
         return
@@ -203,9 +215,10 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--compute-capability", "compute_capability", default=None,
               help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
               "target that runs the precision).")  # fmt: skip
+@vae_option("Build the VAE components from the slim autoencoder: ")
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
           first_block_cache, force, device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits,
-          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability):  # fmt: skip
+          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -230,6 +243,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         aoti_fp8_attention=aoti_fp8_attention,
         compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
         first_block_cache=first_block_cache,
+        vae=vae,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines
@@ -254,7 +268,8 @@ def inspect(engines_dir):
 
 @main.command()
 @model_option
-@click.option("--stages", default="0,1,2,3,4,4f,4k", show_default=True, help="Stage specs, e.g. 0,1:fbc=off,4.")
+@click.option("--stages", default="0,1,2,3,4,4f,4k", show_default=True,
+              help="Stage specs, e.g. 0,1:fbc=off,4,4:vae=tiny,4:lowvram=on.")  # fmt: skip
 @click.option("--engines", "engines", multiple=True, type=click.Path(path_type=Path), help="Engines dir (repeatable).")
 @click.option("--image", type=click.Path(path_type=Path), default=None, help="Reference image (default: synthetic).")
 @click.option("--prompt", default="make the house blue", show_default=True, help="The edit instruction.")
@@ -267,10 +282,11 @@ def inspect(engines_dir):
 @click.option("--engines-fbc", default=None, help="First-block-cache threshold, or off, for engines built with "
               f"--first-block-cache (default {DEFAULT_FBC_THRESHOLD}, the stages').")  # fmt: skip
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
+@vae_option("The slim autoencoder of stages with vae=tiny (e.g. 4:vae=tiny): ")
 @device_options
 @gpus_option
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            engines_fbc, report_dir, device, dtype, gpus):  # fmt: skip
+            engines_fbc, report_dir, vae, device, dtype, gpus):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -291,6 +307,7 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         diffusers_check=diffusers_check,
         gpus=gpus,
         engines_fbc=engines_fbc,
+        vae=vae,
     )
     if relaunched(config.gpus, config.device):
         return

@@ -67,6 +67,16 @@ def parse_fbc_threshold(text: str | None, option: str) -> float | None:
     return value
 
 
+def check_vae_option(vae: str | None) -> None:
+    """Raise InputError unless ``vae`` is None, ``tiny`` or an existing directory (its contents are checked when it
+    is loaded)."""
+    if vae is not None and vae != "tiny" and not Path(vae).expanduser().is_dir():
+        raise InputError(
+            f"--vae '{vae}' is neither tiny nor a directory: pass tiny (random weights, for timing) or a "
+            "diffusers-format AutoencoderTiny directory such as a download of madebyollin/taef1"
+        )
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How the denoising loop integrates the flow: solver, sigma schedule and step count.
@@ -116,6 +126,10 @@ class InferConfig:
             CPU processes). 1 runs in this process; more are launched under torchrun (``fluxtrt.parallel``).
         fbc: engines built with ``--first-block-cache``: the cache's threshold as given (``off`` or a number);
             None takes ``DEFAULT_FBC_THRESHOLD``. Given explicitly, the engines must hold the transformer's parts.
+        vae: the slim autoencoder in place of the model's VAE: ``tiny`` (random weights) or an AutoencoderTiny
+            directory (e.g. a download of madebyollin/taef1); None keeps the model's own.
+        low_vram: the 24 GB mode (DESIGN 13): FP8 transformer linears quantized block by block on the way to the
+            GPU, text encoders kept on the host and streamed through the GPU, VAE tiled above its tile size.
     """
 
     model: str | None
@@ -132,6 +146,8 @@ class InferConfig:
     dtype: str = "auto"
     gpus: int = 1
     fbc: str | None = None
+    vae: str | None = None
+    low_vram: bool = False
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=self.engines is not None)
@@ -149,6 +165,17 @@ class InferConfig:
             raise InputError(
                 f"--fbc is '{self.fbc}' but no --engines is given: the threshold is for engines built with "
                 "--first-block-cache (PyTorch runs the cache as stages 1-4 of `fluxtrt compare`)"
+            )
+        if self.engines is not None and (self.vae is not None or self.low_vram):
+            flag = "--vae" if self.vae is not None else "--low-vram"
+            raise InputError(
+                f"{flag} applies to --model, not to --engines '{self.engines}' (engines hold their own VAE and "
+                "placement): build engines with `fluxtrt build --vae ...`, or run --model"
+            )
+        check_vae_option(self.vae)
+        if self.low_vram and self.gpus > 1:
+            raise InputError(
+                f"--low-vram with --gpus {self.gpus}: the 24 GB mode places one model on one GPU; use one of them"
             )
         for name, value in (("--height", self.height), ("--width", self.width)):
             if value is not None and value <= 0:
@@ -234,6 +261,7 @@ class BuildConfig:
             on for an fp8 build on CUDA where a kernel is available.
         compute_capabilities: TensorRT-RTX: the GPUs to build for, as "8.9"; None: the current GPU where TensorRT-RTX
             supports it, else every target that runs the precision.
+        vae: the slim autoencoder built in place of the model's VAE: ``tiny`` or an AutoencoderTiny directory.
     """
 
     model: str
@@ -258,6 +286,7 @@ class BuildConfig:
     aoti_fp8_attention: bool | None = None
     compute_capabilities: tuple[str, ...] | None = None
     first_block_cache: bool = False
+    vae: str | None = None
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
@@ -271,6 +300,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--device", self.device, DEVICES)
+        check_vae_option(self.vae)
         if self.aoti_weights is not None:
             _one_of("--aoti-weights", self.aoti_weights, ("packaged", "external"))
         if self.calibration_edits < 1:

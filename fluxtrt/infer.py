@@ -91,12 +91,35 @@ def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, s
 
         pipeline = load_engine_pipeline(config.engines, device, config.fbc_threshold, config.fbc is not None)
         return pipeline, f"engines {config.engines}"
-    components = load_components(config.model, device, config.resolved_dtype, seed=0)
+    if config.low_vram:
+        return low_vram_pipeline(config, device), f"{config.model} (low-VRAM)"
+    components = load_components(config.model, device, config.resolved_dtype, seed=0, vae=config.vae)
     if world is not None:
         from fluxtrt.parallel.context import enable_context_parallel
 
         enable_context_parallel(components.transformer, world)
     return KontextPipeline.from_components(components), config.model
+
+
+def low_vram_pipeline(config: InferConfig, device: str) -> Any:
+    """The 24 GB mode's pipeline (DESIGN 12): eager, FP8 transformer linears quantized block by block as they reach
+    the GPU (required on CUDA: a bf16 transformer does not fit), text encoders streamed from the host, the VAE tiled
+    above 1024 px a side. On the CPU nothing is quantized and the placement changes nothing but the order of work.
+
+    Raises:
+        DeviceError, MissingDependencyError: on CUDA, no FP8 linears (a GPU below sm89, or no torchao).
+    """
+    from fluxtrt.pipeline.kontext import KontextPipeline
+    from fluxtrt.stages.config import StageConfig
+    from fluxtrt.stages.lowvram import load_low_vram
+
+    cuda = device.startswith("cuda")
+    stage = StageConfig("infer:lowvram=on", quant="fp8" if cuda else None, low_vram=True,
+                        vae="tiny" if config.vae is not None else "full")  # fmt: skip
+    staged = load_low_vram(config.model, device, config.resolved_dtype, stage, tiny_vae=config.vae or "tiny",
+                           strict=cuda)  # fmt: skip
+    applied = staged.apply(stage, strict=cuda)
+    return KontextPipeline.from_components(staged.components, runners=applied.runners)
 
 
 # Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.

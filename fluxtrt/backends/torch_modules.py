@@ -36,14 +36,18 @@ class T5Module(nn.Module):
 
 
 class VaeEncoderModule(nn.Module):
-    """VAE encoder -> the distribution's mode (not a sample). image [B, 3, H, W] -> latent [B, 16, H/8, W/8]."""
+    """VAE encoder -> the distribution's mode (not a sample). image [B, 3, H, W] -> latent [B, 16, H/8, W/8].
+
+    The slim ``AutoencoderTiny`` is deterministic: its encoding is the latent itself (in the transformer's space).
+    """
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(image).latent_dist.mode()
+        out = self.vae.encode(image)
+        return out.latents if hasattr(out, "latents") else out.latent_dist.mode()
 
 
 class VaeDecoderModule(nn.Module):

@@ -20,11 +20,15 @@ class TorchRunner(Runner):
         spec: the component spec.
         module: a module from ``fluxtrt.backends.torch_modules`` (or any with the same forward signature).
         compute_dtype: dtype of the module's floating tensors.
+        device: where inputs live and outputs are returned; None: where the module's first parameter is (a module
+            whose weights stay on the host and stream through the device names the device here).
     """
 
-    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, compute_dtype: torch.dtype):
-        param = next(module.parameters(), None)
-        super().__init__(spec, compute_dtype, param.device if param is not None else "cpu")
+    def __init__(self, spec: ComponentSpec, module: torch.nn.Module, compute_dtype: torch.dtype, device: Any = None):
+        if device is None:
+            param = next(module.parameters(), None)
+            device = param.device if param is not None else "cpu"
+        super().__init__(spec, compute_dtype, device)
         self.module = module
         self.load()  # the module is the caller's and already in memory: nothing to acquire or release
 

@@ -62,7 +62,8 @@ class _Comparison:
 
     def __init__(self, config: CompareConfig, emit: Callable[[dict], None], world: Any = None):
         self.config, self.emit = config, emit
-        self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0, world=world)
+        self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0, world=world,
+                                    tiny_vae=config.vae or "tiny")  # fmt: skip
         if config.image is not None:
             from fluxtrt.pipeline.image import load_image
 
@@ -95,6 +96,9 @@ class _Comparison:
         result = ContenderResult(contender.name, contender.kind, contender.base)
         self.emit({"event": "contender", "contender": contender.name, "kind": contender.kind})
         prepared = None
+        cuda = torch.cuda.is_available() and torch.device(self.session.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         try:
             t0 = time.perf_counter()
             prepared = contender.prepare(self.session)
@@ -114,12 +118,15 @@ class _Comparison:
                 prepared.end_edit(None)
                 self.emit({"event": "warmup", "contender": contender.name, "i": i, "seconds": result.warmup_s[-1]})
             result.first_call_s = result.warmup_s[0] if result.warmup_s else None
+            if cuda:  # loading, compiling and warming up: what a process that starts with this contender must fit
+                result.prepare_peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
             for i in range(c.runs):
                 result.runs.append(self._timed_edit(contender, prepared, sampler, i))
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 result.peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30
+                result.peak_gpu_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
             result.details = prepared.details()
         except Exception as exc:  # recorded in the report as this contender's failure; the others still run
             result.status, result.error = "failed", _error_text(exc)

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, DEVICES, DTYPES, check_gpus_option, parse_fbc_threshold
+from fluxtrt.config import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_SEED,
+    DEVICES,
+    DTYPES,
+    check_gpus_option,
+    check_vae_option,
+    parse_fbc_threshold,
+)
 from fluxtrt.errors import InputError
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
@@ -43,6 +51,8 @@ class CompareConfig:
         diffusers_check: after stage 0, time diffusers' own FluxKontextPipeline on the same modules and compare the
             transformer's per-step time with stage 0's.
         gpus: processes each PyTorch stage's transformer is split over (``fluxtrt.parallel``); no engines then.
+        vae: the slim autoencoder that stages with ``vae=tiny`` run: None or ``tiny`` for random weights (timing
+            only), or an AutoencoderTiny directory (e.g. a download of madebyollin/taef1).
     """
 
     model: str
@@ -62,6 +72,7 @@ class CompareConfig:
     diffusers_check: bool = False
     gpus: int = 1
     engines_fbc: str | None = None
+    vae: str | None = None
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=bool(self.engines))
@@ -80,8 +91,13 @@ class CompareConfig:
             raise InputError("nothing to compare: give --stages (e.g. 0,1,2,3,4,4f,4k) and/or --engines DIR")
         if len(set(self.stages)) != len(self.stages):
             raise InputError(f"--stages {','.join(self.stages)} names a stage twice: give each stage spec once")
-        for spec in self.stages:
-            stage_config(spec)  # raises InputError on an unknown stage or override
+        configs = [stage_config(spec) for spec in self.stages]  # raises InputError on an unknown stage or override
+        check_vae_option(self.vae)
+        if self.vae is not None and not any(c.vae == "tiny" for c in configs):
+            raise InputError(
+                f"--vae '{self.vae}' is used by stages with vae=tiny and --stages {','.join(self.stages)} has none: "
+                "add one such as 4:vae=tiny"
+            )
         for path in self.engines:
             if not path.is_dir():
                 raise InputError(f"--engines '{path}' is not a directory: pass a directory written by `fluxtrt build`")
@@ -130,4 +146,5 @@ class CompareConfig:
             "diffusers_check": self.diffusers_check,
             "gpus": self.gpus,
             "engines_fbc": self.engines_fbc_threshold,
+            "vae": self.vae,
         }

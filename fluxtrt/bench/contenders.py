@@ -41,11 +41,12 @@ class ModelSession:
         device, dtype: where and in what precision to load it.
         seed: initialisation seed of the synthetic models (the same weights after every reload).
         world: the processes the transformer is split over (``fluxtrt.parallel.context.World``), or None.
+        tiny_vae: the slim autoencoder of ``vae=tiny`` stages: ``tiny`` (random weights) or a directory.
     """
 
-    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, world: Any = None):
+    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, world: Any = None, tiny_vae: str = "tiny"):
         self.model, self.device, self.dtype, self.seed = model, device, dtype, seed
-        self.world = world
+        self.world, self.tiny_vae = world, tiny_vae
         self.staged: Any = None  # fluxtrt.stages.apply.StagedModel
         self.loads: list[float] = []  # seconds of each load
 
@@ -58,13 +59,18 @@ class ModelSession:
             return self.staged
         self.release()
         t0 = time.perf_counter()
-        components = load_components(self.model, self.device, self.dtype, seed=self.seed)
-        if self.world is not None:
-            from fluxtrt.parallel.context import enable_context_parallel
+        if config.low_vram:
+            from fluxtrt.stages.lowvram import load_low_vram
 
-            enable_context_parallel(components.transformer, self.world)
+            self.staged = load_low_vram(self.model, self.device, self.dtype, config, self.seed, self.tiny_vae)
+        else:
+            components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+            if self.world is not None:
+                from fluxtrt.parallel.context import enable_context_parallel
+
+                enable_context_parallel(components.transformer, self.world)
+            self.staged = StagedModel(components, tiny_vae=self.tiny_vae, seed=self.seed)
         self.loads.append(time.perf_counter() - t0)
-        self.staged = StagedModel(components)
         return self.staged
 
     def release(self) -> None:
@@ -236,7 +242,8 @@ def engine_step_error(path: Path, calls: list, session: ModelSession) -> dict:
     from fluxtrt.models.loading import model_fingerprint
 
     manifest = Manifest.load(path)
-    if manifest.model["fingerprint"] != model_fingerprint(session.model, session.seed):
+    # The transformer is what is compared: engines built with the slim VAE compare against the same model.
+    if manifest.model["fingerprint"] != model_fingerprint(session.model, session.seed, manifest.model.get("vae")):
         return {"error": f"engines built from {manifest.model['source']}, compare model is {session.model}"}
     session.release()
     components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)

@@ -184,6 +184,7 @@ def report_markdown(report: CompareReport) -> str:
         "Fidelity is against the first run of the first stage-0 row, on the decoded 8-bit image and the final latents.",
     ]
     lines += _cache_notes(report)
+    lines += _vae_and_memory_notes(report)
     lines += _host_load_warning(report)
     lines += _step_error_section(report)
     notes = [(c.name, u) for c in report.contenders for u in c.details.get("unavailable", [])]
@@ -243,6 +244,39 @@ def _cache_notes(report: CompareReport) -> list[str]:
                 f"Rows {', '.join(forced)} use threshold inf: every step after the first reuses the cache. They "
                 "measure what a skipped step costs; they are not usable edits, and their speed-ups are not a result."
             )
+    return lines
+
+
+SLIM_VAE = "slim VAE (AutoencoderTiny)"
+
+
+def _vae_and_memory_notes(report: CompareReport) -> list[str]:
+    """What the slim-VAE rows' fidelity means, and every row's GPU memory when a low-VRAM row is among them."""
+    lines: list[str] = []
+    cfg = report.config
+    slim = [c.name for c in report.contenders if SLIM_VAE in c.details.get("features", [])]
+    if slim:
+        lines += ["", f"Rows {', '.join(slim)} encode and decode with the slim autoencoder (AutoencoderTiny, TAEF1's "
+                  "architecture) instead of the FLUX VAE; their fidelity is against stage 0's FLUX VAE."]  # fmt: skip
+        random = [
+            what
+            for what, synthetic in (
+                ("the model", cfg["model"] in ("tiny", "random-full")),
+                ("the slim autoencoder", cfg.get("vae") in (None, "tiny")),
+            )
+            if synthetic
+        ]
+        if random:  # fmt: skip
+            lines.append(
+                f"**The weights of {' and '.join(random)} are random here, so that fidelity is meaningless:** only the "
+                "timings count. Measure it with a real checkpoint and --vae DIR (a download of madebyollin/taef1)."
+            )
+    low = [c for c in report.contenders if c.details.get("low_vram")]
+    if low and report.environment.get("gpu"):
+        lines += ["", "GPU memory, GiB (torch.cuda max_memory_allocated / max_memory_reserved): timed edits; "
+                  "allocated from loading through the warmup edits:", ""]  # fmt: skip
+        lines += [f"- {c.name}: {_num(c.peak_gpu_mem_gib, '.2f')} / {_num(c.peak_gpu_reserved_gib, '.2f')}; "
+                  f"{_num(c.prepare_peak_gpu_mem_gib, '.2f')}" for c in report.contenders]  # fmt: skip
     return lines
 
 

@@ -50,7 +50,9 @@ class ContenderResult:
     first_call_s: float | None = None
     warmup_s: list[float] = field(default_factory=list)
     runs: list[RunRecord] = field(default_factory=list)
-    peak_gpu_mem_gib: float | None = None
+    peak_gpu_mem_gib: float | None = None  # allocated, during the timed edits, weights included
+    peak_gpu_reserved_gib: float | None = None  # reserved by the caching allocator, same span
+    prepare_peak_gpu_mem_gib: float | None = None  # allocated, from loading through the warmup edits
 
     @property
     def ok(self) -> bool:
@@ -145,6 +147,8 @@ def summary_row(report: CompareReport, result: ContenderResult) -> dict:
         "speedup_vs_0": report.speedup(result, "0"),
         "speedup_vs_1": report.speedup(result, "1"),
         "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
+        "peak_gpu_reserved_gib": result.peak_gpu_reserved_gib,
+        "prepare_peak_gpu_mem_gib": result.prepare_peak_gpu_mem_gib,
         "psnr_db": statistics.median(f["psnr_db"] for f in fids) if fids else None,
         "ssim": statistics.median(f["ssim"] for f in fids) if fids else None,
         "latent_cosine": statistics.median(f["latent_cosine"] for f in fids) if fids else None,

@@ -120,8 +120,9 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     previous = _previous_manifest(config.out, config, backend)
     _remove_leftovers(config.out)
 
-    say("model", f"loading {config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device})")
-    components = load_components(config.model, config.device, COMPUTE_DTYPE[config.precision])
+    vae = f", vae {config.vae}" if config.vae is not None else ""
+    say("model", f"loading {config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device}{vae})")
+    components = load_components(config.model, config.device, COMPUTE_DTYPE[config.precision], vae=config.vae)
     dims = dims_from_components(components)
     manifest = _new_manifest(config, backend, components, dims, previous)
     build = _Build(config, backend, options, components, dims, component_specs(dims), manifest, say, interrupts)
@@ -145,7 +146,8 @@ def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, 
         fluxtrt_version=__version__,
         model={
             "source": components.source,
-            "fingerprint": model_fingerprint(config.model),
+            "fingerprint": model_fingerprint(config.model, vae=config.vae),
+            "vae": config.vae,
             "dims": asdict(dims),
             "vae_scaling": components.vae.config.scaling_factor,
             "vae_shift": components.vae.config.shift_factor,

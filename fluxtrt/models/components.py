@@ -26,12 +26,14 @@ class FluxKontextComponents:
 
     Attributes:
         transformer: ``FluxTransformer2DModel``.
-        vae: ``AutoencoderKL`` (16 latent channels, scaling/shift factors in its config).
+        vae: ``AutoencoderKL`` (16 latent channels, scaling/shift factors in its config), or the slim
+            ``AutoencoderTiny`` (scaling 1, shift 0: it works in the transformer's latent space).
         text_encoder, tokenizer: CLIP text model (pooled output) and its tokenizer.
         text_encoder_2, tokenizer_2: T5 encoder and its tokenizer.
         scheduler_config: the checkpoint's scheduler config (shift parameters).
         source: where the weights came from (``tiny``, ``random-full`` or a directory).
         max_sequence_length: T5 tokens per prompt.
+        vae_source: None for the model's own VAE; ``tiny`` or a directory when the slim autoencoder replaced it.
     """
 
     transformer: Any
@@ -43,6 +45,7 @@ class FluxKontextComponents:
     scheduler_config: dict = field(default_factory=lambda: dict(FLUX_SCHEDULER_CONFIG))
     source: str = ""
     max_sequence_length: int = 512
+    vae_source: str | None = None
 
     def modules(self) -> dict[str, Any]:
         return {

@@ -23,7 +23,9 @@ def torch_dtype(name: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def load_components(model: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> FluxKontextComponents:
+def load_components(
+    model: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0, vae: str | None = None
+) -> FluxKontextComponents:
     """Load a FLUX.1-Kontext model without touching the network.
 
     Args:
@@ -31,14 +33,26 @@ def load_components(model: str, device: str = "cpu", dtype: str = "fp32", seed: 
         device: ``cpu`` or ``cuda``.
         dtype: ``fp32`` or ``bf16``.
         seed: initialisation seed of the synthetic models.
+        vae: None for the model's own VAE, or the slim autoencoder in its place: ``tiny`` (random weights) or an
+            AutoencoderTiny directory (``fluxtrt.models.tiny_vae``).
 
     Returns:
         The components, on ``device`` in ``dtype``, in eval mode.
 
     Raises:
-        ModelLoadError: the path is missing or not a FLUX.1-Kontext checkpoint, or a hub id has no local copy.
+        ModelLoadError: the path is missing or not a FLUX.1-Kontext checkpoint, a hub id has no local copy, or
+            ``vae`` is not a usable AutoencoderTiny.
         DeviceError: ``random-full`` would not fit the memory available on ``device``.
     """
+    if vae is not None:
+        from fluxtrt.models.tiny_vae import TINY_VAE, check_tiny_vae, load_tiny_vae
+
+        if vae != TINY_VAE:
+            check_tiny_vae(vae, 16)  # before loading 30 GB; the loaded model's own count is checked below
+        components = load_components(model, device, dtype, seed)
+        components.vae = load_tiny_vae(vae, device, torch_dtype(dtype), seed, components.vae.config.latent_channels)
+        components.vae_source = vae
+        return components
     from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
 
     if model == "tiny":
@@ -146,14 +160,19 @@ def load_checkpoint(path: Path, device: str, dtype: str) -> FluxKontextComponent
     return components.to(device, torch_dtype(dtype))
 
 
-def model_fingerprint(model: str, seed: int = 0) -> str:
-    """What identifies the weights of ``model`` cheaply: a rebuild is needed when it changes.
+def model_fingerprint(model: str, seed: int = 0, vae: str | None = None) -> str:
+    """What identifies the weights of ``model`` (with the slim autoencoder ``vae`` in place of its own, if given)
+    cheaply: a rebuild is needed when it changes.
 
     Synthetic models are fixed by their name and seed; a checkpoint by its config files and the names and sizes of
     its weight files (hashing 30 GB of weights on every build would cost minutes).
     """
     import hashlib
 
+    if vae is not None:
+        from fluxtrt.models.tiny_vae import tiny_vae_fingerprint
+
+        return f"{model_fingerprint(model, seed)}+{tiny_vae_fingerprint(vae, seed)}"
     if model in BUILTIN_MODELS:
         return f"{model}-seed{seed}"
     path = resolve_checkpoint(model)

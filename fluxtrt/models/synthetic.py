@@ -38,6 +38,7 @@ _VAE_BLOCKS = {
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "mid_block_add_attention": True,
+    "sample_size": 1024,  # FLUX's: diffusers' VAE tiling (the low-VRAM mode) tiles only images over 1024 px a side
 }
 
 TINY = SyntheticConfigs(
@@ -143,9 +144,38 @@ def build_synthetic(
 
     The library initialisers (diffusers' and transformers' own) keep activations finite through a whole edit at
     full size: every linear layer shrinks its input's scale and every residual branch is normalised and gated.
+    Each model is seeded on its own (transformer ``seed``, VAE ``seed + 1``, CLIP ``+ 2``, T5 ``+ 3``), so any one
+    of them can be built apart with the same weights (``build_vae``, ``build_text_encoders``, the low-VRAM loader).
     """
+    transformer = build_transformer(configs.transformer, seed, device, dtype)
+    vae = build_vae(configs, seed, device, dtype)
+    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = build_text_encoders(configs, seed, device, dtype)
+    components = FluxKontextComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        source=source,
+    )
+    return components.to(device, dtype)
+
+
+def build_vae(configs: SyntheticConfigs, seed: int, device: Any, dtype: Any) -> Any:
+    """The seeded ``AutoencoderKL`` of ``configs``."""
     import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
+
+    with constructing(device, dtype):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKL(**configs.vae)
+
+
+def build_text_encoders(configs: SyntheticConfigs, seed: int, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
+    """The seeded CLIP and T5 encoders of ``configs`` with their local tokenizers: (clip, tokenizer, t5,
+    tokenizer_2)."""
+    import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
@@ -166,21 +196,8 @@ def build_synthetic(
         **configs.t5,
     )
     with constructing(device, dtype):
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**configs.transformer)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**configs.vae)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(clip_config)
         torch.manual_seed(seed + 3)
         text_encoder_2 = T5EncoderModel(t5_config)
-    components = FluxKontextComponents(
-        transformer=transformer,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        source=source,
-    )
-    return components.to(device, dtype)
+    return text_encoder, tokenizer, text_encoder_2, tokenizer_2

@@ -172,6 +172,9 @@ FBC_OFF = (
     "first-block cache: off with --gpus (its runner calls the blocks itself, past the model forward where the "
     "sequence is split, and every process would have to take the same skip decision)"
 )
+LOW_VRAM_OFF = (
+    "24 GB mode: off with --gpus (it places one model on one GPU block by block; each process loads its own copy)"
+)
 FP8_ATTENTION_OFF = (
     "FP8 attention: off with --gpus (its kernel runs outside diffusers' attention dispatcher, where Ulysses "
     "exchanges Q/K/V between the GPUs); BF16 SDPA instead"
@@ -187,6 +190,9 @@ def restrict_stage(config: StageConfig) -> tuple[StageConfig, list[str]]:
     if config.attention == "fp8":
         config = replace(config, attention="sdpa")
         notes.append(FP8_ATTENTION_OFF)
+    if config.low_vram:
+        config = replace(config, low_vram=False)
+        notes.append(LOW_VRAM_OFF)
     return config, notes
 
 

@@ -40,6 +40,7 @@ class StageReport:
         first_call_ms: each compiled component's first-call milliseconds (includes compilation).
         first_block_cache: the threshold, or None.
         cache: computed/skipped steps and their costs, of the last edit.
+        low_vram: loaded for the 24 GB mode (DESIGN 13).
     """
 
     stage: str
@@ -54,6 +55,7 @@ class StageReport:
     first_call_ms: dict[str, float] = field(default_factory=dict)
     first_block_cache: float | None = None
     cache: CacheStats | None = None
+    low_vram: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -162,19 +164,33 @@ class StagedModel:
 
     Args:
         components: loaded ``FluxKontextComponents`` (modified in place by ``apply``).
+        tiny_vae: the slim autoencoder that stages with ``vae=tiny`` use: ``tiny`` (random weights) or an
+            AutoencoderTiny directory; loaded on first use.
+        seed: initialisation seed of a random slim autoencoder.
+
+    A model loaded for the 24 GB mode (``fluxtrt.stages.lowvram.load_low_vram``) sets ``low_vram`` and ``offloads``
+    (the text encoders' ``HostOffload``) and comes fused and quantized as its stage asked.
     """
 
-    def __init__(self, components: Any):
+    def __init__(self, components: Any, tiny_vae: str = "tiny", seed: int = 0):
         self.components = components
         self.device = torch.device(components.transformer.device)
         self.fused = False
         self.compiled_backend: str | None = None
         self.quant: str | None = None
         self.quant_path: str | None = None
-        self._decoders: dict[str, torch.nn.Module] = {}
+        self.low_vram = False
+        self.offloads: dict[str, Any] = {}  # component -> HostOffload, in the 24 GB mode
+        self.vaes = {"full": components.vae}
+        self.tiny_vae_source, self.seed = tiny_vae, seed
+        self._decoders: dict[tuple[str, str], torch.nn.Module] = {}
 
     def can_apply(self, config: StageConfig) -> str | None:
         """None if ``config`` can be applied to these components, else why the model must be loaded again."""
+        if config.low_vram != self.low_vram:
+            return f"the model was loaded {'for' if self.low_vram else 'without'} low-VRAM placement"
+        if self.low_vram and config.fuse_qkv != self.fused:
+            return f"the low-VRAM model was placed {'with' if self.fused else 'without'} fused QKV"
         backend = self.compiled_backend
         if backend is not None and (not config.compile or config.compile_backend != backend):
             wants = config.compile_backend if config.compile else "them eager"
@@ -209,6 +225,7 @@ class StagedModel:
                 raise exc
             unavailable.append(f"{feature}: {exc}")
 
+        self._set_vae(config.vae)
         quant = self._set_linears(config, unavailable_or_raise)
         attention, fp8_attention = self._set_attention(config, unavailable_or_raise)
         # Compilation is lazy: it happens on the first call, which FirstCallTimer measures.
@@ -227,8 +244,20 @@ class StagedModel:
             compile=", ".join(self._compiled(config)) or "off",
             apply_s=time.perf_counter() - t0,
             first_block_cache=config.first_block_cache,
+            low_vram=self.low_vram,
         )
         return AppliedStage(config, runners, report, cache_runner, timers)
+
+    def _set_vae(self, which: str) -> None:
+        """Put the full or the slim autoencoder in the components (reversible); the slim one loads on first use.
+        The pipeline reads its scaling and shift from the one in place (the slim one's are 1 and 0)."""
+        if which not in self.vaes:
+            from fluxtrt.models.tiny_vae import load_tiny_vae
+
+            full = self.vaes["full"]
+            self.vaes[which] = load_tiny_vae(self.tiny_vae_source, self.device, full.dtype, self.seed,
+                                             full.config.latent_channels)  # fmt: skip
+        self.components.vae = self.vaes[which]
 
     def _set_linears(self, config: StageConfig, unavailable_or_raise) -> str:
         """Fuse or unfuse Q/K/V (reversible, diffusers' own methods) and quantize the linears (irreversible:
@@ -257,6 +286,8 @@ class StagedModel:
         channels-last VAE decode, and first-call timers on what is compiled."""
         runners: dict[str, Runner] = dict(torch_runners(self.components))
         transformer, dtype = self.components.transformer, self.components.transformer.dtype
+        for name in self.offloads:  # host-resident weights, run on the device: inputs and outputs live there
+            runners[name] = TorchRunner(runners[name].spec, runners[name].module, dtype, self.device)
         cache_runner = None
         if config.first_block_cache is not None:
             cache_runner = FirstBlockCacheRunner(runners["transformer"].spec, transformer, config.first_block_cache,
@@ -268,11 +299,15 @@ class StagedModel:
         layout = torch.channels_last if config.compile_vae else torch.contiguous_format
         for m in decoder_modules:
             m.to(memory_format=layout)
+        if self.low_vram and hasattr(vae, "enable_tiling") and hasattr(vae, "tiled_decode"):
+            # AutoencoderKL only: diffusers tiles an image over its sample_size (1024 px for FLUX) a side. The slim
+            # AutoencoderTiny needs no tiling (64-channel activations) and its tiled path assumes 4 latent channels.
+            vae.enable_tiling()
         if config.compile_vae:
-            decoder = self._decoders.get(config.compile_backend)
+            decoder = self._decoders.get((config.compile_backend, config.vae))
             if decoder is None:
                 decoder = torch.compile(ChannelsLastDecoder(vae), backend=config.compile_backend)
-                self._decoders[config.compile_backend] = decoder
+                self._decoders[(config.compile_backend, config.vae)] = decoder
             runners["vae_decoder"] = TorchRunner(runners["vae_decoder"].spec, decoder, dtype)
         timers = {}
         for name, on in (("transformer", self.compiled_backend is not None), ("vae_decoder", config.compile_vae)):
@@ -295,6 +330,10 @@ class StagedModel:
             features.append("FP8 attention")
         if self.quant is not None:
             features.append(f"{self.quant.upper()} linears")
+        if config.vae == "tiny":
+            features.append("slim VAE (AutoencoderTiny)")
+        if self.low_vram:
+            features.append("low-VRAM placement (text encoders streamed from the host)")
         return features
 
     def _compiled(self, config: StageConfig) -> list[str]:

@@ -1,7 +1,8 @@
 """The PyTorch stages of DESIGN 4 as frozen configurations over one pipeline; torch-free, so the CLI validates early.
 
 A stage is named by the table (``0``, ``1``, ``2``, ``3``, ``4``, ``4f``, ``4k``); a contender spec may override fields
-after colons, e.g. ``1:fbc=off`` (stage 1 without the first-block cache), ``3:quant=fp4``, ``4:steps=8:compile=off``.
+after colons, e.g. ``1:fbc=off`` (stage 1 without the first-block cache), ``3:quant=fp4``, ``4:steps=8:compile=off``,
+``4:vae=tiny`` (the slim autoencoder), ``4:lowvram=on`` (the 24 GB mode, DESIGN 13).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fluxtrt.errors import InputError
 
 ATTENTION = ("sdpa", "fp8")
 QUANT = (None, "fp8", "fp4")
+VAES = ("full", "tiny")
 
 _EULER_28 = SamplerConfig("euler", "flux-shift", 28)
 
@@ -31,6 +33,9 @@ class StageConfig:
         attention: ``sdpa`` (torch's SDPA, what diffusers runs) or ``fp8`` (FA3 FP8, else cuDNN FP8 SDPA).
         quant: None, ``fp8`` (torchao dynamic per-row FP8 linears) or ``fp4`` (NVFP4, sm100+ only).
         sampler: solver, sigma schedule and steps.
+        vae: ``full`` (the model's own VAE) or ``tiny`` (the slim AutoencoderTiny, TAEF1's architecture).
+        low_vram: the 24 GB mode: the transformer quantized block by block on the way to the device, text encoders
+            kept on the host and streamed through the device, VAE tiled above its tile size (DESIGN 13).
     """
 
     name: str
@@ -42,12 +47,16 @@ class StageConfig:
     attention: str = "sdpa"
     quant: str | None = None
     sampler: SamplerConfig = _EULER_28
+    vae: str = "full"
+    low_vram: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION:
             raise InputError(f"stage {self.name}: attention is '{self.attention}', expected one of sdpa, fp8")
         if self.quant not in QUANT:
             raise InputError(f"stage {self.name}: quant is '{self.quant}', expected off, fp8 or fp4")
+        if self.vae not in VAES:
+            raise InputError(f"stage {self.name}: vae is '{self.vae}', expected full or tiny")
         if self.first_block_cache is not None and self.first_block_cache < 0:
             raise InputError(
                 f"stage {self.name}: first-block-cache threshold is {self.first_block_cache}, expected >= 0 or off"
@@ -73,6 +82,10 @@ class StageConfig:
             out.append("FP8 attention")
         if self.quant is not None:
             out.append(f"{self.quant.upper()} linears")
+        if self.vae == "tiny":
+            out.append("slim VAE (AutoencoderTiny)")
+        if self.low_vram:
+            out.append("low-VRAM placement")
         return tuple(out)
 
     def includes(self, other: StageConfig) -> bool:
@@ -101,7 +114,7 @@ def _stage_table() -> dict[str, StageConfig]:
 # DESIGN 4: each stage adds to the previous one.
 STAGES: dict[str, StageConfig] = _stage_table()
 
-_OVERRIDES = ("fbc", "steps", "compile", "fuse", "vae", "attention", "quant", "solver", "sigmas")
+_OVERRIDES = ("fbc", "steps", "compile", "fuse", "vae", "attention", "quant", "solver", "sigmas", "lowvram")
 
 
 def _switch(key: str, value: str, spec: str) -> bool:
@@ -116,8 +129,9 @@ def stage_config(spec: str) -> StageConfig:
     """The ``StageConfig`` for a stage spec: a table stage, optionally with ``:key=value`` overrides.
 
     Keys: ``fbc`` (off or a threshold), ``steps``, ``compile`` (on; off, which also leaves the VAE decode eager; or
-    the torch.compile backend of whatever the stage compiles), ``fuse`` and ``vae`` (on/off; ``vae`` is the
-    channels-last, compiled decode), ``attention`` (sdpa, fp8), ``quant`` (off, fp8, fp4), ``solver``, ``sigmas``.
+    the torch.compile backend of whatever the stage compiles), ``fuse`` (on/off), ``vae`` (on/off: the
+    channels-last, compiled decode; tiny/full: which autoencoder), ``attention`` (sdpa, fp8), ``quant`` (off, fp8,
+    fp4), ``solver``, ``sigmas``, ``lowvram`` (on/off).
 
     Raises:
         InputError: unknown stage, key or value.
@@ -154,8 +168,14 @@ def stage_config(spec: str) -> StageConfig:
                 cfg = replace(cfg, compile=True, compile_backend=value)
         elif key == "fuse":
             cfg = replace(cfg, fuse_qkv=_switch(key, value, spec))
+        elif key == "vae" and value in VAES:
+            cfg = replace(cfg, vae=value)
         elif key == "vae":
+            if value not in ("on", "off", "true", "false", "1", "0"):
+                raise InputError(f"stage spec '{spec}': vae={value}, expected on/off (compiled decode), tiny or full")
             cfg = replace(cfg, compile_vae=_switch(key, value, spec))
+        elif key == "lowvram":
+            cfg = replace(cfg, low_vram=_switch(key, value, spec))
         elif key == "attention":
             cfg = replace(cfg, attention=value)
         elif key == "quant":
