@@ -140,8 +140,8 @@ def main(verbose: bool) -> None:
               "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae, low_vram,
-          device, dtype, gpus):  # fmt: skip
+def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae,
+          low_vram, device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""

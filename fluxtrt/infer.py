@@ -102,7 +102,7 @@ def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, s
 
 
 def low_vram_pipeline(config: InferConfig, device: str) -> Any:
-    """The 24 GB mode's pipeline (DESIGN 12): eager, FP8 transformer linears quantized block by block as they reach
+    """The 24 GB mode's pipeline (DESIGN 13): eager, FP8 transformer linears quantized block by block as they reach
     the GPU (required on CUDA: a bf16 transformer does not fit), text encoders streamed from the host, the VAE tiled
     above 1024 px a side. On the CPU nothing is quantized and the placement changes nothing but the order of work.
 

@@ -115,7 +115,8 @@ def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...]
         vae = f" --vae {manifest.model['vae']}" if manifest.model.get("vae") else ""
         raise EngineError(
             f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
-            f"{manifest.model['source']}{vae} --backend {manifest.backend} --precision {manifest.precision} --out {path} "
+            f"{manifest.model['source']}{vae} --backend {manifest.backend} --precision {manifest.precision} "
+            f"--out {path} "
             f"--components {','.join(missing)}` (and the original build's range options; the transformer may be "
             "built as its two parts with --first-block-cache)"
         )
