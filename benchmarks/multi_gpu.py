@@ -76,6 +76,8 @@ def worker(args: argparse.Namespace) -> None:
     for i in range(args.warmup + args.runs):
         timed = i >= args.warmup
         steps = args.steps if timed else args.warmup_steps
+        if world is not None:
+            world.barrier()  # no rank starts a timed edit while another still compiles
         sync(args.device)
         t0 = time.perf_counter()
         edit = edit_once(pipeline, image, args, steps)

@@ -123,6 +123,8 @@ class _Comparison:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.reset_peak_memory_stats()
             for i in range(c.runs):
+                if self.session.world is not None:
+                    self.session.world.barrier()
                 result.runs.append(self._timed_edit(contender, prepared, sampler, i))
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 result.peak_gpu_mem_gib = torch.cuda.max_memory_allocated() / 2**30

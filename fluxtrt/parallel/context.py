@@ -47,6 +47,12 @@ class World:
         """Rank 0: the process that prints and writes."""
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait until every process gets here (before a timed edit: a rank still compiling would otherwise stall the
+        others inside their first all-to-all, and their clocks would count its compile)."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
     def close(self) -> None:
         """Leave the process group."""
         if torch.distributed.is_initialized():
