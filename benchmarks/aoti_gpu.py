@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, kernel_profile, relative_error, step_ms  # noqa: E402
+from benchmarks.records import Records, build_then_measure, kernel_profile, relative_error, step_ms  # noqa: E402
 
 # The torch.compile stages timed next to the engine (first-block cache off: the engine has none). fp8 also times
 # stage 1, before quantizing: the model is quantized in place.
@@ -225,26 +225,7 @@ def main() -> None:
                         "error against it (needs about 2x the BF16 model's GPU memory)")  # fmt: skip
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     args = parser.parse_args()
-    records = Records(args.out)
-    if args.phase in ("all", "build"):
-        from fluxtrt.environment import environment
-
-        records.emit({"phase": "environment", **environment(), "precision": args.precision})
-        build(args, records)
-    if args.phase == "all":
-        # Measure in a fresh process (load time without the build's state); it appends to the same records.
-        part = args.out.with_suffix(".measure.json")
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
-        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-        if part.exists():
-            for item in json.loads(part.read_text()):
-                records.add(item)
-            part.unlink()
-        if proc.returncode != 0:
-            records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
-        sys.exit(proc.returncode)
-    if args.phase == "measure":
-        measure(args, records)
+    build_then_measure(args, Records(args.out), build, measure, __file__)
 
 
 if __name__ == "__main__":

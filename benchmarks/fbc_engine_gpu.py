@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, relative_error, step_ms  # noqa: E402
+from benchmarks.records import Records, build_then_measure, relative_error, step_ms  # noqa: E402
 
 PARTS = ("transformer_first", "transformer_rest")
 STEPS = 14  # fluxtrt's default edit (DPM-Solver++ 2M)
@@ -167,25 +167,7 @@ def main() -> None:
     parser.add_argument("--monolithic", action="store_true", help="also build the one-engine transformer and time it")
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     args = parser.parse_args()
-    records = Records(args.out)
-    if args.phase in ("all", "build"):
-        from fluxtrt.environment import environment
-
-        records.emit({"phase": "environment", **environment(), "precision": args.precision})
-        build(args, records)
-    if args.phase == "all":
-        # Measure in a fresh process (load time without the build's state); it appends to the same records.
-        part = args.out.with_suffix(".measure.json")
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
-        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
-        if part.exists():
-            for item in json.loads(part.read_text()):
-                records.add(item)
-            part.unlink()
-        if proc.returncode != 0:
-            records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
-        sys.exit(proc.returncode)
-    measure(args, records)
+    build_then_measure(args, Records(args.out), build, measure, __file__)
 
 
 if __name__ == "__main__":

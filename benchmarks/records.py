@@ -4,6 +4,8 @@ so a run cut short keeps what it measured."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,3 +81,26 @@ def kernel_profile(call, top: int = 12) -> dict:
         "launches": sum(e.count for e in events),
         "top": [{"name": e.key[:140], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events[:top]],
     }
+
+
+def build_then_measure(args, records: Records, build, measure, script: str) -> None:
+    """``--phase all|build|measure`` of a build-and-time benchmark: build (after the environment record), then
+    measure in a fresh process (load time without the build's state) whose records are appended to ``records``."""
+    if args.phase in ("all", "build"):
+        from fluxtrt.environment import environment
+
+        records.emit({"phase": "environment", **environment(), "precision": args.precision})
+        build(args, records)
+    if args.phase == "all":
+        part = args.out.with_suffix(".measure.json")
+        cmd = [sys.executable, script, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        if part.exists():
+            for item in json.loads(part.read_text()):
+                records.add(item)
+            part.unlink()
+        if proc.returncode != 0:
+            records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
+        sys.exit(proc.returncode)
+    if args.phase == "measure":
+        measure(args, records)
