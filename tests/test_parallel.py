@@ -132,7 +132,7 @@ def test_heads_must_split_over_the_processes(tiny):
 
 
 def test_restrict_stage_switches_off_what_cannot_split():
-    from fluxtrt.parallel.context import FBC_OFF, FP8_ATTENTION_OFF, restrict_stage
+    from fluxtrt.parallel.context import FBC_OFF, FP8_ATTENTION_OFF, LOW_VRAM_OFF, restrict_stage
     from fluxtrt.stages.config import stage_config
 
     config, notes = restrict_stage(stage_config("4"))
@@ -141,6 +141,8 @@ def test_restrict_stage_switches_off_what_cannot_split():
     assert (config.quant, config.compile, config.fuse_qkv) == ("fp8", True, True)
     assert config.sampler == stage_config("4").sampler
     assert restrict_stage(stage_config("0")) == (stage_config("0"), [])
+    config, notes = restrict_stage(stage_config("4:lowvram=on:fbc=off:attention=sdpa"))
+    assert notes == [LOW_VRAM_OFF] and not config.low_vram
 
 
 @pytest.mark.parametrize("command", ["infer", "compare"])
@@ -167,6 +169,8 @@ def test_bad_gpus_values_are_refused(tmp_path, image_file):
     line = one_error_line(run_cli("compare", "--model", "tiny", "--engines", str(tmp_path), "--gpus", "2",
                                   "--report", str(tmp_path / "r")))  # fmt: skip
     assert "--gpus 2 with --engines" in line
+    line = one_error_line(run_cli(*infer, "--model", "tiny", "--low-vram", "--gpus", "2"))
+    assert "--low-vram with --gpus 2" in line
 
 
 def test_missing_context_parallelism_names_the_install(monkeypatch, tmp_path, image_file):
