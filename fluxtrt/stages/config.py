@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SIGMA_SCHEDULES, SOLVERS, SamplerConfig
+from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SIGMA_SCHEDULES, SOLVERS, SamplerConfig, parse_fbc_threshold
 from fluxtrt.errors import InputError
 
 ATTENTION = ("sdpa", "fp8")
@@ -150,12 +150,7 @@ def stage_config(spec: str) -> StageConfig:
                 f"{', '.join(_OVERRIDES)} (e.g. 1:fbc=off)"
             )
         if key == "fbc":
-            try:
-                cfg = replace(cfg, first_block_cache=None if value == "off" else float(value))
-            except ValueError:
-                raise InputError(
-                    f"stage spec '{spec}': fbc={value}, expected off or a threshold such as 0.08"
-                ) from None
+            cfg = replace(cfg, first_block_cache=parse_fbc_threshold(value, f"stage spec '{spec}': fbc"))
         elif key == "steps":
             if not value.isdigit() or int(value) < 1:
                 raise InputError(f"stage spec '{spec}': steps={value}, expected an integer >= 1")
