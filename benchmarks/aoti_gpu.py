@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, build_then_measure, kernel_profile, relative_error, step_ms  # noqa: E402
+from benchmarks.records import (  # noqa: E402
+    Records,
+    build_then_measure,
+    kernel_profile,
+    relative_error,
+    run_build,
+    step_ms,
+)
 
 # The torch.compile stages timed next to the engine (first-block cache off: the engine has none). fp8 also times
 # stage 1, before quantizing: the model is quantized in place.
@@ -55,15 +59,7 @@ def build(args, records: Records) -> None:
         cmd.append("--aoti-cuda-graph")
     if args.fp8_attention != "default":
         cmd.append("--aoti-fp8-attention" if args.fp8_attention == "on" else "--aoti-no-fp8-attention")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
-    wall = time.perf_counter() - t0
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    if proc.returncode != 0:
-        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
-                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
-        sys.exit(1)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, wall, tail = run_build(cmd, records, out)
     entry = manifest["components"]["transformer"]
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     records.emit({

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, build_then_measure, relative_error, step_ms  # noqa: E402
+from benchmarks.records import Records, build_then_measure, relative_error, run_build, step_ms  # noqa: E402
 
 PARTS = ("transformer_first", "transformer_rest")
 STEPS = 14  # fluxtrt's default edit (DPM-Solver++ 2M)
@@ -48,15 +47,7 @@ def build(args, records: Records) -> None:
            "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
     if args.monolithic:  # --first-block-cache would turn "transformer" into the parts: name all three instead
         cmd.remove("--first-block-cache")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
-    wall = time.perf_counter() - t0
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    if proc.returncode != 0:
-        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
-                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
-        sys.exit(1)
-    manifest = json.loads((args.workdir / "manifest.json").read_text())
+    manifest, wall, tail = run_build(cmd, records, args.workdir)
     records.emit({
         "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
         "build_s": {n: e["build_s"] for n, e in manifest["components"].items()},

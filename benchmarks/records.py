@@ -4,6 +4,7 @@ so a run cut short keeps what it measured."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,3 +105,17 @@ def build_then_measure(args, records: Records, build, measure, script: str) -> N
         sys.exit(proc.returncode)
     if args.phase == "measure":
         measure(args, records)
+
+
+def run_build(cmd: list[str], records: Records, out: Path) -> tuple[dict, float, str]:
+    """Run a ``fluxtrt build`` command line; on failure record it and exit 1. Returns (out's manifest as JSON, wall
+    seconds, the output's last 3000 characters)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    wall = time.perf_counter() - t0
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    if proc.returncode != 0:
+        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
+                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
+        sys.exit(1)
+    return json.loads((out / "manifest.json").read_text()), wall, tail
