@@ -66,7 +66,8 @@ def relative_error(got, want) -> dict:
 
 
 def kernel_profile(call, top: int = 12) -> dict:
-    """The GPU kernels of one ``call()`` (run it warm): total device ms, and the ``top`` kernels by device time."""
+    """The GPU kernels of one ``call()`` (run it warm): total device ms, every kernel (``all``, for the category table
+    of ``benchmarks/kernels.py``), and the ``top`` kernels by device time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -81,6 +82,7 @@ def kernel_profile(call, top: int = 12) -> dict:
         "kernels": len(events),
         "launches": sum(e.count for e in events),
         "top": [{"name": e.key[:140], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events[:top]],
+        "all": [{"name": e.key[:200], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events],
     }
 
 
