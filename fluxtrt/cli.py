@@ -279,6 +279,8 @@ def inspect(engines_dir):
 @click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
+@click.option("--prompt-cache", is_flag=True, help="Reuse the prompt's CLIP and T5 outputs after a contender's first "
+              "edit, as a server repeating a prompt would (CLIP and T5 then show 0 ms).")  # fmt: skip
 @click.option("--engines-fbc", default=None, help="First-block-cache threshold, or off, for engines built with "
               f"--first-block-cache (default {DEFAULT_FBC_THRESHOLD}, the stages').")  # fmt: skip
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
@@ -286,7 +288,7 @@ def inspect(engines_dir):
 @device_options
 @gpus_option
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            engines_fbc, report_dir, vae, device, dtype, gpus):  # fmt: skip
+            prompt_cache, engines_fbc, report_dir, vae, device, dtype, gpus):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -305,6 +307,7 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         dtype=dtype,
         seed=seed,
         diffusers_check=diffusers_check,
+        prompt_cache=prompt_cache,
         gpus=gpus,
         engines_fbc=engines_fbc,
         vae=vae,

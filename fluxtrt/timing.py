@@ -75,6 +75,12 @@ class ComponentTimer:
     def __init__(self, device: Any):
         self._clock = EventClock(device)
         self.calls: dict[str, int] = defaultdict(int)
+        self._skipped: set[str] = set()
+
+    def skip(self, name: str) -> None:
+        """Record that ``name`` had nothing to do in this edit (0 ms, no call), e.g. a text encoder whose output was
+        reused."""
+        self._skipped.add(name)
 
     @contextmanager
     def region(self, name: str) -> Iterator[None]:
@@ -89,6 +95,8 @@ class ComponentTimer:
         ms: dict[str, float] = defaultdict(float)
         for name, value in self._clock.resolve():
             ms[name] += value
+        for name in self._skipped:
+            ms.setdefault(name, 0.0)
         ms = dict(ms)
         if "total" in ms:
             ms["glue"] = ms["total"] - sum(v for k, v in ms.items() if k != "total")

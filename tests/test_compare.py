@@ -281,3 +281,18 @@ def test_report_warns_of_timings_taken_under_load(tiny):
     report.contenders = [quiet, loaded]
     text = report_markdown(report)
     assert "other processes kept up to 1.0 CPU cores busy during timed edits of engines:e" in text
+
+
+def test_cli_compare_prompt_cache_skips_the_text_encoders_after_the_first_edit(tmp_path):
+    from fluxtrt.cli import main
+
+    out = tmp_path / "report"
+    args = ["compare", "--model", "tiny", "--stages", "0:steps=1", "--runs", "2", "--warmup", "0"]
+    result = CliRunner().invoke(main, [*args, "--resolution", "64x64", "--prompt-cache", "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["prompt_cache"] is True
+    first, second = (row["timings_ms"] for row in data["rows"])
+    assert first["clip"] > 0 and first["t5"] > 0  # the first edit encodes the prompt
+    assert second["clip"] == second["t5"] == 0.0  # the second reuses it
+    assert "--prompt-cache" in (out / "report.md").read_text()

@@ -21,6 +21,7 @@ from fluxtrt.bench.contenders import Contender, ModelSession, contenders_from_co
 from fluxtrt.bench.fidelity import fidelity
 from fluxtrt.bench.results import CompareReport, ContenderResult, RunRecord, summary_row
 from fluxtrt.errors import FluxtrtError, first_line
+from fluxtrt.pipeline.kontext import DEFAULT_PROMPT_CACHE
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.timing import HostLoad, sync
 
@@ -104,6 +105,7 @@ class _Comparison:
             prepared = contender.prepare(self.session)
             result.prepare_s = time.perf_counter() - t0
             result.load_s = prepared.load_s
+            prepared.pipeline.prompt_cache = DEFAULT_PROMPT_CACHE if c.prompt_cache else 0
             result.what, result.details = list(prepared.what), prepared.details()
             sampler = prepared.sampler
             result.sampler = f"{sampler.solver}/{sampler.sigmas}/{sampler.num_steps}"

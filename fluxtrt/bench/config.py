@@ -50,6 +50,8 @@ class CompareConfig:
         guidance: distilled-guidance scale.
         diffusers_check: after stage 0, time diffusers' own FluxKontextPipeline on the same modules and compare the
             transformer's per-step time with stage 0's.
+        prompt_cache: every contender reuses its CLIP and T5 outputs after its first edit (the prompt repeats), so
+            the timed edits run no text encoder; off, every edit encodes its prompt.
         gpus: processes each PyTorch stage's transformer is split over (``fluxtrt.parallel``); no engines then.
         vae: the slim autoencoder that stages with ``vae=tiny`` run: None or ``tiny`` for random weights (timing
             only), or an AutoencoderTiny directory (e.g. a download of madebyollin/taef1).
@@ -70,6 +72,7 @@ class CompareConfig:
     seed: int = DEFAULT_SEED
     guidance: float = DEFAULT_GUIDANCE
     diffusers_check: bool = False
+    prompt_cache: bool = False
     gpus: int = 1
     engines_fbc: str | None = None
     vae: str | None = None
@@ -144,6 +147,7 @@ class CompareConfig:
             "seed": self.seed,
             "guidance": self.guidance,
             "diffusers_check": self.diffusers_check,
+            "prompt_cache": self.prompt_cache,
             "gpus": self.gpus,
             "engines_fbc": self.engines_fbc_threshold,
             "vae": self.vae,

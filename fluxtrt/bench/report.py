@@ -168,7 +168,13 @@ def report_markdown(report: CompareReport) -> str:
         f"seed {inp['seed']}, {cfg['dtype']}; {cfg['runs']} timed runs per contender after {cfg['warmup']} warmup "
         f"edit(s) of {cfg['warmup_steps'] or 'all'} steps. Each row's components are those of its median-total run "
         "(so they sum to its total); total shows that median and the min-max over runs. Speed-ups are of median "
-        "totals, against the first stage-0 and stage-1 rows.",
+        "totals, against the first stage-0 and stage-1 rows."
+        + (
+            " Prompt embeddings are reused after each contender's first edit (--prompt-cache): the timed edits run "
+            "neither CLIP nor T5."
+            if cfg.get("prompt_cache")
+            else ""
+        ),
         "",
         TIMING_HEADER,
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
