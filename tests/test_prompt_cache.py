@@ -7,7 +7,7 @@ import torch
 from fluxtrt.config import SamplerConfig
 from tests.conftest import make_image
 
-SAMPLER = SamplerConfig(steps=2)
+SAMPLER = SamplerConfig(steps=1)
 
 
 class Counting:
@@ -40,7 +40,7 @@ def pipeline(tiny):
 
 
 def edit(pipe, prompt):
-    return pipe.edit(make_image(128, 128), prompt, sampler=SAMPLER, seed=3)
+    return pipe.edit(make_image(64, 64), prompt, sampler=SAMPLER, seed=3)
 
 
 def test_repeated_prompt_skips_the_encoders_and_edits_identically(tiny):
