@@ -156,12 +156,15 @@ def _optimize(model: Any) -> None:
     """
     import onnx_ir as ir
     from onnx_ir.passes import common
-    from onnxscript import rewriter
-    from onnxscript.optimizer import fold_constants
+    from onnxscript import optimizer, rewriter
 
+    default_rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)  # the optimizer's own list: no public name
+    if default_rules is None:  # another onnxscript layout: its whole optimizer, right but slow on large graphs
+        optimizer.optimize_ir(model)
+        return
     rules = [
         rule
-        for rule in rewriter._DEFAULT_REWRITE_RULES  # the optimizer's own list: no public name for it
+        for rule in default_rules
         if getattr(getattr(rule, "_target_pattern", None), "has_single_output_node", True)
     ]
     cleanup = ir.passes.Sequential(
@@ -169,7 +172,7 @@ def _optimize(model: Any) -> None:
     )
     common.InlinePass()(model)
     for _ in range(2):  # as optimize_ir: each pass can expose work for the other
-        folded = fold_constants(model, onnx_shape_inference=True).modified  # optimize_ir's setting
+        folded = optimizer.fold_constants(model, onnx_shape_inference=True).modified  # optimize_ir's setting
         if not cleanup(model).modified and not folded:
             break
     ir.passes.Sequential(
