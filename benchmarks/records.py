@@ -77,12 +77,13 @@ def kernel_profile(call, top: int = 12) -> dict:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    kernels = [{"name": e.key[:200], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events]
     return {
-        "device_ms": sum(e.self_device_time_total for e in events) / 1000,
-        "kernels": len(events),
-        "launches": sum(e.count for e in events),
-        "top": [{"name": e.key[:140], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events[:top]],
-        "all": [{"name": e.key[:200], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events],
+        "device_ms": sum(k["ms"] for k in kernels),
+        "kernels": len(kernels),
+        "launches": sum(k["calls"] for k in kernels),
+        "top": kernels[:top],
+        "all": kernels,
     }
 
 

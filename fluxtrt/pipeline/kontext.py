@@ -99,7 +99,7 @@ class KontextPipeline:
         dtype: the runners' compute dtype.
         source: what the runners come from (an engines directory), named when an edit does not fit them.
         prompt_cache: how many distinct prompt lists keep their CLIP and T5 outputs, so that an edit repeating a
-            prompt runs neither encoder (0: encode every time). The outputs are the same tensors the encoders
+            prompt runs neither encoder (0: encode every time). The kept outputs are copies of what the encoders
             gave, so a reused prompt edits exactly as a fresh one.
 
     The pipeline owns its runners: it loads them (a loaded runner stays as it is), and ``close()`` (or leaving a
