@@ -2,17 +2,23 @@
 FP8 Q/K/V.
 
 The processor does what diffusers' ``FluxAttnProcessor`` does (projections, fused or not; QK RMS norms; text tokens
-first; RoPE) and then quantizes Q, K and V per tensor (dynamic amax, e4m3) for an FP8 attention kernel:
+first; RoPE) and then quantizes Q, K and V per tensor (e4m3) for an FP8 attention kernel:
 FlashAttention 3 when ``flash_attn_interface`` imports, else cuDNN's FP8 SDPA through nvidia-cudnn-frontend. Both
 kernels are registered torch custom ops, so a regionally compiled block keeps one graph around them. An emulated
 kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the quantization.
+
+Each tensor's scale is its dynamic amax (a reduction over the whole tensor before it can be quantized), or a static
+amax known before the call (``AttentionAmax``): then the quantization is one elementwise step that fuses into the
+kernel computing the norms and RoPE. Q and K have a static amax that holds for every input (``qk_amax_bound``).
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 
 from fluxtrt.environment import require_cuda_sm
 from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
-from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
+from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8, quantize_fp8_dynamic
 
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
 _SOFTMAX_SCALE = 256.0
@@ -239,15 +245,72 @@ def require_ops(ops: list[str] | tuple[str, ...], feature: str) -> None:
 
 
 @contextmanager
-def fp8_attention(transformer: Any, kernel: Any) -> Iterator[None]:
-    """Run every attention of a diffusers FLUX transformer through ``Fp8FluxAttnProcessor(kernel)`` for the
-    duration; the processors it had are put back on exit."""
+def fp8_attention(transformer: Any, kernel: Any, static_qk: bool = False) -> Iterator[None]:
+    """Run every attention of a diffusers FLUX transformer through an ``Fp8FluxAttnProcessor(kernel)`` for the
+    duration; the processors it had are put back on exit.
+
+    Args:
+        static_qk: quantize Q and K with their static bound (``qk_amax_bound``) instead of their dynamic amax.
+    """
     saved = transformer.attn_processors
-    transformer.set_attn_processor(Fp8FluxAttnProcessor(kernel))
+    processors = {}
+    for name in saved:
+        attn = transformer.get_submodule(name.removesuffix(".processor"))
+        processors[name] = Fp8FluxAttnProcessor(kernel, qk_amax_bound(attn) if static_qk else None)
+    transformer.set_attn_processor(processors)
     try:
         yield
     finally:
         transformer.set_attn_processor(saved)
+
+
+@dataclass(frozen=True)
+class AttentionAmax:
+    """Static amax of an attention's Q, K and V (e4m3 scale = amax / 448); None: that tensor's dynamic amax."""
+
+    q: float | None = None
+    k: float | None = None
+    v: float | None = None
+
+
+# bf16 rounding of the norm's and RoPE's outputs, and cos^2 + sin^2 computed in fp32, stay far inside this.
+_BOUND_MARGIN = 1.0 + 2.0**-6
+
+
+def qk_amax_bound(attn: Any) -> AttentionAmax:
+    """Static amax of a FLUX attention's Q and K that no input can exceed (V stays dynamic).
+
+    Q and K are RMS-normed per head (``x / sqrt(mean(x^2) + eps) * w``, so every element is at most ``sqrt(D)``
+    times ``max|w|``, D the head size; the text stream's norms count too, its tokens share the tensor) and then
+    rotated pairwise by RoPE (a rotation keeps a pair's length, which is at most that bound again). e4m3 is a
+    floating-point format: values keep their full precision down to 1/28672 of the scale's amax, so a bound ten
+    times above what a tensor reaches still keeps it for values down to 1/2867 of its largest; it quantizes about
+    as well as the dynamic amax, needs no pass over the tensor first, and never saturates.
+
+    Raises:
+        TypeError: a Q or K norm that is not ``torch.nn.RMSNorm`` (no bound is known for it).
+    """
+    head = math.sqrt(attn.head_dim)
+    q = [attn.norm_q] + ([attn.norm_added_q] if getattr(attn, "norm_added_q", None) is not None else [])
+    k = [attn.norm_k] + ([attn.norm_added_k] if getattr(attn, "norm_added_k", None) is not None else [])
+
+    def bound(norms: list[Any]) -> float:
+        largest = 1.0
+        for norm in norms:
+            if not isinstance(norm, torch.nn.RMSNorm):
+                raise TypeError(f"no static amax for a {type(norm).__name__} Q/K norm (torch.nn.RMSNorm has one)")
+            largest = max(largest, float(norm.weight.detach().abs().max())) if norm.weight is not None else largest
+        return head * largest * _BOUND_MARGIN
+
+    return AttentionAmax(q=bound(q), k=bound(k))
+
+
+def quantize_fp8_static_or_dynamic(x: torch.Tensor, amax: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as e4m3 with its descale (fp32 [1, 1, 1, 1]): from ``amax`` when given, else from x's own amax."""
+    if amax is None:
+        return quantize_fp8_dynamic(x)
+    scale = amax / FP8_MAX
+    return quantize_fp8(x, scale), torch.full((1, 1, 1, 1), scale, dtype=torch.float32, device=x.device)
 
 
 def checked_fp8_attention_kernel(device: torch.device | str) -> Any:
@@ -292,10 +355,12 @@ class Fp8FluxAttnProcessor:
 
     Args:
         kernel: an FP8 attention kernel, ``kernel(q8, k8, v8, dq, dk, dv, scale) -> [B, S, H, D]``.
+        amax: static amax of Q, K and V where known (``AttentionAmax``); None: all three dynamic.
     """
 
-    def __init__(self, kernel: Any):
+    def __init__(self, kernel: Any, amax: AttentionAmax | None = None):
         self.kernel = kernel
+        self.amax = amax or AttentionAmax()
 
     def __call__(
         self,
@@ -336,9 +401,9 @@ class Fp8FluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        q8, dq = quantize_fp8_dynamic(query)
-        k8, dk = quantize_fp8_dynamic(key)
-        v8, dv = quantize_fp8_dynamic(value)
+        q8, dq = quantize_fp8_static_or_dynamic(query, self.amax.q)
+        k8, dk = quantize_fp8_static_or_dynamic(key, self.amax.k)
+        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
         out = self.kernel(q8, k8, v8, dq, dk, dv, attn.head_dim**-0.5)  # [B, S, H, D_head]
         out = out.flatten(2, 3).to(hidden_states.dtype)  # [B, S, H * D_head]
 

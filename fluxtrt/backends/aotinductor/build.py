@@ -125,7 +125,9 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
             if unavailable:
                 record["fp8_attention_unavailable"] = unavailable
             if kernel is not None:
-                changes.enter_context(fp8_attention(job.module.transformer, kernel))
+                # Q and K quantized with their static bound: one elementwise step fused into the norm/RoPE kernel.
+                changes.enter_context(fp8_attention(job.module.transformer, kernel, static_qk=True))
+                record["fp8_attention_scales"] = "Q, K: static norm bound; V: dynamic amax"
         yield record
 
 

@@ -69,29 +69,43 @@ class AotInductorRunner(Runner):
         self.model: Any = None
         self.call: Any = None
         self._constants: dict[str, Any] | None = None
+        # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
+        # (handing them to the package).
+        self.load_seconds: dict[str, float] = {}
 
     def _load(self) -> None:
+        import time
+
         import torch
 
         device = torch.device(self.device)
         index = device.index if device.index is not None else -1
+        t0 = time.perf_counter()
         try:
             model = load_package(self.path, index, run_single_threaded=self.cuda_graph)
         except Exception as exc:
             raise EngineError(f"{self.name}: {self.path} does not load ({error_text(exc)}): {REBUILD}") from exc
+        self.load_seconds = {"package": time.perf_counter() - t0}
         if self.external_weights:
             self._constants = self._load_weights(model, device)
         self.model = model
         self.call = CudaGraphs(model) if self.cuda_graph else model
 
     def _load_weights(self, model: Any, device: Any) -> dict[str, Any]:
+        import time
+
+        import torch
         from safetensors.torch import load_file
 
         weights_path = external_weights_path(self.path)
         if not weights_path.is_file():
             raise EngineError(f"{self.name}: {self.path.name} keeps its weights in {weights_path}, which is missing: "
                               f"{REBUILD}")  # fmt: skip
+        t0 = time.perf_counter()
         constants = load_file(str(weights_path), device=str(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
         try:
             # user_managed: the package uses these tensors' memory as is (no second copy); the runner keeps them.
             model.load_constants(constants, check_full_update=True, user_managed=True)
@@ -99,6 +113,7 @@ class AotInductorRunner(Runner):
             raise EngineError(
                 f"{self.name}: {weights_path.name} does not fit {self.path.name} ({error_text(exc)}): {REBUILD}"
             ) from exc
+        self.load_seconds.update(weights=t1 - t0, constants=time.perf_counter() - t1)
         return constants
 
     def _close(self) -> None:
