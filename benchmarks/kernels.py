@@ -94,7 +94,7 @@ def profiles(records: list[dict]) -> dict[str, dict[str, dict]]:
     for r in records:
         kernels = (r.get("profile") or {}).get("all")
         if kernels:
-            out[r.get("stage") or r["phase"]] = by_category(kernels)
+            out[r.get("stage") or r.get("variant") or r["phase"]] = by_category(kernels)
     return out
 
 
