@@ -399,3 +399,31 @@ def test_fp8_attention_asked_for_where_no_kernel_runs_is_refused(tiny, tmp_path)
     with pytest.raises(DeviceError, match="FP8 attention is unavailable on cpu.*--device cuda"):
         engines.backend.build(job)
     assert not (tmp_path / "transformer.pt2").exists()
+
+
+def test_loading_without_the_host_isa_probe_gives_the_same_engine(engines, monkeypatch):
+    """``probe_host_isa=False`` (how CUDA packages load): torch's loader without its host-CPU probe, which compiles a
+    program per vector ISA the first time a process asks. With the probe made to fail, the package still loads,
+    and it computes exactly what the probed load computes."""
+    import torch._inductor.cpu_vec_isa as isa
+
+    from fluxtrt.backends.aotinductor.runtime import load_package
+
+    engines.entry("clip")  # built once per session
+    path = engines.path("clip")
+    spec = engines.specs["clip"]
+    feed = spec.sample_feed(component_dims("clip", engines.dims, *GEOMETRIES[0]), torch.float32, seed=3)
+    args = [feed[n] for n in spec.input_names]
+    with torch.inference_mode():
+        want = load_package(path)(*args)
+
+        def no_probe():
+            raise AssertionError("the host ISA was probed")
+
+        monkeypatch.setattr(isa, "pick_vec_isa", no_probe)
+        got = load_package(path, probe_host_isa=False)(*args)
+        with pytest.raises(AssertionError, match="probed"):
+            load_package(path)
+    for a, b in zip(want if isinstance(want, (list, tuple)) else [want], got if isinstance(got, (list, tuple)) else [got],
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)

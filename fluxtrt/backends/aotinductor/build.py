@@ -250,7 +250,7 @@ def save_weights(job: BuildJob, ep: Any) -> None:
 
     # Only the package knows which constants survived inductor's dead-code elimination (a VAE decoder's
     # exported program still carries the encoder's weights); a code-only package loads in milliseconds.
-    names = load_package(job.engine_path).get_constant_fqns()
+    names = load_package(job.engine_path, probe_host_isa=torch.device(job.device).type == "cpu").get_constant_fqns()
     available = {**ep.state_dict, **ep.constants}
     missing = [n for n in names if n not in available]
     if missing:

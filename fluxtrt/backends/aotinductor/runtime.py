@@ -14,7 +14,8 @@ from fluxtrt.specs.component import ComponentSpec
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 
 
-def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False) -> Any:
+def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False,
+                 probe_host_isa: bool = True) -> Any:  # fmt: skip
     """``torch._inductor.aoti_load_package`` with the C++ runtime's symbols global first.
 
     A package's wrapper library is compiled by the machine's g++ and parses its device string with ``std::regex``.
@@ -22,6 +23,14 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
     scope), that code binds to a second, uninitialised copy of the locale facets and the load segfaults (seen with
     torch 2.11 + g++ 13 on CPU and CUDA alike; ``LD_PRELOAD=libstdc++.so.6`` also cures it). Loading libstdc++ with
     RTLD_GLOBAL first puts the one the process already uses ahead of any other.
+
+    Args:
+        probe_host_isa: let torch compare the host CPU's vector ISA with the one the package was compiled on, as
+            ``aoti_load_package`` does. Finding the host's ISA compiles a probe program per ISA with g++ the first
+            time a process (with a cold inductor cache) asks: 56 of the 59 s a full-size transformer package took to
+            load on an H200 machine (benchmarks/results/README.md), for a comparison that only ever logs a warning.
+            A CUDA package's kernels do not depend on it; fluxtrt checks torch, GPU and SM against the manifest.
+            False loads through the same loader without that probe.
     """
     import ctypes
     import ctypes.util
@@ -32,8 +41,26 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
     name = ctypes.util.find_library("stdc++")
     if name:
         ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
+    if not probe_host_isa:
+        loaded = _load_without_isa_probe(path, device_index, run_single_threaded)
+        if loaded is not None:
+            return loaded
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                              device_index=device_index)  # fmt: skip
+
+
+def _load_without_isa_probe(path: Path, device_index: int, run_single_threaded: bool) -> Any:
+    """The package's model through torch's package loader, as ``aoti_load_package`` makes it after its device
+    check; None where this torch does not have those two classes."""
+    import torch
+
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except (ImportError, AttributeError):
+        return None
+    return AOTICompiledModel(loader(str(path), "model", run_single_threaded, 1, device_index))
 
 
 def external_weights_path(engine_path: Path) -> Path:
@@ -82,7 +109,8 @@ class AotInductorRunner(Runner):
         index = device.index if device.index is not None else -1
         t0 = time.perf_counter()
         try:
-            model = load_package(self.path, index, run_single_threaded=self.cuda_graph)
+            model = load_package(self.path, index, run_single_threaded=self.cuda_graph,
+                                 probe_host_isa=device.type == "cpu")  # fmt: skip
         except Exception as exc:
             raise EngineError(f"{self.name}: {self.path} does not load ({error_text(exc)}): {REBUILD}") from exc
         self.load_seconds = {"package": time.perf_counter() - t0}
