@@ -424,6 +424,8 @@ def test_loading_without_the_host_isa_probe_gives_the_same_engine(engines, monke
         got = load_package(path, probe_host_isa=False)(*args)
         with pytest.raises(AssertionError, match="probed"):
             load_package(path)
-    for a, b in zip(want if isinstance(want, (list, tuple)) else [want], got if isinstance(got, (list, tuple)) else [got],
-                    strict=True):  # fmt: skip
+    def outputs(out):
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    for a, b in zip(outputs(want), outputs(got), strict=True):
         assert torch.equal(a, b)

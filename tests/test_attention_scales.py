@@ -16,7 +16,7 @@ from tests.test_stages import fresh_transformer, transformer_feed
 def uneven_norm_weights(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every Q/K RMS norm weights of its own (a fresh model has ones): the bound must follow the largest."""
     gen = torch.Generator().manual_seed(seed)
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, torch.nn.RMSNorm) and m.weight is not None:
             m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 2.5 + 0.25)
 
