@@ -424,6 +424,7 @@ def test_loading_without_the_host_isa_probe_gives_the_same_engine(engines, monke
         got = load_package(path, probe_host_isa=False)(*args)
         with pytest.raises(AssertionError, match="probed"):
             load_package(path)
+
     def outputs(out):
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
