@@ -216,9 +216,12 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
               help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
               "target that runs the precision).")  # fmt: skip
 @vae_option("Build the VAE components from the slim autoencoder: ")
+@click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
+              help="Build up to N components at once, in separate processes; each process loads its own copy of the "
+              "model, so memory use grows with N.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
           first_block_cache, force, device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits,
-          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae):  # fmt: skip
+          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae, jobs):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -244,6 +247,7 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
         first_block_cache=first_block_cache,
         vae=vae,
+        jobs=jobs,
     )
     from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines

@@ -262,6 +262,8 @@ class BuildConfig:
         compute_capabilities: TensorRT-RTX: the GPUs to build for, as "8.9"; None: the current GPU where TensorRT-RTX
             supports it, else every target that runs the precision.
         vae: the slim autoencoder built in place of the model's VAE: ``tiny`` or an AutoencoderTiny directory.
+        jobs: components built at once, each in a worker process of its own that loads its own copy of the model
+            (``fluxtrt.engines.build``); 1 builds them one after another in this process.
     """
 
     model: str
@@ -287,6 +289,7 @@ class BuildConfig:
     compute_capabilities: tuple[str, ...] | None = None
     first_block_cache: bool = False
     vae: str | None = None
+    jobs: int = 1
 
     def backend_options(self) -> dict:
         """The backend settings given on the command line (None and False mean not given), by option name; the
@@ -317,6 +320,11 @@ class BuildConfig:
             object.__setattr__(self, "components", tuple(dict.fromkeys(parts)))
         if self.max_batch < 1:
             raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise InputError(
+                f"--jobs is {self.jobs!r}, expected an integer >= 1 (components built at once): pass --jobs 1 to build "
+                "them one after another, or e.g. --jobs 2"
+            )
         lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution
         if not (lo.width <= opt.width <= hi.width and lo.height <= opt.height <= hi.height):
             raise InputError(

@@ -49,6 +49,11 @@ class MissingDependencyError(FluxtrtError):
         self.feature = feature
         self.install = install
 
+    def __reduce__(self):
+        # Rebuilt from the three arguments (an exception pickles as its message by default, which this constructor
+        # does not take), so the error crosses from a `build --jobs` worker process to its parent unchanged.
+        return type(self), (self.package, self.feature, self.install)
+
 
 class EngineError(FluxtrtError):
     """An engines directory, manifest or engine file is missing, corrupt or was built for something else."""

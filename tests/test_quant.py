@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -402,3 +403,29 @@ def test_fp4_torchao_path_needs_an_fp4_gpu(tiny):
     transformer = copy.deepcopy(tiny.transformer)
     with pytest.raises(DeviceError, match="FP4 linears are unavailable on cpu"):
         quantize_transformer(transformer, "fp4")
+
+
+def test_build_fp8_parts_with_jobs_calibrates_once_before_the_workers(tmp_path, monkeypatch):
+    """--jobs 2 --first-block-cache: the parent calibrates once (a spy here sees it), and each worker builds one part
+    with Q/DQ on exactly the linears that part computes."""
+    from fluxtrt.backends.torch_modules import part_owns_linear
+
+    runs = []
+    monkeypatch.setattr(calibration_module, "calibrate", lambda *a, **kw: runs.append(1) or calibrate(*a, **kw))
+    said = []
+    out = tmp_path / "jobs2"
+    report = build_engines(quant_config(out, first_block_cache=True, jobs=2), lambda c, m: said.append((c, m)),
+                           backend=OnnxCopyBackend())  # fmt: skip
+    assert len(runs) == 1 and [r.status for r in report.results] == ["built", "built"]
+    workers = {c: m for c, m in said if m.startswith("building in worker process ")}
+    assert set(workers) == {"transformer_first", "transformer_rest"}
+    assert f"building in worker process {os.getpid()}" not in workers.values()
+    linears = quantized_linears(_tiny_transformer())
+    calibration_hash = report.manifest.components["transformer_first"].settings["calibration"]
+    for name in ("transformer_first", "transformer_rest"):
+        entry = report.manifest.components[name]
+        assert entry.settings["calibration"] == calibration_hash
+        model = onnx.load(str(out / entry.engine.path))
+        fp8 = Counter(i.data_type for i in model.graph.initializer)[onnx.TensorProto.FLOAT8E4M3FN]
+        owned = [n for n in linears if part_owns_linear(name, n)]
+        assert 0 < len(owned) < len(linears) and fp8 == len(owned) + 1, name  # + the shared zero point

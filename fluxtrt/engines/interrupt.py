@@ -16,10 +16,16 @@ from typing import Any
 
 
 class Interrupts:
-    """Whether SIGINT arrived since ``watch_interrupts`` began."""
+    """Whether SIGINT arrived since ``watch_interrupts`` began.
 
-    def __init__(self) -> None:
+    Args:
+        once: raise KeyboardInterrupt for the first SIGINT only; later ones only keep ``seen`` set, so cleanup that
+            runs after the first (a staging folder removed in a ``finally``) is not cut short by a second.
+    """
+
+    def __init__(self, once: bool = False) -> None:
         self.seen = False
+        self.once = once
 
     def check(self) -> None:
         """Raise KeyboardInterrupt if SIGINT arrived (even if the first KeyboardInterrupt was swallowed)."""
@@ -27,17 +33,19 @@ class Interrupts:
             raise KeyboardInterrupt
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.seen and self.once:
+            return
         self.seen = True
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def watch_interrupts() -> Iterator[Interrupts]:
+def watch_interrupts(once: bool = False) -> Iterator[Interrupts]:
     """Record SIGINT for the duration (in the main thread; elsewhere signals cannot be handled and nothing changes).
 
-    The previous handler is put back on leaving.
+    The previous handler is put back on leaving. ``once``: see ``Interrupts``.
     """
-    interrupts = Interrupts()
+    interrupts = Interrupts(once)
     if threading.current_thread() is not threading.main_thread():
         yield interrupts
         return
