@@ -136,7 +136,8 @@ def prepared(transformer, module, kernel, amax, qkv_amax, variant):
     import torch
 
     from fluxtrt.backends.torch_modules import fused_qkv
-    from fluxtrt.kernels.attention import AttentionAmax, Fp8FluxAttnProcessor, qk_amax_bound
+    from fluxtrt.kernels.attention import Fp8FluxAttnProcessor
+    from fluxtrt.kernels.attention_scales import AttentionAmax, qk_amax_bound
     from fluxtrt.kernels.fp8_linear import amax_for_fused_qkv, static_fp8_linears
     from fluxtrt.stages.apply import _raise_recompile_limits
 

@@ -14,11 +14,9 @@ kernel computing the norms and RoPE. Q and K have a static amax that holds for e
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +24,8 @@ import torch.nn.functional as F
 
 from fluxtrt.environment import require_cuda_sm
 from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
-from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8, quantize_fp8_dynamic
+from fluxtrt.kernels.attention_scales import AttentionAmax, qk_amax_bound, quantize_fp8_static_or_dynamic
+from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
 
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
 _SOFTMAX_SCALE = 256.0
@@ -262,55 +261,6 @@ def fp8_attention(transformer: Any, kernel: Any, static_qk: bool = False) -> Ite
         yield
     finally:
         transformer.set_attn_processor(saved)
-
-
-@dataclass(frozen=True)
-class AttentionAmax:
-    """Static amax of an attention's Q, K and V (e4m3 scale = amax / 448); None: that tensor's dynamic amax."""
-
-    q: float | None = None
-    k: float | None = None
-    v: float | None = None
-
-
-# bf16 rounding of the norm's and RoPE's outputs, and cos^2 + sin^2 computed in fp32, stay far inside this.
-_BOUND_MARGIN = 1.0 + 2.0**-6
-
-
-def qk_amax_bound(attn: Any) -> AttentionAmax:
-    """Static amax of a FLUX attention's Q and K that no input can exceed (V stays dynamic).
-
-    Q and K are RMS-normed per head (``x / sqrt(mean(x^2) + eps) * w``, so every element is at most ``sqrt(D)``
-    times ``max|w|``, D the head size; the text stream's norms count too, its tokens share the tensor) and then
-    rotated pairwise by RoPE (a rotation keeps a pair's length, which is at most that bound again). e4m3 is a
-    floating-point format: values keep their full precision down to 1/28672 of the scale's amax, so a bound ten
-    times above what a tensor reaches still keeps it for values down to 1/2867 of its largest; it quantizes about
-    as well as the dynamic amax, needs no pass over the tensor first, and never saturates.
-
-    Raises:
-        TypeError: a Q or K norm that is not ``torch.nn.RMSNorm`` (no bound is known for it).
-    """
-    head = math.sqrt(attn.head_dim)
-    q = [attn.norm_q] + ([attn.norm_added_q] if getattr(attn, "norm_added_q", None) is not None else [])
-    k = [attn.norm_k] + ([attn.norm_added_k] if getattr(attn, "norm_added_k", None) is not None else [])
-
-    def bound(norms: list[Any]) -> float:
-        largest = 1.0
-        for norm in norms:
-            if not isinstance(norm, torch.nn.RMSNorm):
-                raise TypeError(f"no static amax for a {type(norm).__name__} Q/K norm (torch.nn.RMSNorm has one)")
-            largest = max(largest, float(norm.weight.detach().abs().max())) if norm.weight is not None else largest
-        return head * largest * _BOUND_MARGIN
-
-    return AttentionAmax(q=bound(q), k=bound(k))
-
-
-def quantize_fp8_static_or_dynamic(x: torch.Tensor, amax: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as e4m3 with its descale (fp32 [1, 1, 1, 1]): from ``amax`` when given, else from x's own amax."""
-    if amax is None:
-        return quantize_fp8_dynamic(x)
-    scale = amax / FP8_MAX
-    return quantize_fp8(x, scale), torch.full((1, 1, 1, 1), scale, dtype=torch.float32, device=x.device)
 
 
 def checked_fp8_attention_kernel(device: torch.device | str) -> Any:
