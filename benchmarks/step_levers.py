@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.aoti_gpu import fp32_output  # noqa: E402
 from benchmarks.kernels import by_category  # noqa: E402
 from benchmarks.records import Records, kernel_profile, relative_error, step_ms  # noqa: E402
+from fluxtrt.kernels.fp8 import FP8_MAX  # noqa: E402
 
 VARIANTS = ("dynamic", "static_qk", "static_qkv", "static_qk+cdt", "static_qk+split")
 
@@ -90,13 +91,13 @@ def split_proj_out(transformer, amax):
 
 class RecordingKernel:
     """An FP8 attention kernel that records, per call, the amax of Q, K and V it was given (dynamic scales: the
-    e4m3 amax is 448, so amax = 448 * descale)."""
+    e4m3 amax is FP8_MAX, so amax = FP8_MAX * descale)."""
 
     def __init__(self, inner):
         self.inner, self.seen = inner, []
 
     def __call__(self, q8, k8, v8, dq, dk, dv, scale):
-        self.seen.append(tuple(448.0 * float(d) for d in (dq, dk, dv)))
+        self.seen.append(tuple(FP8_MAX * float(d) for d in (dq, dk, dv)))
         return self.inner(q8, k8, v8, dq, dk, dv, scale)
 
 
@@ -104,28 +105,16 @@ def calibrate(transformer, module, feed, kernel) -> tuple[dict[str, float], dict
     """(linear input amax by name, (Q, K, V) amax by attention processor name) from one eager call on ``feed``."""
     import torch
 
-    from fluxtrt.engines.calibrate import quantized_linears
+    from fluxtrt.engines.calibrate import recorded_input_amax
     from fluxtrt.kernels.attention import Fp8FluxAttnProcessor
 
-    names = quantized_linears(transformer)
-    amax = dict.fromkeys(names, 0.0)
-
-    def hook(name):
-        def record(mod, args):
-            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
-
-        return record
-
-    handles = [transformer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     saved = transformer.attn_processors
     recorders = {name: RecordingKernel(kernel) for name in saved}
     transformer.set_attn_processor({name: Fp8FluxAttnProcessor(rec) for name, rec in recorders.items()})
     try:
-        with torch.inference_mode():
+        with recorded_input_amax(transformer) as amax, torch.inference_mode():
             module(**feed)
     finally:
-        for h in handles:
-            h.remove()
         transformer.set_attn_processor(saved)
     return {f"transformer.{k}": v for k, v in amax.items()}, {n: r.seen[0] for n, r in recorders.items()}
 

@@ -7,8 +7,10 @@ transformer) and a JSON sidecar ``<file>.json`` saying what it was computed from
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,31 @@ def quantized_linears(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) ->
         for name, m in transformer.named_modules()
         if isinstance(m, torch.nn.Linear) and not any(fnmatch.fnmatchcase(name, p) for p in keep_out)
     ]
+
+
+@contextlib.contextmanager
+def recorded_input_amax(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) -> Iterator[dict[str, float]]:
+    """For the duration, the largest absolute input each quantized linear (``quantized_linears``) sees, by name,
+    over every call; the hooks are removed on exit.
+
+    Yields:
+        The amax dict, filled in as the transformer runs (0.0 for a linear not called yet).
+    """
+    names = quantized_linears(transformer, keep_out)
+    amax = dict.fromkeys(names, 0.0)
+
+    def hook(name):
+        def record(module, args):
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+
+        return record
+
+    handles = [transformer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        yield amax
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @dataclass
@@ -175,26 +202,12 @@ def calibrate(
     if edits < 1:
         raise InputError(f"--calibration-edits is {edits}, expected an integer >= 1: pass e.g. --calibration-edits 8")
     transformer = components.transformer
-    names = quantized_linears(transformer, keep_out)
-    amax = dict.fromkeys(names, 0.0)
-
-    def hook(name):
-        def record(module, args):
-            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
-
-        return record
-
-    handles = [transformer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     sampler = SamplerConfig(steps=steps)
     pipeline = KontextPipeline.from_components(components)
-    try:
-        with torch.inference_mode():
-            for i in range(edits):
-                image = calibration_image(seed + i, width, height)
-                pipeline.edit(image, PROMPTS[i % len(PROMPTS)], sampler=sampler, seed=seed + i)
-    finally:
-        for h in handles:
-            h.remove()
+    with recorded_input_amax(transformer, keep_out) as amax, torch.inference_mode():
+        for i in range(edits):
+            image = calibration_image(seed + i, width, height)
+            pipeline.edit(image, PROMPTS[i % len(PROMPTS)], sampler=sampler, seed=seed + i)
     meta = {
         "model_fingerprint": fingerprint,
         "precision": precision,
@@ -205,7 +218,7 @@ def calibrate(
         "resolution": f"{width}x{height}",
         "compute_dtype": str(transformer.dtype).removeprefix("torch."),
         "keep_out": list(keep_out),
-        "linears": len(names),
+        "linears": len(amax),
         "fluxtrt": __version__,
     }
     missing = [n for n, v in amax.items() if v == 0.0]
