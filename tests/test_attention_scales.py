@@ -56,6 +56,20 @@ def test_the_bound_is_reached_by_a_one_hot_head_and_exceeded_by_nothing():
     assert bound.v is None  # V has no bound: its scale stays dynamic
 
 
+def test_the_bound_follows_norm_weights_below_one_and_counts_a_missing_weight_as_one():
+    model = fresh_transformer()
+    uneven_norm_weights(model)
+    attn = model.transformer_blocks[0].attn
+    with torch.no_grad():
+        for norm in (attn.norm_q, attn.norm_added_q, attn.norm_k, attn.norm_added_k):
+            norm.weight.mul_(0.1)  # every weight below 1
+    largest_k = max(float(attn.norm_k.weight.abs().max()), float(attn.norm_added_k.weight.abs().max()))
+    assert largest_k < 1
+    assert qk_amax_bound(attn).k == pytest.approx(math.sqrt(attn.head_dim) * largest_k * (1 + 2**-6))
+    attn.norm_added_k = torch.nn.RMSNorm(attn.head_dim, elementwise_affine=False)
+    assert qk_amax_bound(attn).k == pytest.approx(math.sqrt(attn.head_dim) * (1 + 2**-6))
+
+
 def test_a_q_or_k_norm_without_a_known_bound_is_refused():
     model = fresh_transformer()
     attn = model.transformer_blocks[0].attn

@@ -43,11 +43,11 @@ def qk_amax_bound(attn: Any) -> AttentionAmax:
     k = [attn.norm_k] + ([attn.norm_added_k] if getattr(attn, "norm_added_k", None) is not None else [])
 
     def bound(norms: list[Any]) -> float:
-        largest = 1.0
         for norm in norms:
             if not isinstance(norm, torch.nn.RMSNorm):
                 raise TypeError(f"no static amax for a {type(norm).__name__} Q/K norm (torch.nn.RMSNorm has one)")
-            largest = max(largest, float(norm.weight.detach().abs().max())) if norm.weight is not None else largest
+        # A norm without a weight multiplies by 1.
+        largest = max(1.0 if n.weight is None else float(n.weight.detach().abs().max()) for n in norms)
         return head * largest * _BOUND_MARGIN
 
     return AttentionAmax(q=bound(q), k=bound(k))
