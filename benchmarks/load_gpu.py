@@ -69,7 +69,8 @@ def traced(args) -> dict:
 
     reader = threading.Thread(target=read)
     reader.start()
-    out, _ = proc.communicate()
+    out = proc.stdout.read()  # not communicate(): it would read stderr too, beside the thread that reads it
+    proc.wait()
     reader.join()
     result = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"returncode": proc.returncode}
     return {**result, "libraries_initialised_during_load": libraries}
