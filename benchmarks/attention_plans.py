@@ -117,7 +117,7 @@ def main() -> None:
                 try:
                     ws = torch.empty(max(1, g.get_workspace_size_plan_at_index(i)), device="cuda", dtype=torch.uint8)
 
-                    def call(i=i, ws=ws):
+                    def call(g=g, pack=pack, ws=ws, i=i, handle=handle):
                         g.execute_plan_at_index(pack, ws, index=i, handle=handle)
 
                     call()

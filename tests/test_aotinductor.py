@@ -134,6 +134,11 @@ def test_build_records_the_environment_and_ranges(engines):
     attentions = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert engines.entry("transformer")["record"]["fused_qkv"] == attentions
     assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
+    # ... and with every tanh GELU in its sigmoid form (one per single block, two per double block); the model keeps
+    # its own.
+    gelus = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    assert engines.entry("transformer")["record"]["sigmoid_form_gelus"] == gelus
+    assert all(type(b.act_mlp) is torch.nn.GELU for b in transformer.single_transformer_blocks)
     assert "fused_qkv" not in options
 
 

@@ -274,7 +274,9 @@ def test_static_fp8_linear_matches_fake_quant():
 
     Same FP8 values on both sides, so what differs is fp32 summation order and rounding to bf16: the oracle rounds
     once, the layer twice (the GEMM's bf16 output, then the bias add), so up to one bf16 ulp (2^-7 relative). Inputs
-    beyond the calibrated amax exercise the saturation.
+    beyond the calibrated amax exercise the saturation. (The layer multiplies by the reciprocal scale where the oracle
+    divides: the two agree except on an exact tie between two e4m3 values, which a bf16 input over an amax of
+    half a bf16 value often makes, so the amax here is not one; ``test_gelu.py`` bounds the tie case.)
     """
     from fluxtrt.kernels.fp8_linear import StaticFp8Linear, static_fp8_linears
     from fluxtrt.quant.fakequant import FakeQuantLinear
@@ -282,7 +284,7 @@ def test_static_fp8_linear_matches_fake_quant():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 80).to(torch.bfloat16)
     x = torch.randn(2, 33, 96, dtype=torch.bfloat16) * 3
-    amax = float(x.abs().max()) / 2  # half the inputs' range: the largest ones saturate
+    amax = float(x.abs().max()) / 2.1  # under half the inputs' range: the largest ones saturate
     with torch.no_grad():
         got = StaticFp8Linear(linear, amax)(x).float()
         want = FakeQuantLinear(linear, "fp8", amax)(x.float()).float()

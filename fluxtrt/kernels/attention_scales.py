@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8, quantize_fp8_dynamic
+from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8_by_inverse, quantize_fp8_dynamic
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def qk_amax_bound(attn: Any) -> AttentionAmax:
 
 
 def quantize_fp8_static_or_dynamic(x: torch.Tensor, amax: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` as e4m3 with its descale (fp32 [1, 1, 1, 1]): from ``amax`` when given, else from x's own amax."""
+    """``x`` as e4m3 with its descale (fp32 [1, 1, 1, 1]): from ``amax`` when given (a constant multiply), else from
+    x's own amax."""
     if amax is None:
         return quantize_fp8_dynamic(x)
-    scale = amax / FP8_MAX
-    return quantize_fp8(x, scale), torch.full((1, 1, 1, 1), scale, dtype=torch.float32, device=x.device)
+    xq = quantize_fp8_by_inverse(x, FP8_MAX / amax)
+    return xq, torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=x.device)

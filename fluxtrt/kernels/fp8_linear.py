@@ -6,7 +6,10 @@ calibrated per-tensor scale, the weight stored as float8_e4m3fn with one scale p
 column of the output): one FP8 GEMM with the scales applied in its epilogue, the kernel torchao uses for its per-row
 FP8, with torchao's fast accumulation (``use_fast_accum=True``, torchao's default for per-row FP8 inference): without
 it cuBLASLt picks another kernel for the same shapes, and the 266 GEMMs of a 1024x1024 step took 88.6 ms in an
-AOTInductor engine against 78.0 ms in torchao's stage 3 (benchmarks/results/README.md). AOTInductor exports it as is.
+AOTInductor engine against 78.0 ms in torchao's stage 3 (benchmarks/results/README.md). AOTInductor exports it as
+is. The input is quantized by multiplying with the reciprocal of its scale, held as a buffer: in the kernel that
+fuses the quantization into the norm or GELU in front, a multiply per element instead of a division (measured in
+benchmarks/results/README.md, step_levers2_h200.json).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from fluxtrt.kernels.fp8 import fp8_scale, fp8_weight, quantize_fp8
+from fluxtrt.kernels.fp8 import fp8_scale, fp8_weight, quantize_fp8_by_inverse
 
 
 class StaticFp8Linear(nn.Module):
@@ -35,11 +38,12 @@ class StaticFp8Linear(nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, out] fp32
         amax = torch.tensor([[input_amax]], dtype=torch.float32, device=linear.weight.device)
         self.register_buffer("input_scale", fp8_scale(amax))  # [1, 1] fp32
+        self.register_buffer("input_inverse_scale", 1.0 / self.input_scale)  # [1, 1] fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        xq = quantize_fp8(rows, self.input_scale)
+        xq = quantize_fp8_by_inverse(rows, self.input_inverse_scale)
         # Row-wise scaling wants an [M, 1] activation scale and a [1, N] weight scale, both fp32 and contiguous.
         scale_a = self.input_scale.expand(rows.shape[0], 1).contiguous()
         # The bias goes into the GEMM's epilogue (added in fp32 before the one rounding to the output dtype), as

@@ -25,6 +25,7 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bf
 # attention may run in FP8 (FLUX attention processors).
 FUSE_QKV = TRANSFORMERS
 FP8_ATTENTION = TRANSFORMERS
+SIGMOID_GELU = TRANSFORMERS
 
 
 def build_package(job: BuildJob) -> Record:
@@ -106,8 +107,9 @@ def _check_job(job: BuildJob) -> None:
 
 @contextlib.contextmanager
 def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
-    """The module as the package computes it, for the duration: fused Q/K/V, static FP8 linears (fp8) and FP8
-    attention (transformer); everything is put back on exit. Yields what to record about it."""
+    """The module as the package computes it, for the duration: fused Q/K/V, static FP8 linears (fp8), FP8
+    attention and the tanh GELUs in their sigmoid form (transformer); everything is put back on exit. Yields what to
+    record about it."""
     record: Record = {}
     with contextlib.ExitStack() as changes:
         if job.spec.name in FUSE_QKV:
@@ -118,6 +120,10 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
             amax = amax_for_fused_qkv(job.module, job.amax)
             changes.enter_context(static_fp8_linears(job.module, amax))
             record["fp8_linears"] = len(amax)
+        if job.spec.name in SIGMOID_GELU:
+            from fluxtrt.kernels.gelu import sigmoid_form_gelus
+
+            record["sigmoid_form_gelus"] = changes.enter_context(sigmoid_form_gelus(job.module))
         if job.spec.name in FP8_ATTENTION:
             from fluxtrt.kernels.attention import fp8_attention
 
