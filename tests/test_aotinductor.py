@@ -435,3 +435,16 @@ def test_loading_without_the_host_isa_probe_gives_the_same_engine(engines, monke
 
     for a, b in zip(outputs(want), outputs(got), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_inductor_cache_is_an_absolute_path_for_a_relative_out(tmp_path, monkeypatch):
+    """inductor compiles a CUDA package's C++ in other working directories: with the cache under a relative
+    ``--out`` every CUDA build failed (CppCompileError), so the cache's path is made absolute; put back after."""
+    from fluxtrt.backends.aotinductor.build import _inductor_cache
+
+    monkeypatch.chdir(tmp_path)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with _inductor_cache(Path("engines") / ".staging" / "inductor-cache"):
+        got = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert got.is_absolute() and got == tmp_path / "engines" / ".staging" / "inductor-cache" and got.is_dir()
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before

@@ -159,9 +159,14 @@ def _fp8_attention_kernel(job: BuildJob) -> tuple[Any, bool, str | None]:
 
 @contextlib.contextmanager
 def _inductor_cache(directory: Path) -> Iterator[None]:
-    """Point inductor's (and triton's) caches at ``directory`` for the duration, restoring them after."""
+    """Point inductor's (and triton's) caches at ``directory``, made absolute, for the duration, restoring them after.
+
+    Absolute because inductor compiles a CUDA package's C++ in other working directories: with a relative cache
+    (``fluxtrt build --out engines``) every CUDA build failed with a CppCompileError (seen on an H200).
+    """
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
+    directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     with temporary_cache_dir(str(directory)):
         yield
