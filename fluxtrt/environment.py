@@ -191,3 +191,15 @@ def environment() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     return env
+
+
+def free_device_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

@@ -451,11 +451,12 @@ def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
     engine_row = report.contenders[1]
     assert engine_row.status == "ok", engine_row.error
     error = engine_row.details["step_error"]
-    assert error["steps"] == 3 and error["precision"] == "fp32"
+    assert error["steps"] == 3 and error["precision"] == "fp32" and error["reference"] == "fp32"
     assert 0 < error["max_rel_l2"] < 1e-4  # fp32 ONNX Runtime against fp32 PyTorch on identical inputs
     # Same model, sampler and seed as stage 0 with 3 Euler steps: the engines' latents follow stage 0's.
     assert engine_row.runs[0].fidelity["latent_cosine"] > 0.9999
     assert "per-step transformer error" in (tmp_path / "r" / "report.md").read_text()
+    assert "(fp32, against PyTorch fp32)" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_manifest_of_format_1_is_read(engines_copy):

@@ -296,3 +296,33 @@ def test_cli_compare_prompt_cache_skips_the_text_encoders_after_the_first_edit(t
     assert first["clip"] > 0 and first["t5"] > 0  # the first edit encodes the prompt
     assert second["clip"] == second["t5"] == 0.0  # the second reuses it
     assert "--prompt-cache" in (out / "report.md").read_text()
+
+
+def test_the_step_error_reference_is_fp32_or_says_why_not():
+    """``as_fp32_where_it_fits``: a BF16 transformer becomes exactly its FP32 upcast; where the conversion runs out
+    of memory halfway, every weight is put back to BF16 unchanged and the reference says it stayed BF16."""
+    from fluxtrt.bench.step_error import as_fp32_where_it_fits
+    from fluxtrt.models import load_components
+
+    transformer = load_components("tiny", "cpu", "bf16").transformer
+    weights = {n: w.clone() for n, w in transformer.state_dict().items()}
+    assert as_fp32_where_it_fits(transformer) == "fp32"
+    for n, w in transformer.state_dict().items():
+        assert w.dtype == torch.float32 and torch.equal(w, weights[n].float()), n
+
+    transformer.to(torch.bfloat16)
+    params = list(transformer.parameters())
+
+    def to_out_of_memory(dtype):
+        if dtype == torch.float32:
+            for p in params[: len(params) // 2]:
+                p.data = p.data.float()
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        for p in params:
+            p.data = p.data.to(dtype)
+        return transformer
+
+    transformer.to = to_out_of_memory
+    assert as_fp32_where_it_fits(transformer) == "bf16 (fp32 did not fit on the GPU)"
+    for n, w in transformer.state_dict().items():
+        assert w.dtype == torch.bfloat16 and torch.equal(w, weights[n]), n

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from fluxtrt.bench.config import CompareConfig
-from fluxtrt.bench.contenders import Contender, ModelSession, contenders_from_config, free_device_memory
+from fluxtrt.bench.contenders import Contender, ModelSession, contenders_from_config
 from fluxtrt.bench.fidelity import fidelity
 from fluxtrt.bench.results import CompareReport, ContenderResult, RunRecord, summary_row
+from fluxtrt.environment import free_device_memory
 from fluxtrt.errors import FluxtrtError, first_line
 from fluxtrt.pipeline.kontext import DEFAULT_PROMPT_CACHE
 from fluxtrt.specs.flux import Resolution

@@ -7,7 +7,6 @@ themselves (the model is released first).
 
 from __future__ import annotations
 
-import gc
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -17,20 +16,12 @@ from typing import Any
 
 from fluxtrt.backends.recording import RecordingRunner
 from fluxtrt.backends.runner import Runner
-from fluxtrt.config import COMPUTE_DTYPE, DEFAULT_FBC_THRESHOLD, SamplerConfig
+from fluxtrt.bench.step_error import engine_step_error
+from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SamplerConfig
 from fluxtrt.engines.manifest import Manifest
+from fluxtrt.environment import free_device_memory
 from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.stages.config import STAGES, StageConfig, stage_config
-
-
-def free_device_memory() -> None:
-    """Collect garbage and return cached CUDA memory to the driver."""
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 class ModelSession:
@@ -226,52 +217,6 @@ class EngineContender(Contender):
             load_s=load_s,
             after=lambda session: engine_step_error(self.path, recorder.calls, session),
         )
-
-
-def engine_step_error(path: Path, calls: list, session: ModelSession) -> dict:
-    """Per denoising step, the engine transformer's output against PyTorch's on the very same inputs.
-
-    Teacher-forced (every step gets the engine's own inputs), so the figures measure the engine's numerical error
-    at each step rather than how two trajectories drift apart. The PyTorch transformer is the compare model loaded
-    at the engines' compute precision; engines built from another model are not compared.
-    """
-    import torch
-
-    from fluxtrt.backends.torch_modules import TransformerModule
-    from fluxtrt.models import load_components
-    from fluxtrt.models.loading import model_fingerprint
-
-    manifest = Manifest.load(path)
-    # The transformer is what is compared: engines built with the slim VAE compare against the same model.
-    if manifest.model["fingerprint"] != model_fingerprint(session.model, session.seed, manifest.model.get("vae")):
-        return {"error": f"engines built from {manifest.model['source']}, compare model is {session.model}"}
-    session.release()
-    components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)
-    module = TransformerModule(components.transformer)
-    names = [t.name for t in module_inputs(manifest)]
-    rel, max_abs = [], []
-    with torch.inference_mode():
-        for feed, out in calls:
-            ref = module(*(feed[n] for n in names)).float()
-            got = out["noise_pred"].float()
-            rel.append(((got - ref).norm() / ref.norm()).item())
-            max_abs.append((got - ref).abs().max().item())
-    del components, module
-    free_device_memory()
-    return {
-        "precision": manifest.precision,
-        "steps": len(rel),
-        "rel_l2": rel,
-        "max_abs": max_abs,
-        "max_rel_l2": max(rel) if rel else None,
-    }
-
-
-def module_inputs(manifest: Any) -> tuple:
-    """The transformer spec's inputs for the manifest's model dimensions."""
-    from fluxtrt.specs import component_specs
-
-    return component_specs(manifest.dims)["transformer"].inputs
 
 
 @dataclass

@@ -294,8 +294,10 @@ def _step_error_section(report: CompareReport) -> list[str]:
             "",
             "## Engines: per-step transformer error against PyTorch",
             "",
-            "Every step's engine output against the PyTorch transformer at the engines' precision, on the "
-            "engine's own inputs of that step (relative L2 over the step's noise prediction).",
+            "Every step's engine output against the PyTorch transformer of the same weights, computed in FP32 "
+            "where the GPU had room (else at the engines' precision, which in BF16 carries its own error: "
+            "diffusers rounds timestep and guidance to BF16), on the engine's own inputs of that step (relative L2 "
+            "over the step's noise prediction).",
             "",
         ]
         for name, e in errors:
@@ -304,7 +306,8 @@ def _step_error_section(report: CompareReport) -> list[str]:
             else:
                 worst = max(range(len(e["rel_l2"])), key=e["rel_l2"].__getitem__)
                 lines.append(
-                    f"- {name} ({e['precision']}): {e['steps']} steps, relative L2 max {e['max_rel_l2']:.2e} (step "
+                    f"- {name} ({e['precision']}, against PyTorch {e.get('reference', 'at that precision')}): "
+                    f"{e['steps']} steps, relative L2 max {e['max_rel_l2']:.2e} (step "
                     f"{worst}), max abs {max(e['max_abs']):.2e}"
                 )
     return lines
