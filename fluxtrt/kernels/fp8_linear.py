@@ -41,9 +41,13 @@ class StaticFp8Linear(nn.Module):
         self.register_buffer("input_inverse_scale", 1.0 / self.input_scale)  # [1, 1] fp32
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
+    def quantize_input(self, rows: torch.Tensor) -> torch.Tensor:
+        """The input rows [M, K] as float8_e4m3fn with the static scale."""
+        return quantize_fp8_by_inverse(rows, self.input_inverse_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        xq = quantize_fp8_by_inverse(rows, self.input_inverse_scale)
+        xq = self.quantize_input(rows)
         # Row-wise scaling wants an [M, 1] activation scale and a [1, N] weight scale, both fp32 and contiguous.
         scale_a = self.input_scale.expand(rows.shape[0], 1).contiguous()
         # The bias goes into the GEMM's epilogue (added in fp32 before the one rounding to the output dtype), as
