@@ -39,21 +39,19 @@ def sigmoid_form_gelus(model: nn.Module) -> Iterator[int]:
     Yields:
         how many GELUs were swapped.
     """
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: list[tuple[str, nn.Module]] = []
     patched: list[nn.Module] = []
     try:
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.GELU) and module.approximate == "tanh":
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, SigmoidFormGelu())
-                swapped.append((parent, child, module))
+                model.set_submodule(name, SigmoidFormGelu())
+                swapped.append((name, module))
             elif getattr(module, "approximate", None) == "tanh" and callable(getattr(type(module), "gelu", None)):
                 module.gelu = sigmoid_form_gelu  # diffusers' GELU: proj, then self.gelu(hidden)
                 patched.append(module)
         yield len(swapped) + len(patched)
     finally:
-        for parent, child, original in reversed(swapped):
-            setattr(parent, child, original)
+        for name, original in reversed(swapped):
+            model.set_submodule(name, original)
         for module in patched:
             del module.gelu
