@@ -19,6 +19,8 @@ few percent of it (the engine also fuses across block boundaries). Variants:
 - any of these with ``+divide``: every static quantization divides by its scale, as fluxtrt did before it
   multiplied by the reciprocal held ready (a buffer per linear, a constant for Q and K). Its results file
   step_levers2_h200.json was measured before that change, when the multiply was the variant ``+recip``.
+- any of these with ``+unfused``: Q's and K's RMS norm, RoPE and static quantization by diffusers' functions and
+  inductor's kernels, as fluxtrt did before ``fluxtrt::norm_rope_fp8`` (one Triton kernel each) computed them.
 - any of these with ``+sgelu``: the tanh GELU of the MLPs computed as ``x * sigmoid(2u)``
   (``fluxtrt.kernels.gelu``, what the AOTInductor engine compiles), the same function as ``0.5 x (1 + tanh(u))``.
 
@@ -54,6 +56,7 @@ VARIANTS = (
     "static_qk+divide",
     "static_qk+sgelu",
     "static_qk+divide+sgelu",
+    "static_qk+sgelu+unfused",
 )
 
 
@@ -195,7 +198,9 @@ def prepared(transformer, module, kernel, amax, qkv_amax, variant):
             "static_qk": bound,
             "static_qkv": AttentionAmax(bound.q, bound.k, qkv_amax[name][2]),
         }[scales]
-        processors[name] = Fp8FluxAttnProcessor(kernel, static)
+        # +divide measures the division in every static quantization, Q's and K's too: outside the fused op.
+        fuse = "+unfused" not in variant and "+divide" not in variant
+        processors[name] = Fp8FluxAttnProcessor(kernel, static, fuse_norm_rope=fuse)
     with contextlib.ExitStack() as stack:
         if "+split" in variant:
             stack.enter_context(split_proj_out(transformer, amax))

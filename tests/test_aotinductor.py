@@ -359,7 +359,7 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     spec = component_specs(dims)["transformer"]
     processors = {k: type(v) for k, v in tiny.transformer.attn_processors.items()}
     backend = AotInductorBackend()
-    options = {"fp8_attention": True}
+    options = {"fp8_attention": True, "weights": "external"}  # the static Q/K descales are constants too
     job = BuildJob(spec, component_module("transformer", tiny), None, tmp_path / "transformer.pt2", "fp32",
                    profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", tmp_path / "work",
                    backend.options(options))  # fmt: skip
@@ -369,7 +369,7 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     # torch's internal LeafSpec deprecation (once per component, raised inside export and inductor) is not shown.
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
     assert record["fp8_attention"] is True
-    assert record["fp8_attention_scales"] == "Q, K: static norm bound; V: dynamic amax"
+    assert record["fp8_attention_scales"] == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: dynamic amax"
     assert record["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
     # The build leaves the model as it found it.
     assert {k: type(v) for k, v in tiny.transformer.attn_processors.items()} == processors

@@ -8,8 +8,9 @@ kernels are registered torch custom ops, so a regionally compiled block keeps on
 kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the quantization.
 
 Each tensor's scale is its dynamic amax (a reduction over the whole tensor before it can be quantized), or a static
-amax known before the call (``AttentionAmax``): then the quantization is one elementwise step that fuses into the
-kernel computing the norms and RoPE. Q and K have a static amax that holds for every input (``qk_amax_bound``).
+amax known before the call (``AttentionAmax``): then the quantization is one elementwise step after the norms and
+RoPE. Q and K have a static amax that holds for every input (``qk_amax_bound``); with it, each of Q and K is
+computed from its projection by one op (``fluxtrt.kernels.norm_rope``: a Triton kernel on CUDA).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from fluxtrt.environment import require_cuda_sm
 from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
 from fluxtrt.kernels.attention_scales import AttentionAmax, qk_amax_bound, quantize_fp8_static_or_dynamic
-from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
+from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8_dynamic
+from fluxtrt.kernels.norm_rope import fusable_norms, rms_eps
 
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
 _SOFTMAX_SCALE = 256.0
@@ -107,7 +109,7 @@ class _CudnnFp8Plan:
             self.q: q8, self.k: k8, self.v: v8, self.o: out, self.amax_s: self.amax[0], self.amax_o: self.amax[1],
             self.sc["descale_q"]: dq, self.sc["descale_k"]: dk, self.sc["descale_v"]: dv,
             self.sc["descale_s"]: self.descale_s, self.sc["scale_s"]: self.scale_s,
-            self.sc["scale_o"]: 1.0 / dv,  # |O| <= max|V|: V's scale fits O
+            self.sc["scale_o"]: torch.reciprocal(dv),  # |O| <= max|V|: V's scale fits O (one kernel, not two)
         }  # fmt: skip
         self.cudnn.set_stream(self.handle, torch.cuda.current_stream(self.device).cuda_stream)
         self.graph.execute(pack, self.workspace, handle=self.handle)
@@ -244,23 +246,36 @@ def require_ops(ops: list[str] | tuple[str, ...], feature: str) -> None:
 
 
 @contextmanager
-def fp8_attention(transformer: Any, kernel: Any, static_qk: bool = False) -> Iterator[None]:
+def fp8_attention(
+    transformer: Any, kernel: Any, static_qk: bool = False, fuse_norm_rope: bool = True
+) -> Iterator[None]:
     """Run every attention of a diffusers FLUX transformer through an ``Fp8FluxAttnProcessor(kernel)`` for the
     duration; the processors it had are put back on exit.
 
     Args:
         static_qk: quantize Q and K with their static bound (``qk_amax_bound``) instead of their dynamic amax.
+        fuse_norm_rope: with ``static_qk``, Q's and K's norm, RoPE and quantization each as one op
+            (``Fp8FluxAttnProcessor``).
     """
     saved = transformer.attn_processors
-    processors = {}
-    for name in saved:
-        attn = transformer.get_submodule(name.removesuffix(".processor"))
-        processors[name] = Fp8FluxAttnProcessor(kernel, qk_amax_bound(attn) if static_qk else None)
-    transformer.set_attn_processor(processors)
+    device = next(transformer.parameters()).device
+    processors, buffers = {}, []
     try:
+        for name in saved:
+            attn = transformer.get_submodule(name.removesuffix(".processor"))
+            amax = qk_amax_bound(attn) if static_qk else None
+            processors[name] = processor = Fp8FluxAttnProcessor(kernel, amax, fuse_norm_rope)
+            if processor.fused_norm_rope:
+                # Made once, on the attention: a compiled graph holds them as constants (not two fills a call).
+                for t, value in (("q", amax.q), ("k", amax.k)):
+                    attn.register_buffer(f"{DESCALE_BUFFER}{t}", _descale(value, device), persistent=False)
+                    buffers.append((attn, f"{DESCALE_BUFFER}{t}"))
+        transformer.set_attn_processor(processors)
         yield
     finally:
         transformer.set_attn_processor(saved)
+        for attn, buffer in buffers:
+            delattr(attn, buffer)
 
 
 def checked_fp8_attention_kernel(device: torch.device | str) -> Any:
@@ -300,17 +315,31 @@ def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads:
     return F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
 
 
+# Prefix of the buffers ``fp8_attention`` gives an attention for its static Q and K descales.
+DESCALE_BUFFER = "fp8_descale_"
+
+
+def _descale(amax: float, device: Any) -> torch.Tensor:
+    """The e4m3 descale of a static ``amax``: fp32 [1, 1, 1, 1] on ``device``."""
+    return torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=device)
+
+
 class Fp8FluxAttnProcessor:
     """A FLUX attention processor (for ``set_attn_processor``) whose attention runs on per-tensor FP8 Q/K/V.
 
     Args:
         kernel: an FP8 attention kernel, ``kernel(q8, k8, v8, dq, dk, dv, scale) -> [B, S, H, D]``.
         amax: static amax of Q, K and V where known (``AttentionAmax``); None: all three dynamic.
+        fuse_norm_rope: with static Q and K amax, compute each of Q and K from its projection in one
+            ``fluxtrt::norm_rope_fp8`` call (one Triton kernel on CUDA) instead of diffusers' norm and RoPE and a
+            quantization after (the same e4m3 values); False: always the latter.
     """
 
-    def __init__(self, kernel: Any, amax: AttentionAmax | None = None):
+    def __init__(self, kernel: Any, amax: AttentionAmax | None = None, fuse_norm_rope: bool = True):
         self.kernel = kernel
         self.amax = amax or AttentionAmax()
+        # Q's and K's norm, RoPE and quantization as one op (``fluxtrt::norm_rope_fp8``) where both scales are static.
+        self.fused_norm_rope = fuse_norm_rope and self.amax.q is not None and self.amax.k is not None
 
     def __call__(
         self,
@@ -320,8 +349,6 @@ class Fp8FluxAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Any:
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if attention_mask is not None:
             raise ValueError("FP8 FLUX attention takes no attention mask (FLUX.1-Kontext uses none)")
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
@@ -336,24 +363,10 @@ class Fp8FluxAttnProcessor:
                 e_key = attn.add_k_proj(encoder_hidden_states)
                 e_value = attn.add_v_proj(encoder_hidden_states)
 
-        # [B, S, H, D_head]
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if joint:
-            e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
-            e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
-            e_value = e_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([e_query, query], dim=1)  # text tokens first: [B, S_txt + S_img, H, D_head]
-            key = torch.cat([e_key, key], dim=1)
-            value = torch.cat([e_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        q8, dq = quantize_fp8_static_or_dynamic(query, self.amax.q)
-        k8, dk = quantize_fp8_static_or_dynamic(key, self.amax.k)
-        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
+        text = (e_query, e_key, e_value) if joint else (None, None, None)
+        fused = self.fused_norm_rope and image_rotary_emb is not None and fusable_norms(attn)
+        quantize = self._fused_qkv if fused else self._qkv
+        q8, k8, v8, dq, dk, dv = quantize(attn, query, key, value, *text, image_rotary_emb)
         out = self.kernel(q8, k8, v8, dq, dk, dv, attn.head_dim**-0.5)  # [B, S, H, D_head]
         out = out.flatten(2, 3).to(hidden_states.dtype)  # [B, S, H * D_head]
 
@@ -363,3 +376,49 @@ class Fp8FluxAttnProcessor:
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         text = attn.to_add_out(text.contiguous())
         return image, text
+
+    def _qkv(self, attn, query, key, value, e_query, e_key, e_value, image_rotary_emb):
+        """Q, K, V as e4m3 with their descales, by diffusers' norm and RoPE functions and a quantization after."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        # [B, S, H, D_head]
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if e_query is not None:
+            e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
+            e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
+            e_value = e_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([e_query, query], dim=1)  # text tokens first: [B, S_txt + S_img, H, D_head]
+            key = torch.cat([e_key, key], dim=1)
+            value = torch.cat([e_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q8, dq = quantize_fp8_static_or_dynamic(query, self.amax.q)
+        k8, dk = quantize_fp8_static_or_dynamic(key, self.amax.k)
+        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
+        return q8, k8, v8, dq, dk, dv
+
+    def _fused_qkv(self, attn, query, key, value, e_query, e_key, e_value, image_rotary_emb):
+        """``_qkv`` with Q's and K's norm, RoPE and static quantization each one ``fluxtrt::norm_rope_fp8`` call."""
+        cos, sin = image_rotary_emb
+        quantized = []
+        for name, x, e_x, norm, e_norm, amax in (
+            ("q", query, e_query, attn.norm_q, attn.norm_added_q if e_query is not None else None, self.amax.q),
+            ("k", key, e_key, attn.norm_k, attn.norm_added_k if e_key is not None else None, self.amax.k),
+        ):
+            eps = rms_eps(norm, x.dtype)
+            if e_x is None:
+                x8 = torch.ops.fluxtrt.norm_rope_fp8(x, norm.weight, None, None, cos, sin, FP8_MAX / amax, eps)
+            else:  # text tokens first, each stream with its own norm
+                x8 = torch.ops.fluxtrt.norm_rope_fp8(e_x, e_norm.weight, x, norm.weight, cos, sin, FP8_MAX / amax, eps)
+            # The attention's buffer where ``fp8_attention`` made one (a compiled graph's constant), else a new tensor.
+            descale = getattr(attn, f"{DESCALE_BUFFER}{name}", None)
+            quantized.append((x8, descale if descale is not None else _descale(amax, x.device)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if e_value is not None:
+            value = torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
+        (q8, dq), (k8, dk) = quantized
+        return q8, k8, v8, dq, dk, dv

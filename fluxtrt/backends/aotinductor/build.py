@@ -131,9 +131,9 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
             if unavailable:
                 record["fp8_attention_unavailable"] = unavailable
             if kernel is not None:
-                # Q and K quantized with their static bound: one elementwise step fused into the norm/RoPE kernel.
+                # Q and K quantized with their static bound, each by one fluxtrt::norm_rope_fp8 (norm, RoPE, e4m3).
                 changes.enter_context(fp8_attention(job.module.transformer, kernel, static_qk=True))
-                record["fp8_attention_scales"] = "Q, K: static norm bound; V: dynamic amax"
+                record["fp8_attention_scales"] = "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: dynamic amax"
         yield record
 
 
