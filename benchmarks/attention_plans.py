@@ -25,7 +25,7 @@ from benchmarks.records import Records, kernel_profile, step_ms  # noqa: E402
 
 
 def fp8_graph(cudnn, dim: list[int], stride: list[int], scale: float, modes: list):
-    """An FP8 SDPA graph (the engine's, ``fluxtrt.kernels.attention._CudnnFp8Plan``) with every plan of ``modes``
+    """An FP8 SDPA graph (the engine's, ``fluxtrt.kernels.attention_ops._CudnnFp8Plan``) with every plan of ``modes``
     built; returns (graph, tensors by name)."""
     fp8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
     g = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=f32, compute_data_type=f32)
@@ -58,7 +58,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from fluxtrt.environment import environment
-    from fluxtrt.kernels.attention import CudnnFp8Kernel
+    from fluxtrt.kernels.attention_ops import CudnnFp8Kernel
     from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
 
     records = Records(args.out)

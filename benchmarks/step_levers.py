@@ -239,7 +239,8 @@ def main() -> None:
 
     from fluxtrt.backends.torch_modules import TransformerModule
     from fluxtrt.environment import environment
-    from fluxtrt.kernels.attention import EmulatedFp8Kernel, checked_fp8_attention_kernel
+    from fluxtrt.kernels.attention import checked_fp8_attention_kernel
+    from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
     from fluxtrt.models import load_components
     from fluxtrt.specs import Resolution, component_specs
     from fluxtrt.specs.flux import component_dims, dims_from_components

@@ -351,7 +351,8 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
     import fluxtrt.kernels.attention as attention
     from fluxtrt.backends.base import BuildJob
     from fluxtrt.backends.torch_modules import TransformerModule
-    from fluxtrt.kernels.attention import EmulatedFp8Kernel, fp8_attention
+    from fluxtrt.kernels.attention import fp8_attention
+    from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
 
     # The kernel choice (then its check run, as for a real kernel) gives the emulated one.
     monkeypatch.setattr(attention, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
@@ -448,3 +449,34 @@ def test_the_inductor_cache_is_an_absolute_path_for_a_relative_out(tmp_path, mon
         got = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
         assert got.is_absolute() and got == tmp_path / "engines" / ".staging" / "inductor-cache" and got.is_dir()
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here")
+def test_a_cuda_engine_call_does_not_wait_on_the_host_for_the_previous_one(tmp_path):
+    """Behind a second of GPU work, two calls of a package loaded as the runner loads CUDA packages return at once;
+    loaded thread-safe (torch's default), the second call waits on the host for the first to finish on the GPU."""
+    import time
+
+    import torch._inductor
+
+    from fluxtrt.backends.aotinductor.runtime import load_package, single_threaded
+
+    module = torch.nn.Linear(256, 256).cuda().eval()
+    x = torch.randn(64, 256, device="cuda")
+    with torch.no_grad():
+        ep = torch.export.export(module, (x,))
+    path = Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "linear.pt2")))
+    assert single_threaded("cuda", cuda_graph=False) and not single_threaded("cpu", cuda_graph=False)
+    host_s = {}
+    for name, threaded in (("thread-safe", False), ("runner", single_threaded("cuda", cuda_graph=False))):
+        model = load_package(path, 0, run_single_threaded=threaded, probe_host_isa=False)
+        model(x)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning
+        t0 = time.perf_counter()
+        model(x)
+        model(x)
+        host_s[name] = time.perf_counter() - t0
+        torch.cuda.synchronize()
+    assert host_s["runner"] < 0.1 < 0.3 < host_s["thread-safe"], host_s

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from fluxtrt.kernels.attention import EmulatedFp8Kernel, fp8_attention
+from fluxtrt.kernels.attention import fp8_attention
+from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
 from fluxtrt.kernels.attention_scales import AttentionAmax, qk_amax_bound
 from fluxtrt.kernels.fp8 import FP8_MAX
 from tests.test_stages import fresh_transformer, transformer_feed

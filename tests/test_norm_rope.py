@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fluxtrt.kernels.attention import DESCALE_BUFFER, EmulatedFp8Kernel, fp8_attention
+from fluxtrt.kernels.attention import DESCALE_BUFFER, fp8_attention
+from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
 from fluxtrt.kernels.norm_rope import norm_rope_fp8_reference
 from tests.test_attention_scales import uneven_norm_weights
 from tests.test_stages import fresh_transformer, transformer_feed

@@ -165,7 +165,8 @@ def test_quantize_fp8_round_trip():
 
 def test_fp8_processor_matches_diffusers_processor_on_emulated_fp8():
     """Same projections, norms, RoPE and output split as FluxAttnProcessor; only the FP8 rounding differs."""
-    from fluxtrt.kernels.attention import EmulatedFp8Kernel, Fp8FluxAttnProcessor
+    from fluxtrt.kernels.attention import Fp8FluxAttnProcessor
+    from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
 
     model = fresh_transformer()
     feed = transformer_feed(model)

@@ -12,8 +12,9 @@ Options (``AotInductorOptions``):
   ``aot_inductor.package_constants_in_so=False``, with the constants it uses in ``<engine stem>.safetensors``,
   handed to the package on load with ``load_constants(..., user_managed=True)``: what makes the full-size
   transformer fit the disk and load).
-- ``cuda_graph`` (CUDA builds only): the transformer's runner replays one CUDA graph per input shape; the package is
-  loaded with ``run_single_threaded``, which leaves out the locking a capture cannot contain.
+- ``cuda_graph`` (CUDA builds only): the transformer's runner replays one CUDA graph per input shape. (Every CUDA
+  package is loaded with ``run_single_threaded``, which leaves out the locking a capture cannot contain and the
+  host's wait for the previous call: ``runtime.single_threaded``.)
 - ``fp8_attention`` (the transformer; default: on for an fp8 build on CUDA where a kernel is available): attention
   runs on per-tensor FP8 Q/K/V through fluxtrt's registered ops (``fluxtrt.kernels.attention``). When the default
   cannot have its kernel, the build keeps BF16 SDPA and records why; asked for explicitly, it is an error.

@@ -63,6 +63,21 @@ def _load_without_isa_probe(path: Path, device_index: int, run_single_threaded: 
     return AOTICompiledModel(loader(str(path), "model", run_single_threaded, 1, device_index))
 
 
+def single_threaded(device: Any, cuda_graph: bool) -> bool:
+    """Whether a runner loads its package with ``run_single_threaded``: for a CUDA graph (a capture cannot contain
+    the locking) and for every CUDA package.
+
+    The thread-safe ``run`` keeps one model instance per runner and, before starting a call, waits on the host until
+    the previous call has finished on the GPU (AOTInductor's ``reclaim_finished_models``). A denoising loop then
+    stalls at every step: the GPU idles while the host issues the scheduler's update and the next step's first
+    kernels (an edit's time outside its components doubled). A runner is called from one thread at a time, and the
+    package's buffers come from torch's stream-ordered allocator, so nothing needs that wait.
+    """
+    import torch
+
+    return cuda_graph or torch.device(device).type == "cuda"
+
+
 def external_weights_path(engine_path: Path) -> Path:
     """Where ``weights=external`` keeps an engine's weights: ``<stem>.safetensors`` beside it."""
     return Path(engine_path).with_suffix(".safetensors")
@@ -109,7 +124,7 @@ class AotInductorRunner(Runner):
         index = device.index if device.index is not None else -1
         t0 = time.perf_counter()
         try:
-            model = load_package(self.path, index, run_single_threaded=self.cuda_graph,
+            model = load_package(self.path, index, run_single_threaded=single_threaded(device, self.cuda_graph),
                                  probe_host_isa=device.type == "cpu")  # fmt: skip
         except Exception as exc:
             raise EngineError(f"{self.name}: {self.path} does not load ({error_text(exc)}): {REBUILD}") from exc
