@@ -480,3 +480,34 @@ def test_a_cuda_engine_call_does_not_wait_on_the_host_for_the_previous_one(tmp_p
         host_s[name] = time.perf_counter() - t0
         torch.cuda.synchronize()
     assert host_s["runner"] < 0.1 < 0.3 < host_s["thread-safe"], host_s
+
+
+def test_an_fp8_build_gives_each_attention_its_calibrated_v_amax(tiny, monkeypatch):
+    """The module as an fp8 build with FP8 attention exports it: every processor quantizes V with the amax its
+    attention has in the calibration (the build's scales carry them beside the linears'), and the record says so."""
+    import fluxtrt.kernels.attention as attention
+    from fluxtrt.backends.aotinductor.build import _prepared_for_export
+    from fluxtrt.backends.base import BuildJob
+    from fluxtrt.engines.calibrate import calibrate
+    from fluxtrt.kernels.attention_ops import EmulatedFp8Kernel
+    from fluxtrt.models.loading import model_fingerprint
+
+    monkeypatch.setattr(attention, "fp8_attention_kernel", lambda device: EmulatedFp8Kernel())
+    calibration = calibrate(tiny, fingerprint=model_fingerprint("tiny"), precision="fp8", edits=1, steps=2,
+                            width=128, height=128)  # fmt: skip
+    dims = dims_from_components(tiny)
+    spec = component_specs(dims)["transformer"]
+    backend = AotInductorBackend()
+    scales = {f"transformer.{k}": v for k, v in calibration.scales().items()}  # as build_component hands them
+    before = tiny.transformer.attn_processors
+    job = BuildJob(spec, component_module("transformer", tiny), None, Path("unused.pt2"), "fp8",
+                   profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", Path("unused"),
+                   backend.options({"fp8_attention": True}), scales)  # fmt: skip
+    with _prepared_for_export(job) as record:
+        processors = tiny.transformer.attn_processors
+        got = {name.removesuffix(".processor"): p.amax.v for name, p in processors.items()}
+    assert got == calibration.attention_v and len(got) == 2
+    assert record["fp8_attention_scales"] == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: calibrated amax"
+    # The linears' scales went to the linears: three fused Q/K/V groups (two in the double block), 3 -> 1 each.
+    assert record["fp8_linears"] == len(calibration.amax) - 3 * 2
+    assert {type(p) for p in tiny.transformer.attn_processors.values()} == set(map(type, before.values()))

@@ -137,3 +137,42 @@ def test_fp8_attention_gives_each_attention_its_own_bound_and_restores_the_proce
     assert {k: type(v) for k, v in model.attn_processors.items()} == before
     with fp8_attention(model, EmulatedFp8Kernel()):
         assert all(p.amax == AttentionAmax() for p in model.attn_processors.values())
+
+
+def test_a_calibrated_v_amax_replaces_the_pass_over_v_and_keeps_the_output():
+    """``fp8_attention(v_amax=...)`` with each attention's V amax as a dynamic run saw it (the best a calibration
+    can do): the output stays within 1% of the dynamic run's (the same e4m3 grid but for the scale's last fp32
+    bit), the exported graph computes no amax at all (Q and K have their bound, V its amax), and V's descale is
+    the attention's constant."""
+    from fluxtrt.kernels.attention import DESCALE_BUFFER
+
+    class Recording(EmulatedFp8Kernel):
+        def __init__(self):
+            self.v_amax: list[float] = []
+
+        def __call__(self, q8, k8, v8, dq, dk, dv, scale):
+            self.v_amax.append(float(dv) * FP8_MAX)
+            return super().__call__(q8, k8, v8, dq, dk, dv, scale)
+
+    model = fresh_transformer()
+    uneven_norm_weights(model, seed=7)
+    feed = transformer_feed(model, tokens=32, text=8)
+    kwargs = {k: v for k, v in feed.items() if k != "return_dict"}
+    recording = Recording()
+    with torch.no_grad():
+        with fp8_attention(model, recording, static_qk=True):
+            dynamic = model(**feed)[0]
+        names = [n.removesuffix(".processor") for n in model.attn_processors]  # in call order
+        v_amax = dict(zip(names, recording.v_amax, strict=True))
+        with fp8_attention(model, EmulatedFp8Kernel(), static_qk=True, v_amax=v_amax):
+            static = model(**feed)[0]
+            ep = torch.export.export(model, (), kwargs={**kwargs, "return_dict": False}, strict=False)
+            for name, value in v_amax.items():
+                held = getattr(model.get_submodule(name), f"{DESCALE_BUFFER}v")
+                assert float(held) == pytest.approx(value / FP8_MAX, rel=1e-6)
+    assert ((static - dynamic).norm() / dynamic.norm()).item() < 0.01
+    amax_nodes = [n for n in ep.graph.nodes if n.op == "call_function" and "amax" in str(n.target)]
+    assert amax_nodes == []
+    with fp8_attention(model, EmulatedFp8Kernel(), static_qk=True), torch.no_grad():
+        ep = torch.export.export(model, (), kwargs={**kwargs, "return_dict": False}, strict=False)
+    assert len([n for n in ep.graph.nodes if n.op == "call_function" and "amax" in str(n.target)]) == 2  # V's

@@ -312,6 +312,46 @@ def test_calibration_is_deterministic_and_round_trips(tiny, calibration, tmp_pat
     for key in ("model_fingerprint", "precision", "seed", "edits", "steps", "fluxtrt"):
         assert key in loaded.meta
     assert loaded.meta["edits"] == 1 and loaded.meta["steps"] == 2
+    assert loaded.attention_v == pytest.approx(calibration.attention_v, rel=1e-7)
+    assert loaded.meta["attention_v"] == len(calibration.attention_v) == 2  # one double block, one single block
+
+
+def test_calibrated_v_amax_is_the_largest_v_each_attention_computes(tiny):
+    """The V amax the calibration records (forward hooks on the V projections) against V recomputed by a
+    processor wrapped around diffusers' own, from the attention's inputs, in a second run of the same edit: equal for
+    each attention, both streams of the double block counted."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    calibration = tiny_calibration(tiny, seed=3)
+    transformer = tiny.transformer
+    seen: dict[str, float] = {}
+
+    class Recording(FluxAttnProcessor):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+            values = [attn.to_v(hidden_states)]
+            if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+                values.append(attn.add_v_proj(encoder_hidden_states))
+            top = max(float(v.abs().max()) for v in values)
+            seen[self.name] = max(seen.get(self.name, 0.0), top)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+    saved = transformer.attn_processors
+    transformer.set_attn_processor({n: Recording(n.removesuffix(".processor")) for n in saved})
+    try:
+        tiny_calibration(tiny, seed=3)
+    finally:
+        transformer.set_attn_processor(saved)
+    attentions = {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
+    assert set(calibration.attention_v) == set(seen) == attentions
+    for name, value in seen.items():
+        assert calibration.attention_v[name] == pytest.approx(value, rel=1e-6)
+    # A build carries them beside the linears, under the attention's name and a suffix the linears never end with.
+    scales = calibration.scales()
+    assert len(scales) == len(calibration.amax) + 2 and scales["transformer_blocks.0.attn.attention_v"] > 0
 
 
 class OnnxCopyBackend(EngineBackend):

@@ -236,7 +236,8 @@ def plan_component(build: BuildContext, name: str) -> Plan:
 
         build.say(name, "calibrating (or reusing saved scales)")
         path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
-        amax = {k: v for k, v in calibration.amax.items() if part_owns_linear(name, k)}  # the linears it computes
+        # The linears it computes, and its attentions' V amax.
+        amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
         settings["calibration"] = sha256_file(path)
     entry = manifest.components.get(name)

@@ -1,8 +1,10 @@
-"""Calibration: per-linear input amax of the transformer over calibration edits and all their denoising steps.
+"""Calibration: per-linear input amax of the transformer over calibration edits and all their denoising steps, and
+each attention's V amax (for a static FP8 V in engines with FP8 attention).
 
 The result is a safetensors file (one fp32 scalar ``amax`` per quantized linear, keyed by its name in the
-transformer) and a JSON sidecar ``<file>.json`` saying what it was computed from. A calibration belongs to one model
-(its fingerprint) and one precision; loading it for anything else is refused.
+transformer, and one per attention, keyed by its name and ``ATTENTION_V``) and a JSON sidecar ``<file>.json`` saying
+what it was computed from. A calibration belongs to one model (its fingerprint) and one precision; loading it for
+anything else is refused.
 """
 
 from __future__ import annotations
@@ -88,17 +90,59 @@ def recorded_input_amax(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) 
             h.remove()
 
 
+@contextlib.contextmanager
+def recorded_attention_v_amax(transformer: Any) -> Iterator[dict[str, float]]:
+    """For the duration, the largest absolute V each FLUX attention computes (both streams of a double block: their
+    tokens share the tensor FP8 attention quantizes), by attention name; the hooks are removed on exit. Projections
+    may be separate (``to_v``, ``add_v_proj``) or fused (V is the last third)."""
+    from diffusers.models.attention import AttentionModuleMixin
+
+    amax: dict[str, float] = {}
+    handles = []
+
+    def hook(key, fused):
+        def record(module, args, output):
+            v = output.chunk(3, dim=-1)[2] if fused else output
+            amax[key] = max(amax.get(key, 0.0), float(v.detach().abs().max()))
+
+        return record
+
+    for name, attn in transformer.named_modules():
+        if not isinstance(attn, AttentionModuleMixin):
+            continue
+        fused = getattr(attn, "fused_projections", False)
+        for proj in ("to_qkv", "to_added_qkv") if fused else ("to_v", "add_v_proj"):
+            module = getattr(attn, proj, None)
+            if module is not None:
+                handles.append(module.register_forward_hook(hook(name, fused)))
+    try:
+        yield amax
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class Calibration:
     """Input amax per quantized linear and what it was computed from.
 
     Attributes:
         amax: linear name (in the transformer) -> amax of its input over every edit and step.
-        meta: model_fingerprint, precision, seed, edits, steps, resolution, keep_out, fluxtrt.
+        meta: model_fingerprint, precision, seed, edits, steps, resolution, keep_out, attention_v, fluxtrt.
+        attention_v: attention name (in the transformer) -> amax of its V over every edit and step (empty for a
+            calibration from before V was recorded: V's scale stays dynamic).
     """
 
     amax: dict[str, float]
     meta: dict = field(default_factory=dict)
+    attention_v: dict[str, float] = field(default_factory=dict)
+
+    def scales(self) -> dict[str, float]:
+        """``amax`` and each V amax under its attention's name + ``ATTENTION_V``, one dict (what a build carries;
+        ``split_calibration`` takes it apart)."""
+        from fluxtrt.kernels.attention_scales import ATTENTION_V
+
+        return {**self.amax, **{name + ATTENTION_V: v for name, v in self.attention_v.items()}}
 
     def save(self, path: Path) -> Path:
         """Write ``path`` (safetensors) and ``path.json``; returns ``path``."""
@@ -108,7 +152,7 @@ class Calibration:
         from fluxtrt.io import atomic_write
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: torch.tensor([v], dtype=torch.float32) for k, v in sorted(self.amax.items())}
+        tensors = {k: torch.tensor([v], dtype=torch.float32) for k, v in sorted(self.scales().items())}
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fluxtrt": "calibration"}))
         text = json.dumps(self.meta, indent=2, sort_keys=True)
         atomic_write(sidecar(path), lambda tmp: tmp.write_text(text))
@@ -135,7 +179,7 @@ def load_calibration(path: Path, fingerprint: str, precision: str) -> Calibratio
         raise InputError(f"--calibration '{path}' or its sidecar {sidecar(path).name} does not exist: {fix}")
     try:
         meta = json.loads(sidecar(path).read_text())
-        amax = {k: float(v.reshape(-1)[0]) for k, v in load_file(str(path)).items()}
+        scales = {k: float(v.reshape(-1)[0]) for k, v in load_file(str(path)).items()}
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as exc:
         raise InputError(f"--calibration '{path}' is not a fluxtrt calibration ({type(exc).__name__}): {fix}") from None
     for key, want in (("model_fingerprint", fingerprint), ("precision", precision)):
@@ -143,7 +187,10 @@ def load_calibration(path: Path, fingerprint: str, precision: str) -> Calibratio
             raise InputError(
                 f"--calibration '{path}' was computed for {key} '{meta.get(key)}', this build has '{want}': {fix}"
             )
-    return Calibration(amax, meta)
+    from fluxtrt.kernels.attention_scales import split_calibration
+
+    amax, attention_v = split_calibration(scales)
+    return Calibration(amax, meta, attention_v)
 
 
 def calibration_image(seed: int, width: int, height: int) -> Any:
@@ -204,7 +251,11 @@ def calibrate(
     transformer = components.transformer
     sampler = SamplerConfig(steps=steps)
     pipeline = KontextPipeline.from_components(components)
-    with recorded_input_amax(transformer, keep_out) as amax, torch.inference_mode():
+    with (
+        recorded_input_amax(transformer, keep_out) as amax,
+        recorded_attention_v_amax(transformer) as v_amax,
+        torch.inference_mode(),
+    ):
         for i in range(edits):
             image = calibration_image(seed + i, width, height)
             pipeline.edit(image, PROMPTS[i % len(PROMPTS)], sampler=sampler, seed=seed + i)
@@ -219,6 +270,7 @@ def calibrate(
         "compute_dtype": str(transformer.dtype).removeprefix("torch."),
         "keep_out": list(keep_out),
         "linears": len(amax),
+        "attention_v": len(v_amax),
         "fluxtrt": __version__,
     }
     missing = [n for n, v in amax.items() if v == 0.0]
@@ -227,7 +279,8 @@ def calibrate(
             f"calibration saw no input (or only zeros) for {len(missing)} linears, e.g. {missing[0]}: the pipeline "
             "does not call them; add them to the kept-out list"
         )
-    return Calibration(amax, meta)
+    # An attention whose V was all zeros keeps a dynamic scale (no static one describes it).
+    return Calibration(amax, meta, {k: v for k, v in v_amax.items() if v > 0.0})
 
 
 def calibration_for_build(config: Any, components: Any, fingerprint: str, out: Path) -> tuple[Path, Calibration]:
@@ -255,12 +308,14 @@ def calibration_for_build(config: Any, components: Any, fingerprint: str, out: P
         return path, given
     resolution = config.opt_resolution
     want = {"seed": 0, "edits": config.calibration_edits, "resolution": f"{resolution.width}x{resolution.height}"}
+    # A saved calibration from before V's amax was recorded (no "attention_v" in its sidecar) is computed again.
     if path.is_file() and sidecar(path).is_file():
         try:
             saved = load_calibration(path, fingerprint, config.precision)
         except InputError:
             saved = None
-        if saved is not None and all(saved.meta.get(k) == v for k, v in want.items()):
+        current = saved is not None and "attention_v" in saved.meta
+        if current and all(saved.meta.get(k) == v for k, v in want.items()):
             return path, saved
     result = calibrate(
         components,

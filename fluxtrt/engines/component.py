@@ -54,7 +54,7 @@ def build_component(build: BuildContext, name: str, settings: dict, profile: dic
         build: the build; its model, backend, options and progress callback are used, not its manifest.
         name: the component.
         settings, profile: as planned (``fluxtrt.engines.build.plan_component``).
-        amax: the calibrated scales of the linears the component computes, or None.
+        amax: the calibrated scales of the linears the component computes (and its attentions' V amax), or None.
 
     Returns:
         The manifest entry of the component, whose files are in place; the caller records it.
@@ -125,10 +125,13 @@ def _onnx_for(build: BuildContext, name: str, module: Any, folder: Path, amax: d
     if amax is None:
         build.say(name, "exporting ONNX")
         return export_onnx(spec, module, feed, folder, progress=progress).model
+    from fluxtrt.kernels.attention_scales import split_calibration
     from fluxtrt.quant.qdq import quantize_model
 
+    linears = split_calibration(amax)[0]  # the ONNX attention stays BF16: V's amax has no use there
     build.say(name, f"exporting ONNX with {config.precision} Q/DQ")
-    return export_onnx(spec, module, feed, folder, rewrite=lambda model: quantize_model(model, amax, config.precision),
+    return export_onnx(spec, module, feed, folder,
+                       rewrite=lambda model: quantize_model(model, linears, config.precision),
                        checker=config.precision == "fp8", progress=progress).model  # fmt: skip
 
 

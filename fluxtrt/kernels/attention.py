@@ -4,18 +4,20 @@ FP8 Q/K/V.
 The processor does what diffusers' ``FluxAttnProcessor`` does (projections, fused or not; QK RMS norms; text tokens
 first; RoPE) and then quantizes Q, K and V per tensor (e4m3) for an FP8 attention kernel:
 FlashAttention 3 when ``flash_attn_interface`` imports, else cuDNN's FP8 SDPA through nvidia-cudnn-frontend. Both
-kernels are registered torch custom ops, so a regionally compiled block keeps one graph around them. An emulated
+kernels are registered torch custom ops (``fluxtrt.kernels.attention_ops``), so a regionally compiled block keeps one
+graph around them. An emulated
 kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the quantization.
 
 Each tensor's scale is its dynamic amax (a reduction over the whole tensor before it can be quantized), or a static
 amax known before the call (``AttentionAmax``): then the quantization is one elementwise step after the norms and
 RoPE. Q and K have a static amax that holds for every input (``qk_amax_bound``); with it, each of Q and K is
-computed from its projection by one op (``fluxtrt.kernels.norm_rope``: a Triton kernel on CUDA).
+computed from its projection by one op (``fluxtrt.kernels.norm_rope``: a Triton kernel on CUDA). V's static amax,
+where there is one, is calibrated (``fluxtrt.engines.calibrate``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -80,7 +82,11 @@ def require_ops(ops: list[str] | tuple[str, ...], feature: str) -> None:
 
 @contextmanager
 def fp8_attention(
-    transformer: Any, kernel: Any, static_qk: bool = False, fuse_norm_rope: bool = True
+    transformer: Any,
+    kernel: Any,
+    static_qk: bool = False,
+    fuse_norm_rope: bool = True,
+    v_amax: Mapping[str, float] | None = None,
 ) -> Iterator[None]:
     """Run every attention of a diffusers FLUX transformer through an ``Fp8FluxAttnProcessor(kernel)`` for the
     duration; the processors it had are put back on exit.
@@ -89,20 +95,25 @@ def fp8_attention(
         static_qk: quantize Q and K with their static bound (``qk_amax_bound``) instead of their dynamic amax.
         fuse_norm_rope: with ``static_qk``, Q's and K's norm, RoPE and quantization each as one op
             (``Fp8FluxAttnProcessor``).
+        v_amax: calibrated V amax by attention module name (in ``transformer``); an attention not named keeps
+            V's dynamic amax.
     """
     saved = transformer.attn_processors
     device = next(transformer.parameters()).device
     processors, buffers = {}, []
     try:
         for name in saved:
-            attn = transformer.get_submodule(name.removesuffix(".processor"))
-            amax = qk_amax_bound(attn) if static_qk else None
+            attn_name = name.removesuffix(".processor")
+            attn = transformer.get_submodule(attn_name)
+            bound = qk_amax_bound(attn) if static_qk else AttentionAmax()
+            amax = AttentionAmax(bound.q, bound.k, (v_amax or {}).get(attn_name))
             processors[name] = processor = Fp8FluxAttnProcessor(kernel, amax, fuse_norm_rope)
-            if processor.fused_norm_rope:
-                # Made once, on the attention: a compiled graph holds them as constants (not two fills a call).
-                for t, value in (("q", amax.q), ("k", amax.k)):
-                    attn.register_buffer(f"{DESCALE_BUFFER}{t}", _descale(value, device), persistent=False)
-                    buffers.append((attn, f"{DESCALE_BUFFER}{t}"))
+            static = {"q": amax.q, "k": amax.k} if processor.fused_norm_rope else {}
+            static.update({"v": amax.v} if amax.v is not None else {})
+            for t, value in static.items():
+                # Made once, on the attention: a compiled graph holds them as constants (not a fill per call).
+                attn.register_buffer(f"{DESCALE_BUFFER}{t}", _descale(value, device), persistent=False)
+                buffers.append((attn, f"{DESCALE_BUFFER}{t}"))
         transformer.set_attn_processor(processors)
         yield
     finally:
@@ -155,6 +166,12 @@ DESCALE_BUFFER = "fp8_descale_"
 def _descale(amax: float, device: Any) -> torch.Tensor:
     """The e4m3 descale of a static ``amax``: fp32 [1, 1, 1, 1] on ``device``."""
     return torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=device)
+
+
+def _held(attn: Any, name: str) -> torch.Tensor | None:
+    """The static descale ``fp8_attention`` made ``attn`` hold for ``name`` (``q``, ``k``, ``v``; a compiled graph's
+    constant, no fill per call), or None."""
+    return getattr(attn, f"{DESCALE_BUFFER}{name}", None)
 
 
 class Fp8FluxAttnProcessor:
@@ -246,12 +263,13 @@ class Fp8FluxAttnProcessor:
                 x8 = torch.ops.fluxtrt.norm_rope_fp8(x, norm.weight, None, None, cos, sin, FP8_MAX / amax, eps)
             else:  # text tokens first, each stream with its own norm
                 x8 = torch.ops.fluxtrt.norm_rope_fp8(e_x, e_norm.weight, x, norm.weight, cos, sin, FP8_MAX / amax, eps)
-            # The attention's buffer where ``fp8_attention`` made one (a compiled graph's constant), else a new tensor.
-            descale = getattr(attn, f"{DESCALE_BUFFER}{name}", None)
+            descale = _held(attn, name)
             quantized.append((x8, descale if descale is not None else _descale(amax, x.device)))
         value = value.unflatten(-1, (-1, attn.head_dim))
         if e_value is not None:
             value = torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
         v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
+        held = _held(attn, "v") if self.amax.v is not None else None
+        dv = held if held is not None else dv
         (q8, dq), (k8, dk) = quantized
         return q8, k8, v8, dq, dk, dv

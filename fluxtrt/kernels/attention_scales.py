@@ -1,5 +1,6 @@
 """Static FP8 scales of FLUX attention's Q, K and V (``AttentionAmax``), the bound that makes Q's and K's static
-(``qk_amax_bound``), and quantization with a static or a dynamic amax."""
+(``qk_amax_bound``), V's calibrated amax as a calibration carries it (``ATTENTION_V``, ``split_calibration``), and
+quantization with a static or a dynamic amax."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ class AttentionAmax:
     q: float | None = None
     k: float | None = None
     v: float | None = None
+
+
+# A calibration's key for an attention's V amax: the attention module's name and this suffix, beside the linears'
+# input amax (``fluxtrt.engines.calibrate``).
+ATTENTION_V = ".attention_v"
+
+
+def split_calibration(amax: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """A calibration's amax as (the linears' input amax by linear name, V's amax by attention module name)."""
+    linears = {k: v for k, v in amax.items() if not k.endswith(ATTENTION_V)}
+    attention_v = {k.removesuffix(ATTENTION_V): v for k, v in amax.items() if k.endswith(ATTENTION_V)}
+    return linears, attention_v
 
 
 # bf16 rounding of the norm's and RoPE's outputs, and cos^2 + sin^2 computed in fp32, stay far inside this.

@@ -114,10 +114,13 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
     with contextlib.ExitStack() as changes:
         if job.spec.name in FUSE_QKV:
             record["fused_qkv"] = changes.enter_context(fused_qkv(job.module.transformer))
+        attention_v: dict[str, float] = {}
         if job.precision == "fp8" and job.amax is not None:
+            from fluxtrt.kernels.attention_scales import split_calibration
             from fluxtrt.kernels.fp8_linear import amax_for_fused_qkv, static_fp8_linears
 
-            amax = amax_for_fused_qkv(job.module, job.amax)
+            linears, attention_v = split_calibration(job.amax)
+            amax = amax_for_fused_qkv(job.module, linears)
             changes.enter_context(static_fp8_linears(job.module, amax))
             record["fp8_linears"] = len(amax)
         if job.spec.name in SIGMOID_GELU:
@@ -131,9 +134,12 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
             if unavailable:
                 record["fp8_attention_unavailable"] = unavailable
             if kernel is not None:
-                # Q and K quantized with their static bound, each by one fluxtrt::norm_rope_fp8 (norm, RoPE, e4m3).
-                changes.enter_context(fp8_attention(job.module.transformer, kernel, static_qk=True))
-                record["fp8_attention_scales"] = "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: dynamic amax"
+                # Q and K quantized with their static bound, each by one fluxtrt::norm_rope_fp8 (norm, RoPE, e4m3);
+                # V with its calibrated amax where the calibration has it (names relative to the transformer).
+                v_amax = {k.removeprefix("transformer."): v for k, v in attention_v.items()}
+                changes.enter_context(fp8_attention(job.module.transformer, kernel, static_qk=True, v_amax=v_amax))
+                v = "calibrated amax" if v_amax else "dynamic amax"
+                record["fp8_attention_scales"] = f"Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: {v}"
         yield record
 
 
