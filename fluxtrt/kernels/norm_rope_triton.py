@@ -68,7 +68,7 @@ def _norm_rope_fp8_kernel(
     h = r % heads
     t = r // heads
     s = t % seq
-    b = t // seq
+    b = (t // seq).to(tl.int64)  # offsets in 64 bits: a batch of large images passes 2^31 elements
     d = tl.arange(0, D)[None, :]
 
     x = tl.load(x_ptr + (b * x_stride_b + s * x_stride_s + h * D)[:, None] + d, mask=valid, other=0.0).to(tl.float32)
