@@ -317,12 +317,11 @@ def test_calibration_is_deterministic_and_round_trips(tiny, calibration, tmp_pat
 
 
 def test_calibrated_v_amax_is_the_largest_v_each_attention_computes(tiny):
-    """The V amax the calibration records (forward hooks on the V projections) against V recomputed by a
-    processor wrapped around diffusers' own, from the attention's inputs, in a second run of the same edit: equal for
-    each attention, both streams of the double block counted."""
+    """The V amax the calibration records (forward hooks on the V projections) against V recomputed, in the same
+    run, by a processor wrapped around diffusers' own from the attention's inputs: equal for each attention, both
+    streams of the double block counted."""
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    calibration = tiny_calibration(tiny, seed=3)
     transformer = tiny.transformer
     seen: dict[str, float] = {}
 
@@ -342,7 +341,7 @@ def test_calibrated_v_amax_is_the_largest_v_each_attention_computes(tiny):
     saved = transformer.attn_processors
     transformer.set_attn_processor({n: Recording(n.removesuffix(".processor")) for n in saved})
     try:
-        tiny_calibration(tiny, seed=3)
+        calibration = tiny_calibration(tiny, seed=3)
     finally:
         transformer.set_attn_processor(saved)
     attentions = {"transformer_blocks.0.attn", "single_transformer_blocks.0.attn"}
