@@ -46,20 +46,10 @@ def norm_rope_fp8_reference(
     return quantize_fp8_by_inverse(apply_rotary_emb(y, (cos, sin), sequence_dim=1), inverse_scale)
 
 
-@torch.library.custom_op("fluxtrt::norm_rope_fp8", mutates_args=())
-def norm_rope_fp8(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    x_image: torch.Tensor | None,
-    weight_image: torch.Tensor | None,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    inverse_scale: float,
-    eps: float,
-) -> torch.Tensor:
-    """BF16 [B, S, H * D] projection(s) -> e4m3 [B, S (+ S_image), H, D]: RMS norm per head with ``weight`` [D]
-    (``weight_image`` for ``x_image``), RoPE with ``cos``/``sin`` [S_total, D], times ``inverse_scale``."""
-    return norm_rope_fp8_reference(x, weight, x_image, weight_image, cos, sin, inverse_scale, eps)
+# BF16 [B, S, H * D] projection(s) -> e4m3 [B, S (+ S_image), H, D]: RMS norm per head with ``weight`` [D]
+# (``weight_image`` for ``x_image``), RoPE with ``cos``/``sin`` [S_total, D], times ``inverse_scale``. The reference is
+# its implementation off CUDA.
+norm_rope_fp8 = torch.library.custom_op("fluxtrt::norm_rope_fp8", mutates_args=())(norm_rope_fp8_reference)
 
 
 @norm_rope_fp8.register_kernel("cuda")
