@@ -5,8 +5,8 @@ The processor does what diffusers' ``FluxAttnProcessor`` does (projections, fuse
 first; RoPE) and then quantizes Q, K and V per tensor (e4m3) for an FP8 attention kernel:
 FlashAttention 3 when ``flash_attn_interface`` imports, else cuDNN's FP8 SDPA through nvidia-cudnn-frontend. Both
 kernels are registered torch custom ops (``fluxtrt.kernels.attention_ops``), so a regionally compiled block keeps one
-graph around them. An emulated
-kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the quantization.
+graph around them. An emulated kernel (dequantize, then SDPA) runs anywhere and is the numerical reference of the
+quantization.
 
 Each tensor's scale is its dynamic amax (a reduction over the whole tensor before it can be quantized), or a static
 amax known before the call (``AttentionAmax``): then the quantization is one elementwise step after the norms and
