@@ -27,7 +27,12 @@ import torch.nn.functional as F
 from fluxtrt.environment import require_cuda_sm
 from fluxtrt.errors import DeviceError, MissingDependencyError, first_line
 from fluxtrt.kernels.attention_ops import CudnnFp8Kernel, FlashAttention3Fp8Kernel
-from fluxtrt.kernels.attention_scales import AttentionAmax, qk_amax_bound, quantize_fp8_static_or_dynamic
+from fluxtrt.kernels.attention_scales import (
+    AttentionAmax,
+    qk_amax_bound,
+    quantize_fp8_static_or_dynamic,
+    static_descale,
+)
 from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8_dynamic
 from fluxtrt.kernels.norm_rope import fusable_norms, rms_eps
 
@@ -112,7 +117,7 @@ def fp8_attention(
             static.update({"v": amax.v} if amax.v is not None else {})
             for t, value in static.items():
                 # Made once, on the attention: a compiled graph holds them as constants (not a fill per call).
-                attn.register_buffer(f"{DESCALE_BUFFER}{t}", _descale(value, device), persistent=False)
+                attn.register_buffer(f"{DESCALE_BUFFER}{t}", static_descale(value, device), persistent=False)
                 buffers.append((attn, f"{DESCALE_BUFFER}{t}"))
         transformer.set_attn_processor(processors)
         yield
@@ -163,15 +168,18 @@ def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads:
 DESCALE_BUFFER = "fp8_descale_"
 
 
-def _descale(amax: float, device: Any) -> torch.Tensor:
-    """The e4m3 descale of a static ``amax``: fp32 [1, 1, 1, 1] on ``device``."""
-    return torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=device)
-
-
 def _held(attn: Any, name: str) -> torch.Tensor | None:
     """The static descale ``fp8_attention`` made ``attn`` hold for ``name`` (``q``, ``k``, ``v``; a compiled graph's
     constant, no fill per call), or None."""
     return getattr(attn, f"{DESCALE_BUFFER}{name}", None)
+
+
+def _joined_value(attn: Any, value: torch.Tensor, e_value: torch.Tensor | None) -> torch.Tensor:
+    """V as [B, S, H, D_head], the text stream's tokens first where there is one."""
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    if e_value is None:
+        return value
+    return torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
 
 
 class Fp8FluxAttnProcessor:
@@ -234,14 +242,12 @@ class Fp8FluxAttnProcessor:
         # [B, S, H, D_head]
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
+        value = _joined_value(attn, value, e_value)
         if e_query is not None:
             e_query = attn.norm_added_q(e_query.unflatten(-1, (-1, attn.head_dim)))
             e_key = attn.norm_added_k(e_key.unflatten(-1, (-1, attn.head_dim)))
-            e_value = e_value.unflatten(-1, (-1, attn.head_dim))
             query = torch.cat([e_query, query], dim=1)  # text tokens first: [B, S_txt + S_img, H, D_head]
             key = torch.cat([e_key, key], dim=1)
-            value = torch.cat([e_value, value], dim=1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -264,12 +270,7 @@ class Fp8FluxAttnProcessor:
             else:  # text tokens first, each stream with its own norm
                 x8 = torch.ops.fluxtrt.norm_rope_fp8(e_x, e_norm.weight, x, norm.weight, cos, sin, FP8_MAX / amax, eps)
             descale = _held(attn, name)
-            quantized.append((x8, descale if descale is not None else _descale(amax, x.device)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if e_value is not None:
-            value = torch.cat([e_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
-        held = _held(attn, "v") if self.amax.v is not None else None
-        dv = held if held is not None else dv
+            quantized.append((x8, descale if descale is not None else static_descale(amax, x.device)))
+        v8, dv = quantize_fp8_static_or_dynamic(_joined_value(attn, value, e_value), self.amax.v, _held(attn, "v"))
         (q8, dq), (k8, dk) = quantized
         return q8, k8, v8, dq, dk, dv

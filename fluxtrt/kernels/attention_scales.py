@@ -66,10 +66,18 @@ def qk_amax_bound(attn: Any) -> AttentionAmax:
     return AttentionAmax(q=bound(q), k=bound(k))
 
 
-def quantize_fp8_static_or_dynamic(x: torch.Tensor, amax: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def static_descale(amax: float, device: Any) -> torch.Tensor:
+    """The e4m3 descale of a static ``amax``: fp32 [1, 1, 1, 1] on ``device``."""
+    return torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=device)
+
+
+def quantize_fp8_static_or_dynamic(
+    x: torch.Tensor, amax: float | None, descale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` as e4m3 with its descale (fp32 [1, 1, 1, 1]): from ``amax`` when given (a constant multiply), else from
-    x's own amax."""
+    x's own amax. ``descale``: ``amax``'s descale, held already (a compiled graph's constant), to return instead of
+    a new one."""
     if amax is None:
         return quantize_fp8_dynamic(x)
     xq = quantize_fp8_by_inverse(x, FP8_MAX / amax)
-    return xq, torch.full((1, 1, 1, 1), amax / FP8_MAX, dtype=torch.float32, device=x.device)
+    return xq, descale if descale is not None else static_descale(amax, x.device)
