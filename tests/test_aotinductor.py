@@ -307,6 +307,12 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     fp8 = {k.removeprefix("transformer.").removesuffix(".weight") for k, v in weights.items()
            if v.dtype == torch.float8_e4m3fn}  # fmt: skip
     assert fp8 == kept | fused
+    # The GEMMs' per-row scale is one shared constant of ones, as long as the joined text and image tokens at the
+    # largest resolution (in place of a copy of each linear's input scale written before every GEMM).
+    units = [k for k in weights if k.endswith(".unit_rows")]
+    assert len(units) == 1, units
+    joined = entry.profile["hidden_states"][2][1] + entry.profile["encoder_hidden_states"][2][1]
+    assert weights[units[0]].shape[0] >= joined and torch.equal(weights[units[0]], torch.ones_like(weights[units[0]]))
     bf16 = load_components("tiny", "cpu", "bf16")
     block = bf16.transformer.transformer_blocks[0]
     for name, weight in (

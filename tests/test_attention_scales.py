@@ -176,3 +176,34 @@ def test_a_calibrated_v_amax_replaces_the_pass_over_v_and_keeps_the_output():
     with fp8_attention(model, EmulatedFp8Kernel(), static_qk=True), torch.no_grad():
         ep = torch.export.export(model, (), kwargs={**kwargs, "return_dict": False}, strict=False)
     assert len([n for n in ep.graph.nodes if n.op == "call_function" and "amax" in str(n.target)]) == 2  # V's
+
+
+def _cudnn_fp8_available() -> str | None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return "needs a CUDA GPU of compute capability 9.0 or newer; none here"
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return "needs nvidia-cudnn-frontend; not installed here"
+    return None
+
+
+@pytest.mark.skipif(_cudnn_fp8_available() is not None, reason=str(_cudnn_fp8_available()))
+def test_cudnn_fp8_attention_follows_the_emulated_kernel():
+    """cuDNN's FP8 SDPA (its S and O amax left virtual) against the dequantize + fp32 SDPA reference on the same
+    e4m3 Q/K/V and descales, at a FLUX-like head count and size. cuDNN also quantizes the softmax probabilities and
+    the output to e4m3 (3 mantissa bits), so the bound is a few percent; wrong scales or layouts miss it by far."""
+    from fluxtrt.kernels.attention_ops import CudnnFp8Kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, 1536, 24, 128)
+    q, k, v = (torch.randn(shape, device="cuda", generator=gen) * s for s in (3.0, 2.0, 0.5))
+    descales = [x.abs().amax().reshape(1, 1, 1, 1) / FP8_MAX for x in (q, k, v)]
+    q8, k8, v8 = ((x / d).to(torch.float8_e4m3fn) for x, d in zip((q, k, v), descales, strict=True))
+    scale = 1 / math.sqrt(shape[-1])
+    want = EmulatedFp8Kernel()(q8, k8, v8, *descales, scale)
+    got = CudnnFp8Kernel()(q8, k8, v8, *descales, scale).float()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 0.05, rel
+    again = CudnnFp8Kernel()(q8, k8, v8, *descales, scale).float()  # the cached plan, a second call
+    assert torch.equal(again, got)

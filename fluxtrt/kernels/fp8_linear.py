@@ -2,14 +2,16 @@
 
 Same numbers as ``fluxtrt.quant.fakequant``'s fp8 and the FP8 Q/DQ ONNX (DESIGN 5): the activation quantized with its
 calibrated per-tensor scale, the weight stored as float8_e4m3fn with one scale per output channel. The multiply is
-``torch._scaled_mm`` with row-wise scales (the per-tensor activation scale repeated per row, the weight's scale per
-column of the output): one FP8 GEMM with the scales applied in its epilogue, the kernel torchao uses for its per-row
-FP8, with torchao's fast accumulation (``use_fast_accum=True``, torchao's default for per-row FP8 inference): without
-it cuBLASLt picks another kernel for the same shapes, and the 266 GEMMs of a 1024x1024 step took 88.6 ms in an
-AOTInductor engine against 78.0 ms in torchao's stage 3 (benchmarks/results/README.md). AOTInductor exports it as
-is. The input is quantized by multiplying with the reciprocal of its scale, held as a buffer: in the kernel that
-fuses the quantization into the norm or GELU in front, a multiply per element instead of a division (measured in
-benchmarks/results/README.md, step_levers2_h200.json).
+``torch._scaled_mm`` with row-wise scales: one FP8 GEMM with the scales applied in its epilogue, the kernel torchao
+uses for its per-row FP8, with torchao's fast accumulation (``use_fast_accum=True``, torchao's default for per-row
+FP8 inference): without it cuBLASLt picks another kernel for the same shapes, and the 266 GEMMs of a 1024x1024 step
+took 88.6 ms in an AOTInductor engine against 78.0 ms in torchao's stage 3 (benchmarks/results/README.md).
+AOTInductor exports it as is. The input is quantized by multiplying with the reciprocal of its scale, held as a
+buffer: in the kernel that fuses the quantization into the norm or GELU in front, a multiply per element instead of
+a division (measured in benchmarks/results/README.md, step_levers2_h200.json). The activation's scale is folded
+into the weight's per-column one, so the per-row scale is all ones: a slice of one buffer every layer shares
+(``static_fp8_linears(..., max_rows)``), where a compiled engine would otherwise write a copy of the layer's scale
+per row before each of its 266 GEMMs per step.
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ class StaticFp8Linear(nn.Module):
     Args:
         linear: the layer to replace (its weight is quantized, its bias kept in the compute dtype).
         input_amax: the calibrated amax of the layer's input.
+        unit_rows: fp32 ones [R, 1] on the layer's device, R at least the rows of any input, for the GEMM's per-row
+            scale (shared between layers); None makes a fresh one per call.
     """
 
-    def __init__(self, linear: nn.Linear, input_amax: float):
+    def __init__(self, linear: nn.Linear, input_amax: float, unit_rows: torch.Tensor | None = None):
         super().__init__()
         weight_q, weight_scale = fp8_weight(linear.weight)
         self.register_buffer("weight", weight_q)  # [out, in] float8_e4m3fn
-        self.register_buffer("weight_scale", weight_scale.reshape(1, -1).contiguous())  # [1, out] fp32
         amax = torch.tensor([[input_amax]], dtype=torch.float32, device=linear.weight.device)
         self.register_buffer("input_scale", fp8_scale(amax))  # [1, 1] fp32
         self.register_buffer("input_inverse_scale", 1.0 / self.input_scale)  # [1, 1] fp32
+        # The GEMM's per-column scale: the weight's per output channel times the input's.
+        self.register_buffer("output_scale", (weight_scale.reshape(1, -1) * self.input_scale).contiguous())  # [1, out]
+        self.register_buffer("unit_rows", unit_rows, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def quantize_input(self, rows: torch.Tensor) -> torch.Tensor:
@@ -48,12 +54,13 @@ class StaticFp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         xq = self.quantize_input(rows)
-        # Row-wise scaling wants an [M, 1] activation scale and a [1, N] weight scale, both fp32 and contiguous.
-        scale_a = self.input_scale.expand(rows.shape[0], 1).contiguous()
+        # Row-wise scaling wants an fp32 [M, 1] and an fp32 [1, N] scale, both contiguous: ones and output_scale.
+        m = rows.shape[0]
+        scale_a = self.unit_rows[:m] if self.unit_rows is not None else torch.ones(m, 1, device=rows.device)
         # The bias goes into the GEMM's epilogue (added in fp32 before the one rounding to the output dtype), as
         # torchao's FP8 linear does (cuBLASLt then picks a bias-epilogue kernel).
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=bias,
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.output_scale, bias=bias,
                              out_dtype=x.dtype, use_fast_accum=True)  # fmt: skip
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -81,9 +88,10 @@ def amax_for_fused_qkv(model: nn.Module, amax: Mapping[str, float]) -> dict[str,
 
 
 @contextlib.contextmanager
-def static_fp8_linears(model: nn.Module, amax: Mapping[str, float]) -> Iterator[nn.Module]:
+def static_fp8_linears(model: nn.Module, amax: Mapping[str, float], max_rows: int | None = None) -> Iterator[nn.Module]:
     """Swap each ``nn.Linear`` named in ``amax`` (names relative to ``model``) for a ``StaticFp8Linear``; put the
-    originals back on exit.
+    originals back on exit. With ``max_rows`` (the most rows any of their inputs has) the layers share one buffer of
+    ones for their GEMMs' per-row scale.
 
     Yields:
         ``model``, changed in place for the duration.
@@ -92,6 +100,7 @@ def static_fp8_linears(model: nn.Module, amax: Mapping[str, float]) -> Iterator[
         KeyError: a name in ``amax`` that is not an ``nn.Linear`` of ``model``.
     """
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    unit_rows: dict[torch.device, torch.Tensor] = {}
     try:
         for name, value in amax.items():
             parent_name, _, child = name.rpartition(".")
@@ -99,7 +108,10 @@ def static_fp8_linears(model: nn.Module, amax: Mapping[str, float]) -> Iterator[
             original = getattr(parent, child, None)
             if not isinstance(original, nn.Linear):
                 raise KeyError(f"{name} is not an nn.Linear of the model ({type(original).__name__})")
-            setattr(parent, child, StaticFp8Linear(original, value))
+            device = original.weight.device
+            if max_rows is not None and device not in unit_rows:
+                unit_rows[device] = torch.ones(max_rows, 1, device=device)
+            setattr(parent, child, StaticFp8Linear(original, value, unit_rows.get(device)))
             swapped.append((parent, child, original))
         yield model
     finally:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import torch._inductor
 
 from fluxtrt.backends.aotinductor.runtime import error_text, external_weights_path, load_package
-from fluxtrt.backends.base import BuildJob, Record
+from fluxtrt.backends.base import BuildJob, Profile, Record
 from fluxtrt.backends.profile import symbol_ranges
 from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.environment import device_environment
@@ -87,6 +88,13 @@ def _build_package(job: BuildJob) -> Record:
     return record
 
 
+def _max_rows(profile: Profile) -> int:
+    """A bound on the rows of any linear's input in a component built for ``profile``: the inputs' largest shapes,
+    every axis but the last multiplied, summed over the inputs (a FLUX single block's linears see the text and the
+    image tokens joined)."""
+    return sum(math.prod(shapes[2][:-1]) for shapes in profile.values())
+
+
 def _check_job(job: BuildJob) -> None:
     if job.precision not in COMPUTE_DTYPES:
         raise InputError(
@@ -121,7 +129,7 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
 
             linears, attention_v = split_calibration(job.amax)
             amax = amax_for_fused_qkv(job.module, linears)
-            changes.enter_context(static_fp8_linears(job.module, amax))
+            changes.enter_context(static_fp8_linears(job.module, amax, max_rows=_max_rows(job.profile)))
             record["fp8_linears"] = len(amax)
         if job.spec.name in SIGMOID_GELU:
             from fluxtrt.kernels.gelu import sigmoid_form_gelus
