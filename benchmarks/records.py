@@ -88,12 +88,13 @@ def kernel_profile(call, top: int = 12) -> dict:
 
 
 def build_then_measure(args, records: Records, build, measure, script: str) -> None:
-    """``--phase all|build|measure`` of a build-and-time benchmark: build (after the environment record), then
-    measure in a fresh process (load time without the build's state) whose records are appended to ``records``."""
-    if args.phase in ("all", "build"):
-        from fluxtrt.environment import environment
+    """``--phase all|build|measure`` of a build-and-time benchmark: the environment record (versions, GPU, fluxtrt
+    commit), then build, then measure in a fresh process (load time without the build's state) whose records are
+    appended to ``records``."""
+    from fluxtrt.environment import environment
 
-        records.emit({"phase": "environment", **environment(), "precision": args.precision})
+    records.emit({"phase": "environment", **environment(), "precision": args.precision})
+    if args.phase in ("all", "build"):
         build(args, records)
     if args.phase == "all":
         part = args.out.with_suffix(".measure.json")
@@ -101,7 +102,8 @@ def build_then_measure(args, records: Records, build, measure, script: str) -> N
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if part.exists():
             for item in json.loads(part.read_text()):
-                records.add(item)
+                if item.get("phase") != "environment":  # the same machine as this process's record
+                    records.add(item)
             part.unlink()
         if proc.returncode != 0:
             records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
