@@ -13,26 +13,30 @@ import torch.nn.functional as F
 # cuDNN quantizes the softmax probabilities P (<= 1) to FP8 before P @ V; 256 keeps small P representable.
 _SOFTMAX_SCALE = 256.0
 
+# Every kernel's op: e4m3 [B, S, H, D] Q/K/V, fp32 [1, 1, 1, 1] descales and the softmax scale -> [B, S, H, D].
+_FP8_SDPA_SCHEMA = (
+    "(Tensor q8, Tensor k8, Tensor v8, Tensor descale_q, Tensor descale_k, Tensor descale_v, float scale) -> Tensor"
+)
 
-@torch.library.custom_op("fluxtrt::emulated_fp8_sdpa", mutates_args=())
-def emulated_fp8_sdpa(
-    q8: torch.Tensor,
-    k8: torch.Tensor,
-    v8: torch.Tensor,
-    descale_q: torch.Tensor,
-    descale_k: torch.Tensor,
-    descale_v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+
+def _fp8_sdpa_op(name: str, out_dtype: torch.dtype):
+    """Register the decorated function as ``fluxtrt::<name>`` with the FP8 SDPA schema, and its fake (the output's
+    shape is Q's, its dtype ``out_dtype``)."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"fluxtrt::{name}", fn, mutates_args=(), schema=_FP8_SDPA_SCHEMA)
+        op.register_fake(lambda q8, *_: torch.empty(q8.shape, dtype=out_dtype, device=q8.device))
+        return op
+
+    return register
+
+
+@_fp8_sdpa_op("emulated_fp8_sdpa", torch.float32)
+def emulated_fp8_sdpa(q8, k8, v8, descale_q, descale_k, descale_v, scale):
     """Dequantized e4m3 [B, S, H, D] Q/K/V through fp32 SDPA -> fp32 [B, S, H, D]."""
     q, k, v = (x.float() * d for x, d in ((q8, descale_q), (k8, descale_k), (v8, descale_v)))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2).contiguous()
-
-
-@emulated_fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
-    return torch.empty(q8.shape, dtype=torch.float32, device=q8.device)
 
 
 class EmulatedFp8Kernel:
@@ -107,24 +111,11 @@ def _cudnn_plan(q8: torch.Tensor, scale: float) -> _CudnnFp8Plan:
         return _PLANS[key]
 
 
-@torch.library.custom_op("fluxtrt::cudnn_fp8_sdpa", mutates_args=())
-def cudnn_fp8_sdpa(
-    q8: torch.Tensor,
-    k8: torch.Tensor,
-    v8: torch.Tensor,
-    descale_q: torch.Tensor,
-    descale_k: torch.Tensor,
-    descale_v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+@_fp8_sdpa_op("cudnn_fp8_sdpa", torch.float8_e4m3fn)
+def cudnn_fp8_sdpa(q8, k8, v8, descale_q, descale_k, descale_v, scale):
     """cuDNN FP8 SDPA on e4m3 [B, S, H, D] Q/K/V with fp32 [1, 1, 1, 1] descales -> e4m3 [B, S, H, D] O / descale_v."""
     q8, k8, v8 = (x.contiguous() for x in (q8, k8, v8))
     return _cudnn_plan(q8, scale)(q8, k8, v8, descale_q, descale_k, descale_v)
-
-
-@cudnn_fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
-    return torch.empty(q8.shape, dtype=torch.float8_e4m3fn, device=q8.device)
 
 
 class CudnnFp8Kernel:
@@ -140,16 +131,8 @@ class CudnnFp8Kernel:
 # --- FlashAttention 3 FP8 ----------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fluxtrt::fa3_fp8_sdpa", mutates_args=())
-def fa3_fp8_sdpa(
-    q8: torch.Tensor,
-    k8: torch.Tensor,
-    v8: torch.Tensor,
-    descale_q: torch.Tensor,
-    descale_k: torch.Tensor,
-    descale_v: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+@_fp8_sdpa_op("fa3_fp8_sdpa", torch.bfloat16)
+def fa3_fp8_sdpa(q8, k8, v8, descale_q, descale_k, descale_v, scale):
     """FlashAttention 3's FP8 forward on e4m3 [B, S, H, D] Q/K/V -> BF16 [B, S, H, D]."""
     import flash_attn_interface
 
@@ -160,11 +143,6 @@ def fa3_fp8_sdpa(
     )
     out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the softmax LSE
     return out.to(torch.bfloat16)
-
-
-@fa3_fp8_sdpa.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale):
-    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
 
 
 class FlashAttention3Fp8Kernel:
