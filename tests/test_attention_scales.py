@@ -89,8 +89,8 @@ def test_static_q_k_scales_quantize_about_as_well_as_dynamic_ones_and_never_satu
     quantize = attention.quantize_fp8_static_or_dynamic
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]] = []
 
-    def recorded(x, amax):
-        x8, descale = quantize(x, amax)
+    def recorded(x, amax, held=None):
+        x8, descale = quantize(x, amax, held)
         calls.append((x.float(), x8.float(), descale, amax))
         return x8, descale
 

@@ -112,10 +112,10 @@ def fp8_attention(
             attn = transformer.get_submodule(attn_name)
             bound = qk_amax_bound(attn) if static_qk else AttentionAmax()
             amax = AttentionAmax(bound.q, bound.k, (v_amax or {}).get(attn_name))
-            processors[name] = processor = Fp8FluxAttnProcessor(kernel, amax, fuse_norm_rope)
-            static = {"q": amax.q, "k": amax.k} if processor.fused_norm_rope else {}
-            static.update({"v": amax.v} if amax.v is not None else {})
-            for t, value in static.items():
+            processors[name] = Fp8FluxAttnProcessor(kernel, amax, fuse_norm_rope)
+            for t, value in vars(amax).items():
+                if value is None:
+                    continue
                 # Made once, on the attention: a compiled graph holds them as constants (not a fill per call).
                 attn.register_buffer(f"{DESCALE_BUFFER}{t}", static_descale(value, device), persistent=False)
                 buffers.append((attn, f"{DESCALE_BUFFER}{t}"))
@@ -164,7 +164,7 @@ def check_kernel(kernel: Any, device: torch.device | str, seq: int = 512, heads:
     return F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
 
 
-# Prefix of the buffers ``fp8_attention`` gives an attention for its static Q and K descales.
+# Prefix of the buffers ``fp8_attention`` gives an attention for its static Q, K and V descales.
 DESCALE_BUFFER = "fp8_descale_"
 
 
@@ -251,9 +251,9 @@ class Fp8FluxAttnProcessor:
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        q8, dq = quantize_fp8_static_or_dynamic(query, self.amax.q)
-        k8, dk = quantize_fp8_static_or_dynamic(key, self.amax.k)
-        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v)
+        q8, dq = quantize_fp8_static_or_dynamic(query, self.amax.q, _held(attn, "q"))
+        k8, dk = quantize_fp8_static_or_dynamic(key, self.amax.k, _held(attn, "k"))
+        v8, dv = quantize_fp8_static_or_dynamic(value, self.amax.v, _held(attn, "v"))
         return q8, k8, v8, dq, dk, dv
 
     def _fused_qkv(self, attn, query, key, value, e_query, e_key, e_value, image_rotary_emb):
