@@ -21,6 +21,10 @@ few percent of it (the engine also fuses across block boundaries). Variants:
   step_levers2_h200.json was measured before that change, when the multiply was the variant ``+recip``.
 - any of these with ``+unfused``: Q's and K's RMS norm, RoPE and static quantization by diffusers' functions and
   inductor's kernels, as fluxtrt did before ``fluxtrt::norm_rope_fp8`` (one Triton kernel each) computed them.
+- any of these with ``+autotune``: inductor's max-autotune of the FP8 GEMMs (cuBLASLt against its Triton templates,
+  per shape, the pointwise kernel after a GEMM fused into a Triton template's epilogue where that benchmarks faster).
+- any of these with ``+tma``: as ``+autotune``, with inductor's persistent TMA templates too; those take no bias, so
+  every FP8 linear adds its bias after the GEMM (for inductor to fuse into the epilogue).
 - any of these with ``+sgelu``: the tanh GELU of the MLPs computed as ``x * sigmoid(2u)``
   (``fluxtrt.kernels.gelu``, what the AOTInductor engine compiles), the same function as ``0.5 x (1 + tanh(u))``.
 
@@ -104,6 +108,35 @@ def split_proj_out(transformer, amax):
     finally:
         for block in blocks:
             del block.proj_out_attn, block.proj_out_mlp, block.forward
+
+
+def bias_after_forward(self, x):
+    """``StaticFp8Linear.forward`` with the bias added after the GEMM instead of in its epilogue."""
+    import torch
+
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    scale_a = self.unit_rows[:m] if self.unit_rows is not None else torch.ones(m, 1, device=rows.device)
+    y = torch._scaled_mm(self.quantize_input(rows), self.weight.t(), scale_a=scale_a, scale_b=self.output_scale,
+                         out_dtype=x.dtype, use_fast_accum=True)  # fmt: skip
+    if self.bias is not None:
+        y = y + self.bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def bias_after_gemm(module):
+    """Every ``StaticFp8Linear`` of ``module`` adds its bias after the GEMM."""
+    from fluxtrt.kernels.fp8_linear import StaticFp8Linear
+
+    linears = [m for m in module.modules() if isinstance(m, StaticFp8Linear)]
+    for m in linears:
+        m.forward = bias_after_forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
 
 
 def divide_quantize_input(self, rows):
@@ -212,6 +245,12 @@ def prepared(transformer, module, kernel, amax, qkv_amax, variant):
             stack.enter_context(sigmoid_form_gelus(transformer))
         transformer.set_attn_processor(processors)
         stack.callback(transformer.set_attn_processor, saved)
+        if "+tma" in variant:
+            stack.enter_context(bias_after_gemm(module))
+            stack.enter_context(torch._inductor.config.patch({"triton.enable_persistent_tma_matmul": True}))
+        if "+autotune" in variant or "+tma" in variant:
+            stack.enter_context(torch._inductor.config.patch(max_autotune_gemm=True,
+                                                             max_autotune_gemm_backends="ATEN,TRITON"))  # fmt: skip
         if "+cdt" in variant:
             stack.enter_context(torch._inductor.config.patch(coordinate_descent_tuning=True))
         _raise_recompile_limits()
