@@ -5,7 +5,8 @@
 Categories (first rule that matches, on the kernel's name):
 - ``fp8 gemm`` / ``bf16 gemm``: cuBLASLt (``nvjet_*``, ``*gemm*``), CUTLASS and inductor's GEMM templates
   (``triton_tem_*``); FP8 when both operands are FP8 (cuBLASLt's ``qq`` type letters, ``e4m3``, ``_scaled_mm``).
-- ``attention``: cuDNN/flash attention kernels (``sdpa``, ``flash``, ``fmha``) that are not inductor's own kernels.
+- ``attention``: cuDNN/flash attention kernels (``sdpa``, ``flash``, ``fmha``) that are not inductor's own kernels,
+  FlashAttention 3's CUTLASS kernels (``FlashAttnFwdSm90``) included.
 - ``quantize/convert``: inductor kernels that write FP8 (their fused ops include a clamp or amax to the FP8 range, or
   the ``_scaled_mm``/FP8 attention they feed), fused with whatever norm, modulation, RoPE or GELU precedes them, and
   eager FP8 conversion kernels. The FP8 GEMMs' input quantization is here, so the category is what static scales and
@@ -48,6 +49,8 @@ def _triton(name: str) -> str:
 def kernel_category(name: str) -> str:
     """The category (one of ``CATEGORIES``) of a GPU kernel, from its name."""
     low = name.lower()
+    if "flashattn" in low:  # FlashAttention 3's kernels are CUTLASS device kernels: attention, not GEMMs
+        return "attention"
     gemm = _gemm(low)
     if gemm:
         return gemm

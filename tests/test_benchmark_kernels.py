@@ -53,3 +53,15 @@ def test_categories_conserve_time_and_launches():
     assert kernel_category("Memcpy DtoD (Device -> Device)") == "copies"
     assert kernel_category("triton_poi_fused_cat_clone_permute_view_7") == "copies"
     assert kernel_category("triton_poi_fused_add_gelu_mul_3") == "norm and elementwise"
+
+
+def test_flash_attention_3_kernels_count_as_attention_not_as_cutlass_gemms():
+    """A step profiled with FlashAttention 3's FP8 forward (a CUTLASS device kernel): one attention launch per
+    block, and only the FP8 projections as FP8 GEMMs."""
+    records = json.loads((RESULTS / "step_limits_h200" / "step_levers_fa3_h200.json").read_text())
+    kernels = next(r for r in records if r.get("profile"))["profile"]["all"]
+    table = by_category(kernels)
+    blocks = FULL.transformer["num_layers"] + FULL.transformer["num_single_layers"]
+    assert any("FlashAttnFwdSm90" in k["name"] for k in kernels)
+    assert table["attention"]["launches"] == blocks
+    assert table["fp8 gemm"]["launches"] == quantized_gemms_per_step()
