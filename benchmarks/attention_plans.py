@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, kernel_profile, step_ms  # noqa: E402
+from benchmarks.records import Records, add_attention_shape_arguments, kernel_profile, step_ms  # noqa: E402
 
 
 def fp8_graph(cudnn, dim: list[int], stride: list[int], scale: float, modes: list):
@@ -48,9 +48,7 @@ def fp8_graph(cudnn, dim: list[int], stride: list[int], scale: float, modes: lis
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seq", type=int, default=8704, help="tokens: 512 text + 2 x 4096 image at 1024x1024")
-    parser.add_argument("--heads", type=int, default=24)
-    parser.add_argument("--head-dim", type=int, default=128)
+    add_attention_shape_arguments(parser)
     args = parser.parse_args()
 
     import cudnn

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records, relative_error, step_ms  # noqa: E402
+from benchmarks.records import Records, add_attention_shape_arguments, relative_error, step_ms  # noqa: E402
 
 
 def kernels() -> tuple[dict, str | None]:
@@ -40,9 +40,7 @@ def kernels() -> tuple[dict, str | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seq", type=int, default=8704, help="tokens: 512 text + 2 x 4096 image at 1024x1024")
-    parser.add_argument("--heads", type=int, default=24)
-    parser.add_argument("--head-dim", type=int, default=128)
+    add_attention_shape_arguments(parser)
     args = parser.parse_args()
 
     import torch

@@ -124,3 +124,10 @@ def run_build(cmd: list[str], records: Records, out: Path) -> tuple[dict, float,
                       "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
         sys.exit(1)
     return json.loads((out / "manifest.json").read_text()), wall, tail
+
+
+def add_attention_shape_arguments(parser) -> None:
+    """--seq, --heads, --head-dim: one FLUX attention call at a 1024x1024 edit of a 1024x1024 reference by default."""
+    parser.add_argument("--seq", type=int, default=8704, help="tokens: 512 text + 2 x 4096 image at 1024x1024")
+    parser.add_argument("--heads", type=int, default=24)
+    parser.add_argument("--head-dim", type=int, default=128)
