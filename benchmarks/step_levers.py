@@ -112,13 +112,7 @@ def split_proj_out(transformer, amax):
 
 def bias_after_forward(self, x):
     """``StaticFp8Linear.forward`` with the bias added after the GEMM instead of in its epilogue."""
-    import torch
-
-    rows = x.reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    scale_a = self.unit_rows[:m] if self.unit_rows is not None else torch.ones(m, 1, device=rows.device)
-    y = torch._scaled_mm(self.quantize_input(rows), self.weight.t(), scale_a=scale_a, scale_b=self.output_scale,
-                         out_dtype=x.dtype, use_fast_accum=True)  # fmt: skip
+    y = self.matmul(x.reshape(-1, x.shape[-1]), None)
     if self.bias is not None:
         y = y + self.bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -146,8 +140,9 @@ def divide_quantize_input(self, rows):
     return quantize_fp8(rows, self.input_scale)
 
 
-def divide_static_or_dynamic(x, amax):
-    """``quantize_fp8_static_or_dynamic`` as it was before the reciprocal scale: a division by ``amax / 448``."""
+def divide_static_or_dynamic(x, amax, held=None):
+    """``quantize_fp8_static_or_dynamic`` as it was before the reciprocal scale: a division by ``amax / 448``, the
+    descale made per call (``held``, the attention's descale buffer, unused)."""
     import torch
 
     from fluxtrt.kernels.fp8 import FP8_MAX, quantize_fp8, quantize_fp8_dynamic

@@ -51,17 +51,21 @@ class StaticFp8Linear(nn.Module):
         """The input rows [M, K] as float8_e4m3fn with the static scale."""
         return quantize_fp8_by_inverse(rows, self.input_inverse_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+    def matmul(self, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The input rows [M, K] quantized and multiplied by the FP8 weight, ``bias`` (or None) in the GEMM's
+        epilogue: [M, out] in the rows' dtype."""
         xq = self.quantize_input(rows)
         # Row-wise scaling wants an fp32 [M, 1] and an fp32 [1, N] scale, both contiguous: ones and output_scale.
         m = rows.shape[0]
         scale_a = self.unit_rows[:m] if self.unit_rows is not None else torch.ones(m, 1, device=rows.device)
+        return torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.output_scale, bias=bias,
+                                out_dtype=rows.dtype, use_fast_accum=True)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias goes into the GEMM's epilogue (added in fp32 before the one rounding to the output dtype), as
         # torchao's FP8 linear does (cuBLASLt then picks a bias-epilogue kernel).
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.output_scale, bias=bias,
-                             out_dtype=x.dtype, use_fast_accum=True)  # fmt: skip
+        y = self.matmul(x.reshape(-1, x.shape[-1]), bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
