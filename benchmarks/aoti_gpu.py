@@ -9,7 +9,8 @@ of the same precision in the same run.
    the manifest's build time, file sizes, options (attention kernel, FP8 linears).
 2. A fresh process: the engine's load time, then the step time at a size x size edit of a size x size reference
    (batch 1; mean of 10 calls after 3, CUDA events), then the same with CUDA-graph replay (one capture) and the
-   largest difference between the two outputs.
+   largest difference between the two outputs. With --profile, each step's kernels by category and how long the
+   GPU waited between them (of the plain step and of the replayed one).
 3. In that process, after freeing the engine: the model loaded in PyTorch, its eager output on the same inputs
    (the engine's fidelity), and the torch.compile stage of the same precision with the first-block cache off
    (bf16: stage 1, regional compile + fused QKV; fp8: stage 3, + FP8 attention + torchao FP8 linears): first call
@@ -166,7 +167,7 @@ def measure(args, records: Records) -> None:
             again = graphed.infer(feed)["noise_pred"]
         records.emit({"phase": "engine_cuda_graph", "capture_s": capture_s, "step_ms": graph_ms,
                       "vs_plain": relative_error(graph_out, engine_out),
-                      "replay_equals_first": bool(torch.equal(again, graph_out))})  # fmt: skip
+                      "replay_equals_first": bool(torch.equal(again, graph_out)), **profiled(graphed)})  # fmt: skip
         del graphed
     except Exception as exc:  # the plain engine's figures stand; say what failed
         records.emit({"phase": "engine_cuda_graph", "error": f"{type(exc).__name__}: {str(exc)[:500]}"})

@@ -65,9 +65,25 @@ def relative_error(got, want) -> dict:
     }
 
 
+def busy_and_idle(spans: list[tuple[float, float]]) -> dict:
+    """Of kernel ``(start, end)`` intervals in ms: ``span_ms`` from the first start to the last end, ``busy_ms`` the
+    time at least one kernel runs (overlapping kernels counted once) and ``idle_ms`` the rest of the span, the time
+    the GPU waits between kernels (for launches, for the host, for a synchronisation)."""
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0}
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(spans):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    span = max(stop for _, stop in spans) - min(start for start, _ in spans)
+    return {"span_ms": span, "busy_ms": busy, "idle_ms": span - busy}
+
+
 def kernel_profile(call, top: int = 12) -> dict:
-    """The GPU kernels of one ``call()`` (run it warm): total device ms, every kernel (``all``, for the category table
-    of ``benchmarks/kernels.py``), and the ``top`` kernels by device time."""
+    """The GPU kernels of one ``call()`` (run it warm): total device ms, how much of the call's span the GPU ran a
+    kernel and how much it waited (``busy_and_idle``), every kernel (``all``, for the category table of
+    ``benchmarks/kernels.py``), and the ``top`` kernels by device time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -78,8 +94,14 @@ def kernel_profile(call, top: int = 12) -> dict:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.self_device_time_total, reverse=True)
     kernels = [{"name": e.key[:200], "ms": e.self_device_time_total / 1000, "calls": e.count} for e in events]
+    spans = [
+        (e.time_range.start / 1000, e.time_range.end / 1000)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    ]
     return {
         "device_ms": sum(k["ms"] for k in kernels),
+        **busy_and_idle(spans),
         "kernels": len(kernels),
         "launches": sum(k["calls"] for k in kernels),
         "top": kernels[:top],

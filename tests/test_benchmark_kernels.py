@@ -65,3 +65,12 @@ def test_flash_attention_3_kernels_count_as_attention_not_as_cutlass_gemms():
     assert any("FlashAttnFwdSm90" in k["name"] for k in kernels)
     assert table["attention"]["launches"] == blocks
     assert table["fp8 gemm"]["launches"] == quantized_gemms_per_step()
+
+
+def test_busy_time_counts_overlapping_kernels_once_and_idle_is_the_rest_of_the_span():
+    from benchmarks.records import busy_and_idle
+
+    # 0-2 and 1-3 overlap (busy 0-3), 3-3.5 touches it, 5-6 after a wait of 1.5, 5.2-5.4 inside it.
+    got = busy_and_idle([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0), (3.0, 3.5), (5.2, 5.4)])
+    assert got == {"span_ms": 6.0, "busy_ms": 4.5, "idle_ms": 1.5}
+    assert busy_and_idle([]) == {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0}
