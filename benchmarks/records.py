@@ -71,13 +71,14 @@ def busy_and_idle(spans: list[tuple[float, float]]) -> dict:
     the GPU waits between kernels (for launches, for the host, for a synchronisation)."""
     if not spans:
         return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0}
-    busy, end = 0.0, float("-inf")
-    for start, stop in sorted(spans):
+    ordered = sorted(spans)
+    first = end = ordered[0][0]
+    busy = 0.0
+    for start, stop in ordered:
         if stop > end:
             busy += stop - max(start, end)
             end = stop
-    span = max(stop for _, stop in spans) - min(start for start, _ in spans)
-    return {"span_ms": span, "busy_ms": busy, "idle_ms": span - busy}
+    return {"span_ms": end - first, "busy_ms": busy, "idle_ms": end - first - busy}
 
 
 def kernel_profile(call, top: int = 12) -> dict:
