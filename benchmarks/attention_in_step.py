@@ -2,7 +2,7 @@
 the step's size (the GPU's power and clocks as in the step), and after a write of 256 MB (L2 contents as in the
 step, without the GEMM's power), with the SM clock read before and after each series.
 
-    python benchmarks/attention_in_step.py --out results.json [--seq 8704] [--calls 30]
+    python benchmarks/attention_in_step.py --out results.json [--seq 8704] [--heads 24] [--head-dim 128] [--calls 30]
 
 Each series times ``fluxtrt::cudnn_fp8_sdpa`` alone, between CUDA events around each call, mean of --calls after 3.
 Prints one JSON line per series and rewrites --out after each.
@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.records import Records  # noqa: E402
+from benchmarks.records import Records, add_attention_shape_arguments  # noqa: E402
 
 
 def sm_clock_mhz() -> int | None:
@@ -51,7 +51,7 @@ def timed_attention(attention, before, calls: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seq", type=int, default=8704, help="tokens: 512 text + 2 x 4096 image at 1024x1024")
+    add_attention_shape_arguments(parser)
     parser.add_argument("--calls", type=int, default=30)
     args = parser.parse_args()
 
@@ -62,12 +62,12 @@ def main() -> None:
 
     records = Records(args.out)
     records.emit({"phase": "environment", **environment()})
-    shape, fp8 = (1, args.seq, 24, 128), torch.float8_e4m3fn
+    shape, fp8 = (1, args.seq, args.heads, args.head_dim), torch.float8_e4m3fn
     q, k, v = (torch.randn(shape, device="cuda").to(fp8) for _ in range(3))
     d = torch.full((1, 1, 1, 1), 0.01, device="cuda")
 
     def attention():
-        return torch.ops.fluxtrt.cudnn_fp8_sdpa(q, k, v, d, d, d, 128**-0.5)
+        return torch.ops.fluxtrt.cudnn_fp8_sdpa(q, k, v, d, d, d, args.head_dim**-0.5)
 
     # As large as a single block's Q/K/V and MLP projections together: [S, 3072] x [3072, 21504], e4m3, BF16 out.
     a = torch.randn(args.seq, 3072, device="cuda").to(fp8)
