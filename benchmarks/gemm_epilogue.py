@@ -45,6 +45,8 @@ def up_gelu_quantize(xq, weight, unit_rows, column_scale, bias, inverse_scale, b
 
 
 def inductor_configs(variant: str) -> dict:
+    """The inductor options of a variant (``step_levers.py``'s ``+autotune`` and ``+tma`` are ``autotune`` and
+    ``autotune_tma``)."""
     if variant == "default":
         return {}
     backends = "TRITON" if variant == "triton_tma" else "ATEN,TRITON"

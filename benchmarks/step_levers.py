@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.aoti_gpu import fp32_output  # noqa: E402
+from benchmarks.gemm_epilogue import inductor_configs  # noqa: E402
 from benchmarks.kernels import by_category  # noqa: E402
 from benchmarks.records import Records, kernel_profile, relative_error, step_ms  # noqa: E402
 from fluxtrt.kernels.fp8 import FP8_MAX  # noqa: E402
@@ -242,10 +243,9 @@ def prepared(transformer, module, kernel, amax, qkv_amax, variant):
         stack.callback(transformer.set_attn_processor, saved)
         if "+tma" in variant:
             stack.enter_context(bias_after_gemm(module))
-            stack.enter_context(torch._inductor.config.patch({"triton.enable_persistent_tma_matmul": True}))
-        if "+autotune" in variant or "+tma" in variant:
-            stack.enter_context(torch._inductor.config.patch(max_autotune_gemm=True,
-                                                             max_autotune_gemm_backends="ATEN,TRITON"))  # fmt: skip
+            stack.enter_context(torch._inductor.config.patch(inductor_configs("autotune_tma")))
+        elif "+autotune" in variant:
+            stack.enter_context(torch._inductor.config.patch(inductor_configs("autotune")))
         if "+cdt" in variant:
             stack.enter_context(torch._inductor.config.patch(coordinate_descent_tuning=True))
         _raise_recompile_limits()
