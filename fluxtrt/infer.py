@@ -49,7 +49,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
 
     device = config.resolved_device
     check_device(device)
-    image = load_image(config.image)
+    image, image_notices = load_image(config.image)
     world = None
     if config.gpus > 1:
         from fluxtrt.parallel.context import init_world
@@ -68,6 +68,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
             result = pipeline.edit(image, config.prompt, sampler=config.sampler, seed=config.seed,
                                    guidance=config.guidance, height=config.height, width=config.width,
                                    on_step=on_step)  # fmt: skip
+        result.warnings[:0] = image_notices
         if world is None or world.main:
             save_image(result.images[0], config)
     finally:

@@ -489,7 +489,7 @@ def test_compare_times_engines_as_infer_runs_them(engines, tmp_path):
     make_image(400, 300).save(image)
     sampler = SamplerConfig("dpmpp-2m", steps=4)
     with load_engine_pipeline(engines, "cpu") as pipeline:  # what run_infer edits with, here three times
-        edit = [pipeline.edit(load_image(image), "p", sampler=sampler) for _ in range(3)][-1]
+        edit = [pipeline.edit(load_image(image)[0], "p", sampler=sampler) for _ in range(3)][-1]
     infer_step = edit.timings_ms["transformer"] / edit.calls["transformer"]
     report = compare(CompareConfig(model="tiny", stages=(), engines=(engines,), image=image, runs=2, device="cpu"),
                      contenders=[EngineContender(engines, sampler=sampler)])  # fmt: skip

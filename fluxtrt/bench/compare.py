@@ -69,7 +69,9 @@ class _Comparison:
         if config.image is not None:
             from fluxtrt.pipeline.image import load_image
 
-            self.image = load_image(config.image)
+            self.image, notices = load_image(config.image)
+            for notice in notices:
+                emit({"event": "notice", "text": notice})
         else:
             self.image = synthetic_image(config.resolution or Resolution(1024, 1024))
         res = config.resolution

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from fluxtrt.console import err, out
+from fluxtrt.console import err, out, print_notices
 
 
 def print_event(event: dict) -> None:
@@ -23,6 +23,8 @@ def print_event(event: dict) -> None:
         console.print(f"  run {event['run'] + 1}: {event['timings_ms']['total']:.0f} ms, {event['steps']} steps")
     elif kind == "done" and event.get("status") != "ok":
         console.print(f"  [red]failed:[/] {escape(event['error'])}", soft_wrap=True)
+    elif kind == "notice":
+        print_notices([event["text"]])
     elif kind == "check" and event.get("status") == "ok":
         console.print(f"  diffusers check: stage 0 / diffusers transformer ms per step = {event['ratio']:.4f}")
 

@@ -38,22 +38,28 @@ PREFERRED_KONTEXT_RESOLUTIONS = [
 MIN_REFERENCE_SIDE = 64
 
 
-def load_image(path: Path) -> Any:
-    """Open ``path`` as an RGB PIL image.
+def load_image(path: Path) -> tuple[Any, list[str]]:
+    """Open ``path`` as the RGB PIL image a viewer displays, and the notices of what that conversion dropped.
 
-    Images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 MP by default) are refused
-    from their header, before their pixels are decoded: the edit uses about 1 MP of them anyway.
+    The EXIF orientation is applied (a phone photo stored sideways comes out upright), and every mode is brought to
+    8-bit RGB as ``to_rgb`` says. Images over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5
+    MP by default) are refused from their header, before their pixels are decoded: the edit uses about 1 MP of them
+    anyway.
+
+    Returns:
+        The image, and one line per thing the conversion dropped (transparency, bit depth, a colour profile).
 
     Raises:
         InputError: missing file, not an image PIL can read, or more pixels than the limit.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                return img.convert("RGB")
+                upright = ImageOps.exif_transpose(img)
+                return to_rgb(upright, f"--image '{path}'")
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         # Pillow's message: "Image size (N pixels) exceeds limit of M pixels, ..."
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
@@ -66,6 +72,66 @@ def load_image(path: Path) -> Any:
         raise InputError(f"--image '{path}' does not exist: pass a PNG or JPEG path") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"--image '{path}' is not a readable image ({exc}): pass a PNG or JPEG file") from None
+
+
+# Modes of more than 8 bits a channel, and the range of values that maps to black..white.
+_DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_rgb(img: Any, name: str = "the image") -> tuple[Any, list[str]]:
+    """``img`` as 8-bit RGB showing what a viewer shows (``img`` itself if RGB already), and a notice (naming it
+    ``name``) for what was dropped.
+
+    - 1, L, P (opaque), RGB, YCbCr...: converted exactly, no notice.
+    - LA, RGBA, PA, P with a transparent colour: composited on white (a notice when some pixel is not opaque).
+    - CMYK: Pillow's conversion, R = (255 - C)(255 - K) / 255 and so on (a notice: no colour profile is applied).
+    - I;16 (16-bit grayscale): scaled to 8 bits, v * 255 / 65535 rounded (a notice). I (32-bit integers) the same
+      where its values lie in 0..65535; F (floats) scaled from 0..1. Values outside those ranges are stretched from
+      the image's own minimum..maximum to 0..255 (a notice), never clipped.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img, []
+    if mode in _DEEP_MODES:
+        return _deep_to_rgb(img, name)
+    if mode in ("RGBa", "La"):  # premultiplied alpha
+        img = img.convert(mode.upper())
+    if mode == "P" and "transparency" in img.info or mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("LA", "RGBA"):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] == 255:  # every pixel opaque: nothing to drop
+            return rgba.convert("RGB"), []
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notice = f"{name} has transparent pixels ({mode}): composited on white"
+        return Image.alpha_composite(white, rgba).convert("RGB"), [notice]
+    if mode == "CMYK":
+        notice = (f"{name} is CMYK: converted to RGB without a colour profile, so its colours may differ from a "
+                  "colour-managed viewer's; convert it to RGB first for exact colours")  # fmt: skip
+        return img.convert("RGB"), [notice]
+    return img.convert("RGB"), []
+
+
+def _deep_to_rgb(img: Any, name: str) -> tuple[Any, list[str]]:
+    """A 16-bit, 32-bit integer or float grayscale image scaled to 8-bit RGB (see ``to_rgb``)."""
+    from PIL import Image
+
+    mode, full = img.mode, _DEEP_MODES[img.mode]
+    values = np.asarray(img, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if low >= 0 and high <= full:
+        scaled = values * (255.0 / full)
+        how = f"scaled from 0..{full:g} (v * 255 / {full:g})"
+    else:
+        scaled = (values - low) * (255.0 / (high - low) if high > low else 0.0)
+        how = f"stretched from its values' range {low:g}..{high:g} (outside 0..{full:g})"
+    pixels = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).round().clip(0, 255).astype(np.uint8)
+    depth = "16-bit" if mode.startswith("I;16") else "32-bit integer" if mode == "I" else "floating-point"
+    notice = f"{name} is {depth} grayscale ({mode}): reduced to 8 bits, {how}"
+    return Image.fromarray(pixels, "L").convert("RGB"), [notice]
 
 
 def preferred_resolution(width: int, height: int, multiple_of: int) -> Resolution:
