@@ -1,8 +1,10 @@
 """report.png drawn with Pillow, where matplotlib is not installed (CI, most installs).
 
-``chart_layout`` places everything (columns, bars, segments, labels, panels) and ``draw_chart`` only paints what it
-placed, so the tests check the geometry: each name centred under its own bar, no two names overlapping, every
-component at least ``MIN_SEGMENT_PX`` tall.
+``chart_layout`` places everything (columns, bars, segments, labels, panels) on whole pixels and ``draw_chart`` only
+paints what it placed, so the tests check the geometry: each name centred under its own bar, no two names
+overlapping, and each bar exactly as tall as its value on the axis (within the pixel it is rounded to). A segment
+under half a pixel on its panel's scale is not inflated: it is marked by a short line of its colour beside the bar,
+at its place in the stack.
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.bench.chart import COLORS, MAIN_PANEL_PX, Bars, nice_ticks, tick_text, total, wrap_label, zoom_split
+from fluxtrt.bench.chart_parts import (
+    COLORS,
+    MAIN_PANEL_PX,
+    Bars,
+    as_bars,
+    label_lines,
+    nice_ticks,
+    tick_text,
+    total,
+    zoom_split,
+)
 
 FONT_PX = 13
 ZOOM_PANEL_PX = 150
-# A non-zero component is drawn at least this tall, so it shows; the value labels carry the exact numbers.
-MIN_SEGMENT_PX = 4
+# The width of a sub-pixel segment's mark beside its bar (a gap included), px.
+MARK_PX = 5
 MIN_COLUMN, MAX_COLUMN, BAR_FRACTION = 64, 108, 0.62
 LEGEND_PX, PAD = 150, 14
 
@@ -32,11 +44,16 @@ class Panel:
     ticks: list[float]
     caption: str
     segments: list[tuple[int, str, Box]] = field(default_factory=list)  # (bar index, component, box)
+    marks: list[tuple[int, str, Box]] = field(default_factory=list)  # segments under a pixel: a line beside the bar
     totals: list[tuple[str, float, float]] = field(default_factory=list)  # (text, x centre, y of the bar's top)
 
     def y(self, ms: float) -> float:
         x0, y0, x1, y1 = self.box
         return y1 - ms / self.ticks[-1] * (y1 - y0)
+
+    def row(self, ms: float) -> int:
+        """The pixel boundary nearest to ``ms``: a bar from the axis to ``row(v)`` fills the rows in between."""
+        return round(self.y(ms))
 
 
 @dataclass
@@ -72,39 +89,49 @@ def chart_layout(bars: Bars, font: Any, min_width: float = 0) -> ChartLayout:
         return _text_width(font, text)
 
     # As wide as the widest name, within limits; a name wider than that wraps.
-    column = min(max(max((measure(name) for name, _ in bars), default=0.0) + 12, MIN_COLUMN), MAX_COLUMN)
-    labels_text = [wrap_label(name, column - 6, measure) for name, _ in bars]
-    ticks_width = max(measure(tick_text(t)) for _, ms in bars or [("", {})] for t in nice_ticks(total(ms)))
-    left = max(ticks_width, measure("ms per edit") / 2) + 2 * PAD
+    bars = as_bars(bars)
+    column = round(min(max(max((measure(b.name) for b in bars), default=0.0) + 12, MIN_COLUMN), MAX_COLUMN))
+    labels_text = [label_lines(b, column - 6, measure) for b in bars]
+    ticks_width = max(measure(tick_text(t)) for ms in [b.ms for b in bars] or [{}] for t in nice_ticks(total(ms)))
+    left = round(max(ticks_width, measure("ms per edit") / 2) + 2 * PAD)
     dominant = zoom_split(bars)
     groups = [tuple(COLORS)] + ([tuple(c for c in COLORS if c != dominant)] if dominant else [])
     heights = [MAIN_PANEL_PX, ZOOM_PANEL_PX]
     width = int(max(left + max(len(bars), 1) * column + PAD + LEGEND_PX, min_width))
-    top = 2.4 * line_px + PAD  # title, then the panel's caption
+    top = round(2.4 * line_px + PAD)  # title, then the panel's caption
     panels = []
     for components, height in zip(groups, heights, strict=False):
-        peak = max((total(ms, components) for _, ms in bars), default=0.0)
+        peak = max((total(b.ms, components) for b in bars), default=0.0)
         caption = "ms per edit" if len(components) == len(COLORS) else f"ms per edit, all but {dominant}"
-        box = (left, top + line_px, left + max(len(bars), 1) * column, top + line_px + height)
+        y0 = top + round(line_px)
+        box = (left, y0, left + max(len(bars), 1) * column, y0 + height)
         panels.append(Panel(components, box, nice_ticks(peak), caption))
-        top = box[3] + 2 * line_px
+        top = box[3] + round(2 * line_px)
     bar_boxes, labels = [], []
     base = panels[-1].box[3]
-    for i, (_, ms) in enumerate(bars):
+    for i, bar in enumerate(bars):
         centre = left + (i + 0.5) * column
-        half = column * BAR_FRACTION / 2
+        half = round(column * BAR_FRACTION / 2)
+        x0, x1 = round(centre) - half, round(centre) + half
         for panel in panels:
-            # Where a zoom panel shows the small components, the main panel draws every height exactly.
-            floor = MIN_SEGMENT_PX if panel is panels[-1] else 0.0
-            y = panel.box[3]
+            # Each segment spans the rows between the pixel boundaries of its running sum: the bar's top is its
+            # total's on the axis, however many segments are rounded on the way.
+            done = 0.0
             for comp in panel.components:
-                value = ms.get(comp, 0.0)
-                if value > 0:
-                    h = max(panel.box[3] - panel.y(value), floor)
-                    panel.segments.append((i, comp, (centre - half, y - h, centre + half, y)))
-                    y -= h
-            panel.totals.append((tick_text(total(ms, panel.components)), centre, y))
-        bar_boxes.append((centre - half, base - 1, centre + half, base))
+                value = bar.ms.get(comp, 0.0)
+                if value <= 0:
+                    continue
+                lower, upper = panel.row(done), panel.row(done + value)
+                if upper < lower:
+                    panel.segments.append((i, comp, (x0, upper, x1, lower)))
+                else:
+                    # The row just above its place in the stack; more of them on one row, side by side.
+                    mark = lower - 1
+                    k = sum(1 for j, _, b in panel.marks if j == i and b[1] == mark)
+                    panel.marks.append((i, comp, (x1 + 2 + k * MARK_PX, mark, x1 + (k + 1) * MARK_PX, mark)))
+                done += value
+            panel.totals.append((tick_text(done), centre, panel.row(done)))
+        bar_boxes.append((x0, base - 1, x1, base))
         lines = labels_text[i]
         label_w = max(measure(s) for s in lines)
         box = (centre - label_w / 2, base + 6, centre + label_w / 2, base + 6 + len(lines) * line_px)
@@ -117,6 +144,7 @@ def draw_chart(bars: Bars, path: Path, title: str) -> ChartLayout:
     """Paint the chart of ``bars`` to the PNG ``path``; returns its layout."""
     from PIL import Image, ImageDraw
 
+    bars = as_bars(bars)
     font, title_font = _font(), _font(FONT_PX + 3)
     layout = chart_layout(bars, font, min_width=_text_width(title_font, title) + 2 * PAD)
     img = Image.new("RGB", layout.size, "white")
@@ -145,8 +173,10 @@ def _draw_panel(draw: Any, panel: Panel, font: Any, line_px: float) -> None:
         draw.text((x0 - 6 - _text_width(font, text), y - line_px / 2), text, fill="#333333", font=font)
     draw.text((x0 - PAD, y0 - 1.6 * line_px), panel.caption, fill="black", font=font)
     for _, comp, (bx0, by0, bx1, by1) in panel.segments:
-        # Pillow fills both end rows; stop one short so the next segment (or the axis) does not cover this one.
-        draw.rectangle((bx0, by0, bx1, max(by0, by1 - 1)), fill=COLORS[comp])
+        # Rows by0 .. by1 - 1: Pillow fills both end rows, and row by1 belongs to the segment below (or the axis).
+        draw.rectangle((bx0, by0, bx1, by1 - 1), fill=COLORS[comp])
+    for _, comp, (mx0, my, mx1, _) in panel.marks:
+        draw.line((mx0, my, mx1, my), fill=COLORS[comp])
     for text, centre, top in panel.totals:
         draw.text((centre - _text_width(font, text) / 2, top - line_px), text, fill="black", font=font)
     draw.line((x0, y0, x0, y1), fill="black")

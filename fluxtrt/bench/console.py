@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -30,7 +31,8 @@ def print_event(event: dict) -> None:
 
 
 def print_compare_report(report, directory: Path | None) -> None:
-    """The summary: per contender median total, transformer ms/step, speed-ups and fidelity."""
+    """The summary: per contender its median run's total and transformer ms/step (the rows of report.md and the
+    chart), speed-ups per edit and per step, and fidelity."""
     from fluxtrt.bench.results import summary_row
 
     console = out()
@@ -38,9 +40,14 @@ def print_compare_report(report, directory: Path | None) -> None:
     split = f", the transformer split over {gpus} processes" if gpus > 1 else ""
     console.print(f"fluxtrt compare: {escape(report.config['model'])} on {report.environment.get('gpu') or 'CPU'}"
                   f"{split}", soft_wrap=True)  # fmt: skip
-    table = Table()
-    for name in ("contender", "steps", "total ms", "transformer ms/step", "vs 0", "vs 1", "PSNR dB", "SSIM", "status"):
-        table.add_column(name, justify="left" if name in ("contender", "status") else "right")
+    # Narrow enough for 80 columns: no outer edge, two-line headers, the errors of failed contenders under the
+    # table. A name folds onto more lines rather than be cut; numbers never wrap.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("contender", overflow="fold", min_width=10)
+    for name in ("steps", "total\nms", "transf.\nms/step", "vs 0\nedit", "vs 0\nstep", "vs 1\nedit", "vs 1\nstep",
+                 "PSNR\ndB", "SSIM"):  # fmt: skip
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
 
     def fmt(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -53,11 +60,15 @@ def print_compare_report(report, directory: Path | None) -> None:
             fmt(s["median_total_ms"], ".0f"),
             fmt(s["transformer_ms_per_step"], ".1f"),
             fmt(s["speedup_vs_0"], ".2f"),
+            fmt(s["speedup_per_step_vs_0"], ".2f"),
             fmt(s["speedup_vs_1"], ".2f"),
+            fmt(s["speedup_per_step_vs_1"], ".2f"),
             fmt(s["psnr_db"], ".2f"),
             fmt(s["ssim"], ".4f"),
-            "ok" if c.status == "ok" else escape(f"failed: {c.error}"),
+            "ok" if c.status == "ok" else "failed",
         )
     console.print(table)
+    for c in report.failed:
+        console.print(f"[red]failed:[/] {escape(c.name)}: {escape(str(c.error))}", soft_wrap=True)
     if directory is not None:
         console.print(escape(f"wrote {directory / 'report.md'}, report.json and report.png"), soft_wrap=True)

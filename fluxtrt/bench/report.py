@@ -10,7 +10,10 @@ report.json, schema ``fluxtrt-compare/1``::
     reference     the stage-0 contender fidelity is measured against (null without one)
     checks        {"diffusers": {...}} when the harness-overhead check ran
     chart         renderer of report.png: "matplotlib" or "pillow"
-    contenders    one summary per contender, in run order (see ``fluxtrt.bench.results.summary_row``)
+    contenders    one summary per contender, in run order (see ``fluxtrt.bench.results.summary_row``): the times of
+                  its median run (``representative_run``; ``median_total_ms`` is that run's total, for an even count
+                  the lower middle one), speed-ups per edit (``speedup_vs_0``) and per transformer step
+                  (``speedup_per_step_vs_0``)
     rows          one per contender and timed run (a contender that failed before its first run: one row, run null)
 
 Each row has exactly ``ROW_KEYS``:
@@ -61,7 +64,7 @@ ROW_KEYS = (
 )
 TIMING_HEADER = (
     "| stage | what is on | steps | CLIP ms | T5 ms | VAE enc ms | transformer ms (per step) | VAE dec ms | glue ms "
-    "| total ms (min-max) | vs stage 0 | vs stage 1 |"
+    "| total ms (min-max) | vs stage 0: edit, step | vs stage 1: edit, step |"
 )
 FILES = ("report.json", "report.md", "report.png")
 # Other processes keeping more CPU cores than this busy during a timed CPU edit make its timing incomparable.
@@ -152,8 +155,14 @@ def timing_row(report: CompareReport, c: ContenderResult) -> str:
         f"| {c.name} | {what} | {rep.steps} ({c.sampler}) | {_ms(t['clip'])} | {_ms(t['t5'])} | "
         f"{_ms(t['vae_encoder'])} | {_ms(t['transformer'])} ({rep.transformer_ms_per_step:.1f}) | "
         f"{_ms(t['vae_decoder'])} | {_ms(t['glue'])} | {_ms(t['total'])} ({_ms(min(totals))}-{_ms(max(totals))}) | "
-        f"{_x(report.speedup(c, '0'))} | {_x(report.speedup(c, '1'))} |"
+        f"{_speedups(report, c, '0')} | {_speedups(report, c, '1')} |"
     )
+
+
+def _speedups(report: CompareReport, c: ContenderResult, base: str) -> str:
+    """Per edit, then per transformer step: "2.10x, 1.05x"."""
+    edit, step = report.speedup(c, base), report.speedup_per_step(c, base)
+    return "-" if edit is None else f"{_x(edit)}, {_x(step)}"
 
 
 def report_markdown(report: CompareReport) -> str:
@@ -166,9 +175,10 @@ def report_markdown(report: CompareReport) -> str:
         "",
         f'{inp.get("target", "?")} edit of a {inp["image_size"]} {inp["image"]} reference, prompt "{inp["prompt"]}", '
         f"seed {inp['seed']}, {cfg['dtype']}; {cfg['runs']} timed runs per contender after {cfg['warmup']} warmup "
-        f"edit(s) of {cfg['warmup_steps'] or 'all'} steps. Each row's components are those of its median-total run "
-        "(so they sum to its total); total shows that median and the min-max over runs. Speed-ups are of median "
-        "totals, against the first stage-0 and stage-1 rows."
+        f"edit(s) of {cfg['warmup_steps'] or 'all'} steps. Each row is its median run (for an even count of runs, the "
+        "lower of the two middle ones), as on stdout, in report.json and on the chart: its components sum to its "
+        "total, shown with the min-max over runs. Speed-ups are against the first stage-0 and stage-1 rows, per edit "
+        "(median totals, whatever the step counts) and per step (transformer ms per step)."
         + (
             " Prompt embeddings are reused after each contender's first edit (--prompt-cache): the timed edits run "
             "neither CLIP nor T5."
@@ -331,7 +341,7 @@ def write_report(report: CompareReport, directory: Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into ``directory`` (atomically, each replacing the last)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / name for name in FILES}
-    bars = [(c.name, c.representative.timings_ms) for c in report.contenders if c.representative is not None]
+    bars = [(c.name, rep.timings_ms, rep.steps) for c in report.contenders if (rep := c.representative) is not None]
     title = chart_title(report.config, report.environment, report.inputs)
     chart: list[str] = []
     atomic_write(paths["report.png"], lambda tmp: chart.append(write_chart(bars, tmp, title)))
@@ -346,8 +356,8 @@ def chart_title(config: dict, environment: dict, inputs: dict) -> str:
 
 
 def redraw_chart(data: dict, path: Path, renderer: str | None = None) -> str:
-    """Draw report.png again from a report.json's ``data`` (the same bars: each contender's median-total run), e.g.
-    with another renderer (``"pillow"``); returns the renderer used."""
-    bars = [(c["contender"], c["components_ms"]) for c in data["contenders"] if c.get("components_ms")]
+    """Draw report.png again from a report.json's ``data`` (the same bars: each contender's median run), e.g. with
+    another renderer (``"pillow"``); returns the renderer used."""
+    bars = [(c["contender"], c["components_ms"], c.get("steps")) for c in data["contenders"] if c.get("components_ms")]
     title = chart_title(data["config"], data["environment"], data["inputs"])
     return write_chart(bars, path, title, renderer)

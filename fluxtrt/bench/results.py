@@ -63,16 +63,20 @@ class ContenderResult:
         return [r.timings_ms["total"] for r in self.runs]
 
     @property
-    def median_total_ms(self) -> float | None:
-        return statistics.median(self.totals_ms) if self.runs else None
-
-    @property
     def representative(self) -> RunRecord | None:
-        """The run with the median total (the lower middle one for an even count): its parts sum to its total."""
+        """The median run, the one row that stdout, report.md, report.json and the chart all show: the run with the
+        median total, for an even count the lower of the two middle ones (``statistics.median_low``), so that its
+        components sum to the total shown and the speed-ups are of totals that were measured."""
         if not self.runs:
             return None
         ordered = sorted(self.runs, key=lambda r: r.timings_ms["total"])
         return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def median_total_ms(self) -> float | None:
+        """The median run's total (see ``representative``)."""
+        rep = self.representative
+        return rep.timings_ms["total"] if rep is not None else None
 
     @property
     def compile_s(self) -> float | None:
@@ -109,14 +113,25 @@ class CompareReport:
         return next((c for c in self.contenders if c.kind == "stage" and c.base == base and c.ok), None)
 
     def speedup(self, result: ContenderResult, base: str) -> float | None:
+        """Per edit: the baseline's median total over ``result``'s (step counts may differ)."""
         ref = self.baseline(base)
         if ref is None or not result.ok:
             return None
         return ref.median_total_ms / result.median_total_ms
 
+    def speedup_per_step(self, result: ContenderResult, base: str) -> float | None:
+        """Per step: the baseline's transformer ms per step over ``result``'s, each of its median run; apart from the
+        step counts, which the per-edit speed-up includes (a 14-step row against a 28-step stage 0)."""
+        ref = self.baseline(base)
+        if ref is None or not result.ok:
+            return None
+        return ref.representative.transformer_ms_per_step / result.representative.transformer_ms_per_step
+
 
 def summary_row(report: CompareReport, result: ContenderResult) -> dict:
-    """The per-contender summary that report.json's ``contenders`` list holds."""
+    """The per-contender summary that report.json's ``contenders`` list holds, and stdout and report.md show: its
+    times are those of the median run (``representative_run``); min, max and stdev are over all runs; fidelity is
+    the median over runs."""
     rep = result.representative
     totals = result.totals_ms
     fids = [r.fidelity for r in result.runs if r.fidelity is not None]
@@ -141,11 +156,11 @@ def summary_row(report: CompareReport, result: ContenderResult) -> dict:
         "stdev_total_ms": statistics.stdev(totals) if len(totals) > 1 else None,
         "representative_run": rep.run if rep else None,
         "components_ms": {k: rep.timings_ms.get(k) for k in (*COMPONENTS, "total")} if rep else None,
-        "transformer_ms_per_step": statistics.median(r.transformer_ms_per_step for r in result.runs)
-        if result.runs
-        else None,
+        "transformer_ms_per_step": rep.transformer_ms_per_step if rep else None,
         "speedup_vs_0": report.speedup(result, "0"),
         "speedup_vs_1": report.speedup(result, "1"),
+        "speedup_per_step_vs_0": report.speedup_per_step(result, "0"),
+        "speedup_per_step_vs_1": report.speedup_per_step(result, "1"),
         "peak_gpu_mem_gib": result.peak_gpu_mem_gib,
         "peak_gpu_reserved_gib": result.peak_gpu_reserved_gib,
         "prepare_peak_gpu_mem_gib": result.prepare_peak_gpu_mem_gib,
