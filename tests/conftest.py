@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,20 @@ from fluxtrt.specs import Resolution
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture
+def sigint_handled():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, whatever the test run inherited (a script's background
+    job starts with SIGINT ignored); the inherited disposition is put back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a subprocess that must take SIGINT as a terminal's Ctrl-C, whatever this process ignores."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

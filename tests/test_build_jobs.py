@@ -23,7 +23,7 @@ from fluxtrt.engines.load import load_engine_pipeline
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.errors import BuildError, InputError
 from fluxtrt.specs import COMPONENTS
-from tests.conftest import make_image, ort_config
+from tests.conftest import make_image, ort_config, sigint_default
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -153,7 +153,8 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path):
     out = tmp_path / "e"
     command = [sys.executable, "-m", "fluxtrt", "build", "--model", "tiny", "--out", str(out), "--components",
                "clip,t5,vae_decoder", "--min-resolution", "256x256", "--jobs", "2"]  # fmt: skip
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=sigint_default)  # fmt: skip
     lines, exporting = [], set()
     try:
         while len(exporting) < 2:  # both workers are exporting
@@ -211,7 +212,7 @@ def test_every_error_crosses_to_the_parent_unchanged(cls):
     assert type(back) is cls and str(back) == str(error) and vars(back) == vars(error)
 
 
-def test_a_worker_raises_ctrl_c_once_so_its_cleanup_runs_to_the_end():
+def test_a_worker_raises_ctrl_c_once_so_its_cleanup_runs_to_the_end(sigint_handled):
     """A worker gets SIGINT from the terminal and from its parent: the second must not cut the first's cleanup."""
     from fluxtrt.engines.interrupt import watch_interrupts
 
@@ -229,3 +230,23 @@ def test_a_worker_raises_ctrl_c_once_so_its_cleanup_runs_to_the_end():
         with pytest.raises(KeyboardInterrupt):  # a swallowed first one is still raised at the next step
             interrupts.check()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_process_started_with_sigint_ignored_keeps_ignoring_it():
+    """A script's background job (SIGINT ignored, as the shell starts it) is not stopped by the terminal's Ctrl-C;
+    a build worker, which ignores SIGINT between builds itself, handles it within a build unless told otherwise."""
+    from fluxtrt.engines.interrupt import watch_interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with watch_interrupts() as interrupts:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            interrupts.check()  # nothing arrived
+        assert not interrupts.seen and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        with watch_interrupts(once=True, ignored=False) as interrupts, pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert interrupts.seen and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

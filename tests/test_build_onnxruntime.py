@@ -307,7 +307,7 @@ class SwallowingBackend(OnnxRuntimeBackend):
         return super().build(job)
 
 
-def test_swallowed_ctrl_c_still_stops_the_build(tmp_path):
+def test_swallowed_ctrl_c_still_stops_the_build(tmp_path, sigint_handled):
     out = tmp_path / "eng"
     with pytest.raises(KeyboardInterrupt):
         build_engines(tiny_config(out, components=("clip", "t5")), backend=SwallowingBackend("clip"))

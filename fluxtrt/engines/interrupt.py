@@ -4,6 +4,11 @@ Python raises KeyboardInterrupt wherever the main thread happens to be when SIGI
 callback or a ``__del__`` (torch.export and inductor run many) the exception is printed as "Exception ignored in:
 ..." and dropped, and the build goes on to its end. While a build runs, SIGINT therefore also sets a flag that the
 build checks at every step (``Interrupts.check``), so a dropped KeyboardInterrupt is raised again at the next one.
+
+A process started with SIGINT ignored (a background job of a shell script, ``trap '' INT``, ``nohup``-like
+launchers) keeps ignoring it, as Python itself does at startup and as Unix programs do: whoever started it asked
+for Ctrl-C at the terminal not to reach it. Such a build is stopped with SIGTERM, or by starting it with SIGINT
+handled.
 """
 
 from __future__ import annotations
@@ -39,14 +44,23 @@ class Interrupts:
         raise KeyboardInterrupt
 
 
+def sigint_ignored() -> bool:
+    """Whether this process ignores SIGINT (``SIG_IGN``), as it may have been started."""
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 @contextlib.contextmanager
-def watch_interrupts(once: bool = False) -> Iterator[Interrupts]:
+def watch_interrupts(once: bool = False, ignored: bool | None = None) -> Iterator[Interrupts]:
     """Record SIGINT for the duration (in the main thread; elsewhere signals cannot be handled and nothing changes).
 
-    The previous handler is put back on leaving. ``once``: see ``Interrupts``.
+    The previous handler is put back on leaving. ``once``: see ``Interrupts``. ``ignored``: whether SIGINT stays
+    ignored for the duration; None: if it is ignored now (``sigint_ignored``), the process was started that way and
+    it stays so. A build worker, which ignores SIGINT between builds of its own accord, passes what its parent did.
     """
     interrupts = Interrupts(once)
-    if threading.current_thread() is not threading.main_thread():
+    if ignored is None:
+        ignored = sigint_ignored()
+    if ignored or threading.current_thread() is not threading.main_thread():
         yield interrupts
         return
     previous = signal.signal(signal.SIGINT, interrupts._on_sigint)

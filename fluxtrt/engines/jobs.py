@@ -9,7 +9,8 @@ process while the workers run.
 
 Ctrl-C: in a terminal it reaches every process of the group; the build process also sends SIGINT to each worker still
 building (its pid comes with its first message), waits for them and records what finished. A worker ignores SIGINT
-between builds and raises it once within one, so a second signal does not cut its staging cleanup short.
+between builds and raises it once within one, so a second signal does not cut its staging cleanup short; started by
+a build process that ignores SIGINT (``fluxtrt.engines.interrupt``), it ignores it within builds too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fluxtrt.backends.base import BackendOptions, EngineBackend, get_backend
 from fluxtrt.config import COMPUTE_DTYPE, BuildConfig
 from fluxtrt.engines.build import ComponentResult, Plan, load_model, plan_component, record_built, skipped_result
 from fluxtrt.engines.component import BuildContext, Progress, build_component, remove_leftovers
-from fluxtrt.engines.interrupt import watch_interrupts
+from fluxtrt.engines.interrupt import sigint_ignored, watch_interrupts
 from fluxtrt.engines.manifest import ComponentEntry
 from fluxtrt.errors import BuildError, InputError, first_line
 from fluxtrt.specs.flux import TRANSFORMERS
@@ -36,6 +37,7 @@ POLL_S = 0.2
 # component it builds).
 _to_parent: Any = None
 _worker_model: tuple[tuple, Any] | None = None
+_parent_ignores_sigint = False  # the worker was started with SIGINT ignored (see _start_worker)
 
 
 def build_in_workers(build: BuildContext, given: EngineBackend | None) -> list[ComponentResult]:
@@ -188,10 +190,12 @@ def _start_worker(to_parent: Any) -> None:
     """A worker process starts: keep the queue to the parent, and ignore Ctrl-C between builds.
 
     Ctrl-C in a terminal reaches every process of the group: a worker waiting for work would die of it with a
-    traceback and break the pool, and has nothing to clean up. A build handles it (``_build_in_worker``).
+    traceback and break the pool, and has nothing to clean up. A build handles it (``_build_in_worker``), unless the
+    worker was started ignoring it (its parent does: the ignored disposition is inherited).
     """
-    global _to_parent
+    global _to_parent, _parent_ignores_sigint
     _to_parent = to_parent
+    _parent_ignores_sigint = sigint_ignored()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -207,7 +211,8 @@ def _build_in_worker(config: BuildConfig, given: EngineBackend | None, options: 
     from fluxtrt.specs.flux import component_specs, dims_from_components
 
     pid = os.getpid()
-    with watch_interrupts(once=True) as interrupts:  # a second SIGINT must not cut the staging cleanup short
+    # once: a second SIGINT must not cut the staging cleanup short
+    with watch_interrupts(once=True, ignored=_parent_ignores_sigint) as interrupts:
 
         def say(component: str, message: str) -> None:
             interrupts.check()
