@@ -39,11 +39,13 @@ class FluxtrtGroup(click.Group):
 
             if in_worker():  # Ctrl-C reaches every --gpus worker; their parent says it once
                 sys.exit(130)
-            click.echo(
-                "error: interrupted: nothing half-written was left (a build keeps the components it finished; run "
-                "it again to go on)",
-                err=True,
-            )
+            command = next((a for a in args if not a.startswith("-")), None)
+            kept = {
+                "build": " (a build keeps the components it finished; run it again to go on)",
+                "infer": ": no image was written",
+                "compare": ": no report was written",
+            }.get(command, "")
+            click.echo(f"error: interrupted: nothing half-written was left{kept}", err=True)
             sys.exit(130)
         except click.ClickException as exc:
             click.echo(f"error: {exc.format_message()}", err=True)
@@ -123,8 +125,20 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
-@click.option("--guidance", type=float, default=2.5, show_default=True, help="Distilled guidance scale.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (no random seed).",
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=2.5,
+    show_default=True,
+    help="Distilled guidance scale, >= 0 (the model was distilled for about 1 to 4).",
+)
 @click.option(
     "--height",
     type=int,
@@ -281,7 +295,13 @@ def inspect(engines_dir):
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed edits per contender.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed edits per contender first.")
 @click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (no random seed).",
+)
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
 @click.option("--prompt-cache", is_flag=True, help="Reuse the prompt's CLIP and T5 outputs after a contender's first "
               "edit, as a server repeating a prompt would (CLIP and T5 then show 0 ms).")  # fmt: skip

@@ -36,6 +36,25 @@ def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
         raise InputError(f"{option} is '{value}', expected one of {', '.join(allowed)}")
 
 
+# Seeds are those of torch.Generator.manual_seed: 0 .. 2**64 - 1. There is no random seed: an edit is reproducible.
+MAX_SEED = 2**64 - 1
+
+
+def check_seed_and_guidance(seed: int, guidance: float) -> None:
+    """``--seed``: an integer 0 .. ``MAX_SEED``; ``--guidance``: a finite number >= 0 (FLUX.1-Kontext was distilled
+    for about 1 to 4; a negative scale is no guidance it learned)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(
+            f"--seed is {seed}, expected an integer from 0 to 2**64 - 1: every edit is seeded, so pick one (e.g. "
+            f"--seed {DEFAULT_SEED}; -1 is not a random seed here)"
+        )
+    if not 0 <= guidance < float("inf"):  # also false for NaN
+        raise InputError(
+            f"--guidance is {guidance}, expected a number >= 0 (FLUX.1-Kontext was distilled for about 1 to 4): "
+            f"pass e.g. --guidance {DEFAULT_GUIDANCE}"
+        )
+
+
 def check_gpus_option(gpus: int, engines: bool) -> None:
     """``--gpus``: an integer >= 1, and 1 with engines (an engine runs its whole sequence on one GPU)."""
     if gpus < 1:
@@ -151,6 +170,7 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=self.engines is not None)
+        check_seed_and_guidance(self.seed, self.guidance)
         if (self.model is None) == (self.engines is None):
             model = "not given" if self.model is None else f"'{self.model}'"
             engines = "not given" if self.engines is None else f"'{self.engines}'"
@@ -181,9 +201,10 @@ class InferConfig:
             if value is not None and value <= 0:
                 raise InputError(f"{name} is {value}, expected a positive number of pixels (e.g. 1024)")
         if (self.height is None) != (self.width is None):
+            given, missing = ("--height", "--width") if self.width is None else ("--width", "--height")
             raise InputError(
-                f"--height is {self.height} and --width is {self.width}: give both, or neither to keep the "
-                "reference image's aspect ratio"
+                f"{given} {self.height if self.width is None else self.width} was given without {missing}: give "
+                "both, or neither to keep the reference image's aspect ratio"
             )
         if not self.image.is_file():
             raise InputError(f"--image '{self.image}' does not exist or is not a file: pass a PNG or JPEG path")

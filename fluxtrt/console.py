@@ -16,7 +16,14 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 PIPED_WIDTH = 1000
@@ -42,11 +49,13 @@ COMPONENT_ORDER = ("clip", "t5", "vae_encoder", "transformer", "vae_decoder", "g
 
 @contextmanager
 def step_progress() -> Iterator[Callable[[int, int], None]]:
-    """A progress bar over denoising steps; yields the ``on_step(done, total)`` callback.
+    """A progress bar over denoising steps, with the time spent and the time left; yields the ``on_step(done, total)``
+    callback.
 
     The bar appears at the first callback, so errors raised while loading are not preceded by an empty bar.
     """
-    columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
+               TimeRemainingColumn())  # fmt: skip
     progress = Progress(*columns, console=err(), transient=False)
     task = None
 

@@ -228,8 +228,10 @@ def test_bad_manifest_is_one_clear_error(engines_copy, tmp_path, case):
     line = one_error_line(run_cli(*infer_args(target, tmp_path)))
     assert {"missing": "manifest.json", "unparsable": "not a valid", "other backend": "openvino",
             "other format": "format 99", "no directory": "not a directory"}[case] in line  # fmt: skip
-    if case in ("unparsable", "other format"):  # the fix is a command that works: it names --model
+    if case == "unparsable":  # the fix is a command that works: it names --model
         assert "`fluxtrt build --model MODEL --out " in line and "--force" in line
+    if case == "other format":  # the model, backend and precision the manifest records
+        assert "`fluxtrt build --model tiny --backend onnxruntime --precision fp32 " in line and "--force`" in line
 
 
 def test_build_into_other_precision_or_backend_is_refused_and_loses_nothing(engines_copy):

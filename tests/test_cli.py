@@ -108,7 +108,9 @@ def _bad_cases(tmp_path, image_file):
         "hub id not cached": (["--image", img, "--model", "no-such-org/no-such-model"], "hf download"),
         "zero height": (["--image", img, "--height", "0", "--width", "512"], "--height is 0"),
         "negative width": (["--image", img, "--height", "512", "--width", "-8"], "--width is -8"),
-        "height alone": (["--image", img, "--height", "512"], "give both"),
+        "height alone": (["--image", img, "--height", "512"], "--height 512 was given without --width: give both"),
+        "negative seed": (["--image", img, "--seed", "-1"], "--seed is -1, expected an integer from 0 to 2**64 - 1"),
+        "negative guidance": (["--image", img, "--guidance", "-3"], "--guidance is -3.0, expected a number >= 0"),
         "zero steps": (["--image", img, "--steps", "0"], "--steps is 0"),
         "unknown device": (["--image", img, "--device", "tpu"], "--device is 'tpu'"),
         "unknown dtype": (["--image", img, "--dtype", "fp64"], "--dtype is 'fp64'"),
@@ -126,6 +128,8 @@ CASES = [
     "zero height",
     "negative width",
     "height alone",
+    "negative seed",
+    "negative guidance",
     "zero steps",
     "unknown device",
     "unknown dtype",
@@ -331,3 +335,22 @@ def test_compare_device_defaults_to_auto_like_infer():
     config = CompareConfig(model="tiny")
     assert config.device == "auto"
     assert config.to_dict()["device"] == config.resolved_device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_ctrl_c_during_infer_speaks_of_the_edit_and_progress_shows_the_time_left(tmp_path, image_file, monkeypatch):
+    import fluxtrt.infer
+
+    out = tmp_path / "o.png"
+    result = run_cli("infer", "--model", "tiny", "--image", str(image_file), "--prompt", "p", "--out", str(out),
+                     "--steps", "3")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    bar = [line for line in result.stderr.splitlines() if line.startswith("denoising")]
+    assert bar and re.search(r"3/3 \d+:\d\d:\d\d left \d+:\d\d:\d\d$", bar[-1].rstrip()), result.stderr
+
+    def interrupted(config, on_step=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fluxtrt.infer, "run_infer", interrupted)
+    result = run_cli("infer", "--model", "tiny", "--image", str(image_file), "--prompt", "p", "--out", str(out))
+    assert result.exit_code == 130
+    assert error_lines(result) == ["error: interrupted: nothing half-written was left: no image was written"]

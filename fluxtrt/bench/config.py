@@ -11,6 +11,7 @@ from fluxtrt.config import (
     DEVICES,
     DTYPES,
     check_gpus_option,
+    check_seed_and_guidance,
     check_vae_option,
     parse_fbc_threshold,
 )
@@ -79,6 +80,7 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=bool(self.engines))
+        check_seed_and_guidance(self.seed, self.guidance)
         if self.device not in ("auto", *DEVICES):
             raise InputError(f"--device is '{self.device}', expected one of auto, {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:

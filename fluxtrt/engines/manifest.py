@@ -29,12 +29,26 @@ HASH_ON_LOAD_LIMIT = 2**31
 
 
 def rebuild_hint(root: Path, force: bool = True) -> str:
-    """The command that rebuilds ``root``: the original build's model and options are not known here, so they are
-    named as what to fill in."""
-    return (
-        f"rebuild it: rerun the `fluxtrt build --model MODEL --out {root}` command that made it (same --backend, "
-        f"--precision and options){' with --force' if force else ''}"
-    )
+    """The command that rebuilds ``root``, with the model, backend, precision and resolutions its manifest records
+    (``MODEL`` where the manifest cannot be read); other options are named as what to repeat."""
+    command = f"fluxtrt build --model {_recorded_build(root) or 'MODEL'} --out {root}"
+    return f"rebuild it: `{command}{' --force' if force else ''}`, adding any other options the first build had"
+
+
+def _recorded_build(root: Path) -> str | None:
+    """``MODEL --backend B --precision P --min-resolution ...`` as ``root/manifest.json`` records them, or None where
+    it cannot be read or records no model."""
+    import shlex
+
+    try:
+        raw = json.loads((root / MANIFEST).read_text())
+        words = [shlex.quote(str(raw["model"]["source"]))]
+        words += [f"--{key} {raw[key]}" for key in ("backend", "precision") if isinstance(raw.get(key), str)]
+        resolutions = raw.get("resolutions") or {}
+        words += [f"--{k}-resolution {resolutions[k]}" for k in ("min", "opt", "max") if k in resolutions]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return " ".join(words)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
