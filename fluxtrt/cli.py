@@ -70,6 +70,12 @@ def model_option(f):
     return click.option("--model", required=True, help=MODEL_HELP)(f)
 
 
+def seed_option(f):
+    return click.option("--seed", type=int, default=0, show_default=True,
+                        help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (there is "
+                        "no random seed).")(f)  # fmt: skip
+
+
 def device_options(f):
     """``--device`` (auto: cuda where PyTorch sees a GPU, else cpu) and ``--dtype``, alike for infer and compare."""
     f = click.option(
@@ -125,13 +131,7 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (no random seed).",
-)
+@seed_option
 @click.option(
     "--guidance",
     type=float,
@@ -295,13 +295,7 @@ def inspect(engines_dir):
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed edits per contender.")
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed edits per contender first.")
 @click.option("--warmup-steps", type=int, default=2, show_default=True, help="Denoising steps of a warmup edit.")
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (no random seed).",
-)
+@seed_option
 @click.option("--diffusers-check", is_flag=True, help="Time diffusers' own pipeline against stage 0.")
 @click.option("--prompt-cache", is_flag=True, help="Reuse the prompt's CLIP and T5 outputs after a contender's first "
               "edit, as a server repeating a prompt would (CLIP and T5 then show 0 ms).")  # fmt: skip
