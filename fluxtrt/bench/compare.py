@@ -40,6 +40,12 @@ def synthetic_image(resolution: Resolution) -> Any:
 
 
 def _error_text(exc: BaseException) -> str:
+    """One line for the report: a FluxtrtError's message, an out-of-memory error as the memory it met (never the
+    allocator's paragraph), else ``Type: first line``."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (0, 0)
+        return (f"out of GPU memory ({free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB after the failure): run "
+                "this contender alone, or on a GPU with more memory")  # fmt: skip
     text = first_line(exc, "")
     if isinstance(exc, FluxtrtError):
         return text or type(exc).__name__

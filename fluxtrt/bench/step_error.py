@@ -1,5 +1,5 @@
 """The engines' per-step transformer error in ``fluxtrt compare``: each step's engine output against PyTorch's on the
-very same inputs, computed in FP32 where the device has room for it.
+very same inputs, computed in FP32 where the device has room for it (checked before, not found by running out of it).
 
 Why FP32: in BF16, diffusers' FLUX transformer rounds ``timestep * 1000`` and ``guidance * 1000`` to BF16, which
 changes every block's modulation; an engine compiled whole keeps those products in FP32. On random-full the BF16
@@ -38,7 +38,8 @@ def engine_step_error(path: Path, calls: list, session: Any) -> dict:
         return {"error": f"engines built from {manifest.model['source']}, compare model is {session.model}"}
     session.release()
     components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)
-    reference = as_fp32_where_it_fits(components.transformer)
+    tokens = max((feed["hidden_states"].shape[1] for feed, _ in calls), default=0)
+    reference = as_fp32_where_it_fits(components.transformer, tokens)
     dtype = next(components.transformer.parameters()).dtype
     module = TransformerModule(components.transformer)
     names = [t.name for t in module_inputs(manifest)]
@@ -62,22 +63,50 @@ def engine_step_error(path: Path, calls: list, session: Any) -> dict:
     }
 
 
-def as_fp32_where_it_fits(transformer: Any) -> str:
-    """Convert ``transformer`` to FP32 in place unless the device runs out of memory doing it (then it is put back
-    in its own dtype, exactly: its weights came from it). Returns what it computes in: ``"fp32"`` or, say,
-    ``"bf16 (fp32 did not fit on the GPU)"``."""
+# Bytes of FP32 activations per token that one transformer call holds at its peak beyond the weights (hidden states,
+# the MLP's 4x expansion, Q/K/V and the attention output, with headroom), per unit of the hidden width.
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 4 * 24
+
+
+def fp32_room(transformer: Any, tokens: int) -> tuple[int, int | None]:
+    """(bytes converting ``transformer`` to FP32 and running it on ``tokens`` tokens needs beyond what it holds now,
+    bytes available on its device; None where that cannot be read)."""
+    from fluxtrt.environment import available_memory
+
+    params = list(transformer.parameters())
+    held = sum(p.numel() * p.element_size() for p in params)
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    needed = sum(p.numel() for p in params) * 4 - held + tokens * width * ACTIVATION_BYTES_PER_TOKEN_WIDTH
+    device = params[0].device
+    return needed, available_memory(str(device)) if device.type == "cuda" else None
+
+
+def as_fp32_where_it_fits(transformer: Any, tokens: int = 0, free: int | None = None) -> str:
+    """Convert ``transformer`` to FP32 in place where its device has room for the FP32 weights and one call's
+    activations on ``tokens`` tokens (checked before converting, so nothing runs out of memory half way).
+
+    Args:
+        transformer: the PyTorch transformer, converted in place.
+        tokens: the longest sequence it will be called on.
+        free: bytes available on its device (default: read from the device; a CPU is not checked).
+
+    Returns:
+        What it computes in: ``"fp32"``, or its own dtype with the reason, e.g. ``"bf16 (fp32 needs 24.1 GiB more,
+        9.8 GiB free on the GPU)"``.
+    """
     import torch
 
     dtype = next(transformer.parameters()).dtype
     if dtype == torch.float32:
         return "fp32"
-    try:
-        transformer.to(torch.float32)
-        return "fp32"
-    except torch.OutOfMemoryError:
-        transformer.to(dtype)
-        free_device_memory()
-        return f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')} (fp32 did not fit on the GPU)"
+    needed, available = fp32_room(transformer, tokens)
+    free = available if free is None else free
+    if free is not None and free < needed:
+        name = str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+        return f"{name} (fp32 needs {needed / 2**30:.1f} GiB more, {free / 2**30:.1f} GiB free on the GPU)"
+    transformer.to(torch.float32)
+    return "fp32"
 
 
 def module_inputs(manifest: Any) -> tuple:
