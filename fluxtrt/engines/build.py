@@ -112,6 +112,15 @@ def build_engines(
             return _build_locked(config, backend, options, say, interrupts, given)
 
 
+def range_notices(config: BuildConfig) -> list[str]:
+    """What the user should know about the resolution range of ``config`` before building: a notice when it leaves
+    out preferred Kontext sizes (an edit at one of them is then made at a size inside the range)."""
+    from fluxtrt.pipeline.fit import excluded_preferred
+
+    notice = excluded_preferred(config.min_resolution, config.max_resolution)
+    return [notice] if notice else []
+
+
 def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendOptions, say: Progress,
                   interrupts: Interrupts, given: EngineBackend | None) -> BuildReport:  # fmt: skip
     """``build_engines`` once it holds the directory's lock (``given``: the backend object the caller passed)."""

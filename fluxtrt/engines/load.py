@@ -36,7 +36,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
             for explicitly).
 
     Returns:
-        A ``KontextPipeline`` whose runners refuse shapes outside the built range (close it to free the engines).
+        A ``KontextPipeline`` whose runners refuse shapes outside the built range and which fits an edit into the
+        built resolution range (close it to free the engines).
 
     Raises:
         EngineError: missing/unreadable manifest, a component not built, a missing or truncated engine file, an
@@ -46,6 +47,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from fluxtrt.models.loading import torch_dtype
+    from fluxtrt.pipeline.fit import SizeRange
     from fluxtrt.pipeline.kontext import KontextPipeline
 
     path = Path(path)
@@ -97,6 +99,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         device=device,
         dtype=dtype,
         source=str(path),
+        sizes=SizeRange(manifest.resolution("min"), manifest.resolution("max")),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, ShapeError
+from fluxtrt.pipeline.fit import SizeRange, fit_geometry
 from fluxtrt.pipeline.image import (
     MIN_REFERENCE_SIDE,
     fit_to_area,
@@ -98,6 +99,8 @@ class KontextPipeline:
         device: where the runners take their inputs.
         dtype: the runners' compute dtype.
         source: what the runners come from (an engines directory), named when an edit does not fit them.
+        sizes: the image sizes the runners take (engines: the build's resolution range); an edit outside it is made
+            at sizes inside it, with a notice (``fluxtrt.pipeline.fit``). None: any size.
         prompt_cache: how many distinct prompt lists keep their CLIP and T5 outputs, so that an edit repeating a
             prompt runs neither encoder (0: encode every time). The kept outputs are copies of what the encoders
             gave, so a reused prompt edits exactly as a fresh one.
@@ -119,6 +122,7 @@ class KontextPipeline:
         dtype: torch.dtype,
         source: str | None = None,
         prompt_cache: int = DEFAULT_PROMPT_CACHE,
+        sizes: SizeRange | None = None,
     ):
         self.runners = {name: runner.load() for name, runner in runners.items()}
         self.prompt_cache = prompt_cache
@@ -129,6 +133,7 @@ class KontextPipeline:
         self.scheduler_config = dict(scheduler_config)
         self.device, self.dtype = torch.device(device), dtype
         self.source = source
+        self.sizes = sizes
 
     def close(self) -> None:
         """Close every runner (engines free their device memory); the pipeline cannot edit afterwards."""
@@ -162,11 +167,36 @@ class KontextPipeline:
     def geometry(
         self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
     ) -> tuple[Resolution, Resolution]:
-        """(target, reference) resolutions for a reference of ``image_size`` (width, height).
+        """(target, reference) resolutions for a reference of ``image_size`` (width, height): ``fitted_geometry``
+        without its notices."""
+        target, reference, _ = self.fitted_geometry(image_size, height, width, max_area)
+        return target, reference
+
+    def fitted_geometry(
+        self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
+    ) -> tuple[Resolution, Resolution, list[str]]:
+        """(target, reference) resolutions for a reference of ``image_size`` (width, height), and a notice for each
+        one changed to fit ``sizes``.
 
         The reference goes to its closest preferred Kontext resolution. The target is that same resolution by
         default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to ``max_area``.
+        Where the runners take only ``sizes``, each one outside it is brought inside (``fit_geometry``).
+
+        Raises:
+            InputError: no size fits ``sizes``.
         """
+        target, reference = self._wanted_geometry(image_size, height, width, max_area)
+        if self.sizes is None:
+            return target, reference, []
+        asked = Resolution(width, height) if height is not None and width is not None else None
+        return fit_geometry(target, reference, self.sizes, self.dims.multiple_of, asked, self._engines())
+
+    def _engines(self) -> str:
+        return f"the engines of {self.source}" if self.source else "the engines"
+
+    def _wanted_geometry(self, image_size: tuple[int, int], height: int | None, width: int | None,
+                         max_area: int) -> tuple[Resolution, Resolution]:  # fmt: skip
+        """(target, reference) before fitting them to ``sizes``."""
         reference = preferred_resolution(*image_size, self.dims.multiple_of)
         if height is None or width is None:
             return reference, reference
@@ -211,9 +241,13 @@ class KontextPipeline:
         batch = len(prompts)
         if len(images) not in (1, batch):
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
-        target, reference = self.geometry(images[0].size, height, width, max_area)
+        target, reference, fitted = self.fitted_geometry(images[0].size, height, width, max_area)
         self.check_fits(batch, target, reference)
-        notices = input_notices(prompts, images[0].size, (width, height), target, reference, max_area)
+        # An explicit size is reported as fitted to max_area; its fit to the engines' sizes has a notice of its own.
+        wanted = target
+        if (width, height) != (target.width, target.height):
+            wanted = self._wanted_geometry(images[0].size, height, width, max_area)[0]
+        notices = input_notices(prompts, images[0].size, (width, height), wanted, reference, max_area) + fitted
         timer = ComponentTimer(self.device)
         with timer.region("total"):
             pooled, text, warnings = self._encode_prompt(prompts, timer)
