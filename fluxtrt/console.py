@@ -130,7 +130,7 @@ def _onnx_mb(n: int) -> str:
 
 
 def print_build_report(report) -> None:
-    """Per component: built or up to date, seconds, ONNX and engine sizes."""
+    """Per component: built or up to date, seconds, ONNX and engine sizes; a quantized build's calibration first."""
     m = report.manifest
     console = out()
     console.print(escape(f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model['source']}"),
@@ -139,8 +139,9 @@ def print_build_report(report) -> None:
     for col in ("component", "status", "seconds", "ONNX MiB", "engine MiB"):
         table.add_column(col, justify="left" if col in ("component", "status") else "right")
     no_engine = m.backend == "onnx"  # an ONNX-only directory: the ONNX is all there is
-    for r in report.results:
-        engine = "-" if no_engine else _mb(r.engine_bytes)
+    calibration = getattr(report, "calibration", None)
+    for r in [calibration, *report.results] if calibration else report.results:
+        engine = "-" if no_engine or not r.engine_bytes else _mb(r.engine_bytes)  # "-": no engine (calibration)
         table.add_row(r.name, r.status, f"{r.seconds:.1f}", _onnx_mb(r.onnx_bytes), engine)
     console.print(table)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class ComponentResult:
     """What happened to one component in this build."""
 
     name: str
-    status: str  # "built" or "up to date"
+    status: str  # "built" or "up to date"; the calibration's row: "computed", "reused" or "given"
     seconds: float
     onnx_bytes: int
     engine_bytes: int
@@ -56,6 +57,7 @@ class BuildReport:
     out: Path
     manifest: Manifest
     results: list[ComponentResult]
+    calibration: ComponentResult | None = None  # a quantized build's calibration: computed, reused or given
 
 
 def build_engines(
@@ -136,6 +138,7 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     config.out.mkdir(parents=True, exist_ok=True)
     _save_tokenizers(components, config.out)
     manifest.save(config.out)  # from here on a rerun recognises the directory as its own
+    calibration = calibrate_once(build)
     if config.jobs == 1:
         results = [_bring_up_to_date(build, name) for name in config.components]
     else:
@@ -144,7 +147,7 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
         del components  # build.components is the only reference left: the workers' build lets it go
         results = build_in_workers(build, given)
     manifest.save(config.out)
-    return BuildReport(config.out, manifest, results)
+    return BuildReport(config.out, manifest, results, calibration)
 
 
 def load_model(config: BuildConfig, say: Callable[[str], None]) -> Any:
@@ -237,14 +240,12 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         "options": build.options.to_dict(),
     }
     amax = None
-    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
-    imported = build.backend.uses_onnx and config.onnx_dir is not None
-    if name in TRANSFORMERS and config.precision in QUANTIZED_PRECISIONS and not imported:
+    if needs_calibration(build, name):
         from fluxtrt.backends.torch_modules import part_owns_linear
         from fluxtrt.engines.calibrate import calibration_for_build
 
-        build.say(name, "calibrating (or reusing saved scales)")
-        path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
+        # calibrate_once has computed it or checked the given one: this finds it saved.
+        path, calibration, _ = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
         # The linears it computes, and its attentions' V amax.
         amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
@@ -252,6 +253,33 @@ def plan_component(build: BuildContext, name: str) -> Plan:
     entry = manifest.components.get(name)
     up_to_date = not config.force and entry is not None and _up_to_date(entry, settings, build.out)
     return Plan(name, settings, profile, amax, up_to_date)
+
+
+def needs_calibration(build: BuildContext, name: str) -> bool:
+    """Whether component ``name`` is a transformer quantized from a calibration (fp8/fp4, not an imported ONNX)."""
+    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
+    imported = build.backend.uses_onnx and build.config.onnx_dir is not None
+    return name in TRANSFORMERS and build.config.precision in QUANTIZED_PRECISIONS and not imported
+
+
+def calibrate_once(build: BuildContext) -> ComponentResult | None:
+    """Before any component: the calibration the build's quantized transformers share, computed (its progress told
+    as ``calibration``), reused from the directory or the given file; its row of the report, or None where no
+    component needs one.
+
+    Raises:
+        InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
+    """
+    if not any(needs_calibration(build, name) for name in build.config.components):
+        return None
+    from fluxtrt.engines.calibrate import calibration_for_build
+
+    t0 = time.perf_counter()
+    say = lambda message: build.say("calibration", message)  # noqa: E731
+    say("calibrating the transformer's quantized linears (or finding saved scales)")
+    fingerprint = build.manifest.model["fingerprint"]
+    _, _, how = calibration_for_build(build.config, build.components, fingerprint, build.out, say)
+    return ComponentResult("calibration", how, time.perf_counter() - t0, 0, 0)
 
 
 def skipped_result(build: BuildContext, name: str) -> ComponentResult:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fluxtrt import __version__
 from fluxtrt.errors import BuildError, InputError
+from fluxtrt.pipeline.fit import SizeRange
+from fluxtrt.specs.flux import Resolution
 
 # Linears left in the compute dtype (fnmatch patterns over names in the transformer): embedders, the final norm's
 # modulation and projection, and the AdaLN modulation linears of every block (one token per image: no gain).
@@ -52,6 +55,36 @@ PROMPTS = (
     "make the lighting soft and golden like late afternoon",
 )
 CALIBRATION_SUFFIX = ".safetensors"
+# A transformer under this many parameters is a test model (the tiny one has 82 thousand, FLUX.1 12 billion): its
+# activations say nothing about a trained model's, so it is calibrated for what it needs, an amax for every linear,
+# with every edit in one batch at SMALL_MODEL_SIDE px a side (seconds on a CPU where the full recipe, one ~1 MP edit
+# after another, takes minutes).
+SMALL_MODEL_PARAMETERS = 10**8
+SMALL_MODEL_SIDE = 128
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a build calibrates with: ``edits`` edits of ``steps`` steps (None: the default sampler's) from
+    ``width`` x ``height`` images; ``batched``: every edit in one pipeline call at exactly that size, where
+    otherwise each edit is its own call at the image's preferred Kontext size."""
+
+    edits: int
+    steps: int | None
+    width: int
+    height: int
+    batched: bool = False
+
+
+def recipe_for(config: Any, components: Any) -> Recipe:
+    """The calibration of a build: ``config.calibration_edits`` edits at its opt resolution, one after another; for a
+    test-sized model (under ``SMALL_MODEL_PARAMETERS`` transformer parameters), those edits in one batch at
+    ``SMALL_MODEL_SIDE`` px."""
+    res = config.opt_resolution
+    parameters = sum(p.numel() for p in components.transformer.parameters())
+    if parameters < SMALL_MODEL_PARAMETERS:
+        return Recipe(config.calibration_edits, None, SMALL_MODEL_SIDE, SMALL_MODEL_SIDE, batched=True)
+    return Recipe(config.calibration_edits, None, res.width, res.height)
 
 
 def quantized_linears(transformer: Any, keep_out: tuple[str, ...] = KEEP_OUT) -> list[str]:
@@ -222,6 +255,8 @@ def calibrate(
     width: int = 512,
     height: int = 512,
     keep_out: tuple[str, ...] = KEEP_OUT,
+    batched: bool = False,
+    on_progress: Callable[[str], None] | None = None,
 ) -> Calibration:
     """Run the Kontext pipeline (torch runners) on ``edits`` calibration edits and record each linear's input amax.
 
@@ -234,6 +269,9 @@ def calibrate(
         steps: denoising steps per edit (the default sampler's when None); amax is taken over all of them.
         width, height: size of the calibration images.
         keep_out: patterns of linears left unquantized.
+        batched: run every edit in one pipeline call at exactly ``width`` x ``height`` (noise from ``seed``) instead
+            of one call per edit at its image's preferred Kontext size (for a test-sized model: see ``recipe_for``).
+        on_progress: called with a line after each edit (or the batch): how many are done and the time left.
 
     Returns:
         The calibration (not yet saved).
@@ -251,14 +289,27 @@ def calibrate(
     transformer = components.transformer
     sampler = SamplerConfig(steps=steps)
     pipeline = KontextPipeline.from_components(components)
+    tell = on_progress or (lambda message: None)
+    t0 = time.perf_counter()
     with (
         recorded_input_amax(transformer, keep_out) as amax,
         recorded_attention_v_amax(transformer) as v_amax,
         torch.inference_mode(),
     ):
-        for i in range(edits):
+        if batched:
+            size = Resolution(width, height)
+            pipeline.sizes = SizeRange(size, size)
+            images = [calibration_image(seed + i, width, height) for i in range(edits)]
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(edits)]
+            tell(f"{edits} edits of {sampler.num_steps} steps at {size}, in one batch")
+            pipeline.edit(images, prompts, sampler=sampler, seed=seed)
+            tell(f"{edits} edits done in {time.perf_counter() - t0:.1f} s")
+        for i in range(0 if batched else edits):
             image = calibration_image(seed + i, width, height)
             pipeline.edit(image, PROMPTS[i % len(PROMPTS)], sampler=sampler, seed=seed + i)
+            spent = time.perf_counter() - t0
+            tell(f"edit {i + 1}/{edits} ({sampler.num_steps} steps) done, {spent:.1f} s; about "
+                 f"{spent / (i + 1) * (edits - i - 1):.0f} s left")  # fmt: skip
     meta = {
         "model_fingerprint": fingerprint,
         "precision": precision,
@@ -272,6 +323,7 @@ def calibrate(
         "linears": len(amax),
         "attention_v": len(v_amax),
         "fluxtrt": __version__,
+        **({"batched": True} if batched else {}),
     }
     missing = [n for n, v in amax.items() if v == 0.0]
     if missing:
@@ -283,31 +335,39 @@ def calibrate(
     return Calibration(amax, meta, {k: v for k, v in v_amax.items() if v > 0.0})
 
 
-def calibration_for_build(config: Any, components: Any, fingerprint: str, out: Path) -> tuple[Path, Calibration]:
+def calibration_for_build(
+    config: Any, components: Any, fingerprint: str, out: Path, on_progress: Callable[[str], None] | None = None
+) -> tuple[Path, Calibration, str]:
     """The calibration a quantized build uses, saved in the engines directory so a rebuild needs no calibration run.
 
     ``config.calibration`` (a file) is checked and copied in; otherwise ``out/calibration/transformer-<precision>``
-    is reused when it was computed for this model, precision, seed, edit count and resolution, and computed anew
-    (``calibrate``) when not.
+    is reused when it was computed for this model, precision and recipe (``recipe_for``: seed, edit count,
+    resolution, batching), and computed anew (``calibrate``) when not.
+
+    Args:
+        on_progress: called with a line as the calibration goes (what is used; each edit done).
 
     Returns:
-        (the file inside ``out``, the calibration).
+        (the file inside ``out``, the calibration, how it was had: ``given``, ``reused`` or ``computed``).
 
     Raises:
         InputError: the given file belongs to another model or precision; zero calibration edits.
     """
     import shutil
 
+    tell = on_progress or (lambda message: None)
     path = out / "calibration" / f"transformer-{config.precision}{CALIBRATION_SUFFIX}"
     if config.calibration is not None:
+        tell(f"using --calibration {config.calibration}")
         given = load_calibration(Path(config.calibration), fingerprint, config.precision)
         if Path(config.calibration).resolve() != path.resolve():
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(config.calibration, path)
             shutil.copyfile(sidecar(Path(config.calibration)), sidecar(path))
-        return path, given
-    resolution = config.opt_resolution
-    want = {"seed": 0, "edits": config.calibration_edits, "resolution": f"{resolution.width}x{resolution.height}"}
+        return path, given, "given"
+    recipe = recipe_for(config, components)
+    want = {"seed": 0, "edits": recipe.edits, "resolution": f"{recipe.width}x{recipe.height}",
+            "batched": recipe.batched or None}  # fmt: skip
     # A saved calibration from before V's amax was recorded (no "attention_v" in its sidecar) is computed again.
     if path.is_file() and sidecar(path).is_file():
         try:
@@ -316,13 +376,17 @@ def calibration_for_build(config: Any, components: Any, fingerprint: str, out: P
             saved = None
         current = saved is not None and "attention_v" in saved.meta
         if current and all(saved.meta.get(k) == v for k, v in want.items()):
-            return path, saved
+            tell(f"reusing {path.relative_to(out)}, computed for this model and recipe")
+            return path, saved, "reused"
     result = calibrate(
         components,
         fingerprint=fingerprint,
         precision=config.precision,
-        edits=config.calibration_edits,
-        width=resolution.width,
-        height=resolution.height,
+        edits=recipe.edits,
+        steps=recipe.steps,
+        width=recipe.width,
+        height=recipe.height,
+        batched=recipe.batched,
+        on_progress=tell,
     )
-    return result.save(path), result
+    return result.save(path), result, "computed"
