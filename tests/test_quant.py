@@ -386,8 +386,16 @@ def test_build_fp8_calibrates_once_and_reuses_saved_scales(tmp_path, monkeypatch
     runs = []  # a spy on the calibration the build runs
     monkeypatch.setattr(calibration_module, "calibrate", lambda *a, **kw: runs.append(1) or calibrate(*a, **kw))
     out = tmp_path / "engines"
-    report = build_engines(quant_config(out), backend=OnnxCopyBackend())
+    said = []
+    report = build_engines(quant_config(out), lambda c, m: said.append((c, m)), backend=OnnxCopyBackend())
     assert len(runs) == 1
+    # The calibration is a row of the report, and its progress goes where the build's goes, before the transformer.
+    assert (report.calibration.name, report.calibration.status) == ("calibration", "computed")
+    assert report.calibration.seconds > 0 and [r.name for r in report.results] == ["transformer"]
+    progress = [m for c, m in said if c == "calibration"]
+    assert progress[1:] == ["1 edits of 14 steps at 128x128, in one batch", progress[-1]]
+    assert progress[-1].startswith("1 edits done in ")
+    assert said.index(("calibration", progress[-1])) < [c for c, _ in said].index("transformer")
     manifest = report.manifest
     assert manifest.calibration == "calibration/transformer-fp8.safetensors"
     assert "calibration" in manifest.components["transformer"].settings
@@ -407,8 +415,40 @@ def test_build_fp8_calibrates_once_and_reuses_saved_scales(tmp_path, monkeypatch
         report.manifest.components["transformer"].settings["calibration"]
         == (manifest.components["transformer"].settings["calibration"])
     )
-    assert build_engines(quant_config(out), backend=OnnxCopyBackend()).results[0].status == "up to date"
+    assert report.calibration.status == "given"
+    again = build_engines(quant_config(out), backend=OnnxCopyBackend())
+    assert again.results[0].status == "up to date" and again.calibration.status == "reused"
     assert len(runs) == 1
+
+
+def test_a_test_sized_model_calibrates_in_one_batch_and_a_full_size_one_as_before(tiny):
+    """The recipe follows the model: the tiny transformer (82 thousand parameters) calibrates its edits in one batch
+    at 128x128; a transformer of FLUX's size keeps the full recipe, one edit after another at the opt resolution."""
+    from types import SimpleNamespace
+
+    from fluxtrt.engines.calibrate import SMALL_MODEL_PARAMETERS, Recipe, recipe_for
+
+    config = BuildConfig(model="tiny", backend="onnx", precision="fp8", out=Path("unused"), calibration_edits=8)
+    assert recipe_for(config, tiny) == Recipe(8, None, 128, 128, batched=True)
+    big = torch.nn.Linear(SMALL_MODEL_PARAMETERS, 1, bias=False, device="meta")  # no memory: shapes only
+    assert recipe_for(config, SimpleNamespace(transformer=big)) == Recipe(8, None, 1024, 1024, batched=False)
+
+
+def test_a_batched_calibration_sees_every_linear_at_its_size(tiny):
+    said = []
+    result = calibrate(tiny, fingerprint=FINGERPRINT, precision="fp8", edits=3, steps=2, width=64, height=96,
+                       batched=True, on_progress=said.append)  # fmt: skip
+    linears = quantized_linears(tiny.transformer)
+    assert sorted(result.amax) == sorted(linears) and all(v > 0 for v in result.amax.values())
+    assert len(result.attention_v) == 2  # one double and one single block
+    assert result.meta["batched"] is True and result.meta["resolution"] == "64x96" and result.meta["edits"] == 3
+    assert said[0] == "3 edits of 2 steps at 64x96, in one batch" and len(said) == 2
+    # One edit after another (the full recipe, each at its image's ~1 MP preferred size): a line per edit, and no
+    # batched key in the sidecar's meta.
+    said.clear()
+    sequential = calibrate(tiny, fingerprint=FINGERPRINT, precision="fp8", edits=1, steps=1, width=64, height=64,
+                           on_progress=said.append)  # fmt: skip
+    assert "batched" not in sequential.meta and len(said) == 1 and said[0].startswith("edit 1/1 (1 steps) done")
 
 
 def _tiny_transformer():
