@@ -118,9 +118,16 @@ def main(verbose: bool) -> None:
 @click.option(
     "--engines", type=click.Path(path_type=Path), default=None, help="An engines directory from `fluxtrt build`."
 )
-@click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="Reference image to edit.")
-@click.option("--prompt", required=True, help="The edit instruction.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--image", "image", type=click.Path(path_type=Path), help="Reference image to edit.")
+@click.option("--prompt", help="The edit instruction.")
+@click.option(
+    "--edits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Many edits from one load: a JSON-lines "
+    "file, one {image, prompt, out[, seed, steps, guidance, size]} a line (instead of --image/--prompt/--out).",
+)
+@click.option("--out", type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
@@ -140,11 +147,21 @@ def main(verbose: bool) -> None:
               "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae,
-          low_vram, device, dtype, gpus):  # fmt: skip
+def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc,
+          vae, low_vram, device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
+    if edits is not None:
+        from fluxtrt.serve.edits import run_edits_command
+        from fluxtrt.serve.options import ModelSource
+
+        one = {"--image": image, "--prompt": prompt, "--out": out, "--height": height, "--width": width, "--gpus": gpus}
+        source = ModelSource(model, engines, device, dtype, fbc, vae, low_vram)
+        return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance)
+    for name, value in (("--image", image), ("--prompt", prompt), ("--out", out)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}' (or give --edits FILE.jsonl).")
     config = InferConfig(
         model=model,
         engines=engines,
