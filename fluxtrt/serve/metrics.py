@@ -27,6 +27,8 @@ class Metrics:
         self.batch_images = Histogram("fluxtrt_batch_images", "Images made by one pipeline call.",
                                       buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
         self.batches = Counter("fluxtrt_batches", "Pipeline calls by outcome.", ["outcome"], registry=r)
+        self.running = Gauge("fluxtrt_running_images", "Images of the pipeline call running now (0: idle).",
+                             registry=r)  # fmt: skip
         self.ready = Gauge("fluxtrt_ready", "1 once the model is loaded and warm.", registry=r)
 
     def count(self, outcome: str) -> None:

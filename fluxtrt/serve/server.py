@@ -57,7 +57,7 @@ def make_worker(config: ServeConfig, metrics: Any, on_line: Callable[[str], None
         return loaded
 
     return EditWorker(start, config.sampler, config.max_queue, config.keep_reference_size, on_batch=metrics.on_batch,
-                      on_depth=metrics.queue_depth.set)  # fmt: skip
+                      on_depth=metrics.queue_depth.set, on_busy=metrics.running.set)  # fmt: skip
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -95,17 +95,20 @@ class EditWorker:
         keep_reference_size: see ``ServeConfig``.
         on_batch: called after each pipeline call with (images made, seconds, outcome).
         on_depth: called with the queue depth whenever it changes.
+        on_busy: called with the images of the pipeline call that starts, and with 0 when it ends.
     """
 
     def __init__(self, start: Callable[[], Any], sampler: SamplerConfig, max_queue: int,
                  keep_reference_size: bool = False, on_batch: Callable[[int, float, str], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None):  # fmt: skip
+                 on_depth: Callable[[int], None] | None = None,
+                 on_busy: Callable[[int], None] | None = None):  # fmt: skip
         self._start = start
         self.sampler, self.max_queue = sampler, max_queue
         self.max_batch = 1  # the loaded pipeline's, once loaded
         self.keep_reference_size = keep_reference_size
         self._on_batch = on_batch or (lambda n, s, o: None)
         self._on_depth = on_depth or (lambda d: None)
+        self._on_busy = on_busy or (lambda n: None)
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -191,6 +194,7 @@ class EditWorker:
             return
         started = time.perf_counter()
         images = sum(j.request.n for j in jobs)
+        self._on_busy(images)
         try:
             results = edit_batch(self.loaded.pipeline, self.sampler, jobs, self.keep_reference_size)
         except InputError as exc:
@@ -200,10 +204,11 @@ class EditWorker:
         except Exception as exc:  # noqa: BLE001 (one failed batch must not stop the server)
             outcome, error = "failed", RequestError(f"the edit failed: {first_line(exc)}", None, "edit_failed", 500)
         else:
-            self._on_batch(images, time.perf_counter() - started, "ok")
-            for job, result in zip(jobs, results, strict=True):
-                job.future.set_result(result)
-            return
+            outcome, error = "ok", None
+        self._on_busy(0)
         self._on_batch(images, time.perf_counter() - started, outcome)
-        for job in jobs:
-            job.future.set_exception(error)
+        for i, job in enumerate(jobs):
+            if error is None:
+                job.future.set_result(results[i])
+            else:
+                job.future.set_exception(error)
