@@ -10,6 +10,7 @@ from pathlib import Path
 from fluxtrt.config import (
     DEVICES,
     DTYPES,
+    InferConfig,
     SamplerConfig,
     check_gpus_option,
     check_vae_option,
@@ -68,19 +69,9 @@ class ModelSource:
     def fbc_threshold(self) -> float | None:
         return parse_fbc_threshold(self.fbc, "--fbc")
 
-    @property
-    def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    @property
-    def resolved_dtype(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "bf16" if self.resolved_device == "cuda" else "fp32"
+    # auto decided as `fluxtrt infer` decides it: cuda where PyTorch sees a GPU; bf16 on cuda, fp32 on the CPU.
+    resolved_device = InferConfig.resolved_device
+    resolved_dtype = InferConfig.resolved_dtype
 
     @property
     def label(self) -> str:
