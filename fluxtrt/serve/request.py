@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 import secrets
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ MIN_SIDE = 64
 MAX_PROMPT_CHARS = 20_000
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**63 - 1
+# Requests are checked on several threads; a fast tokenizer must not be entered by two at once.
+_TOKENIZER_LOCK = threading.Lock()
 
 
 class RequestError(InputError):
@@ -154,7 +157,8 @@ def check_prompt(prompt: str | None, tokenizer: Any, max_tokens: int) -> str:
         raise RequestError(f"prompt has {len(prompt):,} characters, over {MAX_PROMPT_CHARS:,}: shorten it", "prompt",
                            "prompt_too_long")  # fmt: skip
     if tokenizer is not None:
-        tokens = len(tokenizer(prompt, padding=False, truncation=False, verbose=False).input_ids)
+        with _TOKENIZER_LOCK:
+            tokens = len(tokenizer(prompt, padding=False, truncation=False, verbose=False).input_ids)
         if tokens > max_tokens:
             raise RequestError(f"prompt has {tokens} tokens, over the text encoder's {max_tokens}: shorten it",
                                "prompt", "prompt_too_long")  # fmt: skip
