@@ -126,9 +126,16 @@ def main(verbose: bool) -> None:
 @click.option(
     "--engines", type=click.Path(path_type=Path), default=None, help="An engines directory from `fluxtrt build`."
 )
-@click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="Reference image to edit.")
-@click.option("--prompt", required=True, help="The edit instruction.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--image", "image", type=click.Path(path_type=Path), help="Reference image to edit.")
+@click.option("--prompt", help="The edit instruction.")
+@click.option(
+    "--edits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Many edits from one load: a JSON-lines "
+    "file, one {image, prompt, out[, seed, steps, guidance, size]} a line (instead of --image/--prompt/--out).",
+)
+@click.option("--out", type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
 @seed_option
@@ -154,11 +161,21 @@ def main(verbose: bool) -> None:
               "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae,
-          low_vram, device, dtype, gpus):  # fmt: skip
+def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc,
+          vae, low_vram, device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
+    if edits is not None:
+        from fluxtrt.serve.edits import run_edits_command
+        from fluxtrt.serve.options import ModelSource
+
+        one = {"--image": image, "--prompt": prompt, "--out": out, "--height": height, "--width": width, "--gpus": gpus}
+        source = ModelSource(model, engines, device, dtype, fbc, vae, low_vram)
+        return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance)
+    for name, value in (("--image", image), ("--prompt", prompt), ("--out", out)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}' (or give --edits FILE.jsonl).")
     config = InferConfig(
         model=model,
         engines=engines,
@@ -187,6 +204,48 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
         report = run_infer(config, on_step=on_step)
     if is_main_process():
         print_infer_report(report, config.out)
+
+
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP + " Or give --engines.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None, help="An engines directory to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (another than loopback "
+              "is reachable from the network: set --api-key-env).")  # fmt: skip
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on (0: a free one).")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; then 503.")
+@click.option("--max-batch", type=int, default=None, help="Images per engine call (default: the built batch; 1 "
+              "for --model).")  # fmt: skip
+@click.option("--api-key-env", default=None, metavar="VAR", help="Require 'Authorization: Bearer $VAR' on every "
+              "route but /health and the page.")  # fmt: skip
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request body.")
+@click.option("--max-pixels", type=int, default=4096 * 4096, show_default=True, help="Largest uploaded image.")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="Most steps a request may ask for.")
+@click.option("--keep-reference-size", is_flag=True, help="Use the uploaded image at its own size as the reference, "
+              "not at its closest ~1 MP Kontext size.")  # fmt: skip
+@click.option("--warmup-size", default=None, help="WIDTHxHEIGHT of the warm-up edits (default: the engines' opt "
+              "resolution, 1024x1024 for --model).")  # fmt: skip
+@click.option("--warmup-steps", type=int, default=2, show_default=True, help="Steps per warm-up edit (0: none).")
+@sampler_options
+@click.option("--fbc", default=None, help="Engines built with --first-block-cache: the threshold, or off.")
+@vae_option("Replace the model's VAE with the slim autoencoder: ")
+@click.option("--low-vram", is_flag=True, help="--model: the 24 GB mode of `fluxtrt infer`.")
+@device_options
+def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upload_mb, max_pixels, max_steps,
+          keep_reference_size, warmup_size, warmup_steps, scheduler, sigmas, steps, fbc, vae, low_vram, device,
+          dtype):  # fmt: skip
+    """Serve edits over HTTP: POST /v1/images/edits (OpenAI's Images API), a web page at /, /health, /ready,
+    /metrics, /docs. Loads and warms up once; SIGTERM finishes the requests taken and exits 0."""
+    from fluxtrt.console import err
+    from fluxtrt.serve.options import ModelSource, ServeConfig
+
+    source = ModelSource(model, engines, device, dtype, fbc, vae, low_vram)
+    config = ServeConfig(source, SamplerConfig(scheduler, sigmas, steps), host, port, max_queue, max_batch,
+                         api_key_env, max_upload_mb, max_pixels, max_steps, keep_reference_size,
+                         Resolution.parse(warmup_size, "--warmup-size") if warmup_size else None,
+                         warmup_steps)  # fmt: skip
+    from fluxtrt.serve.server import serve as run_server
+
+    run_server(config, on_line=lambda line: err().print(line, markup=False, highlight=False, soft_wrap=True))
 
 
 @main.command()

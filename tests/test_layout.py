@@ -27,6 +27,7 @@ LAYERS = (
     ("stages",),
     ("console", "parallel"),
     ("infer", "bench"),
+    ("serve",),
     ("cli",),
     ("__main__",),
 )

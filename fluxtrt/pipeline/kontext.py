@@ -160,14 +160,25 @@ class KontextPipeline:
         )
 
     def geometry(
-        self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
+        self,
+        image_size: tuple[int, int],
+        height: int | None,
+        width: int | None,
+        max_area: int,
+        auto_resize: bool = True,
     ) -> tuple[Resolution, Resolution]:
         """(target, reference) resolutions for a reference of ``image_size`` (width, height).
 
-        The reference goes to its closest preferred Kontext resolution. The target is that same resolution by
-        default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to ``max_area``.
+        The reference goes to its closest preferred Kontext resolution, or with ``auto_resize=False`` keeps its own
+        size floored to a multiple of 16 (diffusers' ``_auto_resize=False``). The target is the reference's
+        resolution by default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to
+        ``max_area``.
         """
-        reference = preferred_resolution(*image_size, self.dims.multiple_of)
+        if auto_resize:
+            reference = preferred_resolution(*image_size, self.dims.multiple_of)
+        else:
+            m = self.dims.multiple_of
+            reference = Resolution(max(image_size[0] // m, 1) * m, max(image_size[1] // m, 1) * m)
         if height is None or width is None:
             return reference, reference
         return fit_to_area(width, height, max_area, self.dims.multiple_of), reference
@@ -178,11 +189,12 @@ class KontextPipeline:
         prompt: str | list[str],
         *,
         sampler: SamplerConfig | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         guidance: float = DEFAULT_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
         max_area: int = DEFAULT_MAX_AREA,
+        auto_resize: bool = True,
         on_step: Callable[[int, int], None] | None = None,
     ) -> EditResult:
         """Edit ``image`` as ``prompt`` says.
@@ -192,10 +204,14 @@ class KontextPipeline:
                 preferred resolution).
             prompt: one prompt, or a list (the batch).
             sampler: solver, sigma schedule, steps.
-            seed: seed of the initial noise, drawn on the CPU in the compute dtype (as diffusers draws it).
+            seed: seed of the initial noise, drawn on the CPU in the compute dtype (as diffusers draws it); or one
+                seed per prompt, each item's noise drawn alone, so that item i of a batch starts from the noise of an
+                edit of that prompt alone with ``seeds[i]``.
             guidance: distilled-guidance scale.
             height, width: explicit target size (both or neither).
             max_area: pixel budget an explicit size is fitted to.
+            auto_resize: False keeps the reference at its own size (floored to a multiple of 16) instead of its
+                preferred Kontext resolution.
             on_step: called as ``on_step(done, total)`` before the first denoising step and after each.
 
         Returns:
@@ -211,7 +227,9 @@ class KontextPipeline:
         batch = len(prompts)
         if len(images) not in (1, batch):
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
-        target, reference = self.geometry(images[0].size, height, width, max_area)
+        if not isinstance(seed, int) and len(seed) != batch:
+            raise InputError(f"{len(seed)} seeds for {batch} prompts: give one seed, or one per prompt")
+        target, reference = self.geometry(images[0].size, height, width, max_area, auto_resize)
         self.check_fits(batch, target, reference)
         notices = input_notices(prompts, images[0].size, (width, height), target, reference, max_area)
         timer = ComponentTimer(self.device)
@@ -292,7 +310,8 @@ class KontextPipeline:
         return pack(ref.expand(batch, -1, -1, -1)), ref_ids
 
     def _denoise(self, batch: int, target: Resolution, ref_tokens: torch.Tensor, ref_ids: torch.Tensor,
-                 pooled: torch.Tensor, text: torch.Tensor, sampler: SamplerConfig, seed: int, guidance: float,
+                 pooled: torch.Tensor, text: torch.Tensor, sampler: SamplerConfig, seed: int | list[int],
+                 guidance: float,
                  on_step: Callable[[int, int], None] | None,
                  timer: ComponentTimer) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
         """Noise for the target, integrated over the sampler's sigmas; returns the final packed latents
@@ -301,8 +320,9 @@ class KontextPipeline:
         h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
         # Drawn on the CPU in the compute dtype, as diffusers draws it: the same seed gives diffusers' noise on every
         # device (a bf16 draw is not an fp32 draw rounded in every torch release).
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator, dtype=dt)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        shape = (batch if len(seeds) == 1 else 1, self.dims.latent_channels, h, w)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dt) for s in seeds])
         latents = pack(noise).to(dev)  # [B, S_target, 64]
         s_target = latents.shape[1]
         img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]
