@@ -159,7 +159,7 @@ def run_edits(
             on_edit(done, len(edits), f"line {line.number}")
         t0 = time.perf_counter()
         try:
-            image = load_image(line.image)
+            image, image_notices = load_image(line.image)
             size = line.size
             result = loaded.pipeline.edit(image, line.prompt, sampler=replace(sampler, steps=line.steps or
                                           sampler.steps), seed=seed if line.seed is None else line.seed,
@@ -172,7 +172,7 @@ def run_edits(
                                                f"line {line.number}: {first_line(exc)}"))  # fmt: skip
             continue
         report.outcomes.append(LineOutcome(line.number, str(line.out), True, time.perf_counter() - t0,
-                                           str(result.target), result.warnings))  # fmt: skip
+                                           str(result.target), [*image_notices, *result.warnings]))  # fmt: skip
     if on_edit is not None:
         on_edit(len(edits), len(edits), "done")
     report.outcomes.sort(key=lambda o: o.number)

@@ -64,7 +64,9 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Any:
     Raises:
         RequestError: empty, not an image, more than ``max_pixels`` pixels, or truncated/corrupt.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from fluxtrt.pipeline.image import to_rgb
 
     if not data:
         raise RequestError(f"{param} is empty (0 bytes): upload a PNG, JPEG or WebP file", param, "invalid_image")
@@ -81,7 +83,8 @@ def decode_image(data: bytes, max_pixels: int, param: str = "image") -> Any:
                     "image_too_large",
                 )
             img.load()
-            return img.convert("RGB")
+            # As `infer` reads a file: upright from its EXIF orientation, every mode as the RGB picture it shows.
+            return to_rgb(ImageOps.exif_transpose(img), param)[0]
     except RequestError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
