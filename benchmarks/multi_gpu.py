@@ -1,7 +1,7 @@
 """One edit with the transformer split over N GPUs (``--gpus N``: diffusers' Ulysses context parallelism), against
 the same edit on one GPU: time, scaling and fidelity, in one invocation.
 
-    python benchmarks/multi_gpu.py [--out DIR] [--gpus 1,2,4] [--stages SPEC,...] [--runs 2] [--budget-s 420]
+    python -m benchmarks.multi_gpu [--out DIR] [--gpus 1,2,4] [--stages SPEC,...] [--runs 2] [--budget-s 420]
 
 Default: random-full in BF16, a 1024x1024 edit of a 1024x1024 reference (8192 image + 512 text tokens), 14 steps of
 DPM-Solver++ 2M, and two stage rows: stage 4 as ``--gpus`` runs it (regional compile, fused QKV, torchao FP8
@@ -29,10 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.records import Records
 
-from benchmarks.records import Records  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_STAGES = "4:fbc=off:attention=sdpa,4:fbc=off:attention=sdpa:quant=off"
 PROMPT = "make the house blue"
@@ -202,6 +201,8 @@ def parent(args: argparse.Namespace) -> None:
 
     records = Records(args.out / "multi_gpu.json")
     counts = gpu_counts(args)
+    # torchrun runs this file in each worker, where `benchmarks` imports from the repository root.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     records.emit({"phase": "environment", "gpus": counts, "command": " ".join(sys.argv), **environment()})
     t0, longest = time.perf_counter(), 0.0
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
