@@ -31,8 +31,6 @@ from pathlib import Path
 
 from benchmarks.records import Records
 
-ROOT = Path(__file__).resolve().parents[1]
-
 DEFAULT_STAGES = "4:fbc=off:attention=sdpa,4:fbc=off:attention=sdpa:quant=off"
 PROMPT = "make the house blue"
 
@@ -201,8 +199,6 @@ def parent(args: argparse.Namespace) -> None:
 
     records = Records(args.out / "multi_gpu.json")
     counts = gpu_counts(args)
-    # torchrun runs this file in each worker, where `benchmarks` imports from the repository root.
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     records.emit({"phase": "environment", "gpus": counts, "command": " ".join(sys.argv), **environment()})
     t0, longest = time.perf_counter(), 0.0
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
@@ -217,7 +213,9 @@ def parent(args: argparse.Namespace) -> None:
             directory.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             try:
-                launch(n, worker_args(args, stage, directory), script=str(Path(__file__).resolve()))
+                # torchrun's --module: each worker runs `python -m benchmarks.multi_gpu` from this directory, as
+                # this process does (run as a file, benchmarks/ would shadow packages such as `kernels`)
+                launch(n, [__spec__.name, *worker_args(args, stage, directory)], script="--module")
                 row = result(stage, n, directory, base)
             except (FluxtrtError, OSError, KeyError) as exc:
                 records.emit({"phase": "failed", "stage": stage, "n": n, "error": str(exc)})
