@@ -168,10 +168,10 @@ def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, s
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
     if edits is not None:
         from fluxtrt.serve.edits import run_edits_command
-        from fluxtrt.serve.options import ModelSource
+        from fluxtrt.serve.options import ServedSource
 
         one = {"--image": image, "--prompt": prompt, "--out": out, "--height": height, "--width": width, "--gpus": gpus}
-        source = ModelSource(model, engines, device, dtype, fbc, vae, low_vram)
+        source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
         return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance)
     for name, value in (("--image", image), ("--prompt", prompt), ("--out", out)):
         if value is None:
@@ -236,9 +236,9 @@ def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upl
     """Serve edits over HTTP: POST /v1/images/edits (OpenAI's Images API), a web page at /, /health, /ready,
     /metrics, /docs. Loads and warms up once; SIGTERM finishes the requests taken and exits 0."""
     from fluxtrt.console import err
-    from fluxtrt.serve.options import ModelSource, ServeConfig
+    from fluxtrt.serve.options import ServeConfig, ServedSource
 
-    source = ModelSource(model, engines, device, dtype, fbc, vae, low_vram)
+    source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
     config = ServeConfig(source, SamplerConfig(scheduler, sigmas, steps), host, port, max_queue, max_batch,
                          api_key_env, max_upload_mb, max_pixels, max_steps, keep_reference_size,
                          Resolution.parse(warmup_size, "--warmup-size") if warmup_size else None,

@@ -19,7 +19,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from fluxtrt.config import SamplerConfig  # noqa: E402
-from fluxtrt.serve.options import ModelSource, ServeConfig  # noqa: E402
+from fluxtrt.serve.options import ServeConfig, ServedSource  # noqa: E402
 from tests.serve_support import KEY, KEY_ENV, GatedPipeline, LiveServer, metric, png_bytes, wait_until  # noqa: E402
 
 MAX_QUEUE, MAX_BATCH, STEPS = 3, 4, 2
@@ -32,7 +32,7 @@ def live(tiny_pipeline):
 
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, KEY)
-    config = ServeConfig(ModelSource("tiny", device="cpu"), SamplerConfig(steps=STEPS), port=0, max_queue=MAX_QUEUE,
+    config = ServeConfig(ServedSource("tiny", device="cpu"), SamplerConfig(steps=STEPS), port=0, max_queue=MAX_QUEUE,
                          api_key_env=KEY_ENV, max_upload_mb=1, max_pixels=2048 * 2048, keep_reference_size=True,
                          warmup_steps=0)  # fmt: skip
     gated = GatedPipeline(tiny_pipeline)
@@ -205,7 +205,7 @@ def test_ready_is_503_until_loaded_and_edits_wait_for_it(tiny_pipeline, monkeypa
         assert release.wait(120)
         return wrap(tiny_pipeline, "model tiny", 1)
 
-    config = ServeConfig(ModelSource("tiny", device="cpu"), SamplerConfig(steps=STEPS), port=0, warmup_steps=0,
+    config = ServeConfig(ServedSource("tiny", device="cpu"), SamplerConfig(steps=STEPS), port=0, warmup_steps=0,
                          keep_reference_size=True)  # fmt: skip
     server = LiveServer(config, slow_loader)
     try:

@@ -15,7 +15,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from fluxtrt.config import SamplerConfig  # noqa: E402
-from fluxtrt.serve.options import ModelSource, ServeConfig  # noqa: E402
+from fluxtrt.serve.options import ServeConfig, ServedSource  # noqa: E402
 from tests.serve_support import KEY, KEY_ENV, LiveServer, png_bytes  # noqa: E402
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser")) if p), None)
@@ -26,7 +26,7 @@ def test_page_shows_the_edit_beside_the_input(tiny_pipeline, tmp_path, monkeypat
     from fluxtrt.serve.load import wrap
 
     monkeypatch.setenv(KEY_ENV, KEY)
-    config = ServeConfig(ModelSource("tiny", device="cpu"), SamplerConfig(steps=2), port=0, api_key_env=KEY_ENV,
+    config = ServeConfig(ServedSource("tiny", device="cpu"), SamplerConfig(steps=2), port=0, api_key_env=KEY_ENV,
                          keep_reference_size=True, warmup_steps=0)  # fmt: skip
     server = LiveServer(config, lambda: wrap(tiny_pipeline, "model tiny", 1))
     source = tmp_path / "in.png"

@@ -370,7 +370,7 @@ def check_command(command: str) -> None:
             assert opt in known, f"'{command}': fluxtrt {words[0]} has no option {opt}"
 
 
-@pytest.mark.parametrize("readme", ["README.md", "docker/README.md"])
+@pytest.mark.parametrize("readme", ["README.md", "docs/USAGE.md", "docker/README.md"])
 def test_readme_commands_exist_in_the_cli(readme):
     commands = readme_commands((ROOT / readme).read_text())
     assert commands, f"{readme} shows no fluxtrt command"

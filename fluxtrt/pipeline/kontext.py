@@ -13,6 +13,7 @@ import torch
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, ShapeError
+from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.pipeline.image import (
     MIN_REFERENCE_SIDE,
     fit_to_area,
@@ -158,6 +159,13 @@ class KontextPipeline:
             device=components.transformer.device,
             dtype=components.transformer.dtype,
         )
+
+    @property
+    def first_block_cache(self) -> SplitTransformerRunner | None:
+        """The transformer's runner when it runs as two parts with a first-block cache (engines built with
+        ``--first-block-cache``): its ``stats()`` count the computed and skipped steps; None otherwise."""
+        runner = self.runners["transformer"]
+        return runner if isinstance(runner, SplitTransformerRunner) else None
 
     def geometry(
         self,

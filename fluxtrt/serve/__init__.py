@@ -4,6 +4,6 @@ and a web page (``fluxtrt serve``), or fed from a file of edits (``fluxtrt infer
 The HTTP modules (``app``, ``guard``, ``metrics``, ``server``) need the ``serve`` extra: ``pip install
 'fluxtrt[serve]'``; importing this package needs none of it."""
 
-from fluxtrt.serve.options import ModelSource, ServeConfig
+from fluxtrt.serve.options import ServeConfig, ServedSource
 
-__all__ = ["ModelSource", "ServeConfig"]
+__all__ = ["ServedSource", "ServeConfig"]

@@ -17,7 +17,7 @@ from typing import Any
 from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, OUTPUT_FORMATS, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, first_line
 from fluxtrt.io import atomic_write
-from fluxtrt.serve.options import ModelSource
+from fluxtrt.serve.options import ServedSource
 from fluxtrt.specs.flux import Resolution
 
 KEYS = ("image", "prompt", "out", "seed", "steps", "guidance", "size")
@@ -124,7 +124,7 @@ def read_edits(path: Path) -> list[EditLine | LineOutcome]:
 
 
 def run_edits(
-    source: ModelSource,
+    source: ServedSource,
     sampler: SamplerConfig,
     path: Path,
     seed: int = DEFAULT_SEED,
@@ -236,7 +236,7 @@ def edits_progress(total_label: str = "edits"):
     return progress, on_edit
 
 
-def run_edits_command(edits: Path, single: dict[str, Any], source: ModelSource, sampler: SamplerConfig, seed: int,
+def run_edits_command(edits: Path, single: dict[str, Any], source: ServedSource, sampler: SamplerConfig, seed: int,
                       guidance: float) -> None:  # fmt: skip
     """``fluxtrt infer --edits``: run the file with a progress bar, print the summary.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from fluxtrt.config import SamplerConfig
 from fluxtrt.errors import InputError
-from fluxtrt.serve.options import ModelSource
+from fluxtrt.serve.options import ServedSource
 from fluxtrt.specs.flux import Resolution
 
 # The warm-up size of a model (engines warm up at their opt resolution).
@@ -48,7 +48,7 @@ def built_batch(pipeline: Any) -> int | None:
     return min(highs) if highs else None
 
 
-def load(source: ModelSource, max_batch: int | None = None) -> Loaded:
+def load(source: ServedSource, max_batch: int | None = None) -> Loaded:
     """Load ``source``'s pipeline as ``fluxtrt infer`` does.
 
     Args:
@@ -59,12 +59,12 @@ def load(source: ModelSource, max_batch: int | None = None) -> Loaded:
         FluxtrtError: what loading raises; InputError when ``max_batch`` exceeds the engines' built batch.
     """
     from fluxtrt.environment import check_device
-    from fluxtrt.infer import _load_pipeline
+    from fluxtrt.infer import pipeline_source
 
     device = source.resolved_device
     check_device(device)
     t0 = time.perf_counter()
-    pipeline, _ = _load_pipeline(source, device, None)
+    pipeline = pipeline_source(source, device).load()
     try:
         loaded = wrap(pipeline, source.label, max_batch, device)
     except BaseException:

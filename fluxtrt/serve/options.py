@@ -32,7 +32,7 @@ RETRY_AFTER_S = 5
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ServedSource:
     """The pipeline to load: a model on PyTorch or an engines directory, with infer's loading options.
 
     The attribute names are those of ``fluxtrt.config.InferConfig`` that ``fluxtrt.infer`` loads a pipeline from.
@@ -103,7 +103,7 @@ class ServeConfig:
         warmup_steps: denoising steps of each warm-up edit (0: no warm-up).
     """
 
-    source: ModelSource
+    source: ServedSource
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
