@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from fluxtrt import __version__
+from fluxtrt.backends.base import DeclaredOption, declared_options
 from fluxtrt.config import (
     DEFAULT_FBC_THRESHOLD,
     DEVICES,
@@ -112,6 +114,41 @@ def sampler_options(f):
     sigmas_help = f"One of {', '.join(SIGMA_SCHEDULES)} (default: log-snr for dpmpp-2m, flux-shift for euler)."
     f = click.option("--sigmas", default=None, help=sigmas_help)(f)
     return click.option("--scheduler", default="dpmpp-2m", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
+
+
+def backend_options(f):
+    """A flag per backend option, as the backends declare them (``fluxtrt.backends.base.option``): an option several
+    backends take (``--cuda-graph``) is one flag. Not given, each passes None (a plain on flag: False)."""
+    for declared in reversed(declared_options().values()):
+        if declared.flag is not None:
+            f = click.option(*declared.flag.decls, declared.name, help=declared.flag.help, **_click_type(declared))(f)
+    return f
+
+
+def _click_type(declared: DeclaredOption) -> dict:
+    """How click reads the option's value, by its declared type."""
+    if declared.type is bool:
+        return {"default": None} if "/" in declared.flag.decls[0] else {"is_flag": True}
+    if declared.type is Path:
+        return {"type": click.Path(path_type=Path), "default": None}
+    if typing.get_origin(declared.type) is tuple:  # a comma-separated list
+        return {"default": None, "callback": lambda ctx, param, text: _comma_list(text)}
+    return {"type": declared.type, "default": None}
+
+
+def _comma_list(text: str | None) -> tuple[str, ...] | None:
+    return tuple(c.strip() for c in text.split(",")) if text else None
+
+
+def given_options(values: dict) -> dict:
+    """The backend options given on the command line (those not left at None, and the plain on flags turned on),
+    each value checked as its declaration says (before the backend is asked whether it takes the option)."""
+    declared = declared_options()
+    plain = {n for n, d in declared.items() if d.type is bool and d.flag and "/" not in d.flag.decls[0]}
+    given = {k: v for k, v in values.items() if v is not None and not (k in plain and v is False)}
+    for name, value in given.items():
+        declared[name].flag.validate(value)
+    return given
 
 
 @click.group(cls=FluxtrtGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -270,31 +307,18 @@ def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upl
 @click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
               help="Use DIR/<component>/model.onnx (same input/output names) instead of exporting.")  # fmt: skip
-@click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit in GiB (default 8).")
-@click.option("--opt-level", type=int, default=None, help="TensorRT builder optimisation level 0-5 (default 3).")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache).")  # fmt: skip
 @click.option("--calibration-edits", type=int, default=8, show_default=True,
               help="fp8/fp4: calibration edits to run when no saved calibration fits.")  # fmt: skip
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
-@click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
-              "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
-@click.option("--cuda-graph", "--aoti-cuda-graph", "cuda_graph", is_flag=True,
-              help="aotinductor, tensorrt on cuda: replay the transformer step as a CUDA graph per shape.")  # fmt: skip
-@click.option("--aoti-fp8-attention/--aoti-no-fp8-attention", default=None,
-              help="aotinductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA). Default: on for "
-              "--precision fp8 on cuda when a kernel is available.")  # fmt: skip
-@click.option("--compute-capability", "compute_capability", default=None,
-              help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
-              "target that runs the precision).")  # fmt: skip
+@backend_options
 @vae_option("Build the VAE components from the slim autoencoder: ")
 @click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
               help="Build up to N components at once, in separate processes; each process loads its own copy of the "
               "model, so memory use grows with N.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
-          first_block_cache, force, device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits,
-          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae, jobs):  # fmt: skip
+          first_block_cache, force, device, onnx_dir, calibration_edits, calibration, vae, jobs,
+          **options):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -309,15 +333,9 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         force=force,
         device=device,
         onnx_dir=onnx_dir,
-        workspace_gib=workspace_gib,
-        opt_level=opt_level,
-        timing_cache=timing_cache,
         calibration_edits=calibration_edits,
         calibration=calibration,
-        aoti_weights=aoti_weights,
-        cuda_graph=cuda_graph,
-        aoti_fp8_attention=aoti_fp8_attention,
-        compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
+        options=given_options(options),
         first_block_cache=first_block_cache,
         vae=vae,
         jobs=jobs,
