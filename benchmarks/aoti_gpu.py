@@ -1,7 +1,7 @@
 """AOTInductor transformer engine on the GPU: build time, load time and step time, next to the torch.compile stage
 of the same precision in the same run.
 
-    python benchmarks/aoti_gpu.py --precision bf16|fp8 --workdir /tmp/aoti --out results.json [--size 1024]
+    python -m benchmarks.aoti_gpu --precision bf16|fp8 --workdir /tmp/aoti --out results.json [--size 1024]
                                   [--model random-full] [--calibration-edits 1]
 
 1. ``fluxtrt build --backend aotinductor --components transformer --aoti-weights external`` (a subprocess, the
@@ -31,10 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.records import (  # noqa: E402
+from benchmarks.records import (
     Records,
     build_then_measure,
     kernel_profile,
@@ -226,7 +223,7 @@ def main() -> None:
                         "error against it (needs about 2x the BF16 model's GPU memory)")  # fmt: skip
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     args = parser.parse_args()
-    build_then_measure(args, Records(args.out), build, measure, __file__)
+    build_then_measure(args, Records(args.out), build, measure, "benchmarks.aoti_gpu")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ clock event reasons seen (``0x4``: the software power cap).
 
     nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \\
         --format=csv -lms 100 > clocks.csv &          # beside the benchmark, then
-    python benchmarks/clocks.py clocks.csv [--above 600]
+    python -m benchmarks.clocks clocks.csv [--above 600]
 """
 
 from __future__ import annotations

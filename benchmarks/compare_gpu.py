@@ -1,6 +1,6 @@
 """The GPU comparison (DESIGN 7): a benchmark matrix run through ``fluxtrt.bench.compare``, as JSON lines.
 
-    PYTHONUNBUFFERED=1 python benchmarks/compare_gpu.py --matrix benchmarks/matrix.toml --out OUTDIR
+    PYTHONUNBUFFERED=1 python -m benchmarks.compare_gpu --matrix benchmarks/matrix.toml --out OUTDIR
                        [--set runs=1 --set stages=0,4:fbc=off] [--no-attention-bench]
 
 Prints one JSON line per event (contender start, warmup, timed run, check, contender done) as it happens and
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 class Events:

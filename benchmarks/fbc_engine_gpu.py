@@ -1,7 +1,7 @@
 """The first-block cache on AOTInductor engines on the GPU: what a computed and a skipped step cost, and the split
 engine's step without the cache against the monolithic engine's.
 
-    python benchmarks/fbc_engine_gpu.py --precision fp8|bf16 --workdir /tmp/fbc --out $OUT/fbc_engine.json
+    python -m benchmarks.fbc_engine_gpu --precision fp8|bf16 --workdir /tmp/fbc --out $OUT/fbc_engine.json
                                         [--size 1024] [--model random-full] [--monolithic]
 
 1. ``fluxtrt build --backend aotinductor --components transformer --first-block-cache --aoti-weights external`` (a
@@ -30,10 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.records import Records, build_then_measure, relative_error, run_build, step_ms
 
-from benchmarks.records import Records, build_then_measure, relative_error, run_build, step_ms  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("transformer_first", "transformer_rest")
 STEPS = 14  # fluxtrt's default edit (DPM-Solver++ 2M)
@@ -158,7 +157,7 @@ def main() -> None:
     parser.add_argument("--monolithic", action="store_true", help="also build the one-engine transformer and time it")
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
     args = parser.parse_args()
-    build_then_measure(args, Records(args.out), build, measure, __file__)
+    build_then_measure(args, Records(args.out), build, measure, "benchmarks.fbc_engine_gpu")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GPU kernels of a profiled step, by category: the table issue-level speed work is justified against.
 
-    python benchmarks/kernels.py benchmarks/results/aoti_fp8_fastaccum_h200.json
+    python -m benchmarks.kernels benchmarks/results/aoti_fp8_fastaccum_h200.json
 
 Categories (first rule that matches, on the kernel's name):
 - ``fp8 gemm`` / ``bf16 gemm``: cuBLASLt (``nvjet_*``, ``*gemm*``), CUTLASS and inductor's GEMM templates

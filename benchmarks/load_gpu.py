@@ -1,6 +1,6 @@
 """Loading an engines directory, timed: what ``fluxtrt infer`` waits for before its first step.
 
-    python benchmarks/load_gpu.py ENGINES_DIR --out results.json [--device cuda] [--trace-libraries]
+    python -m benchmarks.load_gpu ENGINES_DIR --out results.json [--device cuda] [--trace-libraries]
 
 In a fresh process: the imports (torch, inductor), the CUDA context, then ``load_engine_pipeline`` of the whole
 directory, with each AOTInductor runner's load phases (``package``, ``weights``, ``constants``). With
@@ -20,10 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.records import Records  # noqa: E402
+from benchmarks.records import Records
 
 _MARK = "fluxtrt-load-phase"
 
@@ -55,7 +52,7 @@ def measure(engines: Path, device: str) -> dict:
 def traced(args) -> dict:
     """Run ``measure`` in a child under LD_DEBUG=files; time-stamp the libraries it initialises while loading."""
     env = {**os.environ, "LD_DEBUG": "files"}
-    cmd = [sys.executable, __file__, str(args.engines), "--device", args.device, "--child"]
+    cmd = [sys.executable, "-m", "benchmarks.load_gpu", str(args.engines), "--device", args.device, "--child"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     start, loading, libraries = time.perf_counter(), False, []
 

@@ -1,7 +1,7 @@
 """One edit with the transformer split over N GPUs (``--gpus N``: diffusers' Ulysses context parallelism), against
 the same edit on one GPU: time, scaling and fidelity, in one invocation.
 
-    python benchmarks/multi_gpu.py [--out DIR] [--gpus 1,2,4] [--stages SPEC,...] [--runs 2] [--budget-s 420]
+    python -m benchmarks.multi_gpu [--out DIR] [--gpus 1,2,4] [--stages SPEC,...] [--runs 2] [--budget-s 420]
 
 Default: random-full in BF16, a 1024x1024 edit of a 1024x1024 reference (8192 image + 512 text tokens), 14 steps of
 DPM-Solver++ 2M, and two stage rows: stage 4 as ``--gpus`` runs it (regional compile, fused QKV, torchao FP8
@@ -29,10 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.records import Records  # noqa: E402
+from benchmarks.records import Records
 
 DEFAULT_STAGES = "4:fbc=off:attention=sdpa,4:fbc=off:attention=sdpa:quant=off"
 PROMPT = "make the house blue"
@@ -216,7 +213,9 @@ def parent(args: argparse.Namespace) -> None:
             directory.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             try:
-                launch(n, worker_args(args, stage, directory), script=str(Path(__file__).resolve()))
+                # torchrun's --module: each worker runs `python -m benchmarks.multi_gpu` from this directory, as
+                # this process does (run as a file, benchmarks/ would shadow packages such as `kernels`)
+                launch(n, [__spec__.name, *worker_args(args, stage, directory)], script="--module")
                 row = result(stage, n, directory, base)
             except (FluxtrtError, OSError, KeyError) as exc:
                 records.emit({"phase": "failed", "stage": stage, "n": n, "error": str(exc)})

@@ -1,6 +1,6 @@
 """Full-size random-weight Kontext edit on a GPU: fluxtrt's pipeline against diffusers' own on the same components.
 
-    python benchmarks/random_full_edit.py --out results.json [--steps 28] [--size 1024] [--model random-full]
+    python -m benchmarks.random_full_edit --out results.json [--steps 28] [--size 1024] [--model random-full]
 
 (``--model tiny --device cpu`` runs the same script in seconds, as a smoke test.)
 

@@ -110,10 +110,10 @@ def kernel_profile(call, top: int = 12) -> dict:
     }
 
 
-def build_then_measure(args, records: Records, build, measure, script: str) -> None:
+def build_then_measure(args, records: Records, build, measure, module: str) -> None:
     """``--phase all|build|measure`` of a build-and-time benchmark: the environment record (versions, GPU, fluxtrt
-    commit), then build, then measure in a fresh process (load time without the build's state) whose records are
-    appended to ``records``."""
+    commit), then build, then measure in a fresh process (``python -m MODULE``, so load time comes without the
+    build's state) whose records are appended to ``records``."""
     from fluxtrt.environment import environment
 
     records.emit({"phase": "environment", **environment(), "precision": args.precision})
@@ -121,7 +121,7 @@ def build_then_measure(args, records: Records, build, measure, script: str) -> N
         build(args, records)
     if args.phase == "all":
         part = args.out.with_suffix(".measure.json")
-        cmd = [sys.executable, script, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
+        cmd = [sys.executable, "-m", module, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
         if part.exists():
             for item in json.loads(part.read_text()):
@@ -147,10 +147,3 @@ def run_build(cmd: list[str], records: Records, out: Path) -> tuple[dict, float,
                       "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
         sys.exit(1)
     return json.loads((out / "manifest.json").read_text()), wall, tail
-
-
-def add_attention_shape_arguments(parser) -> None:
-    """--seq, --heads, --head-dim: one FLUX attention call at a 1024x1024 edit of a 1024x1024 reference by default."""
-    parser.add_argument("--seq", type=int, default=8704, help="tokens: 512 text + 2 x 4096 image at 1024x1024")
-    parser.add_argument("--heads", type=int, default=24)
-    parser.add_argument("--head-dim", type=int, default=128)

@@ -1,6 +1,6 @@
 """report.png again from a ``fluxtrt compare`` report.json, with matplotlib or Pillow.
 
-    python benchmarks/redraw_chart.py benchmarks/results/compare_h100/report.json \
+    python -m benchmarks.redraw_chart benchmarks/results/compare_h100/report.json \
         benchmarks/results/compare_h100/report_pillow.png --renderer pillow
 
 The bars are the report's: each contender's median-total run, split by component.
@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The slim VAE and the 24 GB mode on one GPU (DESIGN 12), as JSON lines.
 
-    PYTHONUNBUFFERED=1 python benchmarks/slim_vae_lowvram_gpu.py [--out DIR] [--parts edit,vae] [--runs 2]
+    PYTHONUNBUFFERED=1 python -m benchmarks.slim_vae_lowvram_gpu [--out DIR] [--parts edit,vae] [--runs 2]
 
 1. ``edit``: ``fluxtrt compare`` of stage ``4:lowvram=on`` (run first, as a process that starts with it would),
    stage ``4`` and stage ``4:vae=tiny`` on random-full at 1024x1024 (14 steps): per-edit time and per-component
@@ -26,11 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from records import Records, step_ms  # noqa: E402
+from benchmarks.records import Records, step_ms
 
 STAGES = ("4:lowvram=on", "4", "4:vae=tiny")
 

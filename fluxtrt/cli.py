@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+import typing
 from pathlib import Path
 
 import click
 
 from fluxtrt import __version__
+from fluxtrt.backends.base import DeclaredOption, declared_options
 from fluxtrt.config import (
     DEFAULT_FBC_THRESHOLD,
     DEVICES,
@@ -114,6 +116,41 @@ def sampler_options(f):
     return click.option("--scheduler", default="dpmpp-2m", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
 
 
+def backend_options(f):
+    """A flag per backend option, as the backends declare them (``fluxtrt.backends.base.option``): an option several
+    backends take (``--cuda-graph``) is one flag. Not given, each passes None (a plain on flag: False)."""
+    for declared in reversed(declared_options().values()):
+        if declared.flag is not None:
+            f = click.option(*declared.flag.decls, declared.name, help=declared.flag.help, **_click_type(declared))(f)
+    return f
+
+
+def _click_type(declared: DeclaredOption) -> dict:
+    """How click reads the option's value, by its declared type."""
+    if declared.type is bool:
+        return {"default": None} if "/" in declared.flag.decls[0] else {"is_flag": True}
+    if declared.type is Path:
+        return {"type": click.Path(path_type=Path), "default": None}
+    if typing.get_origin(declared.type) is tuple:  # a comma-separated list
+        return {"default": None, "callback": lambda ctx, param, text: _comma_list(text)}
+    return {"type": declared.type, "default": None}
+
+
+def _comma_list(text: str | None) -> tuple[str, ...] | None:
+    return tuple(c.strip() for c in text.split(",")) if text else None
+
+
+def given_options(values: dict) -> dict:
+    """The backend options given on the command line (those not left at None, and the plain on flags turned on),
+    each value checked as its declaration says (before the backend is asked whether it takes the option)."""
+    declared = declared_options()
+    plain = {n for n, d in declared.items() if d.type is bool and d.flag and "/" not in d.flag.decls[0]}
+    given = {k: v for k, v in values.items() if v is not None and not (k in plain and v is False)}
+    for name, value in given.items():
+        declared[name].flag.validate(value)
+    return given
+
+
 @click.group(cls=FluxtrtGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fluxtrt")
 @click.option("--verbose", is_flag=True, help="Show the full traceback of an error.")
@@ -126,9 +163,16 @@ def main(verbose: bool) -> None:
 @click.option(
     "--engines", type=click.Path(path_type=Path), default=None, help="An engines directory from `fluxtrt build`."
 )
-@click.option("--image", "image", required=True, type=click.Path(path_type=Path), help="Reference image to edit.")
-@click.option("--prompt", required=True, help="The edit instruction.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
+@click.option("--image", "image", type=click.Path(path_type=Path), help="Reference image to edit.")
+@click.option("--prompt", help="The edit instruction.")
+@click.option(
+    "--edits",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Many edits from one load: a JSON-lines "
+    "file, one {image, prompt, out[, seed, steps, guidance, size]} a line (instead of --image/--prompt/--out).",
+)
+@click.option("--out", type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
 @sampler_options
 @seed_option
@@ -154,11 +198,21 @@ def main(verbose: bool) -> None:
               "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
 @device_options
 @gpus_option
-def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc, vae,
-          low_vram, device, dtype, gpus):  # fmt: skip
+def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc,
+          vae, low_vram, device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
+    if edits is not None:
+        from fluxtrt.serve.edits import run_edits_command
+        from fluxtrt.serve.options import ServedSource
+
+        one = {"--image": image, "--prompt": prompt, "--out": out, "--height": height, "--width": width, "--gpus": gpus}
+        source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
+        return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance)
+    for name, value in (("--image", image), ("--prompt", prompt), ("--out", out)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}' (or give --edits FILE.jsonl).")
     config = InferConfig(
         model=model,
         engines=engines,
@@ -190,6 +244,48 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 
 
 @main.command()
+@click.option("--model", default=None, help=MODEL_HELP + " Or give --engines.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None, help="An engines directory to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (another than loopback "
+              "is reachable from the network: set --api-key-env).")  # fmt: skip
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on (0: a free one).")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; then 503.")
+@click.option("--max-batch", type=int, default=None, help="Images per engine call (default: the built batch; 1 "
+              "for --model).")  # fmt: skip
+@click.option("--api-key-env", default=None, metavar="VAR", help="Require 'Authorization: Bearer $VAR' on every "
+              "route but /health and the page.")  # fmt: skip
+@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request body.")
+@click.option("--max-pixels", type=int, default=4096 * 4096, show_default=True, help="Largest uploaded image.")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="Most steps a request may ask for.")
+@click.option("--keep-reference-size", is_flag=True, help="Use the uploaded image at its own size as the reference, "
+              "not at its closest ~1 MP Kontext size.")  # fmt: skip
+@click.option("--warmup-size", default=None, help="WIDTHxHEIGHT of the warm-up edits (default: the engines' opt "
+              "resolution, 1024x1024 for --model).")  # fmt: skip
+@click.option("--warmup-steps", type=int, default=2, show_default=True, help="Steps per warm-up edit (0: none).")
+@sampler_options
+@click.option("--fbc", default=None, help="Engines built with --first-block-cache: the threshold, or off.")
+@vae_option("Replace the model's VAE with the slim autoencoder: ")
+@click.option("--low-vram", is_flag=True, help="--model: the 24 GB mode of `fluxtrt infer`.")
+@device_options
+def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upload_mb, max_pixels, max_steps,
+          keep_reference_size, warmup_size, warmup_steps, scheduler, sigmas, steps, fbc, vae, low_vram, device,
+          dtype):  # fmt: skip
+    """Serve edits over HTTP: POST /v1/images/edits (OpenAI's Images API), a web page at /, /health, /ready,
+    /metrics, /docs. Loads and warms up once; SIGTERM finishes the requests taken and exits 0."""
+    from fluxtrt.console import err
+    from fluxtrt.serve.options import ServeConfig, ServedSource
+
+    source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
+    config = ServeConfig(source, SamplerConfig(scheduler, sigmas, steps), host, port, max_queue, max_batch,
+                         api_key_env, max_upload_mb, max_pixels, max_steps, keep_reference_size,
+                         Resolution.parse(warmup_size, "--warmup-size") if warmup_size else None,
+                         warmup_steps)  # fmt: skip
+    from fluxtrt.serve.server import serve as run_server
+
+    run_server(config, on_line=lambda line: err().print(line, markup=False, highlight=False, soft_wrap=True))
+
+
+@main.command()
 @model_option
 @click.option("--backend", default="onnxruntime", show_default=True,
               help="onnxruntime, aotinductor, tensorrt (TensorRT 10), tensorrt-rtx or onnx (no engine)")  # fmt: skip
@@ -211,31 +307,18 @@ def infer(model, engines, image, prompt, out, scheduler, sigmas, steps, seed, gu
 @click.option("--device", default="cpu", show_default=True, help="Where the model is loaded for export: cpu or cuda.")
 @click.option("--onnx-dir", type=click.Path(path_type=Path), default=None,
               help="Use DIR/<component>/model.onnx (same input/output names) instead of exporting.")  # fmt: skip
-@click.option("--workspace-gib", type=float, default=None, help="TensorRT builder workspace limit in GiB (default 8).")
-@click.option("--opt-level", type=int, default=None, help="TensorRT builder optimisation level 0-5 (default 3).")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache).")  # fmt: skip
 @click.option("--calibration-edits", type=int, default=8, show_default=True,
               help="fp8/fp4: calibration edits to run when no saved calibration fits.")  # fmt: skip
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
-@click.option("--aoti-weights", default=None, help="aotinductor: packaged (in the .pt2, default) or external "
-              "(<component>.safetensors beside a code-only package; for the full-size transformer).")  # fmt: skip
-@click.option("--cuda-graph", "--aoti-cuda-graph", "cuda_graph", is_flag=True,
-              help="aotinductor, tensorrt on cuda: replay the transformer step as a CUDA graph per shape.")  # fmt: skip
-@click.option("--aoti-fp8-attention/--aoti-no-fp8-attention", default=None,
-              help="aotinductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA). Default: on for "
-              "--precision fp8 on cuda when a kernel is available.")  # fmt: skip
-@click.option("--compute-capability", "compute_capability", default=None,
-              help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: this GPU if supported, else every "
-              "target that runs the precision).")  # fmt: skip
+@backend_options
 @vae_option("Build the VAE components from the slim autoencoder: ")
 @click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
               help="Build up to N components at once, in separate processes; each process loads its own copy of the "
               "model, so memory use grows with N.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
-          first_block_cache, force, device, onnx_dir, workspace_gib, opt_level, timing_cache, calibration_edits,
-          calibration, aoti_weights, cuda_graph, aoti_fp8_attention, compute_capability, vae, jobs):  # fmt: skip
+          first_block_cache, force, device, onnx_dir, calibration_edits, calibration, vae, jobs,
+          **options):  # fmt: skip
     """Export every component to ONNX and build an engine per component, with a manifest."""
     config = BuildConfig(
         model=model,
@@ -250,15 +333,9 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         force=force,
         device=device,
         onnx_dir=onnx_dir,
-        workspace_gib=workspace_gib,
-        opt_level=opt_level,
-        timing_cache=timing_cache,
         calibration_edits=calibration_edits,
         calibration=calibration,
-        aoti_weights=aoti_weights,
-        cuda_graph=cuda_graph,
-        aoti_fp8_attention=aoti_fp8_attention,
-        compute_capabilities=tuple(c.strip() for c in compute_capability.split(",")) if compute_capability else None,
+        options=given_options(options),
         first_block_cache=first_block_cache,
         vae=vae,
         jobs=jobs,

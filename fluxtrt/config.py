@@ -5,7 +5,8 @@ Validation that needs no model happens here, before anything heavy is loaded, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxtrt.errors import InputError
@@ -270,18 +271,11 @@ class BuildConfig:
         device: where the model is loaded for export (``cuda`` for bf16 at full size).
         onnx_dir: use ``<onnx_dir>/<component>/model.onnx`` (exported elsewhere, same input/output names) instead
             of exporting.
-        workspace_gib, opt_level: TensorRT's builder workspace limit and optimisation level (None: its defaults).
-        timing_cache: TensorRT's timing cache file (None: ``~/.cache/fluxtrt/tensorrt/timing.cache``).
         calibration_edits: fp8/fp4: calibration edits run when no saved calibration fits.
         calibration: fp8/fp4: a calibration file (from an earlier build's ``calibration/``) to use instead.
-        aoti_weights: AOTInductor: ``packaged`` (weights inside the .pt2) or ``external`` (code-only package plus
-            ``<component>.safetensors``: what a 12B transformer needs to fit the disk and load quickly).
-        cuda_graph: on CUDA, the transformer's runner replays a CUDA graph per input shape (aotinductor,
-            tensorrt).
-        aoti_fp8_attention: AOTInductor: the transformer's attention on FP8 Q/K/V (FA3 or cuDNN FP8 SDPA); None:
-            on for an fp8 build on CUDA where a kernel is available.
-        compute_capabilities: TensorRT-RTX: the GPUs to build for, as "8.9"; None: the current GPU where TensorRT-RTX
-            supports it, else every target that runs the precision.
+        options: the backend's options given (by field name of its options class, e.g. ``{"weights": "external"}``
+            for ``--aoti-weights external``; each backend declares its own, with flag, default and validation). The
+            backend turns them into its typed options and refuses one it does not have.
         vae: the slim autoencoder built in place of the model's VAE: ``tiny`` or an AutoencoderTiny directory.
         jobs: components built at once, each in a worker process of its own that loads its own copy of the model
             (``fluxtrt.engines.build``); 1 builds them one after another in this process.
@@ -299,34 +293,21 @@ class BuildConfig:
     force: bool = False
     device: str = "cpu"
     onnx_dir: Path | None = None
-    workspace_gib: float | None = None
-    opt_level: int | None = None
-    timing_cache: Path | None = None
     calibration_edits: int = 8
     calibration: Path | None = None
-    aoti_weights: str | None = None
-    cuda_graph: bool = False
-    aoti_fp8_attention: bool | None = None
-    compute_capabilities: tuple[str, ...] | None = None
+    options: Mapping[str, object] = field(default_factory=dict)
     first_block_cache: bool = False
     vae: str | None = None
     jobs: int = 1
 
-    def backend_options(self) -> dict:
-        """The backend settings given on the command line (None and False mean not given), by option name; the
-        backend turns them into its typed options and refuses one it does not have."""
-        given = {"workspace_gib": self.workspace_gib, "opt_level": self.opt_level, "timing_cache": self.timing_cache,
-                 "weights": self.aoti_weights, "cuda_graph": self.cuda_graph or None,
-                 "fp8_attention": self.aoti_fp8_attention,
-                 "compute_capabilities": self.compute_capabilities}  # fmt: skip
-        return {k: str(v) if isinstance(v, Path) else v for k, v in given.items() if v is not None}
+    def backend_options(self) -> dict[str, object]:
+        """The backend options given (None means not given), by option name."""
+        return {k: v for k, v in self.options.items() if v is not None}
 
     def __post_init__(self) -> None:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--device", self.device, DEVICES)
         check_vae_option(self.vae)
-        if self.aoti_weights is not None:
-            _one_of("--aoti-weights", self.aoti_weights, ("packaged", "external"))
         if self.calibration_edits < 1:
             raise InputError(
                 f"--calibration-edits is {self.calibration_edits}, expected an integer >= 1: pass e.g. "

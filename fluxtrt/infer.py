@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fluxtrt.config import InferConfig
 from fluxtrt.environment import check_device
 from fluxtrt.errors import FluxtrtError
 from fluxtrt.io import atomic_write
-from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult
+from fluxtrt.models.options import ModelOptions
+from fluxtrt.pipeline.first_block_cache import CacheStats
+from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult, KontextPipeline
+from fluxtrt.pipeline.model import ModelSource
 
 
 @dataclass
 class InferReport:
-    """An edit written to disk: the pipeline's result plus model load time, and the first-block cache's counts
-    (``fluxtrt.pipeline.first_block_cache.CacheStats``) and threshold when the engines run it."""
+    """An edit written to disk: the pipeline's result plus model load time, and the first-block cache's counts and
+    threshold when the engines run it."""
 
     result: EditResult
     load_s: float
     model: str
     device: str
     dtype: str
-    cache: Any = None
+    cache: CacheStats | None = None
     fbc_threshold: float | None = None
 
 
@@ -48,16 +53,18 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     from fluxtrt.pipeline.image import load_image
 
     device = config.resolved_device
+    source = pipeline_source(config, device)
     check_device(device)
     image, image_notices = load_image(config.image)
-    world = None
+    world = split = None
     if config.gpus > 1:
-        from fluxtrt.parallel.context import init_world
+        from fluxtrt.parallel.context import enable_context_parallel, init_world
 
         world = init_world(config.gpus, device)
+        split = functools.partial(enable_context_parallel, world=world)
     try:
         t0 = time.perf_counter()
-        pipeline, source = _load_pipeline(config, device, world)
+        pipeline = source.load(prepare=split)
         load_s = time.perf_counter() - t0
         with pipeline:
             if world is not None:
@@ -76,51 +83,56 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
             world.close()
     dtype = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(pipeline.dtype), str(pipeline.dtype))
     where = device if world is None else f"{world.size} x {device} (context parallel)"
-    stats = getattr(pipeline.runners["transformer"], "stats", None)  # engines built with --first-block-cache
-    cache = stats() if stats is not None else None
-    threshold = pipeline.runners["transformer"].threshold if cache is not None else None
-    return InferReport(result, load_s, source, where, dtype, cache, threshold)
+    cache = pipeline.first_block_cache  # engines built with --first-block-cache
+    if cache is None:
+        return InferReport(result, load_s, source.name, where, dtype)
+    return InferReport(result, load_s, source.name, where, dtype, cache.stats(), cache.threshold)
 
 
-def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, str]:
-    """The pipeline of an edit and what it runs (engines or a model, its transformer split over ``world``)."""
-    from fluxtrt.models import load_components
-    from fluxtrt.pipeline.kontext import KontextPipeline
+@dataclass(frozen=True)
+class EngineSource:
+    """A pipeline's engines (``infer --engines``), loaded by ``fluxtrt.engines.load.load_engine_pipeline``.
 
-    if config.engines is not None:
+    Args:
+        path: the engines directory.
+        device: where they run.
+        fbc_threshold: the first-block cache's threshold where the engines hold the transformer's parts (None: off).
+        require_fbc: raise when they do not (the threshold was given explicitly).
+    """
+
+    path: Path
+    device: str
+    fbc_threshold: float | None
+    require_fbc: bool
+
+    @property
+    def name(self) -> str:
+        """What the pipeline runs, for the report."""
+        return f"engines {self.path}"
+
+    def load(self, prepare: Callable[[Any], None] | None = None) -> KontextPipeline:
+        """Load the engines. ``prepare`` must be None: engines hold no transformer module (``InferConfig`` refuses
+        ``--gpus`` with ``--engines``).
+
+        Raises:
+            FluxtrtError: as ``load_engine_pipeline``.
+        """
         from fluxtrt.engines.load import load_engine_pipeline
 
-        pipeline = load_engine_pipeline(config.engines, device, config.fbc_threshold, config.fbc is not None)
-        return pipeline, f"engines {config.engines}"
+        if prepare is not None:
+            raise ValueError("engines hold no transformer module to prepare")
+        return load_engine_pipeline(self.path, self.device, self.fbc_threshold, self.require_fbc)
+
+
+def pipeline_source(config: InferConfig, device: str) -> EngineSource | ModelSource:
+    """What the edit's pipeline loads, as the narrow options of the layer that loads it: the engines, or the model
+    (in the 24 GB mode when asked). ``config`` is an ``InferConfig`` or anything with its source fields (``engines``,
+    ``fbc``, ``fbc_threshold``, ``low_vram``, ``model``, ``resolved_dtype``, ``vae``), as ``fluxtrt serve``'s."""
+    if config.engines is not None:
+        return EngineSource(config.engines, device, config.fbc_threshold, config.fbc is not None)
     if config.low_vram:
-        return low_vram_pipeline(config, device), f"{config.model} (low-VRAM)"
-    components = load_components(config.model, device, config.resolved_dtype, seed=0, vae=config.vae)
-    if world is not None:
-        from fluxtrt.parallel.context import enable_context_parallel
-
-        enable_context_parallel(components.transformer, world)
-    return KontextPipeline.from_components(components), config.model
-
-
-def low_vram_pipeline(config: InferConfig, device: str) -> Any:
-    """The 24 GB mode's pipeline (DESIGN 13): eager, FP8 transformer linears quantized block by block as they reach
-    the GPU (required on CUDA: a bf16 transformer does not fit), text encoders streamed from the host, the VAE tiled
-    above 1024 px a side. On the CPU nothing is quantized and the placement changes nothing but the order of work.
-
-    Raises:
-        DeviceError, MissingDependencyError: on CUDA, no FP8 linears (a GPU below sm89, or no torchao).
-    """
-    from fluxtrt.pipeline.kontext import KontextPipeline
-    from fluxtrt.stages.config import StageConfig
-    from fluxtrt.stages.lowvram import load_low_vram
-
-    cuda = device.startswith("cuda")
-    stage = StageConfig("infer:lowvram=on", quant="fp8" if cuda else None, low_vram=True,
-                        vae="tiny" if config.vae is not None else "full")  # fmt: skip
-    staged = load_low_vram(config.model, device, config.resolved_dtype, stage, tiny_vae=config.vae or "tiny",
-                           strict=cuda)  # fmt: skip
-    applied = staged.apply(stage, strict=cuda)
-    return KontextPipeline.from_components(staged.components, runners=applied.runners)
+        return ModelSource(ModelOptions.low_vram_mode(config.model, device, config.resolved_dtype, vae=config.vae))
+    return ModelSource(ModelOptions(config.model, device, config.resolved_dtype, vae=config.vae))
 
 
 # Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.

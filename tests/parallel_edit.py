@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest, 
 
 from fluxtrt.config import SamplerConfig
 from fluxtrt.models import load_components
-from fluxtrt.parallel.context import attach_processors, enable_context_parallel, init_world, restrict_stage
+from fluxtrt.parallel.context import attach_processors, enable_context_parallel, init_world
 from fluxtrt.pipeline.kontext import KontextPipeline
 from fluxtrt.stages.apply import StagedModel
-from fluxtrt.stages.config import stage_config
+from fluxtrt.stages.config import restrict_stage, stage_config
 from tests.conftest import make_image
 
 # The edit of test_parallel.py's single-process reference: the same image, prompt, seed and size.

@@ -286,7 +286,7 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     config = BuildConfig(model="tiny", backend="aotinductor", precision="fp8", out=tmp_path / "engines",
                          min_resolution=Resolution(64, 64), opt_resolution=Resolution(128, 128),
                          max_resolution=Resolution(160, 160), components=("transformer",), calibration=scales,
-                         aoti_weights="external")  # fmt: skip
+                         options={"weights": "external"})  # fmt: skip
     entry = build_engines(config).manifest.components["transformer"]
     names = quantized_linears(fp32.transformer)
     # Counted: each attention's three Q/K/V projections (and three added ones in double blocks) become one fused

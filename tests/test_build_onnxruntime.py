@@ -203,8 +203,16 @@ def test_corrupt_onnx_engine_file_with_matching_record_is_refused_by_onnxruntime
     manifest = Manifest.load(engines_copy)
     manifest.components["clip"].engine = FileRecord.of(engines_copy, engine)
     manifest.save(engines_copy)
-    with pytest.raises(EngineError, match="ONNX Runtime cannot load .*clip.onnx"):
+    with pytest.raises(EngineError, match="ONNX Runtime cannot load .*clip.onnx") as info:
         load_engine_pipeline(engines_copy, "cpu")
+    assert "tokenizer" not in str(info.value)  # the tokenizers beside it are fine
+
+
+def test_unreadable_tokenizers_beside_good_engines_are_named(engines_copy):
+    (engines_copy / "tokenizer_2" / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(EngineError, match="the tokenizers beside the engines cannot be read") as info:
+        load_engine_pipeline(engines_copy, "cpu")
+    assert ".onnx" not in str(info.value)
 
 
 @pytest.mark.parametrize("case", ["missing", "unparsable", "other backend", "other format", "no directory"])
@@ -373,7 +381,8 @@ def test_build_prints_results_on_stdout_and_timed_progress_on_stderr(engines_cop
 
 def test_build_report_shows_no_onnx_size_for_a_backend_without_onnx(capsys):
     from fluxtrt.console import print_build_report
-    from fluxtrt.engines.build import BuildReport, ComponentResult
+    from fluxtrt.engines.build import BuildReport
+    from fluxtrt.engines.plan import ComponentResult
 
     manifest = Manifest("aotinductor", "2.13", "bf16", "0", {"source": "tiny"}, {}, {}, {})
     results = [ComponentResult("clip", "built", 1.0, 0, 2**21), ComponentResult("t5", "built", 1.0, 2**20, 2**21)]
@@ -393,11 +402,9 @@ def test_build_into_foreign_directory_is_refused(tmp_path):
 
 
 def test_backend_options_reach_the_build_settings(tmp_path):
-    config = tiny_config(tmp_path / "e", aoti_weights="external", workspace_gib=4.0)
+    config = tiny_config(tmp_path / "e", options={"weights": "external", "workspace_gib": 4.0})
     assert config.backend_options() == {"weights": "external", "workspace_gib": 4.0}
     assert tiny_config(tmp_path / "e").backend_options() == {}
-    # An explicit "off" is a setting too (it differs from the precision's default).
-    assert tiny_config(tmp_path / "e", aoti_fp8_attention=False).backend_options() == {"fp8_attention": False}
     # A backend refuses the options of another, before loading anything.
     with pytest.raises(InputError, match="--aoti-weights is not an option of the onnxruntime backend"):
         build_engines(config)

@@ -1,10 +1,12 @@
 """The package layout of docs/DESIGN.md (Layers): every import in fluxtrt/, at module level or inside a function,
-goes down the layer order (or stays inside its own package), and the size budget holds (modules of at most 400
+goes down the layer order (or stays inside its own package), the modules of one package import each other without
+a cycle, the product never imports the stages or the benchmark, and the size budget holds (modules of at most 400
 lines, functions of at most 60 lines of code unless a ``# long:`` comment on the ``def`` line says why)."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -24,12 +26,17 @@ LAYERS = (
     ("backends",),
     ("pipeline",),
     ("engines",),
-    ("stages",),
     ("console", "parallel"),
-    ("infer", "bench"),
+    ("infer",),
+    ("serve",),
+    ("stages",),
+    ("bench",),
     ("cli",),
     ("__main__",),
 )
+# The lab: the PyTorch stages and the comparison (and the command line over everything). No other unit, the product,
+# imports them.
+LAB = ("stages", "bench", "cli", "__main__")
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
@@ -80,6 +87,97 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     path = tmp_path / "m.py"
     path.write_text("def f():\n    from fluxtrt.cli import main\n    import fluxtrt.bench.compare\n")
     assert _imports(path) == [(2, "fluxtrt.cli"), (3, "fluxtrt.bench.compare")]
+
+
+def _imported_modules(path: Path, modules: Iterable[str]) -> list[tuple[int, str]]:
+    """(line, fluxtrt module) of every import in the file, nested ones included; ``from package import module``
+    names the module, ``from module import name`` the module."""
+    modules = set(modules)
+
+    def module_of(name: str) -> str:
+        while name not in modules and "." in name:
+            name = name.rpartition(".")[0]
+        return name
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, module_of(a.name)) for a in node.names if a.name.split(".")[0] == "fluxtrt"]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "fluxtrt":
+            found += [(node.lineno, module_of(f"{node.module}.{a.name}")) for a in node.names]
+    return found
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``edges`` (module -> modules it imports): each strongly connected set of more than one
+    module, sorted (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(a: str) -> None:
+        index[a] = low[a] = len(index)
+        stack.append(a)
+        for b in sorted(edges.get(a, ())):
+            if b not in index:
+                visit(b)
+                low[a] = min(low[a], low[b])
+            elif b in stack:
+                low[a] = min(low[a], index[b])
+        if low[a] == index[a]:
+            component = []
+            while True:
+                b = stack.pop()
+                component.append(b)
+                if b == a:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for a in sorted(edges):
+        if a not in index:
+            visit(a)
+    return sorted(found)
+
+
+def test_the_cycle_finder_finds_loops_and_only_loops():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": {"e"}, "e": {"d"}, "f": {"a"}}
+    assert _cycles(edges) == [["a", "b", "c"], ["d", "e"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "f": {"a", "c"}}) == []
+
+
+def test_modules_of_one_package_import_each_other_without_a_cycle():
+    modules = _modules()
+    edges: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        for _, target in _imported_modules(path, modules):
+            if target != module and _unit(target) == _unit(module):
+                edges.setdefault(module, set()).add(target)
+    cycles = _cycles(edges)
+    assert not cycles, "module cycles (imports inside functions count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_product_imports_neither_the_stages_nor_the_benchmark():
+    modules = _modules()
+    violations = []
+    for module, path in modules.items():
+        if _unit(module) in LAB:
+            continue
+        for line, target in _imported_modules(path, modules):
+            if _unit(target) in ("stages", "bench"):
+                violations.append(f"{path.relative_to(ROOT.parent)}:{line}: imports {target}")
+    assert not violations, "the product imports the lab:\n" + "\n".join(violations)
+
+
+def test_the_import_reader_names_modules_and_sees_imports_inside_functions(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        "from fluxtrt.models import lowvram, load_components\ndef f():\n    from fluxtrt.stages.config import X\n"
+    )
+    modules = ["fluxtrt.models", "fluxtrt.models.lowvram", "fluxtrt.stages", "fluxtrt.stages.config"]
+    got = _imported_modules(path, modules)
+    assert got == [(1, "fluxtrt.models.lowvram"), (1, "fluxtrt.models"), (3, "fluxtrt.stages.config")]
 
 
 def _long_functions(path: Path) -> list[str]:

@@ -29,8 +29,8 @@ def test_two_processes_give_the_latents_of_one(tiny_pipeline, tmp_path):
     over keys ([text_0, image_0, text_1, image_1] instead of [text, image]), so the two agree to float32 rounding,
     not bit for bit; the regionally compiled stage (fused QKV, aot_eager) is split the same way."""
     from fluxtrt.config import SamplerConfig
-    from fluxtrt.parallel.context import FBC_OFF
     from fluxtrt.parallel.launch import launch
+    from fluxtrt.stages.config import FBC_OFF
     from tests.parallel_edit import EDIT
 
     out = tmp_path / "latents.pt"
@@ -68,7 +68,7 @@ def test_compare_gpus_2_names_what_it_switched_off(tmp_path):
     """Stage 1 on two CPU processes: the first-block cache is off and says why; the split is among what is on."""
     import json
 
-    from fluxtrt.parallel.context import FBC_OFF
+    from fluxtrt.stages.config import FBC_OFF
 
     report = tmp_path / "report"
     stage = "1:compile=off:vae=off"
@@ -132,8 +132,7 @@ def test_heads_must_split_over_the_processes(tiny):
 
 
 def test_restrict_stage_switches_off_what_cannot_split():
-    from fluxtrt.parallel.context import FBC_OFF, FP8_ATTENTION_OFF, LOW_VRAM_OFF, restrict_stage
-    from fluxtrt.stages.config import stage_config
+    from fluxtrt.stages.config import FBC_OFF, FP8_ATTENTION_OFF, LOW_VRAM_OFF, restrict_stage, stage_config
 
     config, notes = restrict_stage(stage_config("4"))
     assert notes == [FBC_OFF, FP8_ATTENTION_OFF]

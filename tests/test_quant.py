@@ -91,7 +91,7 @@ def consumers(model, value_name: str) -> list:
 
 
 def test_quantized_linears_are_the_token_linears(tiny):
-    from fluxtrt.stages.torchao_linears import token_linear_filter
+    from fluxtrt.models.torchao_linears import token_linear_filter
 
     names = quantized_linears(tiny.transformer)
     keep = token_linear_filter(tiny.transformer)
@@ -479,7 +479,7 @@ def test_calibration_from_another_model_or_precision(calibration, tmp_path, fing
 
 
 def test_fp4_torchao_path_needs_an_fp4_gpu(tiny):
-    from fluxtrt.stages.torchao_linears import quantize_transformer
+    from fluxtrt.models.torchao_linears import quantize_transformer
 
     transformer = copy.deepcopy(tiny.transformer)
     with pytest.raises(DeviceError, match="FP4 linears are unavailable on cpu"):

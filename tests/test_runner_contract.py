@@ -11,17 +11,23 @@ runner refuses to run, loads again and computes the same).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fluxtrt.backends.base import BACKENDS
+from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX
 from fluxtrt.errors import DeviceMismatchError, EngineError, ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution
 from fluxtrt.specs.flux import component_dims, dims_from_components
 from tests.conftest import AOTI_GEOMETRIES, ORT_MIN_RES
 
 ORT_GEOMETRIES = [(1, ORT_MIN_RES, ORT_MIN_RES), (2, Resolution(384, 272), Resolution(272, 400))]
+
+
+FLAVOURS = {"tensorrt": TENSORRT, "tensorrt-rtx": TENSORRT_RTX}
+TRT_GEOMETRIES = [(1, ORT_MIN_RES, ORT_MIN_RES), (2, Resolution(384, 272), Resolution(272, 400))]
 
 
 def _runners(backend: str, request):
@@ -39,20 +45,52 @@ def _runners(backend: str, request):
         return pipeline.runners, ORT_GEOMETRIES, (3, ORT_MIN_RES, ORT_MIN_RES)  # max batch 2
     if backend == "aotinductor":
         return request.getfixturevalue("aoti_engines"), AOTI_GEOMETRIES, (1, Resolution(192, 128), Resolution(192, 128))
-    if backend == "onnx":
-        pytest.skip("the onnx backend writes ONNX only, no engine to run")
-    if backend == "tensorrt-rtx":
-        pytest.skip("TensorRT-RTX plans run only on GPUs of compute capability 8.0, 8.6, 8.9, 12.0 or 12.1; none here")
-    pytest.skip(f"no tiny {backend} engines here: {backend} builds and runs only on a GPU")
+    if backend in FLAVOURS:
+        return _trt_runners(backend, request), TRT_GEOMETRIES, (3, ORT_MIN_RES, ORT_MIN_RES)
+    pytest.skip(f"the {backend} backend writes ONNX only, no engine to run")
+
+
+def _trt_runners(backend: str, request):
+    """The tiny fp32 engines of a TensorRT flavour, built on this GPU (once per session), loaded on it."""
+    from fluxtrt.engines.build import build_engines
+    from fluxtrt.engines.load import load_engine_pipeline
+    from tests.conftest import ort_config
+
+    out = request.getfixturevalue("tmp_path_factory").getbasetemp() / f"tiny-{backend}"
+    if not (out / "manifest.json").exists():
+        build_engines(replace(ort_config(out), backend=backend, device="cuda"))
+    pipeline = load_engine_pipeline(out, "cuda")
+    request.addfinalizer(pipeline.close)
+    return pipeline.runners
+
+
+def _cannot_run(backend: str) -> str | None:
+    """Why this machine cannot run ``backend``'s engines (the library or GPU it lacks), or None."""
+    if backend not in FLAVOURS:
+        return None
+    flavour = FLAVOURS[backend]
+    if importlib.util.find_spec(flavour.module) is None:
+        return f"{backend}: its library, the Python module {flavour.module}, is not installed ({flavour.install})"
+    gpu = "a CUDA GPU"
+    if flavour.runs_on:
+        gpu += f" of compute capability {', '.join(f'{sm // 10}.{sm % 10}' for sm in flavour.runs_on)}"
+    if not torch.cuda.is_available():
+        return f"{backend}: {flavour.module} is installed but its engines build and run on {gpu}; there is no GPU here"
+    major, minor = torch.cuda.get_device_capability()
+    if flavour.runs_on and major * 10 + minor not in flavour.runs_on:
+        return f"{backend}: {flavour.module} is installed but its runtime needs {gpu}; this one is {major}.{minor}"
+    return None
 
 
 def _params() -> list:
-    """torch, then every registered engine backend, each with what it needs to run here."""
+    """torch, then every registered engine backend, each with what it needs to run here (a skip naming what is
+    missing otherwise)."""
     params = [pytest.param("torch", id="torch")]
     for name in BACKENDS:
         marks = [pytest.mark.slow] if name == "aotinductor" else []
-        if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-            marks.append(pytest.mark.skip(reason="tensorrt is not installed (NVIDIA's package index or docker/)"))
+        reason = _cannot_run(name)
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
         params.append(pytest.param(name, marks=marks, id=name))
     return params
 
@@ -62,12 +100,13 @@ def _params() -> list:
 def test_runner_contract(request, backend, name):
     runners, geometries, outside = _runners(backend, request)
     runner = runners[name]
+    device = "cuda" if backend in FLAVOURS else "cpu"
     dims = dims_from_components(request.getfixturevalue("tiny"))
     spec = runner.spec
     outputs = []
     for batch, target, ref in geometries:
         values = component_dims(name, dims, batch, target, ref)
-        feed = spec.sample_feed(values, torch.float32)
+        feed = spec.sample_feed(values, torch.float32, device)
         out = runner.infer(feed)
         assert list(out) == list(spec.output_names)
         for t in spec.outputs:
@@ -84,7 +123,7 @@ def test_runner_contract(request, backend, name):
         runner.infer({k: v for k, v in feed.items() if k != first.name})
     with pytest.raises(ShapeError, match="rank"):
         runner.infer({**feed, first.name: feed[first.name][None]})
-    with pytest.raises(DeviceMismatchError, match=f"{name}.{first.name} is on meta, expected cpu"):
+    with pytest.raises(DeviceMismatchError, match=f"{name}.{first.name} is on meta, expected {device}"):
         runner.infer({**feed, first.name: feed[first.name].to("meta")})
     if outside is not None:
         values = component_dims(name, dims, *outside)
@@ -92,7 +131,7 @@ def test_runner_contract(request, backend, name):
         if beyond:  # the text encoders do not see image sizes
             with pytest.raises(ShapeError, match=rf"{name}: {beyond[0]} is {values[beyond[0]]} but the engine was "
                                                  r"built for .* in \[\d+, \d+\]: rebuild with --"):  # fmt: skip
-                runner.infer(spec.sample_feed(values, torch.float32))
+                runner.infer(spec.sample_feed(values, torch.float32, device))
 
     # Lifecycle: closed, the runner refuses; loaded again (also as a context manager), it computes the same.
     runner.close()

@@ -4,6 +4,7 @@ without TensorRT, README commands, the Dockerfile), then build + run + parity on
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shlex
 import shutil
@@ -186,7 +187,7 @@ def test_plan_options_and_external_data(tmp_path, monkeypatch):
     assert plan.timing_cache == str(tmp_path / "xdg" / "fluxtrt" / "tensorrt" / "timing.cache")
     assert plan.onnx_path == str(onnx_path)
     (onnx_path.parent / "model.onnx_data").write_bytes(b"\0" * 16)
-    options = TensorRTOptions(opt_level=5, workspace_gib=1.5, timing_cache=str(tmp_path / "tc"))
+    options = TensorRTOptions(opt_level=5, workspace_gib=1.5, timing_cache=tmp_path / "tc")
     plan = build_plan(spec, onnx_path, "bf16", profile, options)
     assert (plan.opt_level, plan.workspace_bytes, plan.timing_cache) == (5, 3 * 2**29, str(tmp_path / "tc"))
     assert plan.external_data == ("model.onnx_data",)
@@ -288,11 +289,13 @@ def test_onnx_dir_with_other_names_or_missing_component_is_refused(tmp_path):
 
 
 def test_backend_options_reach_the_job_and_the_settings():
-    config = BuildConfig(model="tiny", backend="tensorrt", precision="bf16", out=Path("x"), workspace_gib=4.0,
-                         opt_level=5, timing_cache=Path("/tmp/tc"))  # fmt: skip
-    assert config.backend_options() == {"workspace_gib": 4.0, "opt_level": 5, "timing_cache": "/tmp/tc"}
+    given = {"workspace_gib": 4.0, "opt_level": 5, "timing_cache": Path("/tmp/tc")}
+    config = BuildConfig(model="tiny", backend="tensorrt", precision="bf16", out=Path("x"), options=given)
+    assert config.backend_options() == given
     options = TensorRTBackend().options(config.backend_options())
-    assert options == TensorRTOptions(workspace_gib=4.0, opt_level=5, timing_cache="/tmp/tc")
+    assert options == TensorRTOptions(workspace_gib=4.0, opt_level=5, timing_cache=Path("/tmp/tc"))
+    # As the manifest's settings hold them (JSON), they read back as the same typed options.
+    assert TensorRTBackend().options(json.loads(json.dumps(options.to_dict()))) == options
     plan = build_plan(*full_profile("clip")[:1], stub_onnx(Path(tempfile.mkdtemp()) / "model.onnx",
                       component_specs(FULL)["clip"]), "bf16", full_profile("clip")[1], options)  # fmt: skip
     assert (plan.workspace_bytes, plan.opt_level, plan.timing_cache) == (4 * 2**30, 5, "/tmp/tc")
@@ -370,7 +373,7 @@ def check_command(command: str) -> None:
             assert opt in known, f"'{command}': fluxtrt {words[0]} has no option {opt}"
 
 
-@pytest.mark.parametrize("readme", ["README.md", "docker/README.md"])
+@pytest.mark.parametrize("readme", ["README.md", "docs/USAGE.md", "docker/README.md"])
 def test_readme_commands_exist_in_the_cli(readme):
     commands = readme_commands((ROOT / readme).read_text())
     assert commands, f"{readme} shows no fluxtrt command"
@@ -478,7 +481,9 @@ def trt_and_ort(tmp_path_factory):
     root = tmp_path_factory.mktemp("trt")
     common = dict(model="tiny", precision="fp32", min_resolution=TINY_MIN, max_batch=2)
     build_engines(BuildConfig(backend="onnxruntime", out=root / "ort", **common))
-    build_engines(BuildConfig(backend="tensorrt", out=root / "trt", device="cuda", timing_cache=root / "tc", **common))
+    cache = {"timing_cache": root / "tc"}
+    trt = BuildConfig(backend="tensorrt", out=root / "trt", device="cuda", options=cache, **common)
+    build_engines(trt)
     return root, load_engine_pipeline(root / "trt", "cuda"), load_engine_pipeline(root / "ort", "cpu")
 
 

@@ -256,9 +256,9 @@ def test_missing_package_message_reads_as_an_instruction(monkeypatch):
 
 def test_options_of_another_backend_are_refused(tmp_path):
     with pytest.raises(InputError, match="--workspace-gib is not an option of the tensorrt-rtx backend"):
-        build(tmp_path / "e", workspace_gib=4.0)
+        build(tmp_path / "e", options={"workspace_gib": 4.0})
     with pytest.raises(InputError, match="--compute-capability is not an option of the aotinductor backend"):
-        build(tmp_path / "e", backend="aotinductor", compute_capabilities=("8.9",))
+        build(tmp_path / "e", backend="aotinductor", options={"compute_capabilities": ("8.9",)})
     assert not (tmp_path / "e").exists()
 
 

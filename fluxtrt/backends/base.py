@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import types
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.errors import InputError
 from fluxtrt.specs.component import ComponentSpec
+
+if TYPE_CHECKING:
+    import torch
 
 # name -> "module:Class", imported only when asked for, so `import fluxtrt` never pulls a backend's library.
 BACKENDS = {
@@ -34,43 +39,137 @@ Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 # What a backend recorded about one engine (versions, GPU, kernels chosen, counts): JSON-able, kept in the manifest.
 Record = dict[str, Any]
 
-# Option name -> the command-line flag that sets it, for messages.
-OPTION_FLAGS = {
-    "workspace_gib": "--workspace-gib",
-    "opt_level": "--opt-level",
-    "timing_cache": "--timing-cache",
-    "weights": "--aoti-weights",
-    "cuda_graph": "--cuda-graph",
-    "fp8_attention": "--aoti-fp8-attention",
-    "inductor_configs": "inductor_configs",
-    "compute_capabilities": "--compute-capability",
-}
+# A backend option's value, as the command line, the code and the manifest give it.
+OptionValue = str | int | float | bool | Path | tuple[str, ...] | dict[str, object] | None
+OptionsT = TypeVar("OptionsT", bound="BackendOptions")
+
+
+@dataclass(frozen=True)
+class OptionFlag:
+    """How ``fluxtrt build`` sets one backend option: its click declarations (``--aoti-weights``; aliases
+    ``--cuda-graph``, ``--aoti-cuda-graph``; an on/off pair ``--aoti-fp8-attention/--aoti-no-fp8-attention``), its
+    help, and what a value must be (``choices``; ``check`` raises InputError for a bad one)."""
+
+    decls: tuple[str, ...]
+    help: str
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The flag messages name, e.g. ``--aoti-weights``."""
+        return self.decls[0].split("/")[0]
+
+    def validate(self, value: Any) -> None:
+        """Raise InputError naming the flag unless ``value`` (not None) is one this option takes."""
+        if self.choices and value not in self.choices:
+            raise InputError(f"{self.name} is '{value}', expected one of {', '.join(map(str, self.choices))}")
+        if self.check is not None:
+            self.check(value)
+
+
+def option(default: OptionValue, *decls: str, help: str, choices: tuple[str, ...] = (),
+           check: Callable[[Any], None] | None = None) -> Any:  # fmt: skip
+    """A field of a ``BackendOptions`` class that ``fluxtrt build`` sets with the flag ``decls``: the one place the
+    option is declared (type: the field's annotation; default; flag; help; validation)."""
+    return field(default=default, metadata={"flag": OptionFlag(decls, help, choices, check)})
+
+
+def cuda_graph_option() -> Any:
+    """``--cuda-graph``, one flag for every backend whose runner can replay CUDA graphs."""
+    return option(
+        False,
+        "--cuda-graph",
+        "--aoti-cuda-graph",
+        help="aotinductor, tensorrt on cuda: replay the transformer step as a CUDA graph per shape.",
+    )
+
+
+@dataclass(frozen=True)
+class DeclaredOption:
+    """One option as a backend declares it: field name, type (``None`` left out of an optional one), flag (None: set
+    from code only) and default."""
+
+    name: str
+    type: Any
+    flag: OptionFlag | None
+    default: Any
+
+
+def _value_type(annotation: Any) -> Any:
+    """``float | None`` -> float; anything else as it is."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _coerce(kind: Any, value: Any) -> Any:
+    """``value`` as given in code or read from JSON, as ``kind``: a list becomes a tuple, a string a Path."""
+    if value is None:
+        return None
+    if kind is Path:
+        return Path(value)
+    if typing.get_origin(kind) is tuple:
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """A backend's settings. Subclasses are frozen dataclasses whose fields have defaults; a name that is not a
-    field is an error, never ignored."""
+    """A backend's settings, each field declared once with ``option`` (flag, help, validation). Subclasses are
+    frozen dataclasses whose fields have defaults; a name that is not a field is an error, never ignored."""
 
     @classmethod
-    def from_dict(cls, given: Mapping[str, Any], backend: str) -> BackendOptions:
-        """The options with ``given`` (name -> value) set and the rest at their defaults.
+    def declared(cls) -> list[DeclaredOption]:
+        """Every option of this backend, in declaration order."""
+        hints = typing.get_type_hints(cls)
+        return [
+            DeclaredOption(
+                f.name,
+                _value_type(hints[f.name]),
+                f.metadata.get("flag"),
+                f.default if f.default is not MISSING else f.default_factory(),
+            )  # fmt: skip
+            for f in fields(cls)
+        ]
+
+    @classmethod
+    def flag_name(cls, name: str) -> str:
+        """How messages name option ``name``: its flag, or the field name for an option set from code only."""
+        flag = next((o.flag for o in cls.declared() if o.name == name), None)
+        return flag.name if flag else name
+
+    def __post_init__(self) -> None:
+        for declared in self.declared():
+            value = _coerce(declared.type, getattr(self, declared.name))
+            object.__setattr__(self, declared.name, value)
+            flag = declared.flag
+            if flag is not None and value is not None:
+                flag.validate(value)
+
+    @classmethod
+    def from_dict(cls: type[OptionsT], given: Mapping[str, Any], backend: str) -> OptionsT:
+        """The options with ``given`` (name -> value, as code or a manifest's JSON gives them) set and the rest at
+        their defaults.
 
         Raises:
-            InputError: a name that is not an option of this backend.
+            InputError: a name that is not an option of this backend, or a value its declaration refuses.
         """
-        names = [f.name for f in fields(cls)]
+        names = [o.name for o in cls.declared()]
         unknown = sorted(set(given) - set(names))
         if unknown:
-            takes = ", ".join(OPTION_FLAGS.get(n, n) for n in names) or "no options"
+            takes = ", ".join(cls.flag_name(n) for n in names) or "no options"
             raise InputError(
-                f"{OPTION_FLAGS.get(unknown[0], unknown[0])} is not an option of the {backend} backend (it takes "
-                f"{takes}): leave it out, or pick the backend it belongs to"
+                f"{_flag_of_any_backend(unknown[0])} is not an option of the {backend} backend (it takes {takes}): "
+                "leave it out, or pick the backend it belongs to"
             )
         return cls(**given)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able (paths as strings)."""
+        """JSON-able (paths as strings), as the manifest's settings hold it."""
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
@@ -79,8 +178,35 @@ class NoOptions(BackendOptions):
     """A backend without settings."""
 
 
+def options_type(backend: str) -> type[BackendOptions]:
+    """The options class of the registered backend ``backend`` (its module imported now)."""
+    module, cls = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), cls).options_type
+
+
+def declared_options() -> dict[str, DeclaredOption]:
+    """The options of every registered backend, by name; an option several backends take (``cuda_graph``) once.
+
+    Raises:
+        TypeError: two backends declare one name with another type, flag or help (a programming error).
+    """
+    out: dict[str, DeclaredOption] = {}
+    for backend in BACKENDS:
+        for declared in options_type(backend).declared():
+            seen = out.setdefault(declared.name, declared)
+            if (seen.type, seen.flag) != (declared.type, declared.flag):
+                raise TypeError(f"backend option {declared.name} is declared differently by {backend}")
+    return out
+
+
+def _flag_of_any_backend(name: str) -> str:
+    """The flag of option ``name`` of whichever backend declares it (the name itself if none does)."""
+    found = declared_options().get(name)
+    return found.flag.name if found and found.flag else name
+
+
 @dataclass
-class BuildJob:
+class BuildJob(Generic[OptionsT]):
     """One component to compile.
 
     Attributes:
@@ -99,19 +225,19 @@ class BuildJob:
     """
 
     spec: ComponentSpec
-    module: Any
+    module: torch.nn.Module
     onnx_path: Path | None
     engine_path: Path
     precision: str
     profile: Profile
     device: str
     workdir: Path
-    options: Any
+    options: OptionsT
     amax: dict[str, float] | None = None
 
 
 @dataclass
-class LoadJob:
+class LoadJob(Generic[OptionsT]):
     """One engine to load as a runner.
 
     Attributes:
@@ -127,13 +253,13 @@ class LoadJob:
     spec: ComponentSpec
     engine_path: Path
     device: str
-    compute_dtype: Any
-    profile: Mapping[str, Any]
-    options: Any
+    compute_dtype: torch.dtype
+    profile: Mapping[str, Sequence[Sequence[int]]]
+    options: OptionsT
     record: Record
 
 
-class EngineBackend(ABC):
+class EngineBackend(ABC, Generic[OptionsT]):
     """A way to compile and run components ahead of time."""
 
     name: ClassVar[str]
@@ -143,11 +269,11 @@ class EngineBackend(ABC):
     precisions: ClassVar[tuple[str, ...]]
     options_type: ClassVar[type[BackendOptions]] = NoOptions
 
-    def options(self, given: Mapping[str, Any]) -> BackendOptions:
+    def options(self, given: Mapping[str, Any]) -> OptionsT:
         """This backend's typed options from the settings given (InputError for one it does not have)."""
-        return self.options_type.from_dict(given, self.name)
+        return typing.cast(OptionsT, self.options_type.from_dict(given, self.name))
 
-    def check_build(self, precision: str, options: BackendOptions) -> None:  # noqa: B027 (optional hook)
+    def check_build(self, precision: str, options: OptionsT) -> None:  # noqa: B027 (optional hook)
         """Raise before anything is loaded when a build of ``precision`` with ``options`` cannot succeed here (by
         default, nothing to check)."""
 
@@ -164,11 +290,11 @@ class EngineBackend(ABC):
         """The backend library's version, recorded in the manifest and checked at load."""
 
     @abstractmethod
-    def build(self, job: BuildJob) -> Record:
+    def build(self, job: BuildJob[OptionsT]) -> Record:
         """Write the engine for ``job`` to ``job.engine_path``; return the record of what was built."""
 
     @abstractmethod
-    def load(self, job: LoadJob) -> Runner:
+    def load(self, job: LoadJob[OptionsT]) -> Runner:
         """A loaded runner over the engine file; raises EngineError if the file is unusable."""
 
 

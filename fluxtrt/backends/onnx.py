@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions, Record
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.tensorrt.plan import PRECISIONS, component_precision, trtexec_command
 from fluxtrt.errors import EngineError, MissingDependencyError
 
 
-class OnnxOnlyBackend(EngineBackend):
+class OnnxOnlyBackend(EngineBackend[NoOptions]):
     """Writes no engine; each component's record holds the ``trtexec`` command that builds it."""
 
     name = "onnx"
@@ -34,12 +34,12 @@ class OnnxOnlyBackend(EngineBackend):
 
         return onnx.__version__
 
-    def build(self, job: BuildJob) -> Record:
+    def build(self, job: BuildJob[NoOptions]) -> Record:
         onnx_path = Path("onnx") / job.spec.name / Path(job.onnx_path).name  # where the build moves it
         compute = component_precision(job.spec.name, job.precision)
         return {"compute": compute, "trtexec": trtexec_command(job.spec.name, onnx_path, job.profile, compute)}
 
-    def load(self, job: LoadJob) -> Runner:
+    def load(self, job: LoadJob[NoOptions]) -> Runner:
         root = Path(job.engine_path).parents[2]
         raise EngineError(
             f"{root} holds ONNX only (fluxtrt build --backend onnx), no engines to run: build them with `fluxtrt "

@@ -21,7 +21,7 @@ from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SamplerConfig
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.environment import free_device_memory
 from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
-from fluxtrt.stages.config import STAGES, StageConfig, stage_config
+from fluxtrt.stages.config import STAGES, StageConfig, restrict_stage, stage_config
 
 
 class ModelSession:
@@ -135,8 +135,6 @@ class StageContender(Contender):
         loads = len(session.loads)
         config, notes = self.config, []
         if session.world is not None:
-            from fluxtrt.parallel.context import restrict_stage
-
             config, notes = restrict_stage(config)
         staged = session.staged_for(config)
         applied = staged.apply(config, strict=self.strict)

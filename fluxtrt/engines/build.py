@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fluxtrt import __version__
 from fluxtrt.backends.base import BackendOptions, EngineBackend, get_backend
-from fluxtrt.config import COMPUTE_DTYPE, QUANTIZED_PRECISIONS, BuildConfig
+from fluxtrt.config import BuildConfig
 from fluxtrt.engines.component import (
     STAGING_PREFIX,
     BuildContext,
@@ -32,22 +30,20 @@ from fluxtrt.engines.component import (
     replace_dir,
 )
 from fluxtrt.engines.interrupt import Interrupts, watch_interrupts
+from fluxtrt.engines.jobs import build_in_workers, check_picklable
 from fluxtrt.engines.lock import build_lock
-from fluxtrt.engines.manifest import ComponentEntry, FileRecord, Manifest, settings_hash, sha256_file
+from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.plan import (
+    ComponentResult,
+    calibrate_once,
+    load_model,
+    plan_component,
+    record_built,
+    skipped_result,
+)
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
-from fluxtrt.specs.flux import TRANSFORMERS, FluxDims, profile_shapes
-
-
-@dataclass
-class ComponentResult:
-    """What happened to one component in this build."""
-
-    name: str
-    status: str  # "built" or "up to date"; the calibration's row: "computed", "reused" or "given"
-    seconds: float
-    onnx_bytes: int
-    engine_bytes: int
+from fluxtrt.specs.flux import FluxDims
 
 
 @dataclass
@@ -91,8 +87,6 @@ def build_engines(
     given = backend
     backend = backend or get_backend(config.backend)
     if config.jobs > 1 and given is not None:
-        from fluxtrt.engines.jobs import check_picklable
-
         check_picklable(given, config)
     backend.check_buildable()
     if config.precision not in backend.precisions:
@@ -142,26 +136,10 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     if config.jobs == 1:
         results = [_bring_up_to_date(build, name) for name in config.components]
     else:
-        from fluxtrt.engines.jobs import build_in_workers
-
         del components  # build.components is the only reference left: the workers' build lets it go
         results = build_in_workers(build, given)
     manifest.save(config.out)
     return BuildReport(config.out, manifest, results, calibration)
-
-
-def load_model(config: BuildConfig, say: Callable[[str], None]) -> Any:
-    """The model of ``config`` in the build's compute dtype on its device (``FluxKontextComponents``), ``say``
-    telling what is loaded.
-
-    Raises:
-        ModelLoadError, DeviceError: as ``load_components``.
-    """
-    from fluxtrt.models import load_components
-
-    vae = f", vae {config.vae}" if config.vae is not None else ""
-    say(f"loading {config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device}{vae})")
-    return load_components(config.model, config.device, COMPUTE_DTYPE[config.precision], vae=config.vae)
 
 
 def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, dims: FluxDims,
@@ -191,19 +169,6 @@ def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, 
     )
 
 
-@dataclass
-class Plan:
-    """One component as decided before its build: the settings it is built with (their hash decides skipping), its
-    profile, the calibrated input amax of its linears (a quantized transformer, else None), and whether the entry
-    recorded for it still matches."""
-
-    name: str
-    settings: dict
-    profile: dict
-    amax: dict[str, float] | None
-    up_to_date: bool
-
-
 def _bring_up_to_date(build: BuildContext, name: str) -> ComponentResult:
     """Build component ``name`` unless its recorded settings and files match; calibrate a quantized transformer."""
     plan = plan_component(build, name)
@@ -211,90 +176,6 @@ def _bring_up_to_date(build: BuildContext, name: str) -> ComponentResult:
         return skipped_result(build, name)
     build.manifest.components.pop(name, None)
     return record_built(build, name, build_component(build, name, plan.settings, plan.profile, plan.amax))
-
-
-def plan_component(build: BuildContext, name: str) -> Plan:
-    """Settings, profile and (fp8/fp4 transformer) calibration of component ``name``, and whether it is up to date.
-
-    Calibration runs here, in the process that holds the manifest and the model, the first time a quantized
-    transformer needs it (later ones reuse the saved file); ``manifest.calibration`` is set then.
-
-    Raises:
-        InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
-    """
-    config, manifest = build.config, build.manifest
-    profile = profile_shapes(
-        build.specs[name],
-        build.dims,
-        (1, 1, config.max_batch),
-        (config.min_resolution, config.opt_resolution, config.max_resolution),
-    )
-    settings = {
-        "component": name,
-        "backend": build.backend.name,
-        "backend_version": manifest.backend_version,
-        "precision": config.precision,
-        "model": manifest.model["fingerprint"],
-        "profile": {k: [list(s) for s in v] for k, v in profile.items()},
-        "fluxtrt": __version__,
-        "options": build.options.to_dict(),
-    }
-    amax = None
-    if needs_calibration(build, name):
-        from fluxtrt.backends.torch_modules import part_owns_linear
-        from fluxtrt.engines.calibrate import calibration_for_build
-
-        # calibrate_once has computed it or checked the given one: this finds it saved.
-        path, calibration, _ = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
-        # The linears it computes, and its attentions' V amax.
-        amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
-        manifest.calibration = str(path.relative_to(build.out))
-        settings["calibration"] = sha256_file(path)
-    entry = manifest.components.get(name)
-    up_to_date = not config.force and entry is not None and _up_to_date(entry, settings, build.out)
-    return Plan(name, settings, profile, amax, up_to_date)
-
-
-def needs_calibration(build: BuildContext, name: str) -> bool:
-    """Whether component ``name`` is a transformer quantized from a calibration (fp8/fp4, not an imported ONNX)."""
-    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
-    imported = build.backend.uses_onnx and build.config.onnx_dir is not None
-    return name in TRANSFORMERS and build.config.precision in QUANTIZED_PRECISIONS and not imported
-
-
-def calibrate_once(build: BuildContext) -> ComponentResult | None:
-    """Before any component: the calibration the build's quantized transformers share, computed (its progress told
-    as ``calibration``), reused from the directory or the given file; its row of the report, or None where no
-    component needs one.
-
-    Raises:
-        InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
-    """
-    if not any(needs_calibration(build, name) for name in build.config.components):
-        return None
-    from fluxtrt.engines.calibrate import calibration_for_build
-
-    t0 = time.perf_counter()
-    say = lambda message: build.say("calibration", message)  # noqa: E731
-    say("calibrating the transformer's quantized linears (or finding saved scales)")
-    fingerprint = build.manifest.model["fingerprint"]
-    _, _, how = calibration_for_build(build.config, build.components, fingerprint, build.out, say)
-    return ComponentResult("calibration", how, time.perf_counter() - t0, 0, 0)
-
-
-def skipped_result(build: BuildContext, name: str) -> ComponentResult:
-    """The result of component ``name``, whose recorded entry is up to date (and say so)."""
-    entry = build.manifest.components[name]
-    build.say(name, "up to date")
-    return ComponentResult(name, "up to date", 0.0, _bytes(entry.onnx), entry.engine.bytes)
-
-
-def record_built(build: BuildContext, name: str, entry: ComponentEntry) -> ComponentResult:
-    """Put the entry of the built component ``name`` in the manifest and save it: from now on it counts as built,
-    whatever follows. Returns its result."""
-    build.manifest.components[name] = entry
-    build.manifest.save(build.out)
-    return ComponentResult(name, "built", entry.build_s, _bytes(entry.onnx), entry.engine.bytes)
 
 
 def _previous_manifest(out: Path, config: BuildConfig, backend: EngineBackend) -> Manifest | None:
@@ -326,21 +207,6 @@ def _previous_manifest(out: Path, config: BuildConfig, backend: EngineBackend) -
     if (previous.backend, previous.precision) != (backend.name, config.precision):
         return None
     return previous
-
-
-def _up_to_date(entry: ComponentEntry, settings: dict, out: Path) -> bool:
-    """Same settings, and every recorded file present with its recorded size and hash."""
-    if entry.settings_hash != settings_hash(settings):
-        return False
-    for record in [*entry.onnx, entry.engine, *entry.engine_extra]:
-        path = out / record.path
-        if not path.is_file() or path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
-            return False
-    return True
-
-
-def _bytes(records: list[FileRecord]) -> int:
-    return sum(r.bytes for r in records)
 
 
 def _save_tokenizers(components: Any, out: Path) -> None:

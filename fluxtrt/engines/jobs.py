@@ -23,10 +23,10 @@ from typing import Any
 
 from fluxtrt.backends.base import BackendOptions, EngineBackend, get_backend
 from fluxtrt.config import COMPUTE_DTYPE, BuildConfig
-from fluxtrt.engines.build import ComponentResult, Plan, load_model, plan_component, record_built, skipped_result
 from fluxtrt.engines.component import BuildContext, Progress, build_component, remove_leftovers
 from fluxtrt.engines.interrupt import sigint_ignored, watch_interrupts
 from fluxtrt.engines.manifest import ComponentEntry
+from fluxtrt.engines.plan import ComponentResult, Plan, load_model, plan_component, record_built, skipped_result
 from fluxtrt.errors import BuildError, InputError, first_line
 from fluxtrt.specs.flux import TRANSFORMERS
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fluxtrt.backends.base import LoadJob, get_backend
+from fluxtrt.backends.base import EngineBackend, LoadJob, get_backend
+from fluxtrt.backends.runner import Runner
 from fluxtrt.config import COMPUTE_DTYPE, DEFAULT_FBC_THRESHOLD
-from fluxtrt.engines.manifest import Manifest
-from fluxtrt.errors import EngineError, FluxtrtError, InputError
+from fluxtrt.engines.manifest import Manifest, rebuild_hint
+from fluxtrt.errors import EngineError, FluxtrtError, InputError, first_line
+from fluxtrt.specs.component import ComponentSpec
 from fluxtrt.specs.flux import COMPONENTS, TRANSFORMER_PARTS, component_specs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> tuple[str, ...]:
@@ -44,8 +49,6 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
             unknown backend, or an engine the backend cannot load.
         InputError: ``require_first_block_cache`` and the directory has no transformer parts.
     """
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
     from fluxtrt.models.loading import torch_dtype
     from fluxtrt.pipeline.fit import SizeRange
     from fluxtrt.pipeline.kontext import KontextPipeline
@@ -67,18 +70,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     runners: dict[str, Any] = {}
     try:
         for name in (*[c for c in COMPONENTS if c != "transformer"], *transformer):
-            entry = manifest.components[name]
-            for extra in entry.engine_extra:
-                extra.check(path, name)
-            engine = entry.engine.check(path, name)
-            options = backend.options(entry.settings.get("options", {}))
-            job = LoadJob(specs[name], engine, device, dtype, entry.profile, options, entry.record)
-            runners[name] = backend.load(job)
-        tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        tokenizer_2 = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        _close(runners)
-        raise EngineError(f"{path}: the tokenizers beside the engines cannot be read ({exc}): rebuild") from None
+            runners[name] = _load_engine(path, backend, manifest, name, specs[name], device, dtype)
+        tokenizer, tokenizer_2 = _load_tokenizers(path)
     except BaseException:
         _close(runners)
         raise
@@ -101,6 +94,45 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         source=str(path),
         sizes=SizeRange(manifest.resolution("min"), manifest.resolution("max")),
     )
+
+
+def _load_engine(path: Path, backend: EngineBackend, manifest: Manifest, name: str, spec: ComponentSpec,
+                 device: str, dtype: torch.dtype) -> Runner:  # fmt: skip
+    """The engine of component ``name``, its files checked against the manifest, loaded by the backend.
+
+    Raises:
+        EngineError: a missing, truncated or corrupt file, or an engine the backend cannot load (its own
+            EngineError, or the OSError/ValueError of the library reading the file, named as the engine's).
+    """
+    entry = manifest.components[name]
+    for extra in entry.engine_extra:
+        extra.check(path, name)
+    engine = entry.engine.check(path, name)
+    options = backend.options(entry.settings.get("options", {}))
+    job = LoadJob(spec, engine, device, dtype, entry.profile, options, entry.record)
+    try:
+        return backend.load(job)
+    except (OSError, ValueError) as exc:
+        raise EngineError(
+            f"{name}: the {manifest.backend} engine {engine} cannot be loaded ({type(exc).__name__}: "
+            f"{first_line(exc)}): {rebuild_hint(path)}"
+        ) from None
+
+
+def _load_tokenizers(path: Path) -> tuple[Any, Any]:
+    """The CLIP and T5 tokenizers saved beside the engines.
+
+    Raises:
+        EngineError: a tokenizer folder that is missing or does not read.
+    """
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+        tokenizer_2 = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"{path}: the tokenizers beside the engines cannot be read ({exc}): rebuild") from None
+    return tokenizer, tokenizer_2
 
 
 def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...], require_parts: bool) -> None:

@@ -45,14 +45,8 @@ def load_components(
         DeviceError: ``random-full`` would not fit the memory available on ``device``.
     """
     if vae is not None:
-        from fluxtrt.models.tiny_vae import TINY_VAE, check_tiny_vae, load_tiny_vae
-
-        if vae != TINY_VAE:
-            check_tiny_vae(vae, 16)  # before loading 30 GB; the loaded model's own count is checked below
-        components = load_components(model, device, dtype, seed)
-        components.vae = load_tiny_vae(vae, device, torch_dtype(dtype), seed, components.vae.config.latent_channels)
-        components.vae_source = vae
-        return components
+        check_slim_vae(vae)
+        return use_slim_vae(load_components(model, device, dtype, seed), vae, seed)
     from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
 
     if model == "tiny":
@@ -63,6 +57,30 @@ def load_components(
         check_full_fits(device, dtype)
         return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full")
     return load_checkpoint(resolve_checkpoint(model), device, dtype)
+
+
+def check_slim_vae(vae: str) -> None:
+    """Raise ModelLoadError, before a model loads (30 GB), when the slim autoencoder ``vae`` is a directory that
+    cannot serve FLUX's 16 latent channels; the loaded model's own count is checked when the autoencoder loads."""
+    from fluxtrt.models.tiny_vae import TINY_VAE, check_tiny_vae
+
+    if vae != TINY_VAE:
+        check_tiny_vae(vae, 16)
+
+
+def use_slim_vae(components: FluxKontextComponents, vae: str, seed: int = 0) -> FluxKontextComponents:
+    """Put the slim autoencoder ``vae`` (``tiny`` or an AutoencoderTiny directory) in place of the components' VAE,
+    on its device in its dtype; returns the components.
+
+    Raises:
+        ModelLoadError: ``vae`` is not a usable AutoencoderTiny for the model's latent channels.
+    """
+    from fluxtrt.models.tiny_vae import load_tiny_vae
+
+    full = components.vae
+    components.vae = load_tiny_vae(vae, full.device, full.dtype, seed, full.config.latent_channels)
+    components.vae_source = vae
+    return components
 
 
 def check_full_fits(device: str, dtype: str) -> None:

@@ -1,9 +1,19 @@
-"""Loading for the 24 GB mode (DESIGN 13): the device never holds more than what the edit keeps there.
+"""Loading for the 24 GB mode (DESIGN 13): a 1024x1024 edit stays within 20 GiB of GPU memory, and the device never
+holds more than what the edit keeps there.
+
+What lives where, FLUX.1-Kontext in bf16 with FP8 linears:
+- transformer on the GPU: 8.6B token-wise linear weights in FP8 (8.6 GB) + 3.3B in bf16 (the AdaLN modulation
+  linears, embedders, output layers: 6.6 GB) = 14.2 GiB; with fused QKV the unfused Q/K/V projections (2.15B
+  parameters, 4.3 GB in bf16, which stage 3 keeps beside the fused ones) are dropped;
+- text encoders on the host, streamed through the GPU (``fluxtrt.models.offload.HostOffload``): T5-XXL one block
+  (0.39 GB) at a time, CLIP whole (0.25 GB), nothing once they have run;
+- VAE on the GPU (0.17 GB), tiled above 1024 px a side.
 
 The transformer reaches the device one top-level part at a time (embedders, then each block, then the output
-layers), and each block goes through ``place_block`` (fuse, quantize) as soon as it is there, so the device never
-holds more than the placed blocks plus one unplaced block. The text encoders stay on the host (pinned on CUDA, for
-fast copies); the VAE goes to the device.
+layers), and each block goes through ``place_block`` (``BlockPlacer``: fuse, quantize) as soon as it is there, so
+the device never holds more than the placed blocks plus one unplaced block, and loading never holds the bf16
+transformer (23.8 GB). The text encoders stay on the host (pinned on CUDA, for fast copies); the VAE goes to the
+device.
 
 ``random-full`` builds its parts directly on the device with the seeds ``build_synthetic`` uses, the transformer
 through the meta device and each part's own initialisers called in construction order, so its weights equal the
@@ -15,9 +25,66 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from fluxtrt.errors import FluxtrtError
 from fluxtrt.models.components import FluxKontextComponents
 
 PlaceBlock = Callable[[str, Any], None]  # (name such as "transformer_blocks.3", block on the device)
+
+# Q/K/V projections that a fused attention module no longer calls.
+_UNFUSED = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+class BlockPlacer:
+    """Fuses and quantizes each transformer block as it arrives on the device (a ``PlaceBlock``).
+
+    Args:
+        fuse_qkv: fuse each attention's Q/K/V projections and free the unfused ones.
+        quant: the torchao linears (``fp8``, ``fp4``), or None.
+        device: where the blocks arrive.
+        strict: raise when the quantization is unavailable instead of loading the blocks unquantized (``fp4``
+            always raises).
+
+    Attributes:
+        quant_path: the linears' precision path, or None when unquantized.
+        quantized, dropped: counts of quantized linears and of dropped unfused projections.
+
+    Raises:
+        DeviceError, MissingDependencyError: with ``strict`` or ``fp4``, no such linears here.
+    """
+
+    def __init__(self, fuse_qkv: bool, quant: str | None, device: Any, strict: bool):
+        self.fuse = fuse_qkv
+        self.quant, self.torchao, self.quant_path = None, None, None
+        self.quantized = self.dropped = 0
+        if quant is not None:
+            from fluxtrt.models.torchao_linears import torchao_config
+
+            try:
+                self.torchao, path = torchao_config(quant, device)
+                self.quant, self.quant_path = quant, path
+            except FluxtrtError:
+                if strict or quant == "fp4":
+                    raise
+
+    def __call__(self, name: str, block: Any) -> None:
+        import torch
+        from diffusers.models.attention import AttentionModuleMixin
+
+        if self.fuse:
+            for module in block.modules():
+                if isinstance(module, AttentionModuleMixin) and module._supports_qkv_fusion:
+                    module.fuse_projections()
+                    for attr in _UNFUSED:
+                        unused = getattr(module, attr, None)
+                        if unused is not None:
+                            unused.to("meta")  # frees its weights; nothing calls it once fused
+                            self.dropped += 1
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+        if self.torchao is not None:
+            from fluxtrt.models.torchao_linears import quantize_block
+
+            self.quantized += quantize_block(block, name, self.torchao)
 
 
 def load_components_low_vram(

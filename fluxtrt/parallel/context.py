@@ -15,7 +15,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ import torch
 from fluxtrt.errors import InputError
 from fluxtrt.parallel.launch import require_context_parallel
 from fluxtrt.specs.flux import FluxDims, Resolution
-from fluxtrt.stages.config import StageConfig
 
 
 @dataclass
@@ -171,35 +170,6 @@ def check_sequence(dims: FluxDims, target: Resolution, reference: Resolution, si
         f"{dims.t5_len} text tokens, which do not split evenly over --gpus {size} (fluxtrt does not pad): pick a "
         f"--width/--height whose tokens divide by {size}, e.g. 1024x1024, or use --gpus {max(fits)}"
     )
-
-
-# Why each stage feature is off with --gpus N (the report and docs say the same).
-FBC_OFF = (
-    "first-block cache: off with --gpus (its runner calls the blocks itself, past the model forward where the "
-    "sequence is split, and every process would have to take the same skip decision)"
-)
-LOW_VRAM_OFF = (
-    "24 GB mode: off with --gpus (it places one model on one GPU block by block; each process loads its own copy)"
-)
-FP8_ATTENTION_OFF = (
-    "FP8 attention: off with --gpus (its kernel runs outside diffusers' attention dispatcher, where Ulysses "
-    "exchanges Q/K/V between the GPUs); BF16 SDPA instead"
-)
-
-
-def restrict_stage(config: StageConfig) -> tuple[StageConfig, list[str]]:
-    """``config`` without what cannot run context-parallel, and one line per feature switched off."""
-    notes = []
-    if config.first_block_cache is not None:
-        config = replace(config, first_block_cache=None)
-        notes.append(FBC_OFF)
-    if config.attention == "fp8":
-        config = replace(config, attention="sdpa")
-        notes.append(FP8_ATTENTION_OFF)
-    if config.low_vram:
-        config = replace(config, low_vram=False)
-        notes.append(LOW_VRAM_OFF)
-    return config, notes
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, ShapeError
+from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.pipeline.fit import SizeRange, fit_geometry
 from fluxtrt.pipeline.image import (
     MIN_REFERENCE_SIDE,
@@ -164,28 +165,46 @@ class KontextPipeline:
             dtype=components.transformer.dtype,
         )
 
+    @property
+    def first_block_cache(self) -> SplitTransformerRunner | None:
+        """The transformer's runner when it runs as two parts with a first-block cache (engines built with
+        ``--first-block-cache``): its ``stats()`` count the computed and skipped steps; None otherwise."""
+        runner = self.runners["transformer"]
+        return runner if isinstance(runner, SplitTransformerRunner) else None
+
     def geometry(
-        self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
+        self,
+        image_size: tuple[int, int],
+        height: int | None,
+        width: int | None,
+        max_area: int,
+        auto_resize: bool = True,
     ) -> tuple[Resolution, Resolution]:
         """(target, reference) resolutions for a reference of ``image_size`` (width, height): ``fitted_geometry``
         without its notices."""
-        target, reference, _ = self.fitted_geometry(image_size, height, width, max_area)
+        target, reference, _ = self.fitted_geometry(image_size, height, width, max_area, auto_resize)
         return target, reference
 
     def fitted_geometry(
-        self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int
+        self,
+        image_size: tuple[int, int],
+        height: int | None,
+        width: int | None,
+        max_area: int,
+        auto_resize: bool = True,
     ) -> tuple[Resolution, Resolution, list[str]]:
         """(target, reference) resolutions for a reference of ``image_size`` (width, height), and a notice for each
         one changed to fit ``sizes``.
 
-        The reference goes to its closest preferred Kontext resolution. The target is that same resolution by
-        default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to ``max_area``.
-        Where the runners take only ``sizes``, each one outside it is brought inside (``fit_geometry``).
+        The reference goes to its closest preferred Kontext resolution, or with ``auto_resize=False`` keeps its own
+        size floored to a multiple of 16 (diffusers' ``_auto_resize=False``). The target is the reference's
+        resolution by default (so an edit keeps the input's aspect ratio), or the explicit height/width fitted to
+        ``max_area``. Where the runners take only ``sizes``, each one outside it is brought inside (``fit_geometry``).
 
         Raises:
             InputError: no size fits ``sizes``.
         """
-        target, reference = self._wanted_geometry(image_size, height, width, max_area)
+        target, reference = self._wanted_geometry(image_size, height, width, max_area, auto_resize)
         if self.sizes is None:
             return target, reference, []
         asked = Resolution(width, height) if height is not None and width is not None else None
@@ -194,10 +213,14 @@ class KontextPipeline:
     def _engines(self) -> str:
         return f"the engines of {self.source}" if self.source else "the engines"
 
-    def _wanted_geometry(self, image_size: tuple[int, int], height: int | None, width: int | None,
-                         max_area: int) -> tuple[Resolution, Resolution]:  # fmt: skip
-        """(target, reference) before fitting them to ``sizes``."""
-        reference = preferred_resolution(*image_size, self.dims.multiple_of)
+    def _wanted_geometry(self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int,
+                         auto_resize: bool = True) -> tuple[Resolution, Resolution]:  # fmt: skip
+        """(target, reference) before fitting them to ``sizes`` (see ``fitted_geometry``)."""
+        if auto_resize:
+            reference = preferred_resolution(*image_size, self.dims.multiple_of)
+        else:
+            m = self.dims.multiple_of
+            reference = Resolution(max(image_size[0] // m, 1) * m, max(image_size[1] // m, 1) * m)
         if height is None or width is None:
             return reference, reference
         return fit_to_area(width, height, max_area, self.dims.multiple_of), reference
@@ -208,11 +231,12 @@ class KontextPipeline:
         prompt: str | list[str],
         *,
         sampler: SamplerConfig | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         guidance: float = DEFAULT_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
         max_area: int = DEFAULT_MAX_AREA,
+        auto_resize: bool = True,
         on_step: Callable[[int, int], None] | None = None,
     ) -> EditResult:
         """Edit ``image`` as ``prompt`` says.
@@ -222,10 +246,14 @@ class KontextPipeline:
                 preferred resolution).
             prompt: one prompt, or a list (the batch).
             sampler: solver, sigma schedule, steps.
-            seed: seed of the initial noise, drawn on the CPU in the compute dtype (as diffusers draws it).
+            seed: seed of the initial noise, drawn on the CPU in the compute dtype (as diffusers draws it); or one
+                seed per prompt, each item's noise drawn alone, so that item i of a batch starts from the noise of an
+                edit of that prompt alone with ``seeds[i]``.
             guidance: distilled-guidance scale.
             height, width: explicit target size (both or neither).
             max_area: pixel budget an explicit size is fitted to.
+            auto_resize: False keeps the reference at its own size (floored to a multiple of 16) instead of its
+                preferred Kontext resolution.
             on_step: called as ``on_step(done, total)`` before the first denoising step and after each.
 
         Returns:
@@ -241,12 +269,14 @@ class KontextPipeline:
         batch = len(prompts)
         if len(images) not in (1, batch):
             raise InputError(f"{len(images)} images for {batch} prompts: give one image, or one per prompt")
-        target, reference, fitted = self.fitted_geometry(images[0].size, height, width, max_area)
+        if not isinstance(seed, int) and len(seed) != batch:
+            raise InputError(f"{len(seed)} seeds for {batch} prompts: give one seed, or one per prompt")
+        target, reference, fitted = self.fitted_geometry(images[0].size, height, width, max_area, auto_resize)
         self.check_fits(batch, target, reference)
         # An explicit size is reported as fitted to max_area; its fit to the engines' sizes has a notice of its own.
         wanted = target
         if (width, height) != (target.width, target.height):
-            wanted = self._wanted_geometry(images[0].size, height, width, max_area)[0]
+            wanted = self._wanted_geometry(images[0].size, height, width, max_area, auto_resize)[0]
         notices = input_notices(prompts, images[0].size, (width, height), wanted, reference, max_area) + fitted
         timer = ComponentTimer(self.device)
         with timer.region("total"):
@@ -326,7 +356,8 @@ class KontextPipeline:
         return pack(ref.expand(batch, -1, -1, -1)), ref_ids
 
     def _denoise(self, batch: int, target: Resolution, ref_tokens: torch.Tensor, ref_ids: torch.Tensor,
-                 pooled: torch.Tensor, text: torch.Tensor, sampler: SamplerConfig, seed: int, guidance: float,
+                 pooled: torch.Tensor, text: torch.Tensor, sampler: SamplerConfig, seed: int | list[int],
+                 guidance: float,
                  on_step: Callable[[int, int], None] | None,
                  timer: ComponentTimer) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
         """Noise for the target, integrated over the sampler's sigmas; returns the final packed latents
@@ -335,8 +366,9 @@ class KontextPipeline:
         h, w = 2 * (target.height // self.dims.multiple_of), 2 * (target.width // self.dims.multiple_of)
         # Drawn on the CPU in the compute dtype, as diffusers draws it: the same seed gives diffusers' noise on every
         # device (a bf16 draw is not an fp32 draw rounded in every torch release).
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((batch, self.dims.latent_channels, h, w), generator=generator, dtype=dt)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        shape = (batch if len(seeds) == 1 else 1, self.dims.latent_channels, h, w)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=dt) for s in seeds])
         latents = pack(noise).to(dev)  # [B, S_target, 64]
         s_target = latents.shape[1]
         img_ids = torch.cat([position_ids(h, w, image_index=0), ref_ids]).to(dev)  # [S_target + S_ref, 3]

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from fluxtrt.backends.runner import DelegatingRunner, Runner
-from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
+from fluxtrt.backends.torch_runner import TorchRunner
 from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.models.options import LoadedModel
+from fluxtrt.pipeline.model import model_runners
 from fluxtrt.stages.cache import CacheStats, FirstBlockCacheRunner
 from fluxtrt.stages.config import StageConfig
 from fluxtrt.timing import sync
@@ -168,8 +170,8 @@ class StagedModel:
             AutoencoderTiny directory; loaded on first use.
         seed: initialisation seed of a random slim autoencoder.
 
-    A model loaded for the 24 GB mode (``fluxtrt.stages.lowvram.load_low_vram``) sets ``low_vram`` and ``offloads``
-    (the text encoders' ``HostOffload``) and comes fused and quantized as its stage asked.
+    A model loaded for the 24 GB mode (``from_model``) sets ``low_vram`` and ``offloads`` (the text encoders'
+    ``HostOffload``) and comes fused and quantized as its stage asked.
     """
 
     def __init__(self, components: Any, tiny_vae: str = "tiny", seed: int = 0):
@@ -184,6 +186,17 @@ class StagedModel:
         self.vaes = {"full": components.vae}
         self.tiny_vae_source, self.seed = tiny_vae, seed
         self._decoders: dict[tuple[str, str], torch.nn.Module] = {}
+
+    @classmethod
+    def from_model(cls, model: LoadedModel, tiny_vae: str = "tiny") -> StagedModel:
+        """The components of a model loaded by ``fluxtrt.models.options.load_model``, with what its loading did:
+        the 24 GB mode's placement and offloads, its fused QKV and quantized linears."""
+        staged = cls(model.components, tiny_vae=tiny_vae, seed=model.options.seed)
+        staged.low_vram = model.options.low_vram
+        staged.offloads = dict(model.offloads)
+        staged.fused = model.fused
+        staged.quant, staged.quant_path = model.quant, model.quant_path
+        return staged
 
     def can_apply(self, config: StageConfig) -> str | None:
         """None if ``config`` can be applied to these components, else why the model must be loaded again."""
@@ -269,7 +282,7 @@ class StagedModel:
             transformer.unfuse_qkv_projections()
         self.fused = config.fuse_qkv
         if config.quant is not None and self.quant is None:
-            from fluxtrt.stages.torchao_linears import quantize_transformer
+            from fluxtrt.models.torchao_linears import quantize_transformer
 
             try:
                 self.quant_path = quantize_transformer(transformer, config.quant)
@@ -284,10 +297,8 @@ class StagedModel:
     def _runners(self, config: StageConfig) -> tuple[dict[str, Runner], FirstBlockCacheRunner | None, dict]:
         """The stage's runners: torch runners, the first-block cache in front of the transformer, a compiled
         channels-last VAE decode, and first-call timers on what is compiled."""
-        runners: dict[str, Runner] = dict(torch_runners(self.components))
+        runners = model_runners(self.components, self.offloads, tiled_vae=self.low_vram)
         transformer, dtype = self.components.transformer, self.components.transformer.dtype
-        for name in self.offloads:  # host-resident weights, run on the device: inputs and outputs live there
-            runners[name] = TorchRunner(runners[name].spec, runners[name].module, dtype, self.device)
         cache_runner = None
         if config.first_block_cache is not None:
             cache_runner = FirstBlockCacheRunner(runners["transformer"].spec, transformer, config.first_block_cache,
@@ -299,10 +310,6 @@ class StagedModel:
         layout = torch.channels_last if config.compile_vae else torch.contiguous_format
         for m in decoder_modules:
             m.to(memory_format=layout)
-        if self.low_vram and hasattr(vae, "enable_tiling") and hasattr(vae, "tiled_decode"):
-            # AutoencoderKL only: diffusers tiles an image over its sample_size (1024 px for FLUX) a side. The slim
-            # AutoencoderTiny needs no tiling (64-channel activations) and its tiled path assumes 4 latent channels.
-            vae.enable_tiling()
         if config.compile_vae:
             decoder = self._decoders.get((config.compile_backend, config.vae))
             if decoder is None:

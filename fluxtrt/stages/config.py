@@ -184,3 +184,32 @@ def stage_config(spec: str) -> StageConfig:
                 raise InputError(f"stage spec '{spec}': sigmas={value}, expected one of {', '.join(SIGMA_SCHEDULES)}")
             sampler = replace(sampler, sigmas=value)
     return replace(cfg, sampler=sampler)
+
+
+# Why each stage feature is off with --gpus N (the report and docs say the same).
+FBC_OFF = (
+    "first-block cache: off with --gpus (its runner calls the blocks itself, past the model forward where the "
+    "sequence is split, and every process would have to take the same skip decision)"
+)
+LOW_VRAM_OFF = (
+    "24 GB mode: off with --gpus (it places one model on one GPU block by block; each process loads its own copy)"
+)
+FP8_ATTENTION_OFF = (
+    "FP8 attention: off with --gpus (its kernel runs outside diffusers' attention dispatcher, where Ulysses "
+    "exchanges Q/K/V between the GPUs); BF16 SDPA instead"
+)
+
+
+def restrict_stage(config: StageConfig) -> tuple[StageConfig, list[str]]:
+    """``config`` without what cannot run context-parallel, and one line per feature switched off."""
+    notes = []
+    if config.first_block_cache is not None:
+        config = replace(config, first_block_cache=None)
+        notes.append(FBC_OFF)
+    if config.attention == "fp8":
+        config = replace(config, attention="sdpa")
+        notes.append(FP8_ATTENTION_OFF)
+    if config.low_vram:
+        config = replace(config, low_vram=False)
+        notes.append(LOW_VRAM_OFF)
+    return config, notes

@@ -5,7 +5,7 @@ Build (``build``): the component's module is exported with one ``torch.export.Di
 library plus metadata). Load (``runtime``): ``aoti_load_package`` in any process with the same torch; no compiler
 and no checkpoint needed.
 
-Options (``AotInductorOptions``):
+Options (``AotInductorOptions``, in ``options``, each field declared with its flag):
 
 - ``weights``: ``packaged`` (default; the weights are compiled into the package, one file, right for small models
   and the text encoders) or ``external`` (a code-only package, inductor's
@@ -35,38 +35,23 @@ runner refuses symbol values outside the built range before calling it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fluxtrt.backends.base import BackendOptions, BuildJob, EngineBackend, LoadJob, Record
+from fluxtrt.backends.aotinductor.options import AotInductorOptions
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
 from fluxtrt.backends.compat import incompatibility
 from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.backends.runner import Runner
 from fluxtrt.environment import device_environment
-from fluxtrt.errors import BuildError, EngineError, InputError, MissingDependencyError
+from fluxtrt.errors import BuildError, EngineError, MissingDependencyError
 from fluxtrt.specs.flux import TRANSFORMERS
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
-WEIGHTS = ("packaged", "external")
 PRECISIONS = ("fp32", "bf16", "fp8")
 COMPAT_KEYS = ("torch", "device", "gpu", "sm")
 
 
-@dataclass(frozen=True)
-class AotInductorOptions(BackendOptions):
-    """The aotinductor backend's settings (see the module docstring)."""
-
-    weights: str = "packaged"
-    cuda_graph: bool = False
-    fp8_attention: bool | None = None
-    inductor_configs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.weights not in WEIGHTS:
-            raise InputError(f"--aoti-weights is '{self.weights}', expected one of {', '.join(WEIGHTS)}")
-
-
-class AotInductorBackend(EngineBackend):
+class AotInductorBackend(EngineBackend[AotInductorOptions]):
     """torch.export + AOTInductor packages (``.pt2``); see the module docstring for options and files."""
 
     name = "aotinductor"
@@ -116,14 +101,14 @@ class AotInductorBackend(EngineBackend):
 
         return torch.__version__
 
-    def build(self, job: BuildJob) -> Record:
+    def build(self, job: BuildJob[AotInductorOptions]) -> Record:
         """Export ``job.module`` over the profile's ranges and compile it to ``job.engine_path`` (see
         ``fluxtrt.backends.aotinductor.build.build_package``)."""
         from fluxtrt.backends.aotinductor.build import build_package
 
         return build_package(job)
 
-    def load(self, job: LoadJob) -> Any:
+    def load(self, job: LoadJob[AotInductorOptions]) -> Runner:
         """Load the package (and its external weights) as a loaded ``AotInductorRunner``.
 
         Raises:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch._inductor
 
+from fluxtrt.backends.aotinductor.options import AotInductorOptions
 from fluxtrt.backends.aotinductor.runtime import error_text, external_weights_path, load_package
 from fluxtrt.backends.base import BuildJob, Profile, Record
 from fluxtrt.backends.profile import symbol_ranges
@@ -20,6 +21,8 @@ from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.environment import device_environment
 from fluxtrt.errors import BuildError, DeviceError, InputError, MissingDependencyError
 from fluxtrt.specs.flux import TRANSFORMERS
+
+AotiJob = BuildJob[AotInductorOptions]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # Components exported with fused Q/K/V projections (the module is unfused again after the export), and those whose
@@ -29,7 +32,7 @@ FP8_ATTENTION = TRANSFORMERS
 SIGMOID_GELU = TRANSFORMERS
 
 
-def build_package(job: BuildJob) -> Record:
+def build_package(job: AotiJob) -> Record:
     """Export ``job.module`` over the profile's ranges and compile it to ``job.engine_path``.
 
     Writes ``job.engine_path`` and, with ``weights=external``, ``external_weights_path`` of it; inductor's scratch
@@ -53,7 +56,7 @@ def build_package(job: BuildJob) -> Record:
         return _build_package(job)
 
 
-def _build_package(job: BuildJob) -> Record:
+def _build_package(job: AotiJob) -> Record:
     _check_job(job)
     record: Record = device_environment(job.device)
     ranges = symbol_ranges(job.spec, job.profile)
@@ -95,7 +98,7 @@ def _max_rows(profile: Profile) -> int:
     return sum(math.prod(shapes[2][:-1]) for shapes in profile.values())
 
 
-def _check_job(job: BuildJob) -> None:
+def _check_job(job: AotiJob) -> None:
     if job.precision not in COMPUTE_DTYPES:
         raise InputError(
             f"--precision is '{job.precision}' but the aotinductor backend builds {', '.join(COMPUTE_DTYPES)}: pick "
@@ -114,7 +117,7 @@ def _check_job(job: BuildJob) -> None:
 
 
 @contextlib.contextmanager
-def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
+def _prepared_for_export(job: AotiJob) -> Iterator[Record]:
     """The module as the package computes it, for the duration: fused Q/K/V, static FP8 linears (fp8), FP8
     attention and the tanh GELUs in their sigmoid form (transformer); everything is put back on exit. Yields what to
     record about it."""
@@ -151,7 +154,7 @@ def _prepared_for_export(job: BuildJob) -> Iterator[Record]:
         yield record
 
 
-def _fp8_attention_kernel(job: BuildJob) -> tuple[Any, bool, str | None]:
+def _fp8_attention_kernel(job: AotiJob) -> tuple[Any, bool, str | None]:
     """(the FP8 attention kernel or None for SDPA, whether FP8 attention is on, why the default could not have it).
 
     Raises:
@@ -217,7 +220,7 @@ def attention_kernels(module: Any, args: tuple[torch.Tensor, ...]) -> list[str]:
     return sorted(seen)
 
 
-def export_program(job: BuildJob, ranges: Mapping[str, tuple[int, int, int]]) -> tuple[Any, str, list[str]]:
+def export_program(job: AotiJob, ranges: Mapping[str, tuple[int, int, int]]) -> tuple[Any, str, list[str]]:
     """``torch.export`` with a ``Dim`` per symbol whose min and max differ; sample inputs at the opt shapes.
 
     A dimension traced at size 1 would be specialised to 1 (torch's 0/1 specialisation), so a dynamic symbol
@@ -269,7 +272,7 @@ def export_program(job: BuildJob, ranges: Mapping[str, tuple[int, int, int]]) ->
     ) from first_violation
 
 
-def save_weights(job: BuildJob, ep: Any) -> None:
+def save_weights(job: AotiJob, ep: Any) -> None:
     """Write the constants the compiled graph uses to ``external_weights_path(job.engine_path)``."""
     from safetensors.torch import save_file
 

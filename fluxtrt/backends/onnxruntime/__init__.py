@@ -7,15 +7,19 @@ serves the CPU and the CUDA provider; the provider-specific ones run when a sess
 
 from __future__ import annotations
 
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
-from fluxtrt.backends.onnxruntime.runtime import OrtRunner, ort, session
+from typing import TYPE_CHECKING
+
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions, Record
 from fluxtrt.backends.profile import runner_ranges
 from fluxtrt.errors import EngineError, InputError
+
+if TYPE_CHECKING:
+    from fluxtrt.backends.onnxruntime.runtime import OrtRunner
 
 ENGINE_DATA_SUFFIX = "_data"
 
 
-class OnnxRuntimeBackend(EngineBackend):
+class OnnxRuntimeBackend(EngineBackend[NoOptions]):
     """Engines for ONNX Runtime: the basic-optimised ONNX of each component."""
 
     name = "onnxruntime"
@@ -24,15 +28,21 @@ class OnnxRuntimeBackend(EngineBackend):
     precisions = ("fp32", "bf16")
 
     def check_available(self) -> None:
+        from fluxtrt.backends.onnxruntime.runtime import ort
+
         ort()
 
     def version(self) -> str:
+        from fluxtrt.backends.onnxruntime.runtime import ort
+
         return ort().__version__
 
-    def build(self, job: BuildJob) -> Record:
+    def build(self, job: BuildJob[NoOptions]) -> Record:
         if job.precision not in self.precisions:
             raise InputError(f"--precision {job.precision} is not built by onnxruntime, expected one of "
                              f"{', '.join(self.precisions)}")  # fmt: skip
+        from fluxtrt.backends.onnxruntime.runtime import session
+
         external = None
         if job.onnx_path is not None and (job.onnx_path.parent / "model.onnx_data").exists():
             external = job.engine_path.name + ENGINE_DATA_SUFFIX  # written beside the engine, e.g. t5.onnx_data
@@ -41,8 +51,10 @@ class OnnxRuntimeBackend(EngineBackend):
         session(job.onnx_path, "cpu", optimized_path=job.engine_path, external_data=external)
         return {"graph_optimization": "basic", "external_data": external}
 
-    def load(self, job: LoadJob) -> OrtRunner:
+    def load(self, job: LoadJob[NoOptions]) -> OrtRunner:
         import torch
+
+        from fluxtrt.backends.onnxruntime.runtime import OrtRunner
 
         if job.device == "cpu" and job.compute_dtype != torch.float32:
             raise EngineError(

@@ -31,7 +31,11 @@ from fluxtrt.errors import BuildError, DeviceError, EngineError
 COMPAT_KEYS = ("tensorrt", "sm", "gpu")
 
 
-class TensorRTBackend(EngineBackend):
+# The options of either flavour: the shared build and load read opt_level and cuda_graph of both.
+TrtOptions = TensorRTOptions | TensorRTRtxOptions
+
+
+class TensorRTBackend(EngineBackend[TrtOptions]):
     """TensorRT 10 plans (``.plan``) from the exported ONNX, built on the GPU they run on."""
 
     name = "tensorrt"
@@ -48,7 +52,7 @@ class TensorRTBackend(EngineBackend):
     def version(self) -> str:
         return self.flavour.lib().__version__
 
-    def build(self, job: BuildJob) -> Record:
+    def build(self, job: BuildJob[TrtOptions]) -> Record:
         """Plan the build, apply it, write ``job.engine_path``; the record holds the plan and where it runs.
 
         Raises:
@@ -71,7 +75,7 @@ class TensorRTBackend(EngineBackend):
         return {self.flavour.record_key: self.version(), **env, "targets": list(plan.targets),
                 "plan": plan.record(), **details}  # fmt: skip
 
-    def _build_environment(self, job: BuildJob) -> dict[str, str]:
+    def _build_environment(self, job: BuildJob[TrtOptions]) -> dict[str, str]:
         """TensorRT 10 builds on the GPU it targets: that GPU, checked against the precision."""
         env = gpu_info(job.device)
         compute = component_precision(job.spec.name, job.precision)
@@ -80,7 +84,7 @@ class TensorRTBackend(EngineBackend):
             require_sm(env["sm"], compute, fix, f"--precision {compute}")
         return env
 
-    def load(self, job: LoadJob) -> TrtRunner:
+    def load(self, job: LoadJob[TrtOptions]) -> TrtRunner:
         """Deserialize the plan as a loaded ``TrtRunner`` (``options.cuda_graph`` turns CUDA graphs on).
 
         Raises:
@@ -101,7 +105,7 @@ class TensorRTBackend(EngineBackend):
         runner = TrtRunner(spec, path, job.compute_dtype, job.device, ranges, job.options.cuda_graph, self.flavour)
         return runner.load()
 
-    def _check_loadable(self, job: LoadJob) -> None:
+    def _check_loadable(self, job: LoadJob[TrtOptions]) -> None:
         key, path = self.flavour.record_key, Path(job.engine_path)
         if key not in job.record:
             raise EngineError(f"{job.spec.name}: {path.name} records no {self.flavour.name} version in the manifest: "
@@ -119,12 +123,12 @@ class TensorRTRtxBackend(TensorRTBackend):
     options_type = TensorRTRtxOptions
     flavour = TENSORRT_RTX
 
-    def check_build(self, precision: str, options: TensorRTRtxOptions) -> None:
+    def check_build(self, precision: str, options: TrtOptions) -> None:
         """Every given target must run the precision (FP8 from 8.9, NVFP4 from 12.0)."""
-        if options.compute_capabilities:
+        if isinstance(options, TensorRTRtxOptions) and options.compute_capabilities:
             check_targets(component_precision("transformer", precision), options.targets(precision, None))
 
-    def _build_environment(self, job: BuildJob) -> dict[str, str]:
+    def _build_environment(self, job: BuildJob[TrtOptions]) -> dict[str, str]:
         """No GPU needed; the one present (if any) is the default target where TensorRT-RTX supports it."""
         import torch
 
@@ -132,7 +136,7 @@ class TensorRTRtxBackend(TensorRTBackend):
             return {}
         return gpu_info(job.device if job.device.startswith("cuda") else "cuda")
 
-    def _check_loadable(self, job: LoadJob) -> None:
+    def _check_loadable(self, job: LoadJob[TrtOptions]) -> None:
         """The release (recorded, then in the plan's header), then the GPU against the plan's targets: all before
         anything large is read."""
         key, path = self.flavour.record_key, Path(job.engine_path)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.backends.base import BackendOptions
+from fluxtrt.backends.base import BackendOptions, cuda_graph_option, option
 from fluxtrt.backends.profile import check_profile
 from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour
 from fluxtrt.environment import MIN_SM, require_sm
@@ -38,6 +38,31 @@ DEFAULT_WORKSPACE_GIB = 8.0
 DEFAULT_OPT_LEVEL = 3
 
 
+def _check_opt_level(level: int) -> None:
+    if not 0 <= int(level) <= 5:
+        raise InputError(f"--opt-level is {level}, expected 0..5 (TensorRT's builder optimisation level)")
+
+
+def _check_workspace(gib: float) -> None:
+    if float(gib) <= 0:
+        raise InputError(f"--workspace-gib is {gib}, expected a positive size in GiB such as 8")
+
+
+def _check_targets_given(capabilities: tuple[str, ...]) -> None:
+    for cc in capabilities:
+        parse_compute_capability(cc)
+
+
+def _opt_level_option() -> Any:
+    """``--opt-level``, the builder level of both flavours."""
+    return option(
+        DEFAULT_OPT_LEVEL,
+        "--opt-level",
+        check=_check_opt_level,
+        help="TensorRT builder optimisation level 0-5 (default 3).",
+    )
+
+
 @dataclass(frozen=True)
 class TensorRTOptions(BackendOptions):
     """The tensorrt backend's settings.
@@ -49,15 +74,17 @@ class TensorRTOptions(BackendOptions):
         cuda_graph: the runner replays a CUDA graph per input shape.
     """
 
-    workspace_gib: float = DEFAULT_WORKSPACE_GIB
-    opt_level: int = DEFAULT_OPT_LEVEL
-    timing_cache: str | None = None
-    cuda_graph: bool = False
-
-    def __post_init__(self) -> None:
-        _check_opt_level(self.opt_level)
-        if float(self.workspace_gib) <= 0:
-            raise InputError(f"--workspace-gib is {self.workspace_gib}, expected a positive size in GiB such as 8")
+    workspace_gib: float = option(
+        DEFAULT_WORKSPACE_GIB,
+        "--workspace-gib",
+        check=_check_workspace,
+        help="TensorRT builder workspace limit in GiB (default 8).",
+    )
+    opt_level: int = _opt_level_option()
+    timing_cache: Path | None = option(
+        None, "--timing-cache", help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache)."
+    )
+    cuda_graph: bool = cuda_graph_option()
 
 
 # TensorRT-RTX's builder targets (IBuilderConfig.set_compute_capability), as 89 for SM89.
@@ -79,16 +106,16 @@ class TensorRTRtxOptions(BackendOptions):
         cuda_graph: the runner replays a CUDA graph per input shape.
     """
 
-    compute_capabilities: tuple[str, ...] | None = None
-    opt_level: int = DEFAULT_OPT_LEVEL
-    cuda_graph: bool = False
-
-    def __post_init__(self) -> None:
-        _check_opt_level(self.opt_level)
-        if self.compute_capabilities is not None:
-            object.__setattr__(self, "compute_capabilities", tuple(self.compute_capabilities))
-            for cc in self.compute_capabilities:
-                parse_compute_capability(cc)
+    compute_capabilities: tuple[str, ...] | None = option(
+        None,
+        "--compute-capability",
+        check=_check_targets_given,
+        help="tensorrt-rtx: GPUs to build for, e.g. 8.9,12.0 (default: "
+        "this GPU if supported, else every target that runs the "
+        "precision).",
+    )
+    opt_level: int = _opt_level_option()
+    cuda_graph: bool = cuda_graph_option()
 
     def targets(self, precision: str, current_sm: int | None) -> tuple[int, ...]:
         """The build's targets (as 89): the ones given, else the current GPU's if supported, else the defaults."""
@@ -119,11 +146,6 @@ def parse_compute_capability(text: str) -> int:
     if not digits.isdigit() or int(digits) not in RTX_TARGETS:
         raise InputError(f"--compute-capability '{text}' is not a TensorRT-RTX target, expected some of {allowed}")
     return int(digits)
-
-
-def _check_opt_level(level: int) -> None:
-    if not 0 <= int(level) <= 5:
-        raise InputError(f"--opt-level is {level}, expected 0..5 (TensorRT's builder optimisation level)")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Stage 3: low-precision transformer linears through torchao (not to be confused with ``fluxtrt.quant``, the
-static quantization of engines) (imported only here, only when asked for).
+"""Low-precision transformer linears through torchao, for stage 3 and the 24 GB mode (not to be confused with
+``fluxtrt.quant``, the static quantization of engines) (torchao is imported only here, only when asked for).
 
 Quantized: the token-wise linears inside the transformer blocks (attention projections, MLPs). Left in the model's
 dtype: the modulation linears (one token per image), the embedders, norm_out and proj_out, as in DESIGN 5 and 9.
