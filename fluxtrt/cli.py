@@ -340,11 +340,10 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
         vae=vae,
         jobs=jobs,
     )
-    from fluxtrt.console import build_progress, print_build_report, print_notices
+    from fluxtrt.console import build_progress, print_build_report
     from fluxtrt.engines.build import build_engines, range_notices
 
-    print_notices(range_notices(config))
-    with build_progress() as on_progress:
+    with build_progress(range_notices(config)) as on_progress:
         report = build_engines(config, on_progress)
     print_build_report(report)
 

@@ -108,8 +108,10 @@ def print_infer_report(report, path: Path) -> None:
 
 
 @contextmanager
-def build_progress() -> Iterator[Callable[[str, str], None]]:
-    """A live status line per build step; yields the ``on_progress(component, message)`` callback."""
+def build_progress(notices: list[str] | None = None) -> Iterator[Callable[[str, str], None]]:
+    """``notices`` (``print_notices``), then a live status line per build step; yields the
+    ``on_progress(component, message)`` callback."""
+    print_notices(notices or [])
     console = err()
     with console.status("starting build") as status:
 

@@ -3,6 +3,7 @@ it, its plan (settings, profile, calibration, whether it is up to date) and the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ class ComponentResult:
     """What happened to one component in this build."""
 
     name: str
-    status: str  # "built" or "up to date"
+    status: str  # "built" or "up to date"; the calibration's row: "computed", "reused" or "given"
     seconds: float
     onnx_bytes: int
     engine_bytes: int
@@ -56,8 +57,8 @@ class Plan:
 def plan_component(build: BuildContext, name: str) -> Plan:
     """Settings, profile and (fp8/fp4 transformer) calibration of component ``name``, and whether it is up to date.
 
-    Calibration runs here, in the process that holds the manifest and the model, the first time a quantized
-    transformer needs it (later ones reuse the saved file); ``manifest.calibration`` is set then.
+    The calibration is read here, in the process that holds the manifest and the model (``calibrate_once`` computed
+    it before; without that, the first quantized transformer computes it); ``manifest.calibration`` is set then.
 
     Raises:
         InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
@@ -80,14 +81,12 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         "options": build.options.to_dict(),
     }
     amax = None
-    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
-    imported = build.backend.uses_onnx and config.onnx_dir is not None
-    if name in TRANSFORMERS and config.precision in QUANTIZED_PRECISIONS and not imported:
+    if needs_calibration(build, name):
         from fluxtrt.backends.torch_modules import part_owns_linear
         from fluxtrt.engines.calibrate import calibration_for_build
 
-        build.say(name, "calibrating (or reusing saved scales)")
-        path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
+        # calibrate_once has computed it or checked the given one: this finds it saved.
+        path, calibration, _ = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
         # The linears it computes, and its attentions' V amax.
         amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
@@ -95,6 +94,33 @@ def plan_component(build: BuildContext, name: str) -> Plan:
     entry = manifest.components.get(name)
     up_to_date = not config.force and entry is not None and _up_to_date(entry, settings, build.out)
     return Plan(name, settings, profile, amax, up_to_date)
+
+
+def needs_calibration(build: BuildContext, name: str) -> bool:
+    """Whether component ``name`` is a transformer quantized from a calibration (fp8/fp4, not an imported ONNX)."""
+    # Backends that read ONNX take an imported --onnx-dir as it is (already quantized or not).
+    imported = build.backend.uses_onnx and build.config.onnx_dir is not None
+    return name in TRANSFORMERS and build.config.precision in QUANTIZED_PRECISIONS and not imported
+
+
+def calibrate_once(build: BuildContext) -> ComponentResult | None:
+    """Before any component: the calibration the build's quantized transformers share, computed (its progress told
+    as ``calibration``), reused from the directory or the given file; its row of the report, or None where no
+    component needs one.
+
+    Raises:
+        InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
+    """
+    if not any(needs_calibration(build, name) for name in build.config.components):
+        return None
+    from fluxtrt.engines.calibrate import calibration_for_build
+
+    t0 = time.perf_counter()
+    say = lambda message: build.say("calibration", message)  # noqa: E731
+    say("calibrating the transformer's quantized linears (or finding saved scales)")
+    fingerprint = build.manifest.model["fingerprint"]
+    _, _, how = calibration_for_build(build.config, build.components, fingerprint, build.out, say)
+    return ComponentResult("calibration", how, time.perf_counter() - t0, 0, 0)
 
 
 def skipped_result(build: BuildContext, name: str) -> ComponentResult:

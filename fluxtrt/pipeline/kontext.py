@@ -172,14 +172,8 @@ class KontextPipeline:
         runner = self.runners["transformer"]
         return runner if isinstance(runner, SplitTransformerRunner) else None
 
-    def geometry(
-        self,
-        image_size: tuple[int, int],
-        height: int | None,
-        width: int | None,
-        max_area: int,
-        auto_resize: bool = True,
-    ) -> tuple[Resolution, Resolution]:
+    def geometry(self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int,
+                 auto_resize: bool = True) -> tuple[Resolution, Resolution]:  # fmt: skip
         """(target, reference) resolutions for a reference of ``image_size`` (width, height): ``fitted_geometry``
         without its notices."""
         target, reference, _ = self.fitted_geometry(image_size, height, width, max_area, auto_resize)
