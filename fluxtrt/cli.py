@@ -313,9 +313,9 @@ def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upl
               help="fp8/fp4: use this calibration file (an earlier build's calibration/*.safetensors).")  # fmt: skip
 @backend_options
 @vae_option("Build the VAE components from the slim autoencoder: ")
-@click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
-              help="Build up to N components at once, in separate processes; each process loads its own copy of the "
-              "model, so memory use grows with N.")  # fmt: skip
+@click.option("--jobs", default="auto", show_default=True, metavar="N|auto",
+              help="Build up to N components at once, in separate processes, each loading only the part of the model "
+              "it builds; auto picks N from the free GPU and host memory and each component's footprint.")  # fmt: skip
 def build(model, backend, precision, out, min_resolution, opt_resolution, max_resolution, max_batch, components,
           first_block_cache, force, device, onnx_dir, calibration_edits, calibration, vae, jobs,
           **options):  # fmt: skip

@@ -5,6 +5,7 @@ Validation that needs no model happens here, before anything heavy is loaded, so
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,8 +278,9 @@ class BuildConfig:
             for ``--aoti-weights external``; each backend declares its own, with flag, default and validation). The
             backend turns them into its typed options and refuses one it does not have.
         vae: the slim autoencoder built in place of the model's VAE: ``tiny`` or an AutoencoderTiny directory.
-        jobs: components built at once, each in a worker process of its own that loads its own copy of the model
-            (``fluxtrt.engines.build``); 1 builds them one after another in this process.
+        jobs: components built at once, each in a worker process of its own that loads only the parts of the model
+            it builds (``fluxtrt.engines.jobs``); 1 builds them one after another in this process; ``auto`` as many
+            as the memory free fits (``fluxtrt.engines.fit``).
     """
 
     model: str
@@ -298,7 +300,7 @@ class BuildConfig:
     options: Mapping[str, object] = field(default_factory=dict)
     first_block_cache: bool = False
     vae: str | None = None
-    jobs: int = 1
+    jobs: int | str = "auto"
 
     def backend_options(self) -> dict[str, object]:
         """The backend options given (None means not given), by option name."""
@@ -322,10 +324,13 @@ class BuildConfig:
             object.__setattr__(self, "components", tuple(dict.fromkeys(parts)))
         if self.max_batch < 1:
             raise InputError(f"--max-batch is {self.max_batch}, expected an integer >= 1")
-        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+        if isinstance(self.jobs, str) and self.jobs != "auto":  # --jobs N as the command line gives it
+            with contextlib.suppress(ValueError):
+                object.__setattr__(self, "jobs", int(self.jobs))
+        if self.jobs != "auto" and (isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1):
             raise InputError(
-                f"--jobs is {self.jobs!r}, expected an integer >= 1 (components built at once): pass --jobs 1 to build "
-                "them one after another, or e.g. --jobs 2"
+                f"--jobs is {self.jobs!r}, expected auto or an integer >= 1 (components built at once): pass --jobs "
+                "auto to fit the memory free, --jobs 1 to build them one after another, or e.g. --jobs 2"
             )
         lo, opt, hi = self.min_resolution, self.opt_resolution, self.max_resolution
         if not (lo.width <= opt.width <= hi.width and lo.height <= opt.height <= hi.height):

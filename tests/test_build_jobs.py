@@ -185,7 +185,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path):
 
 def test_jobs_must_be_a_positive_integer(tmp_path):
     for bad in (0, -1, 1.5, True):
-        with pytest.raises(InputError, match=rf"--jobs is {bad!r}, expected an integer >= 1 .*--jobs 1"):
+        with pytest.raises(InputError, match=rf"--jobs is {bad!r}, expected auto or an integer >= 1 .*--jobs 1"):
             ort_config(tmp_path / "e", jobs=bad)
 
 

@@ -431,7 +431,8 @@ def test_fp8_attention_on_a_cpu_build_is_one_line(tmp_path):
         (["--min-resolution", "2048x2048"], "not ordered"),
         (["--max-resolution", "big"], "--max-resolution is 'big'"),
         (["--max-batch", "0"], "--max-batch is 0"),
-        (["--jobs", "0"], "--jobs is 0, expected an integer >= 1"),
+        (["--jobs", "0"], "--jobs is 0, expected auto or an integer >= 1"),
+        (["--jobs", "many"], "--jobs is 'many', expected auto or an integer >= 1"),
         (["--aoti-weights", "bogus"], "--aoti-weights is 'bogus'"),
     ],
 )

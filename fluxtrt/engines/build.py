@@ -5,9 +5,13 @@ Each component is exported and compiled in a staging directory and moved into pl
 it finished and leaves nothing that looks finished but is not. A component is skipped when its recorded settings
 hash and files still match.
 
-With ``jobs`` > 1 the components are built at once in worker processes (``fluxtrt.engines.jobs``): this process
-plans every component (settings, calibration, the up-to-date check), each worker loads its own copy of the model and
-builds what it is handed, and this process alone writes the manifest, as each build comes back.
+The model is loaded only when something needs it: a rerun whose components are all up to date reads what it needs
+(dimensions, VAE factors, scheduler config) from the manifest and loads nothing.
+
+With ``jobs`` other than 1 (``auto``, the default, picks it from the memory free and each component's footprint,
+``fluxtrt.engines.fit``) the components are built at once in worker processes (``fluxtrt.engines.jobs``): this
+process plans every component (settings, calibration, the up-to-date check), each worker loads only the parts of the
+model the component it builds needs, and this process alone writes the manifest, as each build comes back.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fluxtrt.engines.manifest import Manifest
 from fluxtrt.engines.plan import (
     ComponentResult,
     calibrate_once,
+    ensure_model,
     load_model,
     plan_component,
     record_built,
@@ -61,15 +66,15 @@ def build_engines(
 ) -> BuildReport:
     """Build (or bring up to date) the engines directory ``config.out``.
 
-    With ``config.jobs`` > 1, the components that need building are built at once in that many worker processes
-    (spawned; each loads its own copy of the model), the transformer first; ``on_progress`` is still called in this
-    process, for their steps too.
+    With ``config.jobs`` other than 1, the components that need building are built at once in worker processes
+    (spawned; each loads only the parts of the model its component needs), the transformer first; ``on_progress``
+    is still called in this process, for their steps too.
 
     Args:
         config: what to build.
         on_progress: called with (component, message) as work starts on each step.
         backend: use this backend object instead of looking ``config.backend`` up (for embedding and tests). With
-            ``config.jobs`` > 1 it is pickled to the workers, so it must pickle (its class importable by name);
+            ``config.jobs`` other than 1 it is pickled to the workers, so it must pickle (its class importable by name);
             without it the workers look ``config.backend`` up themselves.
 
     Returns:
@@ -78,15 +83,16 @@ def build_engines(
     Raises:
         FluxtrtError: unavailable backend or device, an option the backend does not have, an out directory holding
             other engines or being built by another build (``DIR/.lock``), export or build failure. Completed
-            components stay recorded and usable. With ``config.jobs`` > 1: the first failure in ``config.components``
-            order, once the builds under way have ended (those that succeed are recorded); InputError for a
-            ``backend`` that does not pickle.
+            components stay recorded and usable. With ``config.jobs`` other than 1: the first failure in
+            ``config.components`` order, once the builds under way have ended (those that succeed are recorded), as
+            one line; InputError for a ``backend`` that does not pickle; DeviceError for a ``--jobs`` whose
+            components would not fit the memory free at once.
         KeyboardInterrupt: Ctrl-C, at once or, where Python swallowed it, at the next step. Completed components
             stay recorded and usable; nothing half-written is left.
     """
     given = backend
     backend = backend or get_backend(config.backend)
-    if config.jobs > 1 and given is not None:
+    if config.jobs != 1 and given is not None:
         check_picklable(given, config)
     backend.check_buildable()
     if config.precision not in backend.precisions:
@@ -111,7 +117,7 @@ def build_engines(
 def range_notices(config: BuildConfig) -> list[str]:
     """What the user should know about the resolution range of ``config`` before building: a notice when it leaves
     out preferred Kontext sizes (an edit at one of them is then made at a size inside the range)."""
-    from fluxtrt.pipeline.fit import excluded_preferred
+    from fluxtrt.pipeline.sizes import excluded_preferred
 
     notice = excluded_preferred(config.min_resolution, config.max_resolution)
     return [notice] if notice else []
@@ -120,17 +126,24 @@ def range_notices(config: BuildConfig) -> list[str]:
 def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendOptions, say: Progress,
                   interrupts: Interrupts, given: EngineBackend | None) -> BuildReport:  # fmt: skip
     """``build_engines`` once it holds the directory's lock (``given``: the backend object the caller passed)."""
-    from fluxtrt.specs.flux import component_specs, dims_from_components
+    from fluxtrt.models.loading import model_fingerprint
+    from fluxtrt.specs.flux import component_specs
 
     previous = _previous_manifest(config.out, config, backend)
     remove_leftovers(config.out)
 
-    components = load_model(config, lambda message: say("model", message))
-    dims = dims_from_components(components)
-    manifest = _new_manifest(config, backend, components, dims, previous)
+    fingerprint = model_fingerprint(config.model, vae=config.vae)
+    components = None
+    model = _recorded_model(previous, fingerprint, config.out)
+    if model is None:  # a new directory or another model: read it off the model itself
+        components = load_model(config, lambda message: say("model", message))
+        model = _model_record(components, fingerprint, config.vae)
+    dims = FluxDims(**model["dims"])
+    manifest = _new_manifest(config, backend, model, previous)
     build = BuildContext(config, backend, options, components, dims, component_specs(dims), manifest, say, interrupts)
     config.out.mkdir(parents=True, exist_ok=True)
-    _save_tokenizers(components, config.out)
+    if components is not None:
+        _save_tokenizers(components, config.out)
     manifest.save(config.out)  # from here on a rerun recognises the directory as its own
     calibration = calibrate_once(build)
     if config.jobs == 1:
@@ -142,26 +155,42 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     return BuildReport(config.out, manifest, results, calibration)
 
 
-def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, dims: FluxDims,
+def _recorded_model(previous: Manifest | None, fingerprint: str, out: Path) -> dict | None:
+    """What ``previous`` recorded of the model, where it is this model (same fingerprint) and its tokenizers are
+    in ``out``; None where the model must be loaded to know."""
+    if previous is None or previous.model.get("fingerprint") != fingerprint:
+        return None
+    if not all((out / folder).is_dir() for folder in ("tokenizer", "tokenizer_2")):
+        return None
+    keys = ("source", "dims", "vae_scaling", "vae_shift", "scheduler_config", "max_sequence_length")
+    return dict(previous.model) if all(k in previous.model for k in keys) else None
+
+
+def _model_record(components: Any, fingerprint: str, vae: str | None) -> dict:
+    """What the manifest records of the loaded model."""
+    from fluxtrt.specs.flux import dims_from_components
+
+    return {
+        "source": components.source,
+        "fingerprint": fingerprint,
+        "vae": vae,
+        "dims": asdict(dims_from_components(components)),
+        "vae_scaling": components.vae.config.scaling_factor,
+        "vae_shift": components.vae.config.shift_factor,
+        "scheduler_config": components.scheduler_config,
+        "max_sequence_length": components.max_sequence_length,
+    }
+
+
+def _new_manifest(config: BuildConfig, backend: EngineBackend, model: dict,
                   previous: Manifest | None) -> Manifest:  # fmt: skip
     """The manifest of this build, keeping the components of ``previous`` (the same backend and precision)."""
-    from fluxtrt.models.loading import model_fingerprint
-
     return Manifest(
         backend=backend.name,
         backend_version=backend.version(),
         precision=config.precision,
         fluxtrt_version=__version__,
-        model={
-            "source": components.source,
-            "fingerprint": model_fingerprint(config.model, vae=config.vae),
-            "vae": config.vae,
-            "dims": asdict(dims),
-            "vae_scaling": components.vae.config.scaling_factor,
-            "vae_shift": components.vae.config.shift_factor,
-            "scheduler_config": components.scheduler_config,
-            "max_sequence_length": components.max_sequence_length,
-        },
+        model=model,
         build_env=device_environment(config.device),
         resolutions={k: str(getattr(config, f"{k}_resolution")) for k in ("min", "opt", "max")},
         batch={"min": 1, "opt": 1, "max": config.max_batch},
@@ -175,6 +204,7 @@ def _bring_up_to_date(build: BuildContext, name: str) -> ComponentResult:
     if plan.up_to_date:
         return skipped_result(build, name)
     build.manifest.components.pop(name, None)
+    ensure_model(build)
     return record_built(build, name, build_component(build, name, plan.settings, plan.profile, plan.amax))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from fluxtrt import __version__
 from fluxtrt.errors import BuildError, InputError
-from fluxtrt.pipeline.fit import SizeRange
+from fluxtrt.pipeline.sizes import SizeRange
 from fluxtrt.specs.flux import Resolution
 
 # Linears left in the compute dtype (fnmatch patterns over names in the transformer): embedders, the final norm's
@@ -76,13 +76,14 @@ class Recipe:
     batched: bool = False
 
 
-def recipe_for(config: Any, components: Any) -> Recipe:
+def recipe_for(config: Any) -> Recipe:
     """The calibration of a build: ``config.calibration_edits`` edits at its opt resolution, one after another; for a
-    test-sized model (under ``SMALL_MODEL_PARAMETERS`` transformer parameters), those edits in one batch at
-    ``SMALL_MODEL_SIDE`` px."""
+    test-sized model (under ``SMALL_MODEL_PARAMETERS`` transformer parameters, counted without loading it), those
+    edits in one batch at ``SMALL_MODEL_SIDE`` px."""
+    from fluxtrt.models.loading import part_parameters
+
     res = config.opt_resolution
-    parameters = sum(p.numel() for p in components.transformer.parameters())
-    if parameters < SMALL_MODEL_PARAMETERS:
+    if part_parameters(config.model, "transformer") < SMALL_MODEL_PARAMETERS:
         return Recipe(config.calibration_edits, None, SMALL_MODEL_SIDE, SMALL_MODEL_SIDE, batched=True)
     return Recipe(config.calibration_edits, None, res.width, res.height)
 
@@ -365,7 +366,7 @@ def calibration_for_build(
             shutil.copyfile(config.calibration, path)
             shutil.copyfile(sidecar(Path(config.calibration)), sidecar(path))
         return path, given, "given"
-    recipe = recipe_for(config, components)
+    recipe = recipe_for(config)
     want = {"seed": 0, "edits": recipe.edits, "resolution": f"{recipe.width}x{recipe.height}",
             "batched": recipe.batched or None}  # fmt: skip
     # A saved calibration from before V's amax was recorded (no "attention_v" in its sidecar) is computed again.

@@ -50,8 +50,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         InputError: ``require_first_block_cache`` and the directory has no transformer parts.
     """
     from fluxtrt.models.loading import torch_dtype
-    from fluxtrt.pipeline.fit import SizeRange
     from fluxtrt.pipeline.kontext import KontextPipeline
+    from fluxtrt.pipeline.sizes import SizeRange
 
     path = Path(path)
     manifest = Manifest.load(path)

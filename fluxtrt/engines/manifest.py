@@ -67,15 +67,18 @@ def settings_hash(settings: dict) -> str:
 
 @dataclass
 class FileRecord:
-    """One file of the directory: its path relative to the directory, size and sha256."""
+    """One file of the directory: its path relative to the directory, size and sha256, and its modification time
+    when it was recorded (None in manifests from before it was; not part of what makes two records equal)."""
 
     path: str
     bytes: int
     sha256: str
+    mtime: float | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, root: Path, path: Path) -> FileRecord:
-        return cls(str(path.relative_to(root)), path.stat().st_size, sha256_file(path))
+        stat = path.stat()
+        return cls(str(path.relative_to(root)), stat.st_size, sha256_file(path), stat.st_mtime)
 
     def check(self, root: Path, component: str) -> Path:
         """The absolute path, after checking the file is there with its recorded size and, up to

@@ -1,5 +1,6 @@
 """One component's part of a build, shared by the build process and its ``--jobs`` workers: the model loaded for
-it, its plan (settings, profile, calibration, whether it is up to date) and the result recorded in the manifest."""
+it (in a worker, only the parts it builds; in the build process, the whole model, and only once something needs
+it), its plan (settings, profile, calibration, whether it is up to date) and the result recorded in the manifest."""
 
 from __future__ import annotations
 
@@ -27,9 +28,19 @@ class ComponentResult:
     engine_bytes: int
 
 
-def load_model(config: BuildConfig, say: Callable[[str], None]) -> Any:
-    """The model of ``config`` in the build's compute dtype on its device (``FluxKontextComponents``), ``say``
-    telling what is loaded.
+# The model parts (``fluxtrt.models.components.PARTS``) each component is built from.
+COMPONENT_PARTS = {
+    "clip": ("text_encoder",),
+    "t5": ("text_encoder_2",),
+    "vae_encoder": ("vae",),
+    "vae_decoder": ("vae",),
+    **{name: ("transformer",) for name in TRANSFORMERS},
+}
+
+
+def load_model(config: BuildConfig, say: Callable[[str], None], parts: tuple[str, ...] | None = None) -> Any:
+    """The model of ``config`` (only ``parts`` of it, if given) in the build's compute dtype on its device
+    (``FluxKontextComponents``), ``say`` telling what is loaded.
 
     Raises:
         ModelLoadError, DeviceError: as ``load_components``.
@@ -37,8 +48,27 @@ def load_model(config: BuildConfig, say: Callable[[str], None]) -> Any:
     from fluxtrt.models import load_components
 
     vae = f", vae {config.vae}" if config.vae is not None else ""
-    say(f"loading {config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device}{vae})")
-    return load_components(config.model, config.device, COMPUTE_DTYPE[config.precision], vae=config.vae)
+    which = f"{', '.join(parts)} of " if parts is not None else ""
+    say(f"loading {which}{config.model} ({COMPUTE_DTYPE[config.precision]}, {config.device}{vae})")
+    return load_components(config.model, config.device, COMPUTE_DTYPE[config.precision], vae=config.vae, parts=parts)
+
+
+def ensure_model(build: BuildContext) -> Any:
+    """The build process's whole model, loaded the first time something needs it (a build, a calibration)."""
+    if build.components is None:
+        build.components = load_model(build.config, lambda message: build.say("model", message))
+    return build.components
+
+
+class _OnDemand:
+    """Stands for the build's model where it may not be needed (a saved calibration that fits): loads it on the
+    first attribute read."""
+
+    def __init__(self, build: BuildContext):
+        self._build = build
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ensure_model(self._build), name)
 
 
 @dataclass
@@ -86,7 +116,8 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         from fluxtrt.engines.calibrate import calibration_for_build
 
         # calibrate_once has computed it or checked the given one: this finds it saved.
-        path, calibration, _ = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
+        model = _OnDemand(build)  # loaded only if no saved calibration fits
+        path, calibration, _ = calibration_for_build(config, model, manifest.model["fingerprint"], build.out)
         # The linears it computes, and its attentions' V amax.
         amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
@@ -105,8 +136,8 @@ def needs_calibration(build: BuildContext, name: str) -> bool:
 
 def calibrate_once(build: BuildContext) -> ComponentResult | None:
     """Before any component: the calibration the build's quantized transformers share, computed (its progress told
-    as ``calibration``), reused from the directory or the given file; its row of the report, or None where no
-    component needs one.
+    as ``calibration``; the model loaded for it), reused from the directory or the given file; its row of the
+    report, or None where no component needs one.
 
     Raises:
         InputError, BuildError: a calibration file that does not fit, or a calibration that fails.
@@ -119,7 +150,7 @@ def calibrate_once(build: BuildContext) -> ComponentResult | None:
     say = lambda message: build.say("calibration", message)  # noqa: E731
     say("calibrating the transformer's quantized linears (or finding saved scales)")
     fingerprint = build.manifest.model["fingerprint"]
-    _, _, how = calibration_for_build(build.config, build.components, fingerprint, build.out, say)
+    _, _, how = calibration_for_build(build.config, _OnDemand(build), fingerprint, build.out, say)
     return ComponentResult("calibration", how, time.perf_counter() - t0, 0, 0)
 
 
@@ -139,13 +170,22 @@ def record_built(build: BuildContext, name: str, entry: ComponentEntry) -> Compo
 
 
 def _up_to_date(entry: ComponentEntry, settings: dict, out: Path) -> bool:
-    """Same settings, and every recorded file present with its recorded size and hash."""
+    """Same settings, and every recorded file present with its recorded size and hash. A file whose size and
+    modification time are those recorded is taken as unchanged without reading it (a transformer engine is tens of
+    GB); one with another mtime, or none recorded, is hashed."""
     if entry.settings_hash != settings_hash(settings):
         return False
     for record in [*entry.onnx, entry.engine, *entry.engine_extra]:
         path = out / record.path
-        if not path.is_file() or path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
+        if not path.is_file():
             return False
+        stat = path.stat()
+        if stat.st_size != record.bytes:
+            return False
+        if record.mtime is None or stat.st_mtime != record.mtime:
+            if sha256_file(path) != record.sha256:
+                return False
+            record.mtime = stat.st_mtime  # the same content: the next check needs no hashing (saved with the manifest)
     return True
 
 

@@ -18,11 +18,15 @@ FLUX_SCHEDULER_CONFIG = {
 }
 
 SUBFOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+# The four models, each in the checkpoint subfolder of its name: what a subset load (``parts``) picks from.
+PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 @dataclass
 class FluxKontextComponents:
     """What a Kontext edit needs, held as the library classes diffusers' FluxKontextPipeline holds.
+
+    A subset load (``load_components(..., parts=...)``) leaves the models it was not asked for None.
 
     Attributes:
         transformer: ``FluxTransformer2DModel``.
@@ -48,12 +52,8 @@ class FluxKontextComponents:
     vae_source: str | None = None
 
     def modules(self) -> dict[str, Any]:
-        return {
-            "transformer": self.transformer,
-            "vae": self.vae,
-            "text_encoder": self.text_encoder,
-            "text_encoder_2": self.text_encoder_2,
-        }
+        """The models loaded, by part name (``PARTS``)."""
+        return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}
 
     def to(self, device: Any, dtype: Any) -> FluxKontextComponents:
         """Move every module to ``device`` and ``dtype`` in place, in eval mode; returns self."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from fluxtrt.errors import ModelLoadError, first_line
-from fluxtrt.models.components import SUBFOLDERS, FluxKontextComponents
+from fluxtrt.models.components import PARTS, SUBFOLDERS, FluxKontextComponents
 
 BUILTIN_MODELS = ("tiny", "random-full")
 # Memory a model needs beyond its weights while it loads and runs (activations, allocator slack), as a fraction.
@@ -24,7 +25,12 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_components(
-    model: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0, vae: str | None = None
+    model: str,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    seed: int = 0,
+    vae: str | None = None,
+    parts: Iterable[str] | None = None,
 ) -> FluxKontextComponents:
     """Load a FLUX.1-Kontext model without touching the network.
 
@@ -35,6 +41,10 @@ def load_components(
         seed: initialisation seed of the synthetic models.
         vae: None for the model's own VAE, or the slim autoencoder in its place: ``tiny`` (random weights) or an
             AutoencoderTiny directory (``fluxtrt.models.tiny_vae``).
+        parts: load only these models (names of ``PARTS``: ``transformer``, ``vae``, ``text_encoder``,
+            ``text_encoder_2``), the others left None; None loads all four. Each has the weights a whole load gives
+            it (a checkpoint loads only their subfolders; a synthetic model builds only them, with the same seeds).
+            The tokenizers and the scheduler config are always loaded.
 
     Returns:
         The components, on ``device`` in ``dtype``, in eval mode.
@@ -44,19 +54,70 @@ def load_components(
             ``vae`` is not a usable AutoencoderTiny.
         DeviceError: ``random-full`` would not fit the memory available on ``device``.
     """
-    if vae is not None:
+    parts = check_parts(parts)
+    if vae is not None and "vae" in parts:
         check_slim_vae(vae)
-        return use_slim_vae(load_components(model, device, dtype, seed), vae, seed)
+        return use_slim_vae(load_components(model, device, dtype, seed, parts=parts), vae, seed)
     from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
 
     if model == "tiny":
         # Built on the CPU in fp32 whatever the target, so every device and dtype starts from the same weights.
-        tiny = build_synthetic(TINY, seed, "cpu", torch_dtype("fp32"), "tiny")
+        tiny = build_synthetic(TINY, seed, "cpu", torch_dtype("fp32"), "tiny", parts)
         return tiny.to(device, torch_dtype(dtype)) if (device, dtype) != ("cpu", "fp32") else tiny
     if model == "random-full":
-        check_full_fits(device, dtype)
-        return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full")
-    return load_checkpoint(resolve_checkpoint(model), device, dtype)
+        check_full_fits(device, dtype, parts)
+        return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full", parts)
+    return load_checkpoint(resolve_checkpoint(model), device, dtype, parts)
+
+
+def check_parts(parts: Iterable[str] | None) -> tuple[str, ...]:
+    """``parts`` as a tuple in ``PARTS`` order (all of them for None).
+
+    Raises:
+        ValueError: a name that is not one of ``PARTS``.
+    """
+    if parts is None:
+        return PARTS
+    asked = set(parts)
+    unknown = sorted(asked - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown model parts {', '.join(unknown)}, expected some of {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in asked)
+
+
+def part_parameters(model: str, part: str) -> int:
+    """Parameters of model ``part`` (one of ``PARTS``) of ``model``, without loading it: synthetic models are counted
+    on the meta device (random-full's counts are constants), a checkpoint from its safetensors headers (from its
+    weight files' sizes at 2 bytes a parameter where it has none).
+
+    Raises:
+        ModelLoadError: as ``resolve_checkpoint``.
+    """
+    from fluxtrt.models.synthetic import FULL_PART_PARAMETERS, TINY
+    from fluxtrt.models.synthetic import part_parameters as synthetic_parameters
+
+    check_parts((part,))
+    if model == "tiny":
+        return synthetic_parameters(TINY, part)
+    if model == "random-full":
+        return FULL_PART_PARAMETERS[part]
+    folder = resolve_checkpoint(model) / part
+    tensors = sorted(folder.glob("*.safetensors"))
+    if not tensors:
+        weights = [f for f in folder.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        return sum(f.stat().st_size for f in weights) // 2
+    return sum(_safetensors_numel(f) for f in tensors)
+
+
+def _safetensors_numel(path: Path) -> int:
+    """Elements of every tensor of a safetensors file, read from its header (8 bytes of length, then JSON)."""
+    import math
+    import struct
+
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(math.prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
 
 
 def check_slim_vae(vae: str) -> None:
@@ -83,15 +144,18 @@ def use_slim_vae(components: FluxKontextComponents, vae: str, seed: int = 0) -> 
     return components
 
 
-def check_full_fits(device: str, dtype: str) -> None:
+def check_full_fits(device: str, dtype: str, parts: Iterable[str] = PARTS) -> None:
     """Raise DeviceError, before allocating anything, when random-full's weights (plus headroom) would not fit the
     memory available on ``device``: on a CPU machine the kernel's OOM killer would otherwise end the process after
-    a minute, without a word."""
+    a minute, without a word. ``parts``: the models loaded (all four by default)."""
     from fluxtrt.environment import check_memory
-    from fluxtrt.models.synthetic import FULL_PARAMETERS
+    from fluxtrt.models.synthetic import FULL_PARAMETERS, FULL_PART_PARAMETERS
+
+    parts = check_parts(parts)
+    count = FULL_PARAMETERS if parts == PARTS else sum(FULL_PART_PARAMETERS[p] for p in parts)
 
     def needed(dtype_name: str) -> int:
-        return round(FULL_PARAMETERS * {"fp32": 4, "bf16": 2}[dtype_name] * (1 + MEMORY_HEADROOM))
+        return round(count * {"fp32": 4, "bf16": 2}[dtype_name] * (1 + MEMORY_HEADROOM))
 
     if str(device).startswith("cuda"):
         fix = "free the GPU's memory, or use a GPU with more" + (" (or --dtype bf16)" if dtype == "fp32" else "")
@@ -100,7 +164,8 @@ def check_full_fits(device: str, dtype: str) -> None:
             f"run it on a GPU machine (--device cuda; in bf16 it needs about {needed('bf16') / 2**30:.0f} GiB of GPU "
             "memory), or use --model tiny on the CPU"
         )
-    what = f"--model random-full ({FULL_PARAMETERS / 1e9:.1f}B parameters in {dtype})"
+    which = "" if parts == PARTS else f"'s {', '.join(parts)}"
+    what = f"--model random-full{which} ({count / 1e9:.1f}B parameters in {dtype})"
     check_memory(needed(dtype), device, what, fix)
 
 
@@ -155,19 +220,23 @@ def check_checkpoint(path: Path) -> None:
         )
 
 
-def load_checkpoint(path: Path, device: str, dtype: str) -> FluxKontextComponents:
-    """Load the four models, two tokenizers and the scheduler config of a checked checkpoint directory."""
+def load_checkpoint(path: Path, device: str, dtype: str, parts: Iterable[str] = PARTS) -> FluxKontextComponents:
+    """Load the four models (or only ``parts`` of them, each from its own subfolder), two tokenizers and the
+    scheduler config of a checked checkpoint directory."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     kw = {"dtype": torch_dtype(dtype), "local_files_only": True}
+    classes = {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+               "text_encoder_2": T5EncoderModel}  # fmt: skip
     try:
+        models = {p: classes[p].from_pretrained(path, subfolder=p, **kw) for p in check_parts(parts)}
         components = FluxKontextComponents(
-            transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kw),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw),
+            transformer=models.get("transformer"),
+            vae=models.get("vae"),
+            text_encoder=models.get("text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
-            text_encoder_2=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw),
+            text_encoder_2=models.get("text_encoder_2"),
             tokenizer_2=T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
             scheduler_config=json.loads((path / "scheduler" / "scheduler_config.json").read_text()),
             source=str(path),

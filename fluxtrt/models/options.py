@@ -26,9 +26,11 @@ class ModelOptions:
         fuse_qkv: in the 24 GB mode, fuse each block's Q/K/V projections as it arrives (freeing the unfused ones).
         quant: in the 24 GB mode, the torchao linears each block gets as it arrives (``fp8``, ``fp4``), or None.
         strict: raise when ``quant`` is unavailable here instead of loading the linears unquantized.
+        parts: load only these models (``transformer``, ``vae``, ``text_encoder``, ``text_encoder_2``; the others
+            are None) with the weights a whole load gives them; None loads all four.
 
     Raises:
-        ValueError: ``fuse_qkv`` or ``quant`` without ``low_vram``.
+        ValueError: ``fuse_qkv`` or ``quant`` without ``low_vram``; ``parts`` with ``low_vram``.
     """
 
     model: str
@@ -40,10 +42,13 @@ class ModelOptions:
     fuse_qkv: bool = False
     quant: str | None = None
     strict: bool = False
+    parts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.fuse_qkv or self.quant is not None) and not self.low_vram:
             raise ValueError("fuse_qkv and quant are applied while loading in the 24 GB mode only (low_vram=True)")
+        if self.parts is not None and self.low_vram:
+            raise ValueError("parts loads a subset of the models as they are; the 24 GB mode loads them all")
 
     @classmethod
     def low_vram_mode(cls, model: str, device: str, dtype: str, vae: str | None = None) -> ModelOptions:
@@ -89,7 +94,8 @@ def load_model(options: ModelOptions) -> LoadedModel:
     from fluxtrt.models.loading import check_slim_vae, load_components, use_slim_vae
 
     if not options.low_vram:
-        components = load_components(options.model, options.device, options.dtype, options.seed, vae=options.vae)
+        components = load_components(options.model, options.device, options.dtype, options.seed, vae=options.vae,
+                                     parts=options.parts)  # fmt: skip
         return LoadedModel(components, options)
     from fluxtrt.models.lowvram import BlockPlacer, load_components_low_vram
     from fluxtrt.models.offload import HostOffload, text_encoder_groups

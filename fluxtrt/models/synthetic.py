@@ -8,12 +8,12 @@ pixels).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fluxtrt.models.components import FluxKontextComponents
+from fluxtrt.models.components import PARTS, FluxKontextComponents
 from fluxtrt.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 
@@ -107,9 +107,18 @@ FULL = SyntheticConfigs(
     },
 )
 
-# Parameters of FULL: transformer 11,901,408,320, T5-XXL encoder 4,631,222,272, CLIP-L text 85,515,264, VAE 83,819,683
-# (tests/test_cli.py counts them on the meta device). What random-full's weights need: 4 bytes each in fp32, 2 in bf16.
-FULL_PARAMETERS = 16_701_965_539
+# Parameters of each model of FULL (tests/test_cli.py counts them on the meta device). What random-full's weights
+# need: 4 bytes each in fp32, 2 in bf16.
+FULL_PART_PARAMETERS = {
+    "transformer": 11_901_408_320,
+    "vae": 83_819_683,
+    "text_encoder": 85_515_264,  # CLIP-L text
+    "text_encoder_2": 4_631_222_272,  # T5-XXL encoder
+}
+FULL_PARAMETERS = sum(FULL_PART_PARAMETERS.values())  # 16,701,965,539
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @contextmanager
@@ -138,18 +147,25 @@ def build_transformer(config: dict, seed: int, device: Any, dtype: Any) -> Any:
 
 
 def build_synthetic(
-    configs: SyntheticConfigs, seed: int, device: Any, dtype: Any, source: str
+    configs: SyntheticConfigs, seed: int, device: Any, dtype: Any, source: str, parts: Iterable[str] | None = None
 ) -> FluxKontextComponents:
-    """Construct the four models with seeded default initialisation directly on ``device`` in ``dtype``.
+    """Construct the four models (or only ``parts`` of them) with seeded default initialisation directly on
+    ``device`` in ``dtype``.
 
     The library initialisers (diffusers' and transformers' own) keep activations finite through a whole edit at
     full size: every linear layer shrinks its input's scale and every residual branch is normalised and gated.
     Each model is seeded on its own (transformer ``seed``, VAE ``seed + 1``, CLIP ``+ 2``, T5 ``+ 3``), so any one
-    of them can be built apart with the same weights (``build_vae``, ``build_text_encoders``, the low-VRAM loader).
+    of them can be built apart with the same weights (``parts``, ``build_vae``, the low-VRAM loader).
+
+    Args:
+        parts: the models to build (names of ``PARTS``); None builds all four. The others are left None; both
+            tokenizers are always built (they hold no weights).
     """
-    transformer = build_transformer(configs.transformer, seed, device, dtype)
-    vae = build_vae(configs, seed, device, dtype)
-    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = build_text_encoders(configs, seed, device, dtype)
+    wanted = set(PARTS if parts is None else parts)
+    transformer = build_transformer(configs.transformer, seed, device, dtype) if "transformer" in wanted else None
+    vae = build_vae(configs, seed, device, dtype) if "vae" in wanted else None
+    encoders = [p for p in TEXT_ENCODERS if p in wanted]
+    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = build_text_encoders(configs, seed, device, dtype, encoders)
     components = FluxKontextComponents(
         transformer=transformer,
         vae=vae,
@@ -162,6 +178,16 @@ def build_synthetic(
     return components.to(device, dtype)
 
 
+def part_parameters(configs: SyntheticConfigs, part: str) -> int:
+    """Parameters of model ``part`` of ``configs``, counted on the meta device (nothing is allocated)."""
+    import torch
+
+    if part not in PARTS:
+        raise ValueError(f"unknown part '{part}', expected one of {', '.join(PARTS)}")
+    components = build_synthetic(configs, 0, "meta", torch.bfloat16, "meta", parts=(part,))
+    return sum(p.numel() for p in getattr(components, part).parameters())
+
+
 def build_vae(configs: SyntheticConfigs, seed: int, device: Any, dtype: Any) -> Any:
     """The seeded ``AutoencoderKL`` of ``configs``."""
     import torch
@@ -172,9 +198,11 @@ def build_vae(configs: SyntheticConfigs, seed: int, device: Any, dtype: Any) -> 
         return AutoencoderKL(**configs.vae)
 
 
-def build_text_encoders(configs: SyntheticConfigs, seed: int, device: Any, dtype: Any) -> tuple[Any, Any, Any, Any]:
+def build_text_encoders(
+    configs: SyntheticConfigs, seed: int, device: Any, dtype: Any, parts: Iterable[str] = TEXT_ENCODERS
+) -> tuple[Any, Any, Any, Any]:
     """The seeded CLIP and T5 encoders of ``configs`` with their local tokenizers: (clip, tokenizer, t5,
-    tokenizer_2)."""
+    tokenizer_2); an encoder not in ``parts`` is None."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -195,9 +223,12 @@ def build_text_encoders(configs: SyntheticConfigs, seed: int, device: Any, dtype
         is_encoder_decoder=False,
         **configs.t5,
     )
+    text_encoder = text_encoder_2 = None
     with constructing(device, dtype):
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(clip_config)
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = T5EncoderModel(t5_config)
+        if "text_encoder" in parts:
+            torch.manual_seed(seed + 2)
+            text_encoder = CLIPTextModel(clip_config)
+        if "text_encoder_2" in parts:
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = T5EncoderModel(t5_config)
     return text_encoder, tokenizer, text_encoder_2, tokenizer_2

@@ -14,7 +14,6 @@ from fluxtrt.backends.runner import Runner
 from fluxtrt.config import DEFAULT_GUIDANCE, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, ShapeError
 from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
-from fluxtrt.pipeline.fit import SizeRange, fit_geometry
 from fluxtrt.pipeline.image import (
     MIN_REFERENCE_SIDE,
     fit_to_area,
@@ -23,6 +22,7 @@ from fluxtrt.pipeline.image import (
     tensor_to_images,
 )
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
+from fluxtrt.pipeline.sizes import SizeRange, fit_geometry
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
 from fluxtrt.specs.flux import FluxDims, Resolution, dim_values, dims_from_components
@@ -101,7 +101,7 @@ class KontextPipeline:
         dtype: the runners' compute dtype.
         source: what the runners come from (an engines directory), named when an edit does not fit them.
         sizes: the image sizes the runners take (engines: the build's resolution range); an edit outside it is made
-            at sizes inside it, with a notice (``fluxtrt.pipeline.fit``). None: any size.
+            at sizes inside it, with a notice (``fluxtrt.pipeline.sizes``). None: any size.
         prompt_cache: how many distinct prompt lists keep their CLIP and T5 outputs, so that an edit repeating a
             prompt runs neither encoder (0: encode every time). The kept outputs are copies of what the encoders
             gave, so a reused prompt edits exactly as a fresh one.

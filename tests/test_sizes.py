@@ -1,4 +1,4 @@
-"""Edits fitted into the sizes engines were built for (fluxtrt.pipeline.fit): the geometry by exact arithmetic, and
+"""Edits fitted into the sizes engines were built for (fluxtrt.pipeline.sizes): the geometry by exact arithmetic,
 single-size engines of the tiny model editing a non-square photo that they refused before."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PIL import Image
 from fluxtrt.engines.load import load_engine_pipeline
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.errors import InputError
-from fluxtrt.pipeline.fit import PREFERRED, SizeRange, excluded_preferred, fit_geometry, fit_size
+from fluxtrt.pipeline.sizes import PREFERRED, SizeRange, excluded_preferred, fit_geometry, fit_size
 from fluxtrt.specs import Resolution, component_specs
 from fluxtrt.specs.flux import profile_shapes
 from tests.conftest import make_image, run_cli
