@@ -23,7 +23,7 @@ def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> 
 
 
 def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: float | None = DEFAULT_FBC_THRESHOLD,
-                         require_first_block_cache: bool = False):  # fmt: skip
+                         require_first_block_cache: bool = False, concurrent: bool = False):  # fmt: skip
     """A ``KontextPipeline`` whose runners are the engines in ``path``, loaded.
 
     Args:
@@ -34,6 +34,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
             transformer runner is then a ``SplitTransformerRunner`` (its ``stats()`` count the skipped steps).
         require_first_block_cache: raise when the directory holds no transformer parts (the threshold was asked
             for explicitly).
+        concurrent: load the engines and the tokenizers from threads at once (reading files, copying weights to
+            the device and loading libraries overlap) instead of one after the other.
 
     Returns:
         A ``KontextPipeline`` whose runners refuse shapes outside the built range (close it to free the engines).
@@ -62,21 +64,30 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     _check_complete(path, manifest, transformer, require_first_block_cache)
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)
+    jobs: dict[str, LoadJob] = {}
+    for name in (*[c for c in COMPONENTS if c != "transformer"], *transformer):
+        entry = manifest.components[name]
+        for extra in entry.engine_extra:
+            extra.check(path, name)
+        engine = entry.engine.check(path, name)
+        options = backend.options(entry.settings.get("options", {}))
+        jobs[name] = LoadJob(specs[name], engine, device, dtype, entry.profile, options, entry.record)
+
+    def tokenizers() -> tuple[Any, Any]:
+        try:
+            return (CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True),
+                    T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"), local_files_only=True))  # fmt: skip
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"{path}: the tokenizers beside the engines cannot be read ({exc}): rebuild") from None
+
     runners: dict[str, Any] = {}
     try:
-        for name in (*[c for c in COMPONENTS if c != "transformer"], *transformer):
-            entry = manifest.components[name]
-            for extra in entry.engine_extra:
-                extra.check(path, name)
-            engine = entry.engine.check(path, name)
-            options = backend.options(entry.settings.get("options", {}))
-            job = LoadJob(specs[name], engine, device, dtype, entry.profile, options, entry.record)
-            runners[name] = backend.load(job)
-        tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-        tokenizer_2 = T5TokenizerFast.from_pretrained(str(path / "tokenizer_2"), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        _close(runners)
-        raise EngineError(f"{path}: the tokenizers beside the engines cannot be read ({exc}): rebuild") from None
+        if concurrent:
+            tokenizer, tokenizer_2 = _load_concurrently(backend, jobs, tokenizers, runners)
+        else:
+            for name, job in jobs.items():
+                runners[name] = backend.load(job)
+            tokenizer, tokenizer_2 = tokenizers()
     except BaseException:
         _close(runners)
         raise
@@ -120,6 +131,22 @@ def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...]
             f"--components {','.join(missing)}` (and the original build's range options; the transformer may be "
             "built as its two parts with --first-block-cache)"
         )
+
+
+def _load_concurrently(backend: Any, jobs: dict[str, LoadJob], tokenizers: Any, runners: dict) -> Any:
+    """Load every job and the tokenizers from threads; fills ``runners`` with those that loaded (for the caller to
+    close on failure), raises the first failure (in component order) once all have finished, else returns the
+    tokenizers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(jobs) + 1, thread_name_prefix="fluxtrt-load") as pool:
+        futures = {name: pool.submit(backend.load, job) for name, job in jobs.items()}
+        tokenized = pool.submit(tokenizers)
+    failures = [f.exception() for f in (*futures.values(), tokenized) if f.exception() is not None]
+    runners.update({name: f.result() for name, f in futures.items() if f.exception() is None})
+    if failures:
+        raise failures[0]
+    return tokenized.result()
 
 
 def _close(runners: dict) -> None:
