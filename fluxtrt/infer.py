@@ -87,19 +87,45 @@ def _load_pipeline(config: InferConfig, device: str, world: Any) -> tuple[Any, s
     from fluxtrt.models import load_components
     from fluxtrt.pipeline.kontext import KontextPipeline
 
+    loras = read_loras(getattr(config, "loras", ()))
     if config.engines is not None:
         from fluxtrt.engines.load import load_engine_pipeline
 
         pipeline = load_engine_pipeline(config.engines, device, config.fbc_threshold, config.fbc is not None)
-        return pipeline, f"engines {config.engines}"
+        if loras:
+            from fluxtrt.lora.engines import apply_to_runner
+
+            try:
+                apply_to_runner(pipeline.runners["transformer"], loras)
+            except BaseException:
+                pipeline.close()
+                raise
+        return pipeline, f"engines {config.engines}" + lora_label(loras)
     if config.low_vram:
         return low_vram_pipeline(config, device), f"{config.model} (low-VRAM)"
     components = load_components(config.model, device, config.resolved_dtype, seed=0, vae=config.vae)
+    if loras:
+        from fluxtrt.lora.fuse import fuse
+
+        fuse(components.transformer, loras)
     if world is not None:
         from fluxtrt.parallel.context import enable_context_parallel
 
         enable_context_parallel(components.transformer, world)
-    return KontextPipeline.from_components(components), config.model
+    return KontextPipeline.from_components(components), config.model + lora_label(loras)
+
+
+def read_loras(specs: tuple[str, ...]) -> list[Any]:
+    """The ``--lora FILE[:SCALE]`` files read (before any model is loaded, so that a bad one costs nothing)."""
+    if not specs:
+        return []
+    from fluxtrt.lora.files import LoraSpec, read_lora
+
+    return [read_lora(LoraSpec.parse(text)) for text in specs]
+
+
+def lora_label(loras: list[Any]) -> str:
+    return "".join(f" + LoRA {lora.name}:{lora.spec.scale:g}" for lora in loras)
 
 
 def low_vram_pipeline(config: InferConfig, device: str) -> Any:

@@ -22,6 +22,7 @@ LAYERS = (
     ("export",),
     ("quant",),
     ("backends",),
+    ("lora",),
     ("pipeline",),
     ("engines",),
     ("stages",),

@@ -111,6 +111,7 @@ class AotInductorRunner(Runner):
         self.model: Any = None
         self.call: Any = None
         self._constants: dict[str, Any] | None = None
+        self._replaced: dict[str, Any] = {}  # constant -> the merged tensor in its place (set_linear_weights)
         # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
         # (handing them to the package).
         self.load_seconds: dict[str, float] = {}
@@ -158,6 +159,33 @@ class AotInductorRunner(Runner):
             ) from exc
         self.load_seconds.update(weights=t1 - t0, constants=time.perf_counter() - t1)
         return constants
+
+    def linear_weights(self) -> dict[str, Any]:
+        """Module name -> the package's original weight of each floating-point linear, [out, in] on the device.
+
+        Raises:
+            EngineError: the weights are packaged in the .pt2 (they cannot be replaced without a rebuild).
+        """
+        if not self.external_weights or self._constants is None:
+            raise EngineError(f"{self.name}: {self.path.name} packages its weights, which cannot be replaced: "
+                              f"{REBUILD} --aoti-weights external")  # fmt: skip
+        linear = lambda t: t.dim() == 2 and t.is_floating_point() and t.element_size() >= 2  # noqa: E731 (not FP8)
+        return {name.removesuffix(".weight").removeprefix("transformer."): t for name, t in self._constants.items()
+                if name.endswith(".weight") and linear(t)}  # fmt: skip
+
+    def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
+        """Point these linears' constants at ``weights`` ([out, in] tensors, kept alive by the runner) and every
+        linear replaced before back at its original; None: all originals, bit for bit. Takes effect from the next
+        call (a CUDA-graph runner captures its graphs again)."""
+        self.linear_weights()
+        fqn = {m: n for n in self._constants for m in (n.removesuffix(".weight").removeprefix("transformer."),)}
+        update = {n: self._constants[n] for n in self._replaced}
+        update.update({fqn[m]: w.contiguous() for m, w in (weights or {}).items()})
+        if update:
+            self.model.loader.load_constants(update, False, False, True)
+        self._replaced = {n: update[n] for n in update if n in {fqn[m] for m in weights or {}}}
+        if self.cuda_graph:
+            self.call = CudaGraphs(self.model)
 
     def _close(self) -> None:
         self.call = self.model = self._constants = None
