@@ -182,3 +182,34 @@ def test_infer_lora_on_the_model_and_a_bad_scale(image_file, tmp_path, loras):
                      "--out", str(tmp_path / "x.png"), "--lora", f"{loras['a'][0]}:lots")  # fmt: skip
     assert result.exit_code != 0 and "the scale 'lots' is not a number" in one_error_line(result)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_aoti_external_weights_lora_equals_pytorch_fused(tiny, aoti_engines, loras):
+    """The tiny AOTInductor transformer (external weights, fused QKV projections) with a LoRA against PyTorch."""
+    from fluxtrt.lora.engines import apply_to_runner
+    from fluxtrt.lora.fuse import fuse, unfuse
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
+    def small(pipeline):
+        return pipeline.edit(make_image(64, 64), "red", seed=3, height=64, width=64, max_area=64 * 64).latents
+
+    lora = read(loras["a"][0], 0.8)
+    pipeline = KontextPipeline.from_components(tiny)
+    want_base = small(pipeline)
+    originals = fuse(tiny.transformer, [lora])
+    try:
+        want_lora = small(pipeline)
+    finally:
+        unfuse(tiny.transformer, originals)
+    runner = aoti_engines["transformer"]
+    engine = KontextPipeline.from_components(tiny, runners={**pipeline.runners, "transformer": runner})
+    base = small(engine)
+    tolerance = max(10 * rel(base, want_base), 1e-5)
+    try:
+        apply_to_runner(runner, [lora])
+        with_lora = small(engine)
+        assert rel(with_lora, want_lora) <= tolerance
+        assert rel(with_lora, base) > 100 * tolerance
+    finally:
+        apply_to_runner(runner, [])
+    assert torch.equal(small(engine), base)  # removal: the original constants, bit for bit

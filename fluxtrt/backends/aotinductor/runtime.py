@@ -83,6 +83,26 @@ def external_weights_path(engine_path: Path) -> Path:
     return Path(engine_path).with_suffix(".safetensors")
 
 
+# Projections the build fuses (diffusers' fuse_qkv_projections) -> the model's linears whose rows they stack.
+FUSED = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+         "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+
+
+def _unfused(module: str, weight: Any) -> dict[str, Any]:
+    """``{module: weight}``, or for a fused projection its three linears' row blocks (views)."""
+    for fused, names in FUSED.items():
+        if module.endswith(fused):
+            prefix = module[: -len(fused)]
+            return dict(zip((prefix + n for n in names), weight.chunk(len(names)), strict=True))
+    return {module: weight}
+
+
+def torch_cat(tensors: list) -> Any:
+    import torch
+
+    return torch.cat(tensors)
+
+
 def error_text(exc: BaseException) -> str:
     """``Type: first line`` of an exception from torch's export, compile or load."""
     return f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
@@ -161,7 +181,8 @@ class AotInductorRunner(Runner):
         return constants
 
     def linear_weights(self) -> dict[str, Any]:
-        """Module name -> the package's original weight of each floating-point linear, [out, in] on the device.
+        """Module name -> the package's original weight of each floating-point linear, [out, in] on the device; a
+        fused projection (``to_qkv``, ``to_added_qkv``) shows as the model's three linears (views of its rows).
 
         Raises:
             EngineError: the weights are packaged in the .pt2 (they cannot be replaced without a rebuild).
@@ -169,21 +190,31 @@ class AotInductorRunner(Runner):
         if not self.external_weights or self._constants is None:
             raise EngineError(f"{self.name}: {self.path.name} packages its weights, which cannot be replaced: "
                               f"{REBUILD} --aoti-weights external")  # fmt: skip
-        linear = lambda t: t.dim() == 2 and t.is_floating_point() and t.element_size() >= 2  # noqa: E731 (not FP8)
-        return {name.removesuffix(".weight").removeprefix("transformer."): t for name, t in self._constants.items()
-                if name.endswith(".weight") and linear(t)}  # fmt: skip
+        out = {}
+        for name, t in self._constants.items():
+            if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point() and t.element_size() >= 2:
+                out.update(_unfused(name.removesuffix(".weight").removeprefix("transformer."), t))
+        return out
 
     def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
         """Point these linears' constants at ``weights`` ([out, in] tensors, kept alive by the runner) and every
         linear replaced before back at its original; None: all originals, bit for bit. Takes effect from the next
         call (a CUDA-graph runner captures its graphs again)."""
-        self.linear_weights()
-        fqn = {m: n for n in self._constants for m in (n.removesuffix(".weight").removeprefix("transformer."),)}
-        update = {n: self._constants[n] for n in self._replaced}
-        update.update({fqn[m]: w.contiguous() for m, w in (weights or {}).items()})
+        base = self.linear_weights()
+        parts: dict[str, list[str]] = {}
+        for name, t in self._constants.items():
+            if name.endswith(".weight"):
+                for module in _unfused(name.removesuffix(".weight").removeprefix("transformer."), t):
+                    parts.setdefault(name, []).append(module)
+        weights = dict(weights or {})
+        changed = {n for n, modules in parts.items() if any(m in weights for m in modules)}
+        update = {n: self._constants[n] for n in self._replaced if n not in changed}
+        for name in changed:
+            pieces = [weights.get(m, base[m]) for m in parts[name]]
+            update[name] = (torch_cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()
         if update:
             self.model.loader.load_constants(update, False, False, True)
-        self._replaced = {n: update[n] for n in update if n in {fqn[m] for m in weights or {}}}
+        self._replaced = {n: update[n] for n in changed}
         if self.cuda_graph:
             self.call = CudaGraphs(self.model)
 
