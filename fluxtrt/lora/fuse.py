@@ -47,9 +47,11 @@ def fuse(transformer: Any, loras: Sequence[Lora]) -> dict[str, Any]:
             transformer.set_adapters(names, [lora.spec.scale for lora in loras])
             transformer.fuse_lora(adapter_names=names)
             transformer.unload_lora()  # the peft layers go; the fused weights stay in the base linears
+            _forget_adapters(transformer)
     except BaseException:
         if getattr(transformer, "_hf_peft_config_loaded", False):
             transformer.unload_lora()
+        _forget_adapters(transformer)
         unfuse(transformer, originals)
         raise
     return originals
@@ -63,3 +65,10 @@ def unfuse(transformer: Any, originals: dict[str, Any]) -> None:
     with torch.no_grad():
         for name, weight in originals.items():
             modules[name].weight.copy_(weight)
+
+
+def _forget_adapters(transformer: Any) -> None:
+    """Drop the adapters' configuration that unloading leaves, so a later ``fuse`` starts from a plain model."""
+    if hasattr(transformer, "peft_config"):
+        del transformer.peft_config
+    transformer._hf_peft_config_loaded = False

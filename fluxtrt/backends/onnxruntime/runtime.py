@@ -103,7 +103,7 @@ class OrtRunner(Runner):
         if self._linears is None:
             where = linear_initializers(self.path)
             arrays = read_initializers(self.path, {w.name for w in where.values()})
-            self._linears = {m: (w, torch.from_numpy(arrays[w.name].T if w.transposed else arrays[w.name]))
+            self._linears = {m: (w, torch.from_numpy(np.array(arrays[w.name].T if w.transposed else arrays[w.name])))
                              for m, w in where.items()}  # fmt: skip
         return {m: weight for m, (_, weight) in self._linears.items()}
 
