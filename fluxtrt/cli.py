@@ -63,8 +63,8 @@ class FluxtrtGroup(click.Group):
 
 
 MODEL_HELP = (
-    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), or a diffusers-format "
-    "FLUX.1-Kontext directory / downloaded hub id."
+    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), random-full-2blocks (its widths, "
+    "two blocks of each kind), or a diffusers-format FLUX.1-Kontext directory / downloaded hub id."
 )
 
 
