@@ -63,8 +63,8 @@ class FluxtrtGroup(click.Group):
 
 
 MODEL_HELP = (
-    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), or a diffusers-format "
-    "FLUX.1-Kontext directory / downloaded hub id."
+    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), random-full-2blocks (its widths, "
+    "two blocks of each kind), or a diffusers-format FLUX.1-Kontext directory / downloaded hub id."
 )
 
 
@@ -196,14 +196,20 @@ def main(verbose: bool) -> None:
 @click.option("--low-vram", is_flag=True,
               help="24 GB mode: FP8 transformer linears (sm89+) quantized while loading, text encoders streamed from "
               "host memory, VAE tiled above 1024 px a side.")  # fmt: skip
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A FLUX LoRA (.safetensors: diffusers, kohya or XLabs format) merged into the transformer at SCALE "
+              "(default 1.0); repeatable. Engines take it without a rebuild (onnxruntime; aotinductor built with "
+              "--aoti-weights external).")  # fmt: skip
 @device_options
 @gpus_option
 def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, seed, guidance, height, width, fbc,
-          vae, low_vram, device, dtype, gpus):  # fmt: skip
+          vae, low_vram, loras, device, dtype, gpus):  # fmt: skip
     """Edit an image as the prompt says and write it, on PyTorch (--model) or on built engines (--engines).
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
     if edits is not None:
+        if loras:
+            raise click.UsageError("--lora is not taken with --edits yet: run one `fluxtrt infer --lora` per edit.")
         from fluxtrt.serve.edits import run_edits_command
         from fluxtrt.serve.options import ServedSource
 
@@ -230,6 +236,7 @@ def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, s
         fbc=fbc,
         vae=vae,
         low_vram=low_vram,
+        loras=tuple(loras),
     )
     if relaunched(config.gpus, config.device):
         return

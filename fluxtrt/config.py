@@ -151,6 +151,7 @@ class InferConfig:
             directory (e.g. a download of madebyollin/taef1); None keeps the model's own.
         low_vram: the 24 GB mode (DESIGN 13): FP8 transformer linears quantized block by block on the way to the
             GPU, text encoders kept on the host and streamed through the GPU, VAE tiled above its tile size.
+        loras: ``FILE[:SCALE]`` LoRAs merged into the transformer's weights (``fluxtrt.lora``), in order.
     """
 
     model: str | None
@@ -169,9 +170,13 @@ class InferConfig:
     fbc: str | None = None
     vae: str | None = None
     low_vram: bool = False
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=self.engines is not None)
+        if self.loras and self.low_vram:
+            raise InputError("--lora with --low-vram: the 24 GB mode quantizes the weights as it loads them; leave "
+                             "out --low-vram, or run the LoRA on engines")  # fmt: skip
         check_seed_and_guidance(self.seed, self.guidance)
         if (self.model is None) == (self.engines is None):
             model = "not given" if self.model is None else f"'{self.model}'"

@@ -54,6 +54,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
 
     device = config.resolved_device
     source = pipeline_source(config, device)
+    loras = read_loras(config.loras)
     check_device(device)
     image, image_notices = load_image(config.image)
     world = split = None
@@ -64,7 +65,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         split = functools.partial(enable_context_parallel, world=world)
     try:
         t0 = time.perf_counter()
-        pipeline = source.load(prepare=split)
+        pipeline = load_pipeline(source, loras, prepare=split)
         load_s = time.perf_counter() - t0
         with pipeline:
             if world is not None:
@@ -85,8 +86,8 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     where = device if world is None else f"{world.size} x {device} (context parallel)"
     cache = pipeline.first_block_cache  # engines built with --first-block-cache
     if cache is None:
-        return InferReport(result, load_s, source.name, where, dtype)
-    return InferReport(result, load_s, source.name, where, dtype, cache.stats(), cache.threshold)
+        return InferReport(result, load_s, source.name + lora_label(loras), where, dtype)
+    return InferReport(result, load_s, source.name + lora_label(loras), where, dtype, cache.stats(), cache.threshold)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,49 @@ def pipeline_source(config: InferConfig, device: str) -> EngineSource | ModelSou
     if config.low_vram:
         return ModelSource(ModelOptions.low_vram_mode(config.model, device, config.resolved_dtype, vae=config.vae))
     return ModelSource(ModelOptions(config.model, device, config.resolved_dtype, vae=config.vae))
+
+
+def load_pipeline(source: EngineSource | ModelSource, loras: list[Any], prepare: Callable[[Any], None] | None = None):
+    """``source``'s pipeline with ``loras`` (read by ``read_loras``) merged into its transformer: fused into the
+    PyTorch weights before ``prepare`` (``--gpus``) sees them, or handed to the loaded transformer engine.
+
+    Raises:
+        FluxtrtError: as the source's ``load``, or a LoRA that does not fit the transformer (nothing stays loaded).
+    """
+    if not loras:
+        return source.load(prepare=prepare)
+    if isinstance(source, EngineSource):
+        from fluxtrt.lora.engines import apply_to_runner
+
+        pipeline = source.load(prepare=prepare)
+        try:
+            apply_to_runner(pipeline.runners["transformer"], loras)
+        except BaseException:
+            pipeline.close()
+            raise
+        return pipeline
+    from fluxtrt.lora.fuse import fuse
+
+    def fused(transformer: Any) -> None:
+        fuse(transformer, loras)
+        if prepare is not None:
+            prepare(transformer)
+
+    return source.load(prepare=fused)
+
+
+def read_loras(specs: tuple[str, ...]) -> list[Any]:
+    """The ``--lora FILE[:SCALE]`` files read (before any model is loaded, so that a bad one costs nothing)."""
+    if not specs:
+        return []
+    from fluxtrt.lora.files import LoraSpec, read_lora
+
+    return [read_lora(LoraSpec.parse(text)) for text in specs]
+
+
+def lora_label(loras: list[Any]) -> str:
+    """`` + LoRA NAME:SCALE`` per LoRA, for the report."""
+    return "".join(f" + LoRA {lora.name}:{lora.spec.scale:g}" for lora in loras)
 
 
 # Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.

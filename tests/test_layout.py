@@ -24,6 +24,7 @@ LAYERS = (
     ("export",),
     ("quant",),
     ("backends",),
+    ("lora",),
     ("pipeline",),
     ("engines",),
     ("console", "parallel"),

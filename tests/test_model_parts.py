@@ -77,3 +77,23 @@ def test_random_full_part_counts_are_the_architecture():
 
     for name in PARTS:
         assert counted(FULL, name) == FULL_PART_PARAMETERS[name], name
+
+
+def test_random_full_2blocks_has_the_full_widths_and_two_blocks_of_each_kind():
+    """The GPU tier's model: FLUX.1-Kontext's widths (24 heads x 128 in the transformer, T5's 4096, CLIP-L's 768, the
+    VAE's channels) with two double and two single blocks; counted on the meta device, nothing allocated."""
+    import torch
+
+    from fluxtrt.models.loading import part_parameters
+    from fluxtrt.models.synthetic import FULL, FULL_2BLOCKS, build_transformer
+
+    with torch.device("meta"):
+        transformer = build_transformer(FULL_2BLOCKS.transformer, 0, "meta", torch.bfloat16)
+    assert len(transformer.transformer_blocks) == 2 and len(transformer.single_transformer_blocks) == 2
+    assert transformer.inner_dim == 24 * 128 == 3072
+    assert FULL_2BLOCKS.vae == FULL.vae and FULL_2BLOCKS.t5["d_model"] == FULL.t5["d_model"] == 4096
+    blocks = sum(p.numel() for p in transformer.transformer_blocks.parameters())
+    singles = sum(p.numel() for p in transformer.single_transformer_blocks.parameters())
+    # Every block of the full model has the same size: 19 double and 38 single blocks there, 2 and 2 here.
+    full = part_parameters("random-full", "transformer")
+    assert part_parameters("random-full-2blocks", "transformer") == full - 17 * blocks // 2 - 36 * singles // 2

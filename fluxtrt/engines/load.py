@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> 
 
 
 def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: float | None = DEFAULT_FBC_THRESHOLD,
-                         require_first_block_cache: bool = False):  # fmt: skip
+                         require_first_block_cache: bool = False, concurrent: bool = False):  # fmt: skip
     """A ``KontextPipeline`` whose runners are the engines in ``path``, loaded.
 
     Args:
@@ -39,6 +41,8 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
             transformer runner is then a ``SplitTransformerRunner`` (its ``stats()`` count the skipped steps).
         require_first_block_cache: raise when the directory holds no transformer parts (the threshold was asked
             for explicitly).
+        concurrent: load the engines and the tokenizers from threads at once (reading files, copying weights to
+            the device and loading libraries overlap) instead of one after the other.
 
     Returns:
         A ``KontextPipeline`` whose runners refuse shapes outside the built range and which fits an edit into the
@@ -69,9 +73,15 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     specs = component_specs(manifest.dims)
     runners: dict[str, Any] = {}
     try:
-        for name in (*[c for c in COMPONENTS if c != "transformer"], *transformer):
-            runners[name] = _load_engine(path, backend, manifest, name, specs[name], device, dtype)
-        tokenizer, tokenizer_2 = _load_tokenizers(path)
+        names = (*[c for c in COMPONENTS if c != "transformer"], *transformer)
+        if concurrent:
+            tokenizer, tokenizer_2 = _load_concurrently(
+                {name: functools.partial(_load_engine, path, backend, manifest, name, specs[name], device, dtype)
+                 for name in names}, functools.partial(_load_tokenizers, path), runners)  # fmt: skip
+        else:
+            for name in names:
+                runners[name] = _load_engine(path, backend, manifest, name, specs[name], device, dtype)
+            tokenizer, tokenizer_2 = _load_tokenizers(path)
     except BaseException:
         _close(runners)
         raise
@@ -155,6 +165,22 @@ def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...]
             f"--components {','.join(missing)}` (and the original build's range options; the transformer may be "
             "built as its two parts with --first-block-cache)"
         )
+
+
+def _load_concurrently(loads: dict[str, Callable[[], Runner]], tokenizers: Callable[[], Any], runners: dict) -> Any:
+    """Run every engine's load and the tokenizers' from threads; fills ``runners`` with those that loaded (for the
+    caller to close on failure), raises the first failure (in component order) once all have finished, else returns
+    the tokenizers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(loads) + 1, thread_name_prefix="fluxtrt-load") as pool:
+        futures = {name: pool.submit(load) for name, load in loads.items()}
+        tokenized = pool.submit(tokenizers)
+    failures = [f.exception() for f in (*futures.values(), tokenized) if f.exception() is not None]
+    runners.update({name: f.result() for name, f in futures.items() if f.exception() is None})
+    if failures:
+        raise failures[0]
+    return tokenized.result()
 
 
 def _close(runners: dict) -> None:

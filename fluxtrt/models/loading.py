@@ -11,7 +11,7 @@ from typing import Any
 from fluxtrt.errors import ModelLoadError, first_line
 from fluxtrt.models.components import PARTS, SUBFOLDERS, FluxKontextComponents
 
-BUILTIN_MODELS = ("tiny", "random-full")
+BUILTIN_MODELS = ("tiny", "random-full", "random-full-2blocks")
 # Memory a model needs beyond its weights while it loads and runs (activations, allocator slack), as a fraction.
 MEMORY_HEADROOM = 0.1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,7 +58,7 @@ def load_components(
     if vae is not None and "vae" in parts:
         check_slim_vae(vae)
         return use_slim_vae(load_components(model, device, dtype, seed, parts=parts), vae, seed)
-    from fluxtrt.models.synthetic import FULL, TINY, build_synthetic
+    from fluxtrt.models.synthetic import FULL, FULL_2BLOCKS, TINY, build_synthetic
 
     if model == "tiny":
         # Built on the CPU in fp32 whatever the target, so every device and dtype starts from the same weights.
@@ -67,6 +67,8 @@ def load_components(
     if model == "random-full":
         check_full_fits(device, dtype, parts)
         return build_synthetic(FULL, seed, device, torch_dtype(dtype), "random-full", parts)
+    if model == "random-full-2blocks":
+        return build_synthetic(FULL_2BLOCKS, seed, device, torch_dtype(dtype), model, parts)
     return load_checkpoint(resolve_checkpoint(model), device, dtype, parts)
 
 
@@ -93,7 +95,7 @@ def part_parameters(model: str, part: str) -> int:
     Raises:
         ModelLoadError: as ``resolve_checkpoint``.
     """
-    from fluxtrt.models.synthetic import FULL_PART_PARAMETERS, TINY
+    from fluxtrt.models.synthetic import FULL_2BLOCKS, FULL_PART_PARAMETERS, TINY
     from fluxtrt.models.synthetic import part_parameters as synthetic_parameters
 
     check_parts((part,))
@@ -101,6 +103,8 @@ def part_parameters(model: str, part: str) -> int:
         return synthetic_parameters(TINY, part)
     if model == "random-full":
         return FULL_PART_PARAMETERS[part]
+    if model == "random-full-2blocks":
+        return synthetic_parameters(FULL_2BLOCKS, part)
     folder = resolve_checkpoint(model) / part
     tensors = sorted(folder.glob("*.safetensors"))
     if not tensors:

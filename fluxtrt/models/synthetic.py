@@ -107,6 +107,16 @@ FULL = SyntheticConfigs(
     },
 )
 
+# FULL's widths with two blocks of each kind and two-layer text encoders (``random-full-2blocks``): every kernel of the
+# real checkpoint runs at its real shapes (24 heads x 128, 3072 hidden, T5's 4096, the VAE's channels) in a model of
+# about 1.5B parameters, for testing the GPU paths in seconds.
+FULL_2BLOCKS = SyntheticConfigs(
+    transformer={**FULL.transformer, "num_layers": 2, "num_single_layers": 2},
+    vae=FULL.vae,
+    clip={**FULL.clip, "num_hidden_layers": 2},
+    t5={**FULL.t5, "num_layers": 2},
+)
+
 # Parameters of each model of FULL (tests/test_cli.py counts them on the meta device). What random-full's weights
 # need: 4 bytes each in fp32, 2 in bf16.
 FULL_PART_PARAMETERS = {

@@ -83,6 +83,26 @@ def external_weights_path(engine_path: Path) -> Path:
     return Path(engine_path).with_suffix(".safetensors")
 
 
+# Projections the build fuses (diffusers' fuse_qkv_projections) -> the model's linears whose rows they stack.
+FUSED = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+         "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
+
+
+def _unfused(module: str, weight: Any) -> dict[str, Any]:
+    """``{module: weight}``, or for a fused projection its three linears' row blocks (views)."""
+    for fused, names in FUSED.items():
+        if module.endswith(fused):
+            prefix = module[: -len(fused)]
+            return dict(zip((prefix + n for n in names), weight.chunk(len(names)), strict=True))
+    return {module: weight}
+
+
+def torch_cat(tensors: list) -> Any:
+    import torch
+
+    return torch.cat(tensors)
+
+
 def error_text(exc: BaseException) -> str:
     """``Type: first line`` of an exception from torch's export, compile or load."""
     return f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
@@ -111,6 +131,7 @@ class AotInductorRunner(Runner):
         self.model: Any = None
         self.call: Any = None
         self._constants: dict[str, Any] | None = None
+        self._replaced: dict[str, Any] = {}  # constant -> the merged tensor in its place (set_linear_weights)
         # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
         # (handing them to the package).
         self.load_seconds: dict[str, float] = {}
@@ -158,6 +179,44 @@ class AotInductorRunner(Runner):
             ) from exc
         self.load_seconds.update(weights=t1 - t0, constants=time.perf_counter() - t1)
         return constants
+
+    def linear_weights(self) -> dict[str, Any]:
+        """Module name -> the package's original weight of each floating-point linear, [out, in] on the device; a
+        fused projection (``to_qkv``, ``to_added_qkv``) shows as the model's three linears (views of its rows).
+
+        Raises:
+            EngineError: the weights are packaged in the .pt2 (they cannot be replaced without a rebuild).
+        """
+        if not self.external_weights or self._constants is None:
+            raise EngineError(f"{self.name}: {self.path.name} packages its weights, which cannot be replaced: "
+                              f"{REBUILD} --aoti-weights external")  # fmt: skip
+        out = {}
+        for name, t in self._constants.items():
+            if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point() and t.element_size() >= 2:
+                out.update(_unfused(name.removesuffix(".weight").removeprefix("transformer."), t))
+        return out
+
+    def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
+        """Point these linears' constants at ``weights`` ([out, in] tensors, kept alive by the runner) and every
+        linear replaced before back at its original; None: all originals, bit for bit. Takes effect from the next
+        call (a CUDA-graph runner captures its graphs again)."""
+        base = self.linear_weights()
+        parts: dict[str, list[str]] = {}
+        for name, t in self._constants.items():
+            if name.endswith(".weight"):
+                for module in _unfused(name.removesuffix(".weight").removeprefix("transformer."), t):
+                    parts.setdefault(name, []).append(module)
+        weights = dict(weights or {})
+        changed = {n for n, modules in parts.items() if any(m in weights for m in modules)}
+        update = {n: self._constants[n] for n in self._replaced if n not in changed}
+        for name in changed:
+            pieces = [weights.get(m, base[m]) for m in parts[name]]
+            update[name] = (torch_cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()
+        if update:
+            self.model.loader.load_constants(update, False, False, True)
+        self._replaced = {n: update[n] for n in changed}
+        if self.cuda_graph:
+            self.call = CudaGraphs(self.model)
 
     def _close(self) -> None:
         self.call = self.model = self._constants = None

@@ -39,8 +39,10 @@ def providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def session(path: Any, device: str, optimized_path: Any = None, external_data: str | None = None) -> Any:
-    """An InferenceSession over ``path``; with ``optimized_path``, ONNX Runtime saves its optimised graph there.
+def session(path: Any, device: str, optimized_path: Any = None, external_data: str | None = None,
+            initializers: dict[str, Any] | None = None) -> Any:  # fmt: skip
+    """An InferenceSession over ``path``; with ``optimized_path``, ONNX Runtime saves its optimised graph there;
+    ``initializers`` (name -> OrtValue, kept alive by the caller) replace the file's initializers of those names.
 
     Raises:
         EngineError: the file is not a loadable ONNX model (corrupt, truncated, missing external data).
@@ -54,6 +56,8 @@ def session(path: Any, device: str, optimized_path: Any = None, external_data: s
         if external_data is not None:
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", external_data)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     try:
         return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers(device))
     except EngineError:
@@ -87,9 +91,40 @@ class OrtRunner(Runner):
         super().__init__(spec, compute_dtype, device, ranges)
         self.path = Path(path)
         self.session: Any = None
+        self._overrides: dict[str, Any] = {}  # initializer name -> OrtValue replacing it (merged LoRA weights)
+        self._linears: dict[str, Any] | None = None
+
+    def linear_weights(self) -> dict[str, Any]:
+        """Module name -> the file's weight of each linear, [out, in] as a torch tensor (the originals)."""
+        import torch
+
+        from fluxtrt.backends.onnxruntime.weights import linear_initializers, read_initializers
+
+        if self._linears is None:
+            where = linear_initializers(self.path)
+            arrays = read_initializers(self.path, {w.name for w in where.values()})
+            self._linears = {m: (w, torch.from_numpy(np.array(arrays[w.name].T if w.transposed else arrays[w.name])))
+                             for m, w in where.items()}  # fmt: skip
+        return {m: weight for m, (_, weight) in self._linears.items()}
+
+    def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
+        """Recreate the session with these linears' weights ([out, in] tensors) in place of the file's; None: the
+        file's own weights again."""
+        overrides: dict[str, Any] = {}
+        if weights:
+            onnxruntime = ort()
+            self.linear_weights()
+            for module, weight in weights.items():
+                where, base = self._linears[module]
+                array = weight.detach().cpu().to(base.dtype).numpy()
+                array = np.ascontiguousarray(array.T if where.transposed else array)
+                overrides[where.name] = onnxruntime.OrtValue.ortvalue_from_numpy(array)
+        self._overrides = overrides
+        if self.is_loaded:
+            self.session = session(self.path, self.device.split(":")[0], initializers=overrides)
 
     def _load(self) -> None:
-        sess = session(self.path, self.device.split(":")[0])
+        sess = session(self.path, self.device.split(":")[0], initializers=self._overrides)
         names = [i.name for i in sess.get_inputs()]
         if names != list(self.spec.input_names):
             raise EngineError(f"{self.name}: the ONNX inputs are {names}, expected {list(self.spec.input_names)}")
