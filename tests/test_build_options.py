@@ -13,7 +13,8 @@ import pytest
 
 from fluxtrt.backends.aotinductor.options import AotInductorOptions
 from fluxtrt.backends.base import BACKENDS, declared_options, option, options_type
-from fluxtrt.cli import backend_options, build, given_options
+from fluxtrt.cli import build
+from fluxtrt.cli.options import backend_options, given_options
 from fluxtrt.errors import InputError
 
 

@@ -1,25 +1,29 @@
-"""The ``fluxtrt`` command: a thin shell over the library. Heavy packages are imported inside commands only."""
+"""The ``fluxtrt`` command: a thin shell over the library. Heavy packages are imported inside commands only.
+
+The shared options are in ``fluxtrt.cli.options``; ``fluxtrt serve`` is in ``fluxtrt.cli.serve``."""
 
 from __future__ import annotations
 
 import sys
-import typing
 from pathlib import Path
 
 import click
 
 from fluxtrt import __version__
-from fluxtrt.backends.base import DeclaredOption, declared_options
-from fluxtrt.config import (
-    DEFAULT_FBC_THRESHOLD,
-    DEVICES,
-    DTYPES,
-    SIGMA_SCHEDULES,
-    SOLVERS,
-    BuildConfig,
-    InferConfig,
-    SamplerConfig,
+from fluxtrt.cli.options import (
+    MODEL_HELP,
+    backend_options,
+    device_options,
+    given_options,
+    gpus_option,
+    model_option,
+    relaunched,
+    sampler_options,
+    seed_option,
+    vae_option,
 )
+from fluxtrt.cli.serve import serve
+from fluxtrt.config import DEFAULT_FBC_THRESHOLD, BuildConfig, InferConfig, SamplerConfig
 from fluxtrt.errors import FluxtrtError
 from fluxtrt.specs.flux import COMPONENTS, Resolution
 
@@ -62,100 +66,14 @@ class FluxtrtGroup(click.Group):
             sys.exit(1)
 
 
-MODEL_HELP = (
-    "tiny (seeded miniature, CPU), random-full (full size, random weights, GPU), random-full-2blocks (its widths, "
-    "two blocks of each kind), or a diffusers-format FLUX.1-Kontext directory / downloaded hub id."
-)
-
-
-def model_option(f):
-    return click.option("--model", required=True, help=MODEL_HELP)(f)
-
-
-def seed_option(f):
-    return click.option("--seed", type=int, default=0, show_default=True,
-                        help="Seed of the initial noise, 0 to 2**64-1; the same seed gives the same edit (there is "
-                        "no random seed).")(f)  # fmt: skip
-
-
-def device_options(f):
-    """``--device`` (auto: cuda where PyTorch sees a GPU, else cpu) and ``--dtype``, alike for infer and compare."""
-    f = click.option(
-        "--dtype",
-        default="auto",
-        show_default=True,
-        help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
-    )(f)
-    help_ = f"One of auto, {', '.join(DEVICES)}; auto = cuda where PyTorch sees a GPU, else cpu."
-    return click.option("--device", default="auto", show_default=True, help=help_)(f)
-
-
-def gpus_option(f):
-    help_ = ("Split the transformer's sequence over N GPUs of this host (Ulysses attention; launched under "
-             "torchrun; with --device cpu, N CPU processes).")  # fmt: skip
-    return click.option("--gpus", type=int, default=1, show_default=True, help=help_)(f)
-
-
-def relaunched(gpus: int, device: str) -> bool:
-    """True when this process launched ``gpus`` workers for the command (and they finished)."""
-    from fluxtrt.parallel.launch import relaunch
-
-    return relaunch(gpus, device, click.get_current_context().find_root().obj["args"])
-
-
-def vae_option(what: str):
-    """``--vae tiny|DIR``: the slim autoencoder (AutoencoderTiny with FLUX's 16 latent channels, as TAEF1)."""
-    help_ = what + "tiny (random weights, for timing) or a diffusers-format AutoencoderTiny directory (taef1)."
-    return click.option("--vae", default=None, help=help_)
-
-
-def sampler_options(f):
-    f = click.option("--steps", type=int, default=None, help="Denoising steps (default: 28 euler, 14 dpmpp-2m).")(f)
-    sigmas_help = f"One of {', '.join(SIGMA_SCHEDULES)} (default: log-snr for dpmpp-2m, flux-shift for euler)."
-    f = click.option("--sigmas", default=None, help=sigmas_help)(f)
-    return click.option("--scheduler", default="dpmpp-2m", show_default=True, help=f"One of {', '.join(SOLVERS)}.")(f)
-
-
-def backend_options(f):
-    """A flag per backend option, as the backends declare them (``fluxtrt.backends.base.option``): an option several
-    backends take (``--cuda-graph``) is one flag. Not given, each passes None (a plain on flag: False)."""
-    for declared in reversed(declared_options().values()):
-        if declared.flag is not None:
-            f = click.option(*declared.flag.decls, declared.name, help=declared.flag.help, **_click_type(declared))(f)
-    return f
-
-
-def _click_type(declared: DeclaredOption) -> dict:
-    """How click reads the option's value, by its declared type."""
-    if declared.type is bool:
-        return {"default": None} if "/" in declared.flag.decls[0] else {"is_flag": True}
-    if declared.type is Path:
-        return {"type": click.Path(path_type=Path), "default": None}
-    if typing.get_origin(declared.type) is tuple:  # a comma-separated list
-        return {"default": None, "callback": lambda ctx, param, text: _comma_list(text)}
-    return {"type": declared.type, "default": None}
-
-
-def _comma_list(text: str | None) -> tuple[str, ...] | None:
-    return tuple(c.strip() for c in text.split(",")) if text else None
-
-
-def given_options(values: dict) -> dict:
-    """The backend options given on the command line (those not left at None, and the plain on flags turned on),
-    each value checked as its declaration says (before the backend is asked whether it takes the option)."""
-    declared = declared_options()
-    plain = {n for n, d in declared.items() if d.type is bool and d.flag and "/" not in d.flag.decls[0]}
-    given = {k: v for k, v in values.items() if v is not None and not (k in plain and v is False)}
-    for name, value in given.items():
-        declared[name].flag.validate(value)
-    return given
-
-
 @click.group(cls=FluxtrtGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fluxtrt")
 @click.option("--verbose", is_flag=True, help="Show the full traceback of an error.")
 def main(verbose: bool) -> None:
     """FLUX.1-Kontext image edits with fast inference engines."""
+
+
+main.add_command(serve)
 
 
 @main.command()
@@ -248,48 +166,6 @@ def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, s
         report = run_infer(config, on_step=on_step)
     if is_main_process():
         print_infer_report(report, config.out)
-
-
-@main.command()
-@click.option("--model", default=None, help=MODEL_HELP + " Or give --engines.")
-@click.option("--engines", type=click.Path(path_type=Path), default=None, help="An engines directory to serve.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (another than loopback "
-              "is reachable from the network: set --api-key-env).")  # fmt: skip
-@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on (0: a free one).")
-@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; then 503.")
-@click.option("--max-batch", type=int, default=None, help="Images per engine call (default: the built batch; 1 "
-              "for --model).")  # fmt: skip
-@click.option("--api-key-env", default=None, metavar="VAR", help="Require 'Authorization: Bearer $VAR' on every "
-              "route but /health and the page.")  # fmt: skip
-@click.option("--max-upload-mb", type=float, default=20.0, show_default=True, help="Largest request body.")
-@click.option("--max-pixels", type=int, default=4096 * 4096, show_default=True, help="Largest uploaded image.")
-@click.option("--max-steps", type=int, default=100, show_default=True, help="Most steps a request may ask for.")
-@click.option("--keep-reference-size", is_flag=True, help="Use the uploaded image at its own size as the reference, "
-              "not at its closest ~1 MP Kontext size.")  # fmt: skip
-@click.option("--warmup-size", default=None, help="WIDTHxHEIGHT of the warm-up edits (default: the engines' opt "
-              "resolution, 1024x1024 for --model).")  # fmt: skip
-@click.option("--warmup-steps", type=int, default=2, show_default=True, help="Steps per warm-up edit (0: none).")
-@sampler_options
-@click.option("--fbc", default=None, help="Engines built with --first-block-cache: the threshold, or off.")
-@vae_option("Replace the model's VAE with the slim autoencoder: ")
-@click.option("--low-vram", is_flag=True, help="--model: the 24 GB mode of `fluxtrt infer`.")
-@device_options
-def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upload_mb, max_pixels, max_steps,
-          keep_reference_size, warmup_size, warmup_steps, scheduler, sigmas, steps, fbc, vae, low_vram, device,
-          dtype):  # fmt: skip
-    """Serve edits over HTTP: POST /v1/images/edits (OpenAI's Images API), a web page at /, /health, /ready,
-    /metrics, /docs. Loads and warms up once; SIGTERM finishes the requests taken and exits 0."""
-    from fluxtrt.console import err
-    from fluxtrt.serve.options import ServeConfig, ServedSource
-
-    source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
-    config = ServeConfig(source, SamplerConfig(scheduler, sigmas, steps), host, port, max_queue, max_batch,
-                         api_key_env, max_upload_mb, max_pixels, max_steps, keep_reference_size,
-                         Resolution.parse(warmup_size, "--warmup-size") if warmup_size else None,
-                         warmup_steps)  # fmt: skip
-    from fluxtrt.serve.server import serve as run_server
-
-    run_server(config, on_line=lambda line: err().print(line, markup=False, highlight=False, soft_wrap=True))
 
 
 @main.command()
@@ -425,6 +301,3 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         print_compare_report(report, config.report_dir)
     report.raise_for_failures()
 
-
-if __name__ == "__main__":
-    main()
