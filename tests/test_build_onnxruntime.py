@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend
+from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRecord
 from fluxtrt.config import BuildConfig
 from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
@@ -123,7 +123,7 @@ def test_rebuild_skips_matching_and_rebuilds_only_affected(engines, tmp_path):
     status = {r.name: r.status for r in report.results}
     assert status == {"clip": "up to date", "t5": "up to date", "vae_encoder": "built", "transformer": "built",
                       "vae_decoder": "built"}  # fmt: skip
-    assert Manifest.load(out).resolutions["max"] == "1024x1024"
+    assert Manifest.load(out).resolutions.max == Resolution(1024, 1024)
     # --force rebuilds everything.
     report = build_engines(tiny_config(out, components=("clip",), force=True))
     assert [r.status for r in report.results] == ["built"]
@@ -155,7 +155,7 @@ def test_external_data_path(tiny, tmp_path):
     profile = {"input_ids": [[1, 512], [2, 512], [2, 512]]}
     record = backend.build(BuildJob(spec, None, exported.model, engine, "fp32", profile, "cpu", tmp_path,
                                     backend.options({})))  # fmt: skip
-    assert (tmp_path / "engine" / "t5.onnx_data").is_file() and record["external_data"] == "t5.onnx_data"
+    assert (tmp_path / "engine" / "t5.onnx_data").is_file() and record.external_data == "t5.onnx_data"
     loaded = backend.load(LoadJob(spec, engine, "cpu", torch.float32, profile, backend.options({}), record))
     torch.testing.assert_close(loaded.infer(feed)["text_embeds"], runner.infer(feed)["text_embeds"],
                                atol=1e-4, rtol=1e-4)  # fmt: skip
@@ -478,7 +478,7 @@ def test_manifest_of_format_1_is_read(engines_copy):
     path.write_text(json.dumps(raw))
     manifest = Manifest.load(engines_copy)
     assert manifest.format == 2
-    assert manifest.components["clip"].record == {"graph_optimization": "basic", "external_data": None}
+    assert manifest.components["clip"].record == OnnxRuntimeRecord(graph_optimization="basic", external_data=None)
     with load_engine_pipeline(engines_copy, "cpu") as pipeline:
         assert set(pipeline.runners) == set(COMPONENTS)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from fluxtrt.engines.component import (
 from fluxtrt.engines.interrupt import Interrupts, watch_interrupts
 from fluxtrt.engines.jobs import build_in_workers, check_picklable
 from fluxtrt.engines.lock import build_lock
-from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.manifest import BatchRange, Manifest, ModelInfo, ResolutionRange
 from fluxtrt.engines.plan import ComponentResult, load_model, plan_component, record_built, skipped_result
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
@@ -134,19 +134,19 @@ def _new_manifest(config: BuildConfig, backend: EngineBackend, components: Any, 
         backend_version=backend.version(),
         precision=config.precision,
         fluxtrt_version=__version__,
-        model={
-            "source": components.source,
-            "fingerprint": model_fingerprint(config.model, vae=config.vae),
-            "vae": config.vae,
-            "dims": asdict(dims),
-            "vae_scaling": components.vae.config.scaling_factor,
-            "vae_shift": components.vae.config.shift_factor,
-            "scheduler_config": components.scheduler_config,
-            "max_sequence_length": components.max_sequence_length,
-        },
+        model=ModelInfo(
+            source=components.source,
+            fingerprint=model_fingerprint(config.model, vae=config.vae),
+            vae=config.vae,
+            dims=dims,
+            vae_scaling=components.vae.config.scaling_factor,
+            vae_shift=components.vae.config.shift_factor,
+            scheduler_config=components.scheduler_config,
+            max_sequence_length=components.max_sequence_length,
+        ),
         build_env=device_environment(config.device),
-        resolutions={k: str(getattr(config, f"{k}_resolution")) for k in ("min", "opt", "max")},
-        batch={"min": 1, "opt": 1, "max": config.max_batch},
+        resolutions=ResolutionRange(config.min_resolution, config.opt_resolution, config.max_resolution),
+        batch=BatchRange(1, 1, config.max_batch),
         components=dict(previous.components) if previous else {},
     )
 

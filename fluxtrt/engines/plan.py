@@ -74,7 +74,7 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         "backend": build.backend.name,
         "backend_version": manifest.backend_version,
         "precision": config.precision,
-        "model": manifest.model["fingerprint"],
+        "model": manifest.model.fingerprint,
         "profile": {k: [list(s) for s in v] for k, v in profile.items()},
         "fluxtrt": __version__,
         "options": build.options.to_dict(),
@@ -87,7 +87,7 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         from fluxtrt.engines.calibrate import calibration_for_build
 
         build.say(name, "calibrating (or reusing saved scales)")
-        path, calibration = calibration_for_build(config, build.components, manifest.model["fingerprint"], build.out)
+        path, calibration = calibration_for_build(config, build.components, manifest.model.fingerprint, build.out)
         # The linears it computes, and its attentions' V amax.
         amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
