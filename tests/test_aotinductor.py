@@ -142,7 +142,7 @@ def test_build_records_the_environment_and_ranges(engines):
     gelus = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
     assert engines.entry("transformer")["record"].sigmoid_form_gelus == gelus
     assert all(type(b.act_mlp) is torch.nn.GELU for b in transformer.single_transformer_blocks)
-    assert "fused_qkv" not in options
+    assert options.fused_qkv is None and "fused_qkv" not in options.to_json()
 
 
 def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, tmp_path):

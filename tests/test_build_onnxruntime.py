@@ -21,7 +21,7 @@ from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRecord
 from fluxtrt.config import BuildConfig
 from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
-from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.manifest import FORMAT, Manifest
 from fluxtrt.errors import EngineError, InputError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import component_dims, dims_from_components
@@ -469,7 +469,7 @@ def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
 
 
 def test_manifest_of_format_1_is_read(engines_copy):
-    """Format 1 kept the backend's record and the settings given in one field, "options"; it loads as format 2."""
+    """Format 1 kept the backend's record and the settings given in one field, "options"; it loads as this format."""
     path = engines_copy / "manifest.json"
     raw = json.loads(path.read_text())
     raw["format"] = 1
@@ -477,7 +477,7 @@ def test_manifest_of_format_1_is_read(engines_copy):
         entry["options"] = entry.pop("record")
     path.write_text(json.dumps(raw))
     manifest = Manifest.load(engines_copy)
-    assert manifest.format == 2
+    assert manifest.format == FORMAT
     assert manifest.components["clip"].record == OnnxRuntimeRecord(graph_optimization="basic", external_data=None)
     with load_engine_pipeline(engines_copy, "cpu") as pipeline:
         assert set(pipeline.runners) == set(COMPONENTS)
