@@ -380,11 +380,14 @@ def test_build_prints_results_on_stdout_and_timed_progress_on_stderr(engines_cop
 
 
 def test_build_report_shows_no_onnx_size_for_a_backend_without_onnx(capsys):
+    from dataclasses import replace
+
     from fluxtrt.console import print_build_report
     from fluxtrt.engines.build import BuildReport
     from fluxtrt.engines.plan import ComponentResult
 
-    manifest = Manifest("aotinductor", "2.13", "bf16", "0", {"source": "tiny"}, {}, {}, {})
+    tiny_manifest = json.loads((Path(__file__).parent / "data" / "manifests" / "format2.json").read_text())
+    manifest = replace(Manifest.from_json(tiny_manifest), backend="aotinductor", components={})
     results = [ComponentResult("clip", "built", 1.0, 0, 2**21), ComponentResult("t5", "built", 1.0, 2**20, 2**21)]
     print_build_report(BuildReport(Path("e"), manifest, results))
     rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in capsys.readouterr().out.splitlines()
