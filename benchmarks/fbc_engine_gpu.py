@@ -120,7 +120,7 @@ def measure(args, records: Records) -> None:
         split_out = SplitTransformerRunner(specs["transformer"], first, rest, None).infer(feed)["noise_pred"]
     mono = monolithic(args, manifest, load, feed, split_out) if args.monolithic else None
     if mono is None:
-        mono = committed_monolithic(args.precision, device_environment(args.device).get("gpu", ""))
+        mono = committed_monolithic(args.precision, device_environment(args.device).gpu or "")
     records.emit({"phase": "monolithic", **mono})
     t_c, t_s = split["threshold_0"], split["threshold_inf"]
     records.emit({

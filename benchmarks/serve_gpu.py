@@ -56,7 +56,9 @@ def size_of(text: str) -> tuple[int, int]:
 
 
 def child_env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "PYTHONPATH": str(ROOT)}
+    # The repository first, then whatever PYTHONPATH already holds (wheels installed beside the system's packages).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "PYTHONPATH": path}
 
 
 # -- 1. fluxtrt infer as a user runs it ------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def compare_edit(args) -> dict:
     if args.engines:
         from fluxtrt.engines.manifest import Manifest
 
-        model = Manifest.load(args.engines).model["source"]
+        model = Manifest.load(args.engines).model.source
         contenders = [TimedEngines(args.engines, sampler=SamplerConfig(steps=args.steps))]
     config = CompareConfig(model=model, stages=() if args.engines else ("0",),
                            engines=(args.engines,) if args.engines else (), image=args.image, prompt=args.prompt,

@@ -135,7 +135,7 @@ def print_build_report(report) -> None:
     """Per component: built or up to date, seconds, ONNX and engine sizes; a quantized build's calibration first."""
     m = report.manifest
     console = out()
-    console.print(escape(f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model['source']}"),
+    console.print(escape(f"{report.out}: {m.backend} {m.backend_version}, {m.precision}, {m.model.source}"),
                   soft_wrap=True)  # fmt: skip
     table = Table()
     for col in ("component", "status", "seconds", "ONNX MiB", "engine MiB"):
@@ -158,10 +158,10 @@ def print_manifest(m, root: Path) -> None:
     rows = [
         ("backend", f"{m.backend} {m.backend_version}"),
         ("precision", m.precision),
-        ("model", f"{m.model['source']} (fingerprint {m.model['fingerprint']})"),
-        ("resolutions", f"min {m.resolutions['min']}, opt {m.resolutions['opt']}, max {m.resolutions['max']}"),
-        ("batch", f"{m.batch['min']}..{m.batch['max']}"),
-        ("built on", ", ".join(f"{k} {v}" for k, v in m.build_env.items())),
+        ("model", f"{m.model.source} (fingerprint {m.model.fingerprint})"),
+        ("resolutions", str(m.resolutions)),
+        ("batch", str(m.batch)),
+        ("built on", ", ".join(f"{k} {v}" for k, v in m.build_env.to_json().items())),
         ("fluxtrt", m.fluxtrt_version),
         ("calibration", m.calibration or "none"),
     ]
@@ -173,11 +173,11 @@ def print_manifest(m, root: Path) -> None:
         table.add_column(col)
     for name, e in m.components.items():
         shapes = "\n".join(f"{k}: " + " / ".join("x".join(map(str, s)) for s in v) for k, v in e.profile.items())
-        onnx_mb = _onnx_mb(sum(f.bytes for f in e.onnx))
-        engine_mb = _mb(e.engine.bytes + sum(f.bytes for f in e.engine_extra))
+        onnx_mb = _onnx_mb(sum(f.size for f in e.onnx))
+        engine_mb = _mb(sum(f.size for f in (e.engine, *e.engine_extra)))
         table.add_row(name, e.engine.path, engine_mb, onnx_mb, f"{e.build_s:.1f}", shapes)
     console.print(table)
-    rows = {name: {**e.settings.get("options", {}), **e.record} for name, e in m.components.items()}
+    rows = {name: {**e.settings.get("options", {}), **dict(e.record.items())} for name, e in m.components.items()}
     if any(rows.values()):
         # Per engine: the backend options it was built with, then what the backend recorded (kernels chosen, what
         # the engine is tied to).
@@ -193,7 +193,9 @@ def print_manifest(m, root: Path) -> None:
 def print_trtexec_commands(m) -> None:
     """For an ONNX-only directory (``--backend onnx``): the ``trtexec`` command that builds each component's engine
     with fluxtrt's profiles, run from inside the directory."""
-    commands = [(name, e.record.get("trtexec")) for name, e in m.components.items() if e.record.get("trtexec")]
+    # Only the onnx backend's records hold a trtexec command.
+    commands = [(name, getattr(e.record, "trtexec", None)) for name, e in m.components.items()]
+    commands = [(name, command) for name, command in commands if command]
     if not commands:
         return
     console = out()

@@ -11,6 +11,8 @@ import contextlib
 import os
 import platform
 import subprocess
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -104,8 +106,16 @@ def check_memory(needed: int, device: str, what: str, fix: str) -> None:
         )
 
 
-def gpu_info(device: Any = "cuda") -> dict[str, str]:
-    """The GPU behind ``device`` as ``{"gpu": name, "sm": "90"}``.
+@dataclass(frozen=True)
+class GpuInfo:
+    """A CUDA GPU: its name and compute capability (``sm``, as 90 for 9.0)."""
+
+    name: str
+    sm: int
+
+
+def gpu_info(device: Any = "cuda") -> GpuInfo:
+    """The GPU behind ``device``.
 
     Raises:
         DeviceError: torch sees no CUDA GPU.
@@ -115,17 +125,40 @@ def gpu_info(device: Any = "cuda") -> dict[str, str]:
     check_device("cuda")
     dev = torch.device(device)
     props = torch.cuda.get_device_properties(dev.index if dev.index is not None else torch.cuda.current_device())
-    return {"gpu": props.name, "sm": f"{props.major}{props.minor}"}
+    return GpuInfo(props.name, props.major * 10 + props.minor)
 
 
-def device_environment(device: Any) -> dict[str, str]:
+@dataclass(frozen=True)
+class DeviceEnvironment:
+    """What code compiled for a device is tied to: the torch build, the device type and, on CUDA, the GPU's name and
+    compute capability (``sm``, as 90)."""
+
+    torch: str
+    device: str
+    gpu: str | None = None
+    sm: int | None = None
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> DeviceEnvironment:
+        """As ``to_json`` writes it; an SM written as a string (``"90"``, manifests of format 1 and 2) is read as
+        the integer."""
+        sm = raw.get("sm")
+        return cls(str(raw["torch"]), str(raw["device"]), raw.get("gpu"), int(sm) if sm is not None else None)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"torch", "device"}``, with ``"gpu"`` and ``"sm"`` on CUDA."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def device_environment(device: Any) -> DeviceEnvironment:
     """What code compiled for ``device`` is tied to: the torch build, the device type and, on CUDA, GPU and SM."""
     import torch
 
-    env = {"torch": torch.__version__, "device": torch.device(device).type}
-    if env["device"] == "cuda":
-        env.update(gpu_info(device))
-    return env
+    kind = torch.device(device).type
+    if kind != "cuda":
+        return DeviceEnvironment(torch.__version__, kind)
+    gpu = gpu_info(device)
+    return DeviceEnvironment(torch.__version__, kind, gpu.name, gpu.sm)
 
 
 def require_sm(sm: str | int, need: str, fix: str, feature: str | None = None) -> None:
@@ -154,7 +187,7 @@ def require_cuda_sm(device: Any, need: str, fix: str, feature: str | None = None
         what = feature or _feature(need)
         verb = "are" if what.endswith("s") else "is"  # "FP8 linears are", "FP8 attention is"
         raise DeviceError(f"{what} {verb} unavailable on {dev.type}: it needs a CUDA GPU; run with --device cuda")
-    require_sm(gpu_info(dev)["sm"], need, fix, feature)
+    require_sm(gpu_info(dev).sm, need, fix, feature)
 
 
 def _feature(need: str) -> str:
@@ -180,7 +213,8 @@ def environment() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu_info("cuda:0"), gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        gpu = gpu_info("cuda:0")
+        env.update(gpu=gpu.name, sm=str(gpu.sm), gpu_memory_gib=round(props.total_memory / 2**30, 1))
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

@@ -12,13 +12,14 @@ import shutil
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from fluxtrt.backends.aotinductor import REBUILD, AotInductorBackend
+from fluxtrt.backends.aotinductor.options import AotInductorRecord
 from fluxtrt.backends.aotinductor.runtime import external_weights_path
 from fluxtrt.backends.base import LoadJob
 from fluxtrt.backends.torch_modules import component_module
@@ -48,6 +49,7 @@ import json, sys
 from pathlib import Path
 import torch
 from fluxtrt.backends.aotinductor import AotInductorBackend
+from fluxtrt.backends.aotinductor.options import AotInductorRecord
 from fluxtrt.backends.base import LoadJob
 from fluxtrt.specs import component_specs
 from fluxtrt.specs.flux import FluxDims
@@ -59,7 +61,7 @@ backend = AotInductorBackend()
 outs = {}
 for name, entry in args["entries"].items():
     job = LoadJob(specs[name], Path(args["root"]) / f"{name}.pt2", "cpu", torch.float32, entry["profile"],
-                  backend.options(entry["options"]), entry["record"])
+                  backend.options(entry["options"]), AotInductorRecord.from_json(entry["record"]))
     runner = backend.load(job)
     outs[name] = [runner.infer(feed) for feed in feeds[name]]
 torch.save(outs, args["out"])
@@ -72,7 +74,7 @@ def run_in_fresh_process(root: Path, dims, entries: dict, feeds: dict, tmp_path:
     args = {
         "root": str(root),
         "dims": asdict(dims),
-        "entries": entries,
+        "entries": {name: {**e, "record": e["record"].to_json()} for name, e in entries.items()},
         "feeds": str(tmp_path / "feeds.pt"),
         "out": str(tmp_path / "outs.pt"),
     }
@@ -123,23 +125,24 @@ def test_text_and_image_encoders_match_torch_in_a_fresh_process(engines, tiny, t
 
 def test_build_records_the_environment_and_ranges(engines):
     options = engines.entry("clip")["record"]
-    assert options["torch"] == torch.__version__ and options["device"] == "cpu"
-    assert options["dims"] == {"B": [1, 2]}
+    assert (options.torch, options.device, options.gpu, options.sm) == (torch.__version__, "cpu", None, None)
+    assert options.dims == {"B": [1, 2]}
     decoder = engines.entry("vae_decoder")["record"]
-    assert decoder["dims"] == {"B": [1, 2], "h": [4, 16], "w": [4, 16]}
+    assert decoder.dims == {"B": [1, 2], "h": [4, 16], "w": [4, 16]}
     assert not external_weights_path(engines.path("clip")).exists()
-    json.dumps([options, decoder])  # the manifest stores them as JSON
+    # The manifest stores them as JSON, and reads them back the same.
+    assert AotInductorRecord.from_json(json.loads(json.dumps(decoder.to_json()))) == decoder
     # The transformer is exported with fused Q/K/V; the model it was built from is left unfused.
     transformer = engines.components.transformer
     attentions = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    assert engines.entry("transformer")["record"]["fused_qkv"] == attentions
+    assert engines.entry("transformer")["record"].fused_qkv == attentions
     assert not any(getattr(m, "fused_projections", False) for m in transformer.modules())
     # ... and with every tanh GELU in its sigmoid form (one per single block, two per double block); the model keeps
     # its own.
     gelus = 2 * len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
-    assert engines.entry("transformer")["record"]["sigmoid_form_gelus"] == gelus
+    assert engines.entry("transformer")["record"].sigmoid_form_gelus == gelus
     assert all(type(b.act_mlp) is torch.nn.GELU for b in transformer.single_transformer_blocks)
-    assert "fused_qkv" not in options
+    assert options.fused_qkv is None and "fused_qkv" not in options.to_json()
 
 
 def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, tmp_path):
@@ -176,7 +179,7 @@ ANOTHER_TORCH = f"0.0.0+not-{torch.__version__}"
 
 
 def test_engine_of_another_torch_is_refused(engines):
-    record = {**engines.entry("clip")["record"], "torch": ANOTHER_TORCH}
+    record = replace(engines.entry("clip")["record"], torch=ANOTHER_TORCH)
     with pytest.raises(EngineError) as info:
         engines.backend.load(engines.load_job("clip", record=record))
     message = str(info.value)
@@ -184,9 +187,9 @@ def test_engine_of_another_torch_is_refused(engines):
     assert message.endswith(REBUILD) and "\n" not in message
 
     with pytest.raises(EngineError, match="built with device cuda but this is device cpu"):
-        engines.backend.load(engines.load_job("clip", record={**record, "torch": torch.__version__, "device": "cuda"}))
+        engines.backend.load(engines.load_job("clip", record=replace(record, torch=torch.__version__, device="cuda")))
     with pytest.raises(EngineError, match="records no torch version"):
-        engines.backend.load(engines.load_job("clip", record={}))
+        engines.backend.load(engines.load_job("clip", record=AotInductorRecord()))
 
 
 def test_precision_and_option_refusals(engines, tmp_path):
@@ -218,7 +221,7 @@ def test_engine_needing_an_fp8_attention_kernel_that_is_missing_is_refused(engin
     except ImportError:
         pass
     entry = engines.entry("transformer")
-    job = engines.load_job("transformer", record={**entry["record"], "attention": ["fluxtrt::cudnn_fp8_sdpa"]})
+    job = engines.load_job("transformer", record=replace(entry["record"], attention=["fluxtrt::cudnn_fp8_sdpa"]))
     with pytest.raises(MissingDependencyError, match="transformer.pt2 .*nvidia-cudnn-frontend.*pip install"):
         engines.backend.load(job)
 
@@ -296,9 +299,9 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
              for n in names if n.endswith((".to_q", ".add_q_proj"))}  # fmt: skip
     kept = {n for n in names if not n.endswith((".to_q", ".to_k", ".to_v", "_q_proj", "_k_proj", "_v_proj"))}
     assert len(fused) == 2 * doubles + singles and len(names) == len(kept) + 3 * len(fused)
-    assert entry.record["fused_qkv"] == doubles + singles and entry.record["attention"]
-    assert entry.record["fp8_linears"] == len(kept) + len(fused)
-    assert entry.record["fp8_attention"] is False  # a CPU build keeps SDPA by default
+    assert entry.record.fused_qkv == doubles + singles and entry.record.attention
+    assert entry.record.fp8_linears == len(kept) + len(fused)
+    assert entry.record.fp8_attention is False  # a CPU build keeps SDPA by default
     # `fluxtrt inspect` shows what the engine runs.
     from tests.conftest import run_cli
 
@@ -379,9 +382,9 @@ def test_fp8_attention_engine_runs_fluxtrts_op_in_a_fresh_process(tiny, tmp_path
         record = backend.build(job)
     # torch's internal LeafSpec deprecation (once per component, raised inside export and inductor) is not shown.
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
-    assert record["fp8_attention"] is True
-    assert record["fp8_attention_scales"] == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: dynamic amax"
-    assert record["attention"] == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
+    assert record.fp8_attention is True
+    assert record.fp8_attention_scales == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: dynamic amax"
+    assert record.attention == ["fluxtrt::emulated_fp8_sdpa"]  # the only attention in the package
     # The build leaves the model as it found it.
     assert {k: type(v) for k, v in tiny.transformer.attn_processors.items()} == processors
 
@@ -513,11 +516,12 @@ def test_an_fp8_build_gives_each_attention_its_calibrated_v_amax(tiny, monkeypat
     job = BuildJob(spec, component_module("transformer", tiny), None, Path("unused.pt2"), "fp8",
                    profile_shapes(spec, dims, BATCH, RESOLUTIONS), "cpu", Path("unused"),
                    backend.options({"fp8_attention": True}), scales)  # fmt: skip
-    with _prepared_for_export(job) as record:
+    record = AotInductorRecord()
+    with _prepared_for_export(job, record):
         processors = tiny.transformer.attn_processors
         got = {name.removesuffix(".processor"): p.amax.v for name, p in processors.items()}
     assert got == calibration.attention_v and len(got) == 2
-    assert record["fp8_attention_scales"] == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: calibrated amax"
+    assert record.fp8_attention_scales == "Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: calibrated amax"
     # The linears' scales went to the linears: three fused Q/K/V groups (two in the double block), 3 -> 1 each.
-    assert record["fp8_linears"] == len(calibration.amax) - 3 * 2
+    assert record.fp8_linears == len(calibration.amax) - 3 * 2
     assert {type(p) for p in tiny.transformer.attn_processors.values()} == set(map(type, before.values()))

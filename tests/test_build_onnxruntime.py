@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend
+from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRecord
 from fluxtrt.config import BuildConfig
 from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
-from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.manifest import FORMAT, Manifest
 from fluxtrt.errors import EngineError, InputError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import component_dims, dims_from_components
@@ -123,7 +123,7 @@ def test_rebuild_skips_matching_and_rebuilds_only_affected(engines, tmp_path):
     status = {r.name: r.status for r in report.results}
     assert status == {"clip": "up to date", "t5": "up to date", "vae_encoder": "built", "transformer": "built",
                       "vae_decoder": "built"}  # fmt: skip
-    assert Manifest.load(out).resolutions["max"] == "1024x1024"
+    assert Manifest.load(out).resolutions.max == Resolution(1024, 1024)
     # --force rebuilds everything.
     report = build_engines(tiny_config(out, components=("clip",), force=True))
     assert [r.status for r in report.results] == ["built"]
@@ -155,7 +155,7 @@ def test_external_data_path(tiny, tmp_path):
     profile = {"input_ids": [[1, 512], [2, 512], [2, 512]]}
     record = backend.build(BuildJob(spec, None, exported.model, engine, "fp32", profile, "cpu", tmp_path,
                                     backend.options({})))  # fmt: skip
-    assert (tmp_path / "engine" / "t5.onnx_data").is_file() and record["external_data"] == "t5.onnx_data"
+    assert (tmp_path / "engine" / "t5.onnx_data").is_file() and record.external_data == "t5.onnx_data"
     loaded = backend.load(LoadJob(spec, engine, "cpu", torch.float32, profile, backend.options({}), record))
     torch.testing.assert_close(loaded.infer(feed)["text_embeds"], runner.infer(feed)["text_embeds"],
                                atol=1e-4, rtol=1e-4)  # fmt: skip
@@ -380,11 +380,14 @@ def test_build_prints_results_on_stdout_and_timed_progress_on_stderr(engines_cop
 
 
 def test_build_report_shows_no_onnx_size_for_a_backend_without_onnx(capsys):
+    from dataclasses import replace
+
     from fluxtrt.console import print_build_report
     from fluxtrt.engines.build import BuildReport
     from fluxtrt.engines.plan import ComponentResult
 
-    manifest = Manifest("aotinductor", "2.13", "bf16", "0", {"source": "tiny"}, {}, {}, {})
+    tiny_manifest = json.loads((Path(__file__).parent / "data" / "manifests" / "format2.json").read_text())
+    manifest = replace(Manifest.from_json(tiny_manifest), backend="aotinductor", components={})
     results = [ComponentResult("clip", "built", 1.0, 0, 2**21), ComponentResult("t5", "built", 1.0, 2**20, 2**21)]
     print_build_report(BuildReport(Path("e"), manifest, results))
     rows = {line.split("│")[1].strip(): line.split("│")[4].strip() for line in capsys.readouterr().out.splitlines()
@@ -470,7 +473,7 @@ def test_compare_reports_engine_timings_and_per_step_error(engines, tmp_path):
 
 
 def test_manifest_of_format_1_is_read(engines_copy):
-    """Format 1 kept the backend's record and the settings given in one field, "options"; it loads as format 2."""
+    """Format 1 kept the backend's record and the settings given in one field, "options"; it loads as this format."""
     path = engines_copy / "manifest.json"
     raw = json.loads(path.read_text())
     raw["format"] = 1
@@ -478,8 +481,8 @@ def test_manifest_of_format_1_is_read(engines_copy):
         entry["options"] = entry.pop("record")
     path.write_text(json.dumps(raw))
     manifest = Manifest.load(engines_copy)
-    assert manifest.format == 2
-    assert manifest.components["clip"].record == {"graph_optimization": "basic", "external_data": None}
+    assert manifest.format == FORMAT
+    assert manifest.components["clip"].record == OnnxRuntimeRecord(graph_optimization="basic", external_data=None)
     with load_engine_pipeline(engines_copy, "cpu") as pipeline:
         assert set(pipeline.runners) == set(COMPONENTS)
 

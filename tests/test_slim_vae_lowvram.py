@@ -152,8 +152,8 @@ def test_slim_vae_onnx_matches_onnxruntime_and_is_recorded(tiny_taef1, tmp_path)
     out = tmp_path / "engines"
     build_engines(ort_config(out, components=("vae_encoder", "vae_decoder"), vae="tiny"))
     manifest = Manifest.load(out)
-    assert (manifest.model["vae_scaling"], manifest.model["vae_shift"], manifest.model["vae"]) == (1.0, 0.0, "tiny")
-    assert manifest.model["fingerprint"] == model_fingerprint("tiny", vae="tiny") != model_fingerprint("tiny")
+    assert (manifest.model.vae_scaling, manifest.model.vae_shift, manifest.model.vae) == (1.0, 0.0, "tiny")
+    assert manifest.model.fingerprint == model_fingerprint("tiny", vae="tiny") != model_fingerprint("tiny")
     backend, specs = get_backend("onnxruntime"), component_specs(manifest.dims)
     torch_runner = torch_runners(tiny_taef1)
     feeds = {"vae_encoder": {"image": torch.rand(2, 3, 272, 400) * 2 - 1},

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -518,9 +519,9 @@ def test_trt_manifest_records_environment_and_plan(trt_and_ort):
     props = torch.cuda.get_device_properties(0)
     for name, entry in manifest.components.items():
         assert entry.engine.path == f"{name}.plan"
-        assert entry.record["tensorrt"] == tensorrt.__version__
-        assert (entry.record["gpu"], entry.record["sm"]) == (props.name, f"{props.major}{props.minor}")
-        assert entry.record["plan"]["strongly_typed"] and entry.record["plan"]["compute"] == "fp32"
+        assert entry.record.tensorrt == tensorrt.__version__ and entry.record.tensorrt_rtx is None
+        assert (entry.record.gpu, entry.record.sm) == (props.name, props.major * 10 + props.minor)
+        assert entry.record.plan["strongly_typed"] and entry.record.plan["compute"] == "fp32"
     assert (root / "tc").stat().st_size > 0  # the timing cache was written back
 
 
@@ -557,7 +558,7 @@ def test_trt_refuses_shapes_outside_profile_and_foreign_engines(trt_and_ort):
     entry = Manifest.load(root / "trt").components["clip"]
     backend = TensorRTBackend()
     job = LoadJob(runner.spec, root / "trt" / "clip.plan", "cuda", torch.float32, entry.profile,
-                  backend.options(entry.settings["options"]), {**entry.record, "tensorrt": "9.0.0"})  # fmt: skip
+                  backend.options(entry.settings["options"]), replace(entry.record, tensorrt="9.0.0"))  # fmt: skip
     with pytest.raises(
         EngineError, match="was built with TensorRT 9.0.0 but this is TensorRT .*: rebuild with fluxtrt"
     ):

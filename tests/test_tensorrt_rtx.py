@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,10 @@ def test_all_five_components_build_as_real_plans(rtx, precision):
         plan = rtx / precision / entry.engine.path
         assert plan.name == f"{name}.plan" and plan.stat().st_size > 100_000
         assert rtx_plan_version(plan.read_bytes()[:64]) == trt.__version__  # a TensorRT-RTX plan of this release
-        assert entry.record["tensorrt_rtx"] == trt.__version__
+        assert entry.record.tensorrt_rtx == trt.__version__
         # No GPU here: the default targets of the precision, as documented.
-        assert tuple(entry.record["targets"]) == RTX_DEFAULT_TARGETS[precision]
-        assert entry.record["plan"]["tf32"] == (precision != "fp32") and entry.record["layers"] > 0
+        assert entry.record.targets == RTX_DEFAULT_TARGETS[precision]
+        assert entry.record.plan["tf32"] == (precision != "fp32") and entry.record.layers > 0
         assert entry.onnx and entry.settings["options"]["compute_capabilities"] is None
 
 
@@ -82,8 +83,8 @@ def test_quantized_transformer_keeps_every_linear_quantized(rtx, tiny, precision
     entry = manifest(rtx / precision).components["transformer"]
     linears = len(quantized_linears(tiny.transformer))
     assert linears == 17  # the tiny model's token-wise linears
-    assert entry.record["quantized_matmuls"] == {f"{precision}_quantize": linears, f"{precision}_matmuls": linears}
-    assert tuple(entry.record["targets"]) == {"fp8": (89, 120), "fp4": (120,)}[precision]
+    assert entry.record.quantized_matmuls == {f"{precision}_quantize": linears, f"{precision}_matmuls": linears}
+    assert entry.record.targets == {"fp8": (89, 120), "fp4": (120,)}[precision]
 
 
 def test_first_block_cache_parts_build_as_fp8_plans_with_each_parts_linears_quantized(rtx, tiny, tmp_path):
@@ -104,7 +105,7 @@ def test_first_block_cache_parts_build_as_fp8_plans_with_each_parts_linears_quan
     assert all(counts.values()) and sum(counts.values()) == len(linears) == 17
     for name, entry in m.components.items():
         assert (tmp_path / "fp8" / entry.engine.path).stat().st_size > 100_000
-        assert entry.record["quantized_matmuls"] == {"fp8_quantize": counts[name], "fp8_matmuls": counts[name]}
+        assert entry.record.quantized_matmuls == {"fp8_quantize": counts[name], "fp8_matmuls": counts[name]}
 
 
 def test_network_check_refuses_a_graph_that_lost_quantized_linears(rtx):
@@ -147,7 +148,7 @@ def test_onnx_only_directory_holds_the_onnx_and_the_trtexec_commands(rtx, tmp_pa
     assert not list(root.glob("*.plan")) and not list(root.glob("*.onnx"))
     for name, entry in m.components.items():
         assert entry.engine.path == f"onnx/{name}/model.onnx"
-        assert entry.record["compute"] == ("fp8" if name == "transformer" else "bf16")
+        assert entry.record.compute == ("fp8" if name == "transformer" else "bf16")
     # The commands match fluxtrt's profiles.
     shown = run_cli("inspect", str(root))
     assert shown.exit_code == 0, shown.stderr
@@ -175,7 +176,7 @@ def _load_job(root: Path, name: str = "clip", **record):
     backend = TensorRTRtxBackend()
     spec = component_specs(m.dims)[name]
     job = LoadJob(spec, root / entry.engine.path, "cuda", torch.float32, entry.profile,
-                  backend.options(entry.settings["options"]), {**entry.record, **record})  # fmt: skip
+                  backend.options(entry.settings["options"]), replace(entry.record, **record))  # fmt: skip
     return backend, job
 
 

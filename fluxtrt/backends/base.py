@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from fluxtrt.backends.record import BackendRecord
 from fluxtrt.backends.runner import Runner
 from fluxtrt.errors import InputError
 from fluxtrt.specs.component import ComponentSpec
@@ -36,8 +37,6 @@ BACKENDS = {
 }
 
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
-# What a backend recorded about one engine (versions, GPU, kernels chosen, counts): JSON-able, kept in the manifest.
-Record = dict[str, Any]
 
 # A backend option's value, as the command line, the code and the manifest give it.
 OptionValue = str | int | float | bool | Path | tuple[str, ...] | dict[str, object] | None
@@ -184,6 +183,15 @@ def options_type(backend: str) -> type[BackendOptions]:
     return getattr(importlib.import_module(module), cls).options_type
 
 
+def record_type(backend: str) -> type[BackendRecord]:
+    """The record class of the registered backend ``backend`` (its module imported now); ``BackendRecord`` (every
+    key kept as it is) for a name this fluxtrt does not know."""
+    if backend not in BACKENDS:
+        return BackendRecord
+    module, cls = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), cls).record_type
+
+
 def declared_options() -> dict[str, DeclaredOption]:
     """The options of every registered backend, by name; an option several backends take (``cuda_graph``) once.
 
@@ -247,7 +255,7 @@ class LoadJob(Generic[OptionsT]):
         compute_dtype: torch dtype of the spec's ``compute`` tensors.
         profile: per input, the [min, opt, max] shapes the engine was built for.
         options: the backend's typed options the engine was built with.
-        record: what the backend recorded when it built the engine.
+        record: what the backend recorded when it built the engine (its ``record_type``).
     """
 
     spec: ComponentSpec
@@ -256,7 +264,7 @@ class LoadJob(Generic[OptionsT]):
     compute_dtype: torch.dtype
     profile: Mapping[str, Sequence[Sequence[int]]]
     options: OptionsT
-    record: Record
+    record: BackendRecord
 
 
 class EngineBackend(ABC, Generic[OptionsT]):
@@ -268,6 +276,7 @@ class EngineBackend(ABC, Generic[OptionsT]):
     writes_engine: ClassVar[bool] = True  # False: the component's ONNX is what the directory holds
     precisions: ClassVar[tuple[str, ...]]
     options_type: ClassVar[type[BackendOptions]] = NoOptions
+    record_type: ClassVar[type[BackendRecord]] = BackendRecord  # what build() returns and load() is given
 
     def options(self, given: Mapping[str, Any]) -> OptionsT:
         """This backend's typed options from the settings given (InputError for one it does not have)."""
@@ -290,7 +299,7 @@ class EngineBackend(ABC, Generic[OptionsT]):
         """The backend library's version, recorded in the manifest and checked at load."""
 
     @abstractmethod
-    def build(self, job: BuildJob[OptionsT]) -> Record:
+    def build(self, job: BuildJob[OptionsT]) -> BackendRecord:
         """Write the engine for ``job`` to ``job.engine_path``; return the record of what was built."""
 
     @abstractmethod

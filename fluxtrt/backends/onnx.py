@@ -5,12 +5,22 @@ builds the engines."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions, Record
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions
+from fluxtrt.backends.record import BackendRecord
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.tensorrt.plan import PRECISIONS, component_precision, trtexec_command
 from fluxtrt.errors import EngineError, MissingDependencyError
+
+
+@dataclass
+class OnnxRecord(BackendRecord):
+    """What the component's ONNX computes in, and the ``trtexec`` command that builds its engine."""
+
+    compute: str | None = None
+    trtexec: str | None = None
 
 
 class OnnxOnlyBackend(EngineBackend[NoOptions]):
@@ -21,6 +31,7 @@ class OnnxOnlyBackend(EngineBackend[NoOptions]):
     uses_onnx = True
     writes_engine = False
     precisions = PRECISIONS
+    record_type = OnnxRecord
 
     def check_available(self) -> None:
         try:
@@ -34,10 +45,10 @@ class OnnxOnlyBackend(EngineBackend[NoOptions]):
 
         return onnx.__version__
 
-    def build(self, job: BuildJob[NoOptions]) -> Record:
+    def build(self, job: BuildJob[NoOptions]) -> OnnxRecord:
         onnx_path = Path("onnx") / job.spec.name / Path(job.onnx_path).name  # where the build moves it
         compute = component_precision(job.spec.name, job.precision)
-        return {"compute": compute, "trtexec": trtexec_command(job.spec.name, onnx_path, job.profile, compute)}
+        return OnnxRecord(compute, trtexec_command(job.spec.name, onnx_path, job.profile, compute))
 
     def load(self, job: LoadJob[NoOptions]) -> Runner:
         root = Path(job.engine_path).parents[2]

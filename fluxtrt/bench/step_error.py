@@ -34,8 +34,8 @@ def engine_step_error(path: Path, calls: list, session: Any) -> dict:
 
     manifest = Manifest.load(path)
     # The transformer is what is compared: engines built with the slim VAE compare against the same model.
-    if manifest.model["fingerprint"] != model_fingerprint(session.model, session.seed, manifest.model.get("vae")):
-        return {"error": f"engines built from {manifest.model['source']}, compare model is {session.model}"}
+    if manifest.model.fingerprint != model_fingerprint(session.model, session.seed, manifest.model.vae):
+        return {"error": f"engines built from {manifest.model.source}, compare model is {session.model}"}
     session.release()
     components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)
     tokens = max((feed["hidden_states"].shape[1] for feed, _ in calls), default=0)

@@ -300,4 +300,3 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
     if is_main_process():
         print_compare_report(report, config.report_dir)
     report.raise_for_failures()
-

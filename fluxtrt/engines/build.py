@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from fluxtrt.engines.component import (
 from fluxtrt.engines.interrupt import Interrupts, watch_interrupts
 from fluxtrt.engines.jobs import build_in_workers, check_picklable
 from fluxtrt.engines.lock import build_lock
-from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.manifest import BatchRange, Manifest, ModelInfo, ResolutionRange
 from fluxtrt.engines.plan import (
     ComponentResult,
     calibrate_once,
@@ -48,7 +48,6 @@ from fluxtrt.engines.plan import (
 )
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
-from fluxtrt.specs.flux import FluxDims
 
 
 @dataclass
@@ -138,7 +137,7 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     if model is None:  # a new directory or another model: read it off the model itself
         components = load_model(config, lambda message: say("model", message))
         model = _model_record(components, fingerprint, config.vae)
-    dims = FluxDims(**model["dims"])
+    dims = model.dims
     manifest = _new_manifest(config, backend, model, previous)
     build = BuildContext(config, backend, options, components, dims, component_specs(dims), manifest, say, interrupts)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -155,34 +154,33 @@ def _build_locked(config: BuildConfig, backend: EngineBackend, options: BackendO
     return BuildReport(config.out, manifest, results, calibration)
 
 
-def _recorded_model(previous: Manifest | None, fingerprint: str, out: Path) -> dict | None:
+def _recorded_model(previous: Manifest | None, fingerprint: str, out: Path) -> ModelInfo | None:
     """What ``previous`` recorded of the model, where it is this model (same fingerprint) and its tokenizers are
     in ``out``; None where the model must be loaded to know."""
-    if previous is None or previous.model.get("fingerprint") != fingerprint:
+    if previous is None or previous.model.fingerprint != fingerprint:
         return None
     if not all((out / folder).is_dir() for folder in ("tokenizer", "tokenizer_2")):
         return None
-    keys = ("source", "dims", "vae_scaling", "vae_shift", "scheduler_config", "max_sequence_length")
-    return dict(previous.model) if all(k in previous.model for k in keys) else None
+    return previous.model
 
 
-def _model_record(components: Any, fingerprint: str, vae: str | None) -> dict:
+def _model_record(components: Any, fingerprint: str, vae: str | None) -> ModelInfo:
     """What the manifest records of the loaded model."""
     from fluxtrt.specs.flux import dims_from_components
 
-    return {
-        "source": components.source,
-        "fingerprint": fingerprint,
-        "vae": vae,
-        "dims": asdict(dims_from_components(components)),
-        "vae_scaling": components.vae.config.scaling_factor,
-        "vae_shift": components.vae.config.shift_factor,
-        "scheduler_config": components.scheduler_config,
-        "max_sequence_length": components.max_sequence_length,
-    }
+    return ModelInfo(
+        source=components.source,
+        fingerprint=fingerprint,
+        vae=vae,
+        dims=dims_from_components(components),
+        vae_scaling=components.vae.config.scaling_factor,
+        vae_shift=components.vae.config.shift_factor,
+        scheduler_config=components.scheduler_config,
+        max_sequence_length=components.max_sequence_length,
+    )
 
 
-def _new_manifest(config: BuildConfig, backend: EngineBackend, model: dict,
+def _new_manifest(config: BuildConfig, backend: EngineBackend, model: ModelInfo,
                   previous: Manifest | None) -> Manifest:  # fmt: skip
     """The manifest of this build, keeping the components of ``previous`` (the same backend and precision)."""
     return Manifest(
@@ -192,8 +190,8 @@ def _new_manifest(config: BuildConfig, backend: EngineBackend, model: dict,
         fluxtrt_version=__version__,
         model=model,
         build_env=device_environment(config.device),
-        resolutions={k: str(getattr(config, f"{k}_resolution")) for k in ("min", "opt", "max")},
-        batch={"min": 1, "opt": 1, "max": config.max_batch},
+        resolutions=ResolutionRange(config.min_resolution, config.opt_resolution, config.max_resolution),
+        batch=BatchRange(1, 1, config.max_batch),
         components=dict(previous.components) if previous else {},
     )
 

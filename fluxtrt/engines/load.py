@@ -96,9 +96,9 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         dims=manifest.dims,
-        vae_scaling=model["vae_scaling"],
-        vae_shift=model["vae_shift"],
-        scheduler_config=model["scheduler_config"],
+        vae_scaling=model.vae_scaling,
+        vae_shift=model.vae_shift,
+        scheduler_config=model.scheduler_config,
         device=device,
         dtype=dtype,
         source=str(path),
@@ -157,10 +157,10 @@ def _check_complete(path: Path, manifest: Manifest, transformer: tuple[str, ...]
     if not transformer:
         missing.append("transformer")
     if missing:
-        vae = f" --vae {manifest.model['vae']}" if manifest.model.get("vae") else ""
+        vae = f" --vae {manifest.model.vae}" if manifest.model.vae else ""
         raise EngineError(
             f"{path} has no engines for {', '.join(missing)}: finish the build with `fluxtrt build --model "
-            f"{manifest.model['source']}{vae} --backend {manifest.backend} --precision {manifest.precision} "
+            f"{manifest.model.source}{vae} --backend {manifest.backend} --precision {manifest.precision} "
             f"--out {path} "
             f"--components {','.join(missing)}` (and the original build's range options; the transformer may be "
             "built as its two parts with --first-block-cache)"

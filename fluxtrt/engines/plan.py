@@ -105,7 +105,7 @@ def plan_component(build: BuildContext, name: str) -> Plan:
         "backend": build.backend.name,
         "backend_version": manifest.backend_version,
         "precision": config.precision,
-        "model": manifest.model["fingerprint"],
+        "model": manifest.model.fingerprint,
         "profile": {k: [list(s) for s in v] for k, v in profile.items()},
         "fluxtrt": __version__,
         "options": build.options.to_dict(),
@@ -117,7 +117,7 @@ def plan_component(build: BuildContext, name: str) -> Plan:
 
         # calibrate_once has computed it or checked the given one: this finds it saved.
         model = _OnDemand(build)  # loaded only if no saved calibration fits
-        path, calibration, _ = calibration_for_build(config, model, manifest.model["fingerprint"], build.out)
+        path, calibration, _ = calibration_for_build(config, model, manifest.model.fingerprint, build.out)
         # The linears it computes, and its attentions' V amax.
         amax = {k: v for k, v in calibration.scales().items() if part_owns_linear(name, k)}
         manifest.calibration = str(path.relative_to(build.out))
@@ -149,7 +149,7 @@ def calibrate_once(build: BuildContext) -> ComponentResult | None:
     t0 = time.perf_counter()
     say = lambda message: build.say("calibration", message)  # noqa: E731
     say("calibrating the transformer's quantized linears (or finding saved scales)")
-    fingerprint = build.manifest.model["fingerprint"]
+    fingerprint = build.manifest.model.fingerprint
     _, _, how = calibration_for_build(build.config, _OnDemand(build), fingerprint, build.out, say)
     return ComponentResult("calibration", how, time.perf_counter() - t0, 0, 0)
 

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fluxtrt.backends.aotinductor.options import AotInductorOptions
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
+from fluxtrt.backends.aotinductor.options import AotInductorOptions, AotInductorRecord
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob
 from fluxtrt.backends.compat import incompatibility
 from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.backends.record import as_record
 from fluxtrt.backends.runner import Runner
 from fluxtrt.environment import device_environment
 from fluxtrt.errors import BuildError, EngineError, MissingDependencyError
@@ -58,6 +59,7 @@ class AotInductorBackend(EngineBackend[AotInductorOptions]):
     extension = ".pt2"
     uses_onnx = False
     precisions = PRECISIONS
+    record_type = AotInductorRecord
     options_type = AotInductorOptions
 
     def check_available(self) -> None:
@@ -101,7 +103,7 @@ class AotInductorBackend(EngineBackend[AotInductorOptions]):
 
         return torch.__version__
 
-    def build(self, job: BuildJob[AotInductorOptions]) -> Record:
+    def build(self, job: BuildJob[AotInductorOptions]) -> AotInductorRecord:
         """Export ``job.module`` over the profile's ranges and compile it to ``job.engine_path`` (see
         ``fluxtrt.backends.aotinductor.build.build_package``)."""
         from fluxtrt.backends.aotinductor.build import build_package
@@ -121,12 +123,13 @@ class AotInductorBackend(EngineBackend[AotInductorOptions]):
         from fluxtrt.kernels.attention import require_ops
 
         spec, path = job.spec, Path(job.engine_path)
-        if "torch" not in job.record:
+        record = as_record(AotInductorRecord, job.record)
+        if record.torch is None:
             raise EngineError(f"{spec.name}: {path.name} records no torch version in the manifest: {REBUILD}")
-        problem = incompatibility(job.record, device_environment(job.device), COMPAT_KEYS)
+        problem = incompatibility(record.to_json(), device_environment(job.device).to_json(), COMPAT_KEYS)
         if problem:
             raise EngineError(f"{spec.name}: {path.name} {problem}: {REBUILD}")
-        require_ops(job.record.get("attention") or [], f"the {spec.name} engine {path.name}")
+        require_ops(record.attention or [], f"the {spec.name} engine {path.name}")
         runner = AotInductorRunner(
             spec,
             path,

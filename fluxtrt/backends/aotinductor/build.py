@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch._inductor
 
-from fluxtrt.backends.aotinductor.options import AotInductorOptions
+from fluxtrt.backends.aotinductor.options import AotInductorOptions, AotInductorRecord
 from fluxtrt.backends.aotinductor.runtime import error_text, external_weights_path, load_package
-from fluxtrt.backends.base import BuildJob, Profile, Record
+from fluxtrt.backends.base import BuildJob, Profile
 from fluxtrt.backends.profile import symbol_ranges
 from fluxtrt.backends.torch_modules import fused_qkv
 from fluxtrt.environment import device_environment
@@ -32,7 +32,7 @@ FP8_ATTENTION = TRANSFORMERS
 SIGMOID_GELU = TRANSFORMERS
 
 
-def build_package(job: AotiJob) -> Record:
+def build_package(job: AotiJob) -> AotInductorRecord:
     """Export ``job.module`` over the profile's ranges and compile it to ``job.engine_path``.
 
     Writes ``job.engine_path`` and, with ``weights=external``, ``external_weights_path`` of it; inductor's scratch
@@ -56,13 +56,13 @@ def build_package(job: AotiJob) -> Record:
         return _build_package(job)
 
 
-def _build_package(job: AotiJob) -> Record:
+def _build_package(job: AotiJob) -> AotInductorRecord:
     _check_job(job)
-    record: Record = device_environment(job.device)
+    record = AotInductorRecord.built_in(device_environment(job.device))
     ranges = symbol_ranges(job.spec, job.profile)
     with contextlib.ExitStack() as changes, torch.inference_mode(False):
-        record.update(changes.enter_context(_prepared_for_export(job)))
-        ep, record["shape_guards"], attention = export_program(job, ranges)
+        changes.enter_context(_prepared_for_export(job, record))
+        ep, record.shape_guards, attention = export_program(job, ranges)
     configs = {
         **job.options.inductor_configs,
         "aot_inductor.package_constants_in_so": job.options.weights == "packaged",
@@ -85,9 +85,9 @@ def _build_package(job: AotiJob) -> Record:
         for path in written:  # leave no half-written engine or weights file behind
             path.unlink(missing_ok=True)
         raise
-    record["dims"] = {sym: [lo, hi] for sym, (lo, _, hi) in ranges.items() if lo != hi}
+    record.dims = {sym: [lo, hi] for sym, (lo, _, hi) in ranges.items() if lo != hi}
     if attention:
-        record["attention"] = attention
+        record.attention = attention
     return record
 
 
@@ -117,14 +117,13 @@ def _check_job(job: AotiJob) -> None:
 
 
 @contextlib.contextmanager
-def _prepared_for_export(job: AotiJob) -> Iterator[Record]:
+def _prepared_for_export(job: AotiJob, record: AotInductorRecord) -> Iterator[None]:
     """The module as the package computes it, for the duration: fused Q/K/V, static FP8 linears (fp8), FP8
-    attention and the tanh GELUs in their sigmoid form (transformer); everything is put back on exit. Yields what to
-    record about it."""
-    record: Record = {}
+    attention and the tanh GELUs in their sigmoid form (transformer); everything is put back on exit. What was
+    changed is set in ``record``."""
     with contextlib.ExitStack() as changes:
         if job.spec.name in FUSE_QKV:
-            record["fused_qkv"] = changes.enter_context(fused_qkv(job.module.transformer))
+            record.fused_qkv = changes.enter_context(fused_qkv(job.module.transformer))
         attention_v: dict[str, float] = {}
         if job.precision == "fp8" and job.amax is not None:
             from fluxtrt.kernels.attention_scales import split_calibration
@@ -133,25 +132,25 @@ def _prepared_for_export(job: AotiJob) -> Iterator[Record]:
             linears, attention_v = split_calibration(job.amax)
             amax = amax_for_fused_qkv(job.module, linears)
             changes.enter_context(static_fp8_linears(job.module, amax, max_rows=_max_rows(job.profile)))
-            record["fp8_linears"] = len(amax)
+            record.fp8_linears = len(amax)
         if job.spec.name in SIGMOID_GELU:
             from fluxtrt.kernels.gelu import sigmoid_form_gelus
 
-            record["sigmoid_form_gelus"] = changes.enter_context(sigmoid_form_gelus(job.module))
+            record.sigmoid_form_gelus = changes.enter_context(sigmoid_form_gelus(job.module))
         if job.spec.name in FP8_ATTENTION:
             from fluxtrt.kernels.attention import fp8_attention
 
-            kernel, record["fp8_attention"], unavailable = _fp8_attention_kernel(job)
+            kernel, record.fp8_attention, unavailable = _fp8_attention_kernel(job)
             if unavailable:
-                record["fp8_attention_unavailable"] = unavailable
+                record.fp8_attention_unavailable = unavailable
             if kernel is not None:
                 # Q and K quantized with their static bound, each by one fluxtrt::norm_rope_fp8 (norm, RoPE, e4m3);
                 # V with its calibrated amax where the calibration has it (names relative to the transformer).
                 v_amax = {k.removeprefix("transformer."): v for k, v in attention_v.items()}
                 changes.enter_context(fp8_attention(job.module.transformer, kernel, static_qk=True, v_amax=v_amax))
                 v = "calibrated amax" if v_amax else "dynamic amax"
-                record["fp8_attention_scales"] = f"Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: {v}"
-        yield record
+                record.fp8_attention_scales = f"Q, K: static norm bound (fluxtrt::norm_rope_fp8); V: {v}"
+        yield
 
 
 def _fp8_attention_kernel(job: AotiJob) -> tuple[Any, bool, str | None]:

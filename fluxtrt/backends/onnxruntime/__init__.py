@@ -7,16 +7,26 @@ serves the CPU and the CUDA provider; the provider-specific ones run when a sess
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions, Record
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, NoOptions
 from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.backends.record import BackendRecord
 from fluxtrt.errors import EngineError, InputError
 
 if TYPE_CHECKING:
     from fluxtrt.backends.onnxruntime.runtime import OrtRunner
 
 ENGINE_DATA_SUFFIX = "_data"
+
+
+@dataclass
+class OnnxRuntimeRecord(BackendRecord):
+    """The graph optimisations applied, and the engine's external weights file (None: none)."""
+
+    graph_optimization: str | None = None
+    external_data: str | None = None
 
 
 class OnnxRuntimeBackend(EngineBackend[NoOptions]):
@@ -26,6 +36,7 @@ class OnnxRuntimeBackend(EngineBackend[NoOptions]):
     extension = ".onnx"
     uses_onnx = True
     precisions = ("fp32", "bf16")
+    record_type = OnnxRuntimeRecord
 
     def check_available(self) -> None:
         from fluxtrt.backends.onnxruntime.runtime import ort
@@ -37,7 +48,7 @@ class OnnxRuntimeBackend(EngineBackend[NoOptions]):
 
         return ort().__version__
 
-    def build(self, job: BuildJob[NoOptions]) -> Record:
+    def build(self, job: BuildJob[NoOptions]) -> OnnxRuntimeRecord:
         if job.precision not in self.precisions:
             raise InputError(f"--precision {job.precision} is not built by onnxruntime, expected one of "
                              f"{', '.join(self.precisions)}")  # fmt: skip
@@ -49,7 +60,7 @@ class OnnxRuntimeBackend(EngineBackend[NoOptions]):
         # Creating the session writes the optimised model; the session itself is not needed. Optimise on the CPU
         # provider: basic optimisations are provider-independent and the build machine may have no GPU.
         session(job.onnx_path, "cpu", optimized_path=job.engine_path, external_data=external)
-        return {"graph_optimization": "basic", "external_data": external}
+        return OnnxRuntimeRecord(graph_optimization="basic", external_data=external)
 
     def load(self, job: LoadJob[NoOptions]) -> OrtRunner:
         import torch

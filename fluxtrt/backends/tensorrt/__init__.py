@@ -9,12 +9,14 @@ runs only under the TensorRT release that built it and on the GPUs it was built 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob, Record
+from fluxtrt.backends.base import BuildJob, EngineBackend, LoadJob
 from fluxtrt.backends.compat import incompatibility
 from fluxtrt.backends.profile import runner_ranges
+from fluxtrt.backends.record import BackendRecord, as_record
 from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour, rtx_plan_version
 from fluxtrt.backends.tensorrt.plan import (
     PRECISIONS,
@@ -25,7 +27,7 @@ from fluxtrt.backends.tensorrt.plan import (
     component_precision,
 )
 from fluxtrt.backends.tensorrt.runtime import TrtRunner, rebuild
-from fluxtrt.environment import MIN_SM, gpu_info, require_sm
+from fluxtrt.environment import MIN_SM, GpuInfo, gpu_info, require_sm
 from fluxtrt.errors import BuildError, DeviceError, EngineError
 
 COMPAT_KEYS = ("tensorrt", "sm", "gpu")
@@ -33,6 +35,27 @@ COMPAT_KEYS = ("tensorrt", "sm", "gpu")
 
 # The options of either flavour: the shared build and load read opt_level and cuda_graph of both.
 TrtOptions = TensorRTOptions | TensorRTRtxOptions
+
+
+@dataclass
+class TensorRTRecord(BackendRecord):
+    """What a plan runs under and how it was built: the release that built it (``tensorrt`` or ``tensorrt_rtx``,
+    per flavour), the GPU it was built on (TensorRT 10; TensorRT-RTX where one was present), the compute
+    capabilities it targets (TensorRT-RTX), the build plan, the network's layer count and, quantized, its quantized
+    matrix multiplies."""
+
+    tensorrt: str | None = None
+    tensorrt_rtx: str | None = None
+    gpu: str | None = None
+    sm: int | None = None
+    targets: tuple[int, ...] | None = None
+    plan: dict[str, Any] | None = None
+    layers: int | None = None
+    quantized_matmuls: dict[str, int] | None = None
+
+    def version(self, flavour: Flavour) -> str | None:
+        """The release of ``flavour`` that built the plan (None: not recorded)."""
+        return getattr(self, flavour.record_key)
 
 
 class TensorRTBackend(EngineBackend[TrtOptions]):
@@ -43,6 +66,7 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
     uses_onnx = True
     precisions = PRECISIONS
     options_type = TensorRTOptions
+    record_type = TensorRTRecord
     flavour: ClassVar[Flavour] = TENSORRT
 
     def check_available(self) -> None:
@@ -52,7 +76,7 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
     def version(self) -> str:
         return self.flavour.lib().__version__
 
-    def build(self, job: BuildJob[TrtOptions]) -> Record:
+    def build(self, job: BuildJob[TrtOptions]) -> TensorRTRecord:
         """Plan the build, apply it, write ``job.engine_path``; the record holds the plan and where it runs.
 
         Raises:
@@ -64,25 +88,26 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
 
         if job.onnx_path is None:
             raise BuildError(f"{job.spec.name}: the {self.name} backend builds from ONNX but the job has none")
-        env = self._build_environment(job)
+        gpu = self._build_gpu(job)
         plan = build_plan(job.spec, job.onnx_path, job.precision, job.profile, job.options, self.flavour,
-                          int(env["sm"]) if "sm" in env else None)  # fmt: skip
+                          gpu.sm if gpu else None)  # fmt: skip
         try:
             details = build_plan_file(self.flavour, plan, Path(job.engine_path))
         except BaseException:
             Path(job.engine_path).unlink(missing_ok=True)
             raise
-        return {self.flavour.record_key: self.version(), **env, "targets": list(plan.targets),
-                "plan": plan.record(), **details}  # fmt: skip
+        return TensorRTRecord(**{self.flavour.record_key: self.version()}, gpu=gpu.name if gpu else None,
+                              sm=gpu.sm if gpu else None, targets=plan.targets, plan=plan.record(),
+                              layers=details["layers"], quantized_matmuls=details.get("quantized_matmuls"))  # fmt: skip
 
-    def _build_environment(self, job: BuildJob[TrtOptions]) -> dict[str, str]:
+    def _build_gpu(self, job: BuildJob[TrtOptions]) -> GpuInfo | None:
         """TensorRT 10 builds on the GPU it targets: that GPU, checked against the precision."""
-        env = gpu_info(job.device)
+        gpu = gpu_info(job.device)
         compute = component_precision(job.spec.name, job.precision)
         if compute in MIN_SM:
             fix = "build --precision bf16 here, or build on a newer GPU"
-            require_sm(env["sm"], compute, fix, f"--precision {compute}")
-        return env
+            require_sm(gpu.sm, compute, fix, f"--precision {compute}")
+        return gpu
 
     def load(self, job: LoadJob[TrtOptions]) -> TrtRunner:
         """Deserialize the plan as a loaded ``TrtRunner`` (``options.cuda_graph`` turns CUDA graphs on).
@@ -106,11 +131,12 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
         return runner.load()
 
     def _check_loadable(self, job: LoadJob[TrtOptions]) -> None:
-        key, path = self.flavour.record_key, Path(job.engine_path)
-        if key not in job.record:
+        key, path, record = self.flavour.record_key, Path(job.engine_path), as_record(TensorRTRecord, job.record)
+        if record.version(self.flavour) is None:
             raise EngineError(f"{job.spec.name}: {path.name} records no {self.flavour.name} version in the manifest: "
                               f"{rebuild(self.flavour)}")  # fmt: skip
-        problem = incompatibility(job.record, {key: self.version(), **gpu_info(job.device)}, COMPAT_KEYS)
+        gpu = gpu_info(job.device)
+        problem = incompatibility(record.to_json(), {key: self.version(), "gpu": gpu.name, "sm": gpu.sm}, COMPAT_KEYS)
         if problem:
             raise EngineError(f"{job.spec.name}: {path.name} {problem}: {rebuild(self.flavour)}")
 
@@ -128,19 +154,19 @@ class TensorRTRtxBackend(TensorRTBackend):
         if isinstance(options, TensorRTRtxOptions) and options.compute_capabilities:
             check_targets(component_precision("transformer", precision), options.targets(precision, None))
 
-    def _build_environment(self, job: BuildJob[TrtOptions]) -> dict[str, str]:
+    def _build_gpu(self, job: BuildJob[TrtOptions]) -> GpuInfo | None:
         """No GPU needed; the one present (if any) is the default target where TensorRT-RTX supports it."""
         import torch
 
         if not torch.cuda.is_available():
-            return {}
+            return None
         return gpu_info(job.device if job.device.startswith("cuda") else "cuda")
 
     def _check_loadable(self, job: LoadJob[TrtOptions]) -> None:
         """The release (recorded, then in the plan's header), then the GPU against the plan's targets: all before
         anything large is read."""
-        key, path = self.flavour.record_key, Path(job.engine_path)
-        problem = incompatibility(job.record, {key: self.version()}, (key,))
+        key, path, record = self.flavour.record_key, Path(job.engine_path), as_record(TensorRTRecord, job.record)
+        problem = incompatibility(record.to_json(), {key: self.version()}, (key,))
         if problem:
             raise EngineError(f"{job.spec.name}: {path.name} {problem}: {rebuild(self.flavour)}")
         with open(path, "rb") as f:
@@ -148,7 +174,7 @@ class TensorRTRtxBackend(TensorRTBackend):
         if written != self.version():
             raise EngineError(f"{job.spec.name}: {path.name} is not a TensorRT-RTX {self.version()} plan (its header "
                               f"says {written or 'no TensorRT-RTX plan'}): {rebuild(self.flavour)}")  # fmt: skip
-        check_runs_here(int(gpu_info(job.device)["sm"]), tuple(job.record.get("targets") or ()), path.name)
+        check_runs_here(gpu_info(job.device).sm, record.targets or (), path.name)
 
 
 def check_runs_here(sm: int, targets: tuple[int, ...], what: str) -> None:
