@@ -148,6 +148,13 @@ def print_build_report(report) -> None:
     console.print(table)
 
 
+def print_problems(problems: list[str]) -> None:
+    """``inspect``'s verdict on stderr: each problem as an ``error:`` line (nothing for an intact directory)."""
+    console = err()
+    for problem in problems:
+        console.print(f"[red]error:[/] {escape(problem)}", soft_wrap=True, highlight=False)
+
+
 def print_manifest(m, root: Path) -> None:
     """``fluxtrt inspect``: the manifest as tables."""
     console = out()

@@ -74,7 +74,9 @@ print(json.dumps(results))
 """
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install 'fluxtrt[dev]')")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="triton is not installed (it comes with PyTorch's CUDA builds, not the CPU one)"
+)
 def test_triton_kernel_matches_diffusers_bit_for_bit_under_the_interpreter():
     """Both streams of a double block (text first, their own weights, rows not a multiple of the block) and a
     single block's one stream with a norm whose eps is the dtype's: every e4m3 byte equals the reference's,
@@ -158,7 +160,9 @@ def test_the_fused_op_survives_torch_export_as_one_node_per_q_and_per_k():
 
 def test_the_launcher_refuses_shapes_the_kernel_cannot_take():
     """The launcher's checks: a head size the kernel cannot load at once, and cos/sin of the wrong length."""
-    pytest.importorskip("triton", reason="triton is not installed (pip install 'fluxtrt[dev]')")
+    pytest.importorskip(
+        "triton", reason="triton is not installed (it comes with PyTorch's CUDA builds, not the CPU one)"
+    )
     from fluxtrt.kernels.norm_rope_triton import launch_norm_rope_fp8
 
     x = torch.zeros(1, 4, 2 * 48, dtype=torch.bfloat16)

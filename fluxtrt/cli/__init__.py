@@ -233,15 +233,24 @@ def build(model, backend, precision, out, min_resolution, opt_resolution, max_re
 
 @main.command()
 @click.argument("engines_dir", metavar="ENGINES_DIR", type=click.Path(path_type=Path))
-def inspect(engines_dir):
+@click.option("--check", is_flag=True, help="Also hash every file, the largest included (infer --engines hashes "
+              "files up to 2 GiB and checks the size of larger ones).")  # fmt: skip
+def inspect(engines_dir, check):
     """Show what ENGINES_DIR (from `fluxtrt build`) holds: components, shapes, precision, sizes, versions; for an
-    ONNX-only directory, the trtexec command that builds each engine."""
-    from fluxtrt.console import print_manifest, print_trtexec_commands
+    ONNX-only directory, the trtexec command that builds each engine. Exits 1, naming every problem, when the
+    directory is not what `infer --engines` can load: a component not built, a file missing, truncated or changed,
+    a build's leftovers or a build still writing it."""
+    from fluxtrt.console import print_manifest, print_problems, print_trtexec_commands
     from fluxtrt.engines.manifest import Manifest
+    from fluxtrt.engines.verify import directory_problems
 
     manifest = Manifest.load(engines_dir, label="ENGINES_DIR")
     print_manifest(manifest, engines_dir)
     print_trtexec_commands(manifest)
+    problems = directory_problems(manifest, engines_dir, full=check)
+    print_problems(problems)
+    if problems:
+        sys.exit(1)
 
 
 @main.command()
