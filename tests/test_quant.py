@@ -367,9 +367,11 @@ class OnnxCopyBackend(EngineBackend):
     def version(self) -> str:
         return "1"
 
-    def build(self, job) -> dict:
+    def build(self, job):
+        from fluxtrt.backends.record import BackendRecord
+
         shutil.copyfile(job.onnx_path, job.engine_path)
-        return {}
+        return BackendRecord()
 
     def load(self, job):
         raise NotImplementedError

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fluxtrt.engines.load import load_engine_pipeline
-from fluxtrt.engines.manifest import Manifest
+from fluxtrt.engines.manifest import BatchRange, Manifest, ResolutionRange
 from fluxtrt.errors import InputError
 from fluxtrt.pipeline.sizes import PREFERRED, SizeRange, excluded_preferred, fit_geometry, fit_size
 from fluxtrt.specs import Resolution, component_specs
@@ -104,8 +104,8 @@ def recorded_for(src, dst, only: Resolution):
     (their engines take any shape; the runners enforce the recorded profiles)."""
     shutil.copytree(src, dst)
     manifest = Manifest.load(dst)
-    manifest.resolutions = {k: str(only) for k in ("min", "opt", "max")}
-    manifest.batch = {"min": 1, "opt": 1, "max": 1}
+    manifest.resolutions = ResolutionRange(only, only, only)
+    manifest.batch = BatchRange(1, 1, 1)
     specs = component_specs(manifest.dims)
     for name, entry in manifest.components.items():
         shapes = profile_shapes(specs[name], manifest.dims, (1, 1, 1), (only, only, only))

@@ -48,7 +48,7 @@ class OnnxOnlyBackend(EngineBackend[NoOptions]):
     def build(self, job: BuildJob[NoOptions]) -> OnnxRecord:
         onnx_path = Path("onnx") / job.spec.name / Path(job.onnx_path).name  # where the build moves it
         compute = component_precision(job.spec.name, job.precision)
-        return OnnxRecord(compute, trtexec_command(job.spec.name, onnx_path, job.profile, compute))
+        return OnnxRecord(compute=compute, trtexec=trtexec_command(job.spec.name, onnx_path, job.profile, compute))
 
     def load(self, job: LoadJob[NoOptions]) -> Runner:
         root = Path(job.engine_path).parents[2]
