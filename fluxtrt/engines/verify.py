@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 
 from fluxtrt.engines.component import STAGING_PREFIX
+from fluxtrt.engines.load import transformer_engines
 from fluxtrt.engines.lock import LOCK_NAME
 from fluxtrt.engines.manifest import HASH_ON_LOAD_LIMIT, FileRecord, Manifest, sha256_file
-from fluxtrt.specs.flux import COMPONENTS, TRANSFORMER_PARTS
+from fluxtrt.specs.flux import COMPONENTS
 
 
 def directory_problems(manifest: Manifest, root: Path, full: bool = False) -> list[str]:
@@ -24,8 +25,9 @@ def directory_problems(manifest: Manifest, root: Path, full: bool = False) -> li
             alone, as ``infer --engines`` checks them.
     """
     problems = []
-    built = set(manifest.components)
-    missing = [c for c in COMPONENTS if c not in built and not (c == "transformer" and set(TRANSFORMER_PARTS) <= built)]
+    missing = [c for c in COMPONENTS if c != "transformer" and c not in manifest.components]
+    if not transformer_engines(manifest, None):  # neither the transformer nor both of its parts
+        missing.append("transformer")
     if missing:
         problems.append(f"no engine for {', '.join(missing)}: the build did not finish; run it again to go on")
     for name, entry in manifest.components.items():
