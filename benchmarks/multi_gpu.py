@@ -106,8 +106,9 @@ def worker(args: argparse.Namespace) -> None:
 def prepare(args: argparse.Namespace, size: int):
     """Load, split over the world (N > 1), apply the stage: (world, pipeline, applied stage, load seconds)."""
     from fluxtrt.models import load_components
-    from fluxtrt.parallel.context import check_sequence, enable_context_parallel, init_world
+    from fluxtrt.parallel.context import enable_context_parallel, init_world
     from fluxtrt.pipeline.kontext import KontextPipeline
+    from fluxtrt.pipeline.sizes import check_sequence
     from fluxtrt.specs import Resolution
     from fluxtrt.stages import stage_config
     from fluxtrt.stages.apply import StagedModel

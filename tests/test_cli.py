@@ -262,7 +262,7 @@ def test_save_failure_after_the_edit_is_one_error(tmp_path, image_file):
     """The directory went away between the check and the write: one FluxtrtError, no traceback, nothing written."""
     from fluxtrt.config import InferConfig
     from fluxtrt.errors import FluxtrtError
-    from fluxtrt.infer import save_image
+    from fluxtrt.pipeline.image import save_image
 
     folder = tmp_path / "gone"
     folder.mkdir()
@@ -271,9 +271,9 @@ def test_save_failure_after_the_edit_is_one_error(tmp_path, image_file):
     folder.rmdir()
     folder.write_text("now a file")
     with pytest.raises(FluxtrtError, match="--out .*could not be written"):
-        save_image(Image.new("RGB", (8, 8)), config)
+        save_image(Image.new("RGB", (8, 8)), config.out, config.out_format)
     config = InferConfig(model="tiny", image=image_file, prompt="p", out=tmp_path / "e.WEBP")
-    save_image(Image.new("RGB", (8, 8)), config)
+    save_image(Image.new("RGB", (8, 8)), config.out, config.out_format)
     assert (tmp_path / "e.WEBP").read_bytes()[8:12] == b"WEBP"
 
 

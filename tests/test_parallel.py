@@ -110,7 +110,7 @@ def test_uneven_sequence_is_refused_in_one_line(tmp_path, image_file):
 
 
 def test_check_sequence_counts_tokens():
-    from fluxtrt.parallel.context import check_sequence
+    from fluxtrt.pipeline.sizes import check_sequence
 
     square = Resolution(1024, 1024)  # 4096 + 4096 image tokens, 512 text tokens
     for n in (1, 2, 4, 8, 16):

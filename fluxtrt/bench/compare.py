@@ -91,8 +91,8 @@ class _Comparison:
     def check_split(self) -> None:
         """With --gpus: refuse, before any contender runs, an edit whose tokens do not split over the processes
         (the model is loaded for its sizes, as the first contender would load it)."""
-        from fluxtrt.parallel.context import check_sequence
         from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, KontextPipeline
+        from fluxtrt.pipeline.sizes import check_sequence
 
         pipeline = KontextPipeline.from_components(self.session.staged_for(_stage0()).components)
         s = self.size

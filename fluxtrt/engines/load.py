@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,11 +13,54 @@ from fluxtrt.backends.runner import Runner
 from fluxtrt.config import COMPUTE_DTYPE, DEFAULT_FBC_THRESHOLD
 from fluxtrt.engines.manifest import Manifest, rebuild_hint
 from fluxtrt.errors import EngineError, FluxtrtError, InputError, first_line
+from fluxtrt.lora.files import Lora
 from fluxtrt.specs.component import ComponentSpec
 from fluxtrt.specs.flux import COMPONENTS, TRANSFORMER_PARTS, component_specs
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class EngineSource:
+    """A pipeline's engines (``infer --engines``): ``load_engine_pipeline``'s arguments, loaded by ``load``.
+
+    Args:
+        path: the engines directory.
+        device: where they run.
+        fbc_threshold: the first-block cache's threshold where the engines hold the transformer's parts (None: off).
+        require_fbc: raise when they do not (the threshold was given explicitly).
+    """
+
+    path: Path
+    device: str
+    fbc_threshold: float | None
+    require_fbc: bool
+
+    @property
+    def name(self) -> str:
+        """What the pipeline runs, for the report."""
+        return f"engines {self.path}"
+
+    def load(self, loras: Sequence[Lora] = (), prepare: Callable[[Any], None] | None = None) -> Any:
+        """Load the engines, with ``loras`` merged into the transformer engine's weights. ``prepare`` must be None:
+        engines hold no transformer module (``InferConfig`` refuses ``--gpus`` with ``--engines``).
+
+        Raises:
+            FluxtrtError: as ``load_engine_pipeline``, or a LoRA that does not fit (nothing stays loaded).
+        """
+        if prepare is not None:
+            raise ValueError("engines hold no transformer module to prepare")
+        pipeline = load_engine_pipeline(self.path, self.device, self.fbc_threshold, self.require_fbc)
+        if loras:
+            from fluxtrt.lora.engines import apply_to_runner
+
+            try:
+                apply_to_runner(pipeline.runners["transformer"], loras)
+            except BaseException:
+                pipeline.close()
+                raise
+        return pipeline
 
 
 def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> tuple[str, ...]:

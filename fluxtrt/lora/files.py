@@ -76,6 +76,20 @@ class Lora:
         return self.spec.name
 
 
+def read_loras(specs: Sequence[str], option: str = "--lora") -> list[Lora]:
+    """The ``FILE[:SCALE]`` LoRAs read, in order (before any model is loaded, so that a bad one costs nothing).
+
+    Raises:
+        InputError: as ``LoraSpec.parse`` and ``read_lora``.
+    """
+    return [read_lora(LoraSpec.parse(text, option)) for text in specs]
+
+
+def lora_label(loras: Sequence[Lora]) -> str:
+    """`` + LoRA NAME:SCALE`` per LoRA, for reports."""
+    return "".join(f" + LoRA {lora.name}:{lora.spec.scale:g}" for lora in loras)
+
+
 def read_lora(spec: LoraSpec) -> Lora:
     """Read ``spec``'s file through diffusers' FLUX loader.
 

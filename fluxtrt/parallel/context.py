@@ -22,7 +22,6 @@ import torch
 
 from fluxtrt.errors import InputError
 from fluxtrt.parallel.launch import require_context_parallel
-from fluxtrt.specs.flux import FluxDims, Resolution
 
 
 @dataclass
@@ -51,6 +50,10 @@ class World:
         others inside their first all-to-all, and their clocks would count its compile)."""
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+    def prepare(self, transformer: Any) -> None:
+        """Split ``transformer``'s sequence over this world (``enable_context_parallel``)."""
+        enable_context_parallel(transformer, self)
 
     def close(self) -> None:
         """Leave the process group."""
@@ -153,23 +156,6 @@ def attach_processors(transformer: Any) -> int:
             processor._parallel_config = config
             count += 1
     return count
-
-
-def check_sequence(dims: FluxDims, target: Resolution, reference: Resolution, size: int) -> None:
-    """Raise InputError, before any work, when the edit's tokens do not split evenly over ``size`` processes.
-
-    The image tokens (target + reference) and the text tokens are each split in equal parts. fluxtrt refuses an
-    uneven split rather than padding: padded tokens would take part in attention and change the result.
-    """
-    t, r = dims.tokens(target), dims.tokens(reference)
-    if (t + r) % size == 0 and dims.t5_len % size == 0:
-        return
-    fits = [n for n in range(1, size) if (t + r) % n == 0 and dims.t5_len % n == 0]
-    raise InputError(
-        f"a {target} edit of a {reference} reference has {t + r} image tokens ({t} target + {r} reference) and "
-        f"{dims.t5_len} text tokens, which do not split evenly over --gpus {size} (fluxtrt does not pad): pick a "
-        f"--width/--height whose tokens divide by {size}, e.g. 1024x1024, or use --gpus {max(fits)}"
-    )
 
 
 @contextlib.contextmanager

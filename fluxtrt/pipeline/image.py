@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fluxtrt.errors import InputError
+from fluxtrt.errors import FluxtrtError, InputError
+from fluxtrt.io import atomic_write
 from fluxtrt.specs.flux import Resolution
 
 # The ~1 MP (width, height) sizes FLUX.1-Kontext was trained at, as listed by diffusers.
@@ -76,6 +77,26 @@ def load_image(path: Path) -> tuple[Any, list[str]]:
 
 # Modes of more than 8 bits a channel, and the range of values that maps to black..white.
 _DEEP_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+# Quality of the lossy formats: high enough that the edit, not the encoder, is what one sees.
+LOSSY_QUALITY = 95
+
+
+def save_image(image: Any, path: Path, image_format: str, option: str = "--out") -> None:
+    """Write ``image`` to ``path`` atomically in ``image_format`` (PNG, JPEG or WebP); ``option`` names the path in
+    the error.
+
+    Raises:
+        FluxtrtError: the file cannot be written (the directory became read-only, the disk is full).
+    """
+    options = {} if image_format == "PNG" else {"quality": LOSSY_QUALITY}
+    try:
+        atomic_write(path, lambda tmp: image.save(tmp, format=image_format, **options))
+    except OSError as exc:
+        raise FluxtrtError(
+            f"{option} '{path}' could not be written ({exc.strerror or exc}): pick a writable path with free space"
+        ) from None
 
 
 def to_rgb(img: Any, name: str = "the image") -> tuple[Any, list[str]]:

@@ -22,7 +22,7 @@ from fluxtrt.pipeline.image import (
     tensor_to_images,
 )
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
-from fluxtrt.pipeline.sizes import SizeRange, fit_geometry
+from fluxtrt.pipeline.sizes import SizeRange, check_sequence, fit_geometry
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
 from fluxtrt.specs.flux import FluxDims, Resolution, dim_values, dims_from_components
@@ -106,6 +106,9 @@ class KontextPipeline:
             prompt runs neither encoder (0: encode every time). The kept outputs are copies of what the encoders
             gave, so a reused prompt edits exactly as a fresh one.
 
+    ``sequence_split`` (1 by default; ``--gpus N`` sets N): the number of processes the transformer's sequence is
+    split over; an edit whose tokens do not split evenly is refused before any work.
+
     The pipeline owns its runners: it loads them (a loaded runner stays as it is), and ``close()`` (or leaving a
     ``with`` block) closes them and frees their memory.
     """
@@ -135,6 +138,7 @@ class KontextPipeline:
         self.device, self.dtype = torch.device(device), dtype
         self.source = source
         self.sizes = sizes
+        self.sequence_split = 1
 
     def close(self) -> None:
         """Close every runner (engines free their device memory); the pipeline cannot edit afterwards."""
@@ -305,6 +309,8 @@ class KontextPipeline:
 
     def check_fits(self, batch: int, target: Resolution, reference: Resolution) -> None:
         """Raise InputError, before any work, when an edit of this geometry lies outside a runner's built range."""
+        if self.sequence_split > 1:
+            check_sequence(self.dims, target, reference, self.sequence_split)
         dims = dim_values(self.dims, batch, target, reference)
         for name, runner in self.runners.items():
             try:

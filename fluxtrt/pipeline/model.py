@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fluxtrt.backends.runner import Runner
 from fluxtrt.backends.torch_runner import TorchRunner, torch_runners
+from fluxtrt.lora.files import Lora
 from fluxtrt.models.options import LoadedModel, ModelOptions, load_model
 from fluxtrt.pipeline.kontext import KontextPipeline
 
@@ -52,14 +53,24 @@ class ModelSource:
         """What the pipeline runs, for the report."""
         return self.options.model + (" (low-VRAM)" if self.options.low_vram else "")
 
-    def load(self, prepare: Callable[[Any], None] | None = None) -> KontextPipeline:
-        """Load the model and make its pipeline; ``prepare`` is called with the loaded transformer before its runner
-        is made (``--gpus``: context parallelism).
+    @property
+    def device(self) -> str:
+        """Where the model runs."""
+        return self.options.device
+
+    def load(self, loras: Sequence[Lora] = (), prepare: Callable[[Any], None] | None = None) -> KontextPipeline:
+        """Load the model and make its pipeline, with ``loras`` fused into the transformer's weights; ``prepare`` is
+        then called with the transformer before its runner is made (``--gpus``: context parallelism).
 
         Raises:
             ModelLoadError, DeviceError, MissingDependencyError: as ``fluxtrt.models.options.load_model``.
+            InputError: a LoRA that does not fit the transformer.
         """
         model = load_model(self.options)
+        if loras:
+            from fluxtrt.lora.fuse import fuse
+
+            fuse(model.components.transformer, loras)
         if prepare is not None:
             prepare(model.components.transformer)
         return model_pipeline(model)

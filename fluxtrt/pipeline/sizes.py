@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fluxtrt.errors import InputError
 from fluxtrt.pipeline.image import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxtrt.specs.flux import Resolution
+from fluxtrt.specs.flux import FluxDims, Resolution
 
 PREFERRED = [Resolution(w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
 # The smallest range that holds every preferred size: each side from 672 to 1568.
@@ -134,3 +134,20 @@ def _how(fitted: Resolution, sizes: SizeRange) -> str:
     if fitted in PREFERRED:
         return f"{fitted}, the preferred Kontext size inside them closest in aspect ratio"
     return f"{fitted}, the largest size inside them at about its aspect ratio"
+
+
+def check_sequence(dims: FluxDims, target: Resolution, reference: Resolution, size: int) -> None:
+    """Raise InputError, before any work, when the edit's tokens do not split evenly over ``size`` processes.
+
+    The image tokens (target + reference) and the text tokens are each split in equal parts. fluxtrt refuses an
+    uneven split rather than padding: padded tokens would take part in attention and change the result.
+    """
+    t, r = dims.tokens(target), dims.tokens(reference)
+    if (t + r) % size == 0 and dims.t5_len % size == 0:
+        return
+    fits = [n for n in range(1, size) if (t + r) % n == 0 and dims.t5_len % n == 0]
+    raise InputError(
+        f"a {target} edit of a {reference} reference has {t + r} image tokens ({t} target + {r} reference) and "
+        f"{dims.t5_len} text tokens, which do not split evenly over --gpus {size} (fluxtrt does not pad): pick a "
+        f"--width/--height whose tokens divide by {size}, e.g. 1024x1024, or use --gpus {max(fits)}"
+    )

@@ -16,13 +16,10 @@ from typing import Any
 
 from fluxtrt.config import DEFAULT_GUIDANCE, DEFAULT_SEED, OUTPUT_FORMATS, SamplerConfig
 from fluxtrt.errors import FluxtrtError, InputError, first_line
-from fluxtrt.io import atomic_write
 from fluxtrt.serve.options import ServedSource
 from fluxtrt.specs.flux import Resolution
 
 KEYS = ("image", "prompt", "out", "seed", "steps", "guidance", "size")
-# Quality of JPEG and WebP outputs, as `fluxtrt infer` writes them.
-LOSSY_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -185,12 +182,9 @@ def write_image(image: Any, out: Path) -> None:
     Raises:
         FluxtrtError: it cannot be written.
     """
-    fmt = OUTPUT_FORMATS[out.suffix.lower()]
-    options = {} if fmt == "PNG" else {"quality": LOSSY_QUALITY}
-    try:
-        atomic_write(out, lambda tmp: image.save(tmp, format=fmt, **options))
-    except OSError as exc:
-        raise FluxtrtError(f"out '{out}' could not be written ({exc.strerror or exc}): pick a writable path") from None
+    from fluxtrt.pipeline.image import save_image
+
+    save_image(image, out, OUTPUT_FORMATS[out.suffix.lower()], option="out")
 
 
 def print_edits_report(report: EditsReport) -> None:
