@@ -6,7 +6,7 @@ them with the PyTorch stages on the same edit, and write the results where the R
         --resolution 256x256 --name headline_tiny                 # the same path on a CPU, in about a minute
 
 1. ``fluxtrt build`` of the engines into ``--engines`` (default ``build/headline/<model>-<backend>-<precision>-<WxH>``),
-   for the one resolution compared, ``--jobs 1``. The build skips components that are up to date, so running this
+   for the one resolution compared, with ``--jobs auto`` (as many components at once as the memory holds). The build skips components that are up to date, so running this
    command again only compares.
 2. ``fluxtrt compare`` of ``--stages`` (stage 0 and stage 4 by default) and those engines, with the prompt reused
    (``--prompt-cache``), into ``benchmarks/results/<name>/``: report.json, report.md and report.png.
@@ -78,11 +78,11 @@ def resolution_range(target: str) -> tuple[str, str]:
 
 
 def build_command(args: argparse.Namespace) -> list[str]:
-    """``fluxtrt build`` of every component for the sizes compared alone (one at 1024x1024), one component at a
-    time."""
+    """``fluxtrt build`` of every component for the sizes compared alone (one at 1024x1024), as many at once as
+    ``--jobs auto`` decides."""
     low, high = resolution_range(args.resolution)
     cmd = ["fluxtrt", "build", "--model", args.model, "--backend", args.backend, "--precision", args.precision,
-           "--device", args.device, "--jobs", "1", "--min-resolution", low, "--opt-resolution", args.resolution,
+           "--device", args.device, "--jobs", "auto", "--min-resolution", low, "--opt-resolution", args.resolution,
            "--max-resolution", high, "--out", str(args.engines)]  # fmt: skip
     if args.backend == "aotinductor":
         cmd += ["--aoti-weights", "external"]  # the 12B transformer's weights beside its package, not in it

@@ -60,7 +60,7 @@ def test_command_txt_names_the_card_and_the_exact_command(headline):
     lines = (headline["out"] / "command.txt").read_text().splitlines()
     assert lines[0].startswith("# CPU (")
     assert lines[1] == "python -m benchmarks.headline " + " ".join(headline["argv"])
-    assert any(line.startswith("python -m fluxtrt build ") and "--jobs 1" in line for line in lines)
+    assert any(line.startswith("python -m fluxtrt build ") and "--jobs auto" in line for line in lines)
     assert any(line.startswith("python -m fluxtrt compare ") for line in lines)
     assert lines[-1].startswith("# build: up to date")
 
