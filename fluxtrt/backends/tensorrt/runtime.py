@@ -56,7 +56,8 @@ class TrtRunner(Runner):
         self.dtypes: dict[str, Any] = {}
         self._targets: dict[str, Any] | None = None  # module -> LinearInitializer (refit_targets)
         self._originals: dict[str, Any] | None = None  # module -> the ONNX's weight, [out, in]
-        self._replaced: set[str] = set()  # modules whose weights in the engine are not the ONNX's
+        self._replaced: set[str] = set()  # modules whose weights in the loaded engine are not the ONNX's
+        self._weights: dict[str, Any] = {}  # module -> the weight set_linear_weights gave (refit at every load)
 
     def linear_weights(self) -> dict[str, Any]:
         """Module name -> the plan's original weight of each linear, [out, in] as a CPU torch tensor (read from the
@@ -82,22 +83,26 @@ class TrtRunner(Runner):
         return dict(self._originals)
 
     def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
-        """Refit the loaded plan with these linears' weights ([out, in] tensors) and every linear replaced before
-        back at its original; None: all originals, bit for bit. A CUDA-graph runner captures its graphs again.
+        """Refit the plan with these linears' weights ([out, in] tensors) and every linear replaced before back at
+        its original; None: all originals, bit for bit. Kept for the runner's life: a plan loaded again is refit
+        with them. A CUDA-graph runner captures its graphs again.
 
         Raises:
             InputError: the plan is not refittable.
-            EngineError: the plan is not loaded, or TensorRT refused the weights.
+            EngineError: TensorRT refused the weights.
         """
-        originals = self.linear_weights()
-        if self.engine is None:
-            raise EngineError(f"{self.name}: load the engine before giving it new weights")
+        self.linear_weights()
         weights = dict(weights or {})
-        modules = set(weights) | self._replaced
+        if self.engine is not None:
+            self._refit(weights)
+        self._weights = weights
+
+    def _refit(self, weights: Mapping[str, Any]) -> None:
+        """Refit the loaded engine: ``weights`` and the originals of the linears replaced before."""
+        originals = self.linear_weights()
         named = {}
-        for module in sorted(modules):
-            weight = weights.get(module, originals[module])
-            target = self._targets[module]
+        for module in sorted(set(weights) | self._replaced):
+            weight, target = weights.get(module, originals[module]), self._targets[module]
             named[target.name] = (weight.T if target.transposed else weight).to(originals[module].dtype)
         if named:
             refit(self.flavour.lib(), self.engine, self.logger, named, self._initializers, self.name)
@@ -136,6 +141,9 @@ class TrtRunner(Runner):
             )
         self.dtypes = {n: torch_dtype(lib, self.engine.get_tensor_dtype(n)) for n in names}
         self.graphs = CudaGraphs(self._execute) if self.cuda_graph else None
+        self._replaced = set()  # a plan just deserialized holds the ONNX's weights
+        if self._weights:
+            self._refit(self._weights)
 
     def _close(self) -> None:
         self.graphs = self.context = self.engine = self.runtime = None
