@@ -20,6 +20,7 @@ from fluxtrt.backends.record import BackendRecord, as_record
 from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX, Flavour, rtx_plan_version
 from fluxtrt.backends.tensorrt.plan import (
     PRECISIONS,
+    QUANTIZED,
     TensorRTOptions,
     TensorRTRtxOptions,
     build_plan,
@@ -28,7 +29,7 @@ from fluxtrt.backends.tensorrt.plan import (
 )
 from fluxtrt.backends.tensorrt.runtime import TrtRunner, rebuild
 from fluxtrt.environment import MIN_SM, GpuInfo, gpu_info, require_sm
-from fluxtrt.errors import BuildError, DeviceError, EngineError
+from fluxtrt.errors import BuildError, DeviceError, EngineError, InputError
 
 COMPAT_KEYS = ("tensorrt", "sm", "gpu")
 
@@ -41,8 +42,9 @@ TrtOptions = TensorRTOptions | TensorRTRtxOptions
 class TensorRTRecord(BackendRecord):
     """What a plan runs under and how it was built: the release that built it (``tensorrt`` or ``tensorrt_rtx``,
     per flavour), the GPU it was built on (TensorRT 10; TensorRT-RTX where one was present), the compute
-    capabilities it targets (TensorRT-RTX), the build plan, the network's layer count and, quantized, its quantized
-    matrix multiplies."""
+    capabilities it targets (TensorRT-RTX), the build plan, the network's layer count, quantized, its quantized
+    matrix multiplies, and whether its linear weights can be refit (``--refittable``; None in older manifests: no)
+    with how many weights were marked refittable."""
 
     tensorrt: str | None = None
     tensorrt_rtx: str | None = None
@@ -52,6 +54,8 @@ class TensorRTRecord(BackendRecord):
     plan: dict[str, Any] | None = None
     layers: int | None = None
     quantized_matmuls: dict[str, int] | None = None
+    refittable: bool | None = None
+    refit_weights: int | None = None
 
     def version(self, flavour: Flavour) -> str | None:
         """The release of ``flavour`` that built the plan (None: not recorded)."""
@@ -68,6 +72,10 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
     options_type = TensorRTOptions
     record_type = TensorRTRecord
     flavour: ClassVar[Flavour] = TENSORRT
+
+    def check_build(self, precision: str, options: TrtOptions) -> None:
+        """``--refittable`` takes a bf16 or fp32 transformer (FP8/FP4 weights are not refit)."""
+        check_refittable(precision, options)
 
     def check_available(self) -> None:
         """Raise MissingDependencyError (how to install it) when the TensorRT module does not import."""
@@ -98,7 +106,8 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
             raise
         return TensorRTRecord(**{self.flavour.record_key: self.version()}, gpu=gpu.name if gpu else None,
                               sm=gpu.sm if gpu else None, targets=plan.targets, plan=plan.record(),
-                              layers=details["layers"], quantized_matmuls=details.get("quantized_matmuls"))  # fmt: skip
+                              layers=details["layers"], quantized_matmuls=details.get("quantized_matmuls"),
+                              refittable=plan.refittable, refit_weights=details.get("refit_weights"))  # fmt: skip
 
     def _build_gpu(self, job: BuildJob[TrtOptions]) -> GpuInfo | None:
         """TensorRT 10 builds on the GPU it targets: that GPU, checked against the precision."""
@@ -127,7 +136,8 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
             )
         self._check_loadable(job)
         ranges = runner_ranges(spec, job.profile)
-        runner = TrtRunner(spec, path, job.compute_dtype, job.device, ranges, job.options.cuda_graph, self.flavour)
+        runner = TrtRunner(spec, path, job.compute_dtype, job.device, ranges, job.options.cuda_graph, self.flavour,
+                           refittable=bool(as_record(TensorRTRecord, job.record).refittable))  # fmt: skip
         return runner.load()
 
     def _check_loadable(self, job: LoadJob[TrtOptions]) -> None:
@@ -150,7 +160,11 @@ class TensorRTRtxBackend(TensorRTBackend):
     flavour = TENSORRT_RTX
 
     def check_build(self, precision: str, options: TrtOptions) -> None:
-        """Every given target must run the precision (FP8 from 8.9, NVFP4 from 12.0)."""
+        """Every given target must run the precision (FP8 from 8.9, NVFP4 from 12.0); ``--refittable`` as for
+        TensorRT 10, and with a CUDA GPU present."""
+        super().check_build(precision, options)
+        if options.refittable:
+            check_refit_builder()
         if isinstance(options, TensorRTRtxOptions) and options.compute_capabilities:
             check_targets(component_precision("transformer", precision), options.targets(precision, None))
 
@@ -197,4 +211,28 @@ def check_runs_here(sm: int, targets: tuple[int, ...], what: str) -> None:
         raise DeviceError(
             f"{what}: this GPU has compute capability {cc(sm)} but the plan was built for "
             f"{', '.join(map(cc, targets))}: rebuild with --compute-capability {cc(sm)}"
+        )
+
+
+def check_refittable(precision: str, options: TrtOptions) -> None:
+    """Raise InputError for ``--refittable`` with an FP8/FP4 precision: the quantized transformer's linears are
+    FP8 (FP4) initializers with scales calibrated for the original weights, which fluxtrt does not refit."""
+    if options.refittable and precision in QUANTIZED:
+        raise InputError(
+            f"--refittable with --precision {precision}: the transformer's linears are {precision.upper()} weights "
+            "with calibrated scales, which fluxtrt does not refit with LoRAs: build --precision bf16 --refittable, "
+            "or leave --refittable off"
+        )
+
+
+def check_refit_builder() -> None:
+    """Raise DeviceError where TensorRT-RTX cannot build a refittable plan: without a CUDA GPU and driver its
+    compiler fails on refittable weights (TensorRT-RTX 1.7 stops in Myelin with "CUDA driver version is
+    insufficient"), though it builds plain plans there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            "--refittable: TensorRT-RTX builds refittable plans only with a CUDA GPU and driver present, and this "
+            "machine has none: build with --refittable on a machine with an NVIDIA GPU, or leave --refittable off"
         )

@@ -14,6 +14,7 @@ from typing import Any
 from fluxtrt.backends.tensorrt.flavour import Flavour
 from fluxtrt.backends.tensorrt.network import check_quantized, onnx_quantized_linears
 from fluxtrt.backends.tensorrt.plan import QUANTIZED, BuildPlan
+from fluxtrt.backends.tensorrt.refit import mark_refittable
 from fluxtrt.errors import BuildError, first_line
 from fluxtrt.io import atomic_write
 
@@ -44,6 +45,8 @@ def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path) -> dic
     if plan.compute in QUANTIZED:
         linears = onnx_quantized_linears(Path(plan.onnx_path))
         details["quantized_matmuls"] = check_quantized(trt, network, plan.compute, linears, plan.component)
+    if plan.refittable:
+        details["refit_weights"] = mark_refittable(network, Path(plan.onnx_path), plan.component)
     recorder = _error_recorder(trt)
     builder.error_recorder = recorder
     config = _config(flavour, trt, polygraphy, plan)
@@ -61,8 +64,16 @@ def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path) -> dic
 
 
 def _config(flavour: Flavour, trt: Any, polygraphy: Any, plan: BuildPlan) -> Any:
-    """Polygraphy's builder config for ``plan``: one profile, the optimisation level, and per flavour the targets
-    (TensorRT-RTX) or the workspace limit and timing cache (TensorRT 10)."""
+    """Polygraphy's builder config for ``plan``: one profile, the optimisation level, per flavour the targets
+    (TensorRT-RTX) or the workspace limit and timing cache (TensorRT 10), and for a refittable plan
+    ``REFIT_INDIVIDUAL`` (only the weights marked refittable in the network are)."""
+    config = _flavour_config(flavour, trt, polygraphy, plan)
+    if not plan.refittable:
+        return config
+    return polygraphy.PostprocessConfig(config, func=lambda b, n, c: c.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL))
+
+
+def _flavour_config(flavour: Flavour, trt: Any, polygraphy: Any, plan: BuildPlan) -> Any:
     profile = polygraphy.Profile()
     for name, (lo, opt, hi) in plan.profile.items():
         profile.add(name, min=lo, opt=opt, max=hi)

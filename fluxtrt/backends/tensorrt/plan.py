@@ -53,6 +53,16 @@ def _check_targets_given(capabilities: tuple[str, ...]) -> None:
         parse_compute_capability(cc)
 
 
+def _refittable_option() -> Any:
+    """``--refittable``, of both flavours: the transformer's linear weights stay refittable in its plan."""
+    return option(
+        False,
+        "--refittable",
+        help="tensorrt, tensorrt-rtx: build the transformer with refittable linear weights, so that infer --lora "
+        "merges LoRAs into the plan without a rebuild (bf16/fp32; TensorRT-RTX builds it with a GPU present).",
+    )
+
+
 def _opt_level_option() -> Any:
     """``--opt-level``, the builder level of both flavours."""
     return option(
@@ -72,6 +82,7 @@ class TensorRTOptions(BackendOptions):
         opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
         timing_cache: the timing cache file (None: ``default_timing_cache()``).
         cuda_graph: the runner replays a CUDA graph per input shape.
+        refittable: the transformer's linear weights can be refit (LoRAs merged into the loaded plan).
     """
 
     workspace_gib: float = option(
@@ -85,6 +96,7 @@ class TensorRTOptions(BackendOptions):
         None, "--timing-cache", help="TensorRT timing cache file (default ~/.cache/fluxtrt/tensorrt/timing.cache)."
     )
     cuda_graph: bool = cuda_graph_option()
+    refittable: bool = _refittable_option()
 
 
 # TensorRT-RTX's builder targets (IBuilderConfig.set_compute_capability), as 89 for SM89.
@@ -104,6 +116,7 @@ class TensorRTRtxOptions(BackendOptions):
             supported, else ``RTX_DEFAULT_TARGETS`` of the precision.
         opt_level: ``IBuilderConfig.builder_optimization_level`` (0..5).
         cuda_graph: the runner replays a CUDA graph per input shape.
+        refittable: the transformer's linear weights can be refit (LoRAs merged into the loaded plan).
     """
 
     compute_capabilities: tuple[str, ...] | None = option(
@@ -116,6 +129,7 @@ class TensorRTRtxOptions(BackendOptions):
     )
     opt_level: int = _opt_level_option()
     cuda_graph: bool = cuda_graph_option()
+    refittable: bool = _refittable_option()
 
     def targets(self, precision: str, current_sm: int | None) -> tuple[int, ...]:
         """The build's targets (as 89): the ones given, else the current GPU's if supported, else the defaults."""
@@ -168,6 +182,8 @@ class BuildPlan:
         tf32: let fp32 matrix products use TF32 (off for fp32 builds: fp32 means fp32 there).
         flavour: ``tensorrt`` or ``tensorrt-rtx`` (the backend name).
         targets: TensorRT-RTX's compute-capability targets (as 89); empty for TensorRT 10 (the building GPU).
+        refittable: build with ``BuilderFlag.REFIT_INDIVIDUAL``, the linears' weight initializers marked refittable
+            (``--refittable``, for a transformer only).
     """
 
     component: str
@@ -185,6 +201,7 @@ class BuildPlan:
     tf32: bool = False
     flavour: str = TENSORRT.backend
     targets: tuple[int, ...] = ()
+    refittable: bool = False
 
     def record(self) -> dict[str, Any]:
         """The plan as JSON-able options for the manifest."""
@@ -288,6 +305,7 @@ def build_plan(spec: ComponentSpec, onnx_path: Path, precision: str, profile: Ma
         tf32=precision != "fp32",
         flavour=flavour.backend,
         targets=targets,
+        refittable=bool(options.refittable) and spec.name in TRANSFORMERS,
     )
 
 
