@@ -98,7 +98,7 @@ class OrtRunner(Runner):
         """Module name -> the file's weight of each linear, [out, in] as a torch tensor (the originals)."""
         import torch
 
-        from fluxtrt.backends.onnxruntime.weights import linear_initializers, read_initializers
+        from fluxtrt.backends.onnx_weights import linear_initializers, read_initializers
 
         if self._linears is None:
             where = linear_initializers(self.path)

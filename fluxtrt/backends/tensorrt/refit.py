@@ -2,7 +2,7 @@
 
 TensorRT's ONNX parser names each weight after its ONNX initializer, and those names are what ``INetworkDefinition
 .mark_weights_refittable`` and ``Refitter.set_named_weights`` take. A linear's weight is the initializer that
-``fluxtrt.backends.onnxruntime.weights.linear_initializers`` finds behind its bias (``transformer.<module>.bias``):
+``fluxtrt.backends.onnx_weights.linear_initializers`` finds behind its bias (``transformer.<module>.bias``):
 the module's own ``<module>.weight`` in a ``Gemm`` ([out, in]), or a generated name such as ``val_284`` holding the
 transposed weight ([in, out]) of a ``MatMul``. A ``--refittable`` build marks exactly those initializers and sets
 ``BuilderFlag.REFIT_INDIVIDUAL``, so every other weight keeps TensorRT's constant folding.
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.backends.onnxruntime.weights import LinearInitializer, linear_initializers
+from fluxtrt.backends.onnx_weights import LinearInitializer, linear_initializers
 from fluxtrt.errors import BuildError, EngineError
 
 # The documented layout of an engines directory: <dir>/onnx/<component>/model.onnx beside <dir>/<component>.plan.
