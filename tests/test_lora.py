@@ -291,3 +291,16 @@ def test_aoti_fp8_lora_requantized_equals_pytorch_fused_then_quantized(tiny, fp8
     finally:
         apply_to_runner(runner, [])
     assert torch.equal(engine(), base)  # removal: the original constants, bit for bit
+
+
+def test_fp8_weight_whose_scales_are_no_constants_is_refused_in_one_line():
+    """A package that compiled an FP8 linear's scales into its code (no constant to replace) cannot take a LoRA."""
+    from fluxtrt.backends.aotinductor import REBUILD
+    from fluxtrt.backends.aotinductor.weights import packed_linears
+    from fluxtrt.errors import EngineError
+
+    constants = {"transformer.proj_out.weight": torch.zeros(4, 8, dtype=torch.float8_e4m3fn),
+                 "transformer.proj_out.input_inverse_scale": torch.ones(1, 1)}  # fmt: skip
+    with pytest.raises(EngineError, match=r"no constant transformer\.proj_out\.output_scale .* --precision bf16") as e:
+        packed_linears(constants, "transformer: transformer.pt2", REBUILD)
+    assert "\n" not in str(e.value)

@@ -124,17 +124,16 @@ def merged_constants(constants: Mapping[str, Any], packed: PackedLinear, weights
     if not packed.fp8:
         pieces = [weights[m].to(weight.dtype) if m in weights else weight[packed.rows(i, weight.shape[0])]
                   for i, m in enumerate(packed.modules)]  # fmt: skip
-        return {packed.constant: torch.cat(pieces).contiguous()}
+        return {packed.constant: (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()}
     scale_name = f"{packed.stem}.output_scale"
     scale, inverse = constants[scale_name], constants[f"{packed.stem}.input_inverse_scale"]
     qs, scales = [], []
     for i, module in enumerate(packed.modules):
         rows = packed.rows(i, weight.shape[0])
-        q, s = (
-            (weight[rows], scale[:, rows])
-            if module not in weights
-            else fp8_linear_constants(weights[module], 1.0 / inverse)
-        )
+        if module in weights:
+            q, s = fp8_linear_constants(weights[module], 1.0 / inverse)
+        else:
+            q, s = weight[rows], scale[:, rows]
         qs.append(q)
         scales.append(s)
     return {packed.constant: torch.cat(qs).contiguous(), scale_name: torch.cat(scales, dim=1).contiguous()}
