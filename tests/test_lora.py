@@ -128,95 +128,6 @@ def test_ort_engine_lora_equals_pytorch_fused(ort_engines, loras, torch_latents)
         assert torch.equal(edit(pipeline), base)  # removal
 
 
-def write_lora(path, tensors: dict) -> str:
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    return str(path)
-
-
-def test_bad_loras_one_line_each_and_nothing_changed(ort_engines, tmp_path, tiny):
-    from fluxtrt.engines.load import load_engine_pipeline
-    from fluxtrt.lora.engines import apply_to_runner
-    from fluxtrt.lora.files import LoraSpec
-
-    text = tmp_path / "notes.safetensors"
-    text.write_text("not a LoRA")
-    with pytest.raises(InputError, match="is not a readable safetensors file") as info:
-        read(text)
-    assert "\n" not in str(info.value)
-    with pytest.raises(InputError, match="the scale 'strong' is not a number"):
-        LoraSpec.parse(f"{text}:strong")
-    a4, b4 = torch.randn(4, 32), torch.randn(32, 4)
-    encoder = write_lora(tmp_path / "te.safetensors", {
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": a4,
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": b4})  # fmt: skip
-    with pytest.raises(InputError, match="text encoders"):
-        read(encoder)
-    unknown = read(write_lora(tmp_path / "unknown.safetensors", {
-        "transformer.transformer_blocks.7.attn.to_q.lora_A.weight": a4,
-        "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": b4}))  # fmt: skip
-    misfit = read(write_lora(tmp_path / "misfit.safetensors", {
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 99),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b4}))  # fmt: skip
-    with load_engine_pipeline(ort_engines, "cpu") as pipeline:
-        base = edit(pipeline)
-        runner = pipeline.runners["transformer"]
-        with pytest.raises(InputError, match=r"match no linear .*transformer_blocks\.7\.attn\.to_q"):
-            apply_to_runner(runner, [unknown])
-        with pytest.raises(InputError, match=r"transformer_blocks\.0\.attn\.to_q has lora_A \(4, 99\)"):
-            apply_to_runner(runner, [misfit])
-        assert torch.equal(edit(pipeline), base)
-
-
-def test_infer_lora_on_the_model_and_a_bad_scale(image_file, tmp_path, loras):
-    from tests.conftest import one_error_line, run_cli
-
-    out = tmp_path / "out.png"
-    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "red",
-                     "--steps", "2", "--height", "64", "--width", "64", "--out", str(out), "--lora",
-                     f"{loras['a'][0]}:0.5")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert out.is_file() and "LoRA a:0.5" in result.output
-    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "red",
-                     "--out", str(tmp_path / "x.png"), "--lora", f"{loras['a'][0]}:lots")  # fmt: skip
-    assert result.exit_code != 0 and "the scale 'lots' is not a number" in one_error_line(result)
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_aoti_external_weights_lora_equals_pytorch_fused(tiny, aoti_engines, loras):
-    """The tiny AOTInductor transformer (external weights, fused QKV projections) with a LoRA against PyTorch."""
-    from fluxtrt.lora.engines import apply_to_runner
-    from fluxtrt.lora.fuse import fuse, unfuse
-    from fluxtrt.pipeline.kontext import KontextPipeline
-
-    def small(pipeline):
-        # The reference at its own 64x64 (not its preferred ~1 MP): inside the engine's 32..128 px range.
-        return pipeline.edit(make_image(64, 64), "red", seed=3, height=64, width=64, max_area=64 * 64,
-                             auto_resize=False).latents  # fmt: skip
-
-    lora = read(loras["a"][0], 0.8)
-    pipeline = KontextPipeline.from_components(tiny)
-    want_base = small(pipeline)
-    originals = fuse(tiny.transformer, [lora])
-    try:
-        want_lora = small(pipeline)
-    finally:
-        unfuse(tiny.transformer, originals)
-    runner = aoti_engines["transformer"]
-    engine = KontextPipeline.from_components(tiny, runners={**pipeline.runners, "transformer": runner})
-    base = small(engine)
-    tolerance = max(10 * rel(base, want_base), 1e-5)
-    try:
-        apply_to_runner(runner, [lora])
-        with_lora = small(engine)
-        assert rel(with_lora, want_lora) <= tolerance
-        assert rel(with_lora, base) > 100 * tolerance
-    finally:
-        apply_to_runner(runner, [])
-    assert torch.equal(small(engine), base)  # removal: the original constants, bit for bit
-
-
 def as_fp32(feed: dict) -> dict:
     return {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
 
@@ -304,3 +215,92 @@ def test_fp8_weight_whose_scales_are_no_constants_is_refused_in_one_line():
     with pytest.raises(EngineError, match=r"no constant transformer\.proj_out\.output_scale .* --precision bf16") as e:
         packed_linears(constants, "transformer: transformer.pt2", REBUILD)
     assert "\n" not in str(e.value)
+
+
+def write_lora(path, tensors: dict) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def test_bad_loras_one_line_each_and_nothing_changed(ort_engines, tmp_path, tiny):
+    from fluxtrt.engines.load import load_engine_pipeline
+    from fluxtrt.lora.engines import apply_to_runner
+    from fluxtrt.lora.files import LoraSpec
+
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not a LoRA")
+    with pytest.raises(InputError, match="is not a readable safetensors file") as info:
+        read(text)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="the scale 'strong' is not a number"):
+        LoraSpec.parse(f"{text}:strong")
+    a4, b4 = torch.randn(4, 32), torch.randn(32, 4)
+    encoder = write_lora(tmp_path / "te.safetensors", {
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": a4,
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": b4})  # fmt: skip
+    with pytest.raises(InputError, match="text encoders"):
+        read(encoder)
+    unknown = read(write_lora(tmp_path / "unknown.safetensors", {
+        "transformer.transformer_blocks.7.attn.to_q.lora_A.weight": a4,
+        "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": b4}))  # fmt: skip
+    misfit = read(write_lora(tmp_path / "misfit.safetensors", {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 99),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b4}))  # fmt: skip
+    with load_engine_pipeline(ort_engines, "cpu") as pipeline:
+        base = edit(pipeline)
+        runner = pipeline.runners["transformer"]
+        with pytest.raises(InputError, match=r"match no linear .*transformer_blocks\.7\.attn\.to_q"):
+            apply_to_runner(runner, [unknown])
+        with pytest.raises(InputError, match=r"transformer_blocks\.0\.attn\.to_q has lora_A \(4, 99\)"):
+            apply_to_runner(runner, [misfit])
+        assert torch.equal(edit(pipeline), base)
+
+
+def test_infer_lora_on_the_model_and_a_bad_scale(image_file, tmp_path, loras):
+    from tests.conftest import one_error_line, run_cli
+
+    out = tmp_path / "out.png"
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "red",
+                     "--steps", "2", "--height", "64", "--width", "64", "--out", str(out), "--lora",
+                     f"{loras['a'][0]}:0.5")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and "LoRA a:0.5" in result.output
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "red",
+                     "--out", str(tmp_path / "x.png"), "--lora", f"{loras['a'][0]}:lots")  # fmt: skip
+    assert result.exit_code != 0 and "the scale 'lots' is not a number" in one_error_line(result)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_aoti_external_weights_lora_equals_pytorch_fused(tiny, aoti_engines, loras):
+    """The tiny AOTInductor transformer (external weights, fused QKV projections) with a LoRA against PyTorch."""
+    from fluxtrt.lora.engines import apply_to_runner
+    from fluxtrt.lora.fuse import fuse, unfuse
+    from fluxtrt.pipeline.kontext import KontextPipeline
+
+    def small(pipeline):
+        # The reference at its own 64x64 (not its preferred ~1 MP): inside the engine's 32..128 px range.
+        return pipeline.edit(make_image(64, 64), "red", seed=3, height=64, width=64, max_area=64 * 64,
+                             auto_resize=False).latents  # fmt: skip
+
+    lora = read(loras["a"][0], 0.8)
+    pipeline = KontextPipeline.from_components(tiny)
+    want_base = small(pipeline)
+    originals = fuse(tiny.transformer, [lora])
+    try:
+        want_lora = small(pipeline)
+    finally:
+        unfuse(tiny.transformer, originals)
+    runner = aoti_engines["transformer"]
+    engine = KontextPipeline.from_components(tiny, runners={**pipeline.runners, "transformer": runner})
+    base = small(engine)
+    tolerance = max(10 * rel(base, want_base), 1e-5)
+    try:
+        apply_to_runner(runner, [lora])
+        with_lora = small(engine)
+        assert rel(with_lora, want_lora) <= tolerance
+        assert rel(with_lora, base) > 100 * tolerance
+    finally:
+        apply_to_runner(runner, [])
+    assert torch.equal(small(engine), base)  # removal: the original constants, bit for bit
