@@ -128,6 +128,95 @@ def test_ort_engine_lora_equals_pytorch_fused(ort_engines, loras, torch_latents)
         assert torch.equal(edit(pipeline), base)  # removal
 
 
+def as_fp32(feed: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
+
+
+@pytest.fixture(scope="module")
+def fp8_engine(tiny, aoti_engines, tmp_path_factory):
+    """The tiny transformer as an FP8 AOTInductor engine (external weights, fused Q/K/V), its linears' input amax
+    recorded on the test's own input (fluxtrt's calibration hooks), and that input."""
+    from dataclasses import replace
+
+    from fluxtrt.backends.base import LoadJob
+    from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.engines.calibrate import recorded_input_amax
+    from fluxtrt.specs import Resolution
+    from fluxtrt.specs.flux import component_dims, profile_shapes
+
+    engines = aoti_engines
+    feed = engines.specs["transformer"].sample_feed(
+        component_dims("transformer", engines.dims, 1, Resolution(64, 64), Resolution(64, 64)), torch.bfloat16, seed=3
+    )
+    with torch.no_grad(), recorded_input_amax(tiny.transformer) as amax:
+        TransformerModule(tiny.transformer)(**as_fp32(feed))
+    amax = dict(amax)
+    path = tmp_path_factory.mktemp("fp8") / "transformer.pt2"
+    module = TransformerModule(copy.deepcopy(tiny.transformer).to(torch.bfloat16))
+    # One size (a static package compiles faster than a dynamic one).
+    profile = profile_shapes(engines.specs["transformer"], engines.dims, (1, 1, 1), (Resolution(64, 64),) * 3)
+    job = replace(engines.build_job("transformer", "fp8", path, module=module, weights="external"), profile=profile,
+                  amax={f"transformer.{k}": v for k, v in amax.items()})  # fmt: skip
+    with torch.inference_mode():
+        record = engines.backend.build(job)
+    runner = engines.backend.load(LoadJob(job.spec, path, "cpu", torch.bfloat16, job.profile, job.options, record))
+    return runner, amax, feed
+
+
+def test_aoti_fp8_lora_requantized_equals_pytorch_fused_then_quantized(tiny, fp8_engine, loras):
+    """An FP8 AOTInductor transformer with LoRAs against the PyTorch model with them fused and then FP8
+    fake-quantized with the same input scales: within the error the engine has without a LoRA."""
+    from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.lora.engines import apply_to_runner
+    from fluxtrt.lora.fuse import fuse
+    from fluxtrt.quant.fakequant import fake_quantize
+
+    runner, amax, feed = fp8_engine
+    a, b = read(loras["a"][0]), read(loras["b"][0], 0.5)
+
+    def oracle(chosen):
+        model = copy.deepcopy(tiny.transformer)
+        if chosen:
+            fuse(model, chosen)
+        with torch.no_grad():
+            return TransformerModule(fake_quantize(model, amax, "fp8"))(**as_fp32(feed))
+
+    def engine():
+        return runner.infer(feed)["noise_pred"].float()
+
+    base = engine()
+    tolerance = 3 * rel(base, oracle([]))  # measured: 1.5x with A, 1.6x with A + B
+    try:
+        apply_to_runner(runner, [a])
+        with_a = engine()
+        assert rel(with_a, oracle([a])) <= tolerance
+        assert rel(with_a, base) > 10 * tolerance  # the LoRA changes the output measurably
+        apply_to_runner(runner, [a, b])
+        assert rel(engine(), oracle([a, b])) <= tolerance  # two at once: their fused sum
+        apply_to_runner(runner, [b])
+        apply_to_runner(runner, [a])
+        assert torch.equal(engine(), with_a)  # A -> B -> A returns A exactly
+        apply_to_runner(runner, [read(loras["a"][0], 0.0)])
+        assert torch.equal(engine(), base)  # scale 0
+        apply_to_runner(runner, [a])
+    finally:
+        apply_to_runner(runner, [])
+    assert torch.equal(engine(), base)  # removal: the original constants, bit for bit
+
+
+def test_fp8_weight_whose_scales_are_no_constants_is_refused_in_one_line():
+    """A package that compiled an FP8 linear's scales into its code (no constant to replace) cannot take a LoRA."""
+    from fluxtrt.backends.aotinductor import REBUILD
+    from fluxtrt.backends.aotinductor.weights import packed_linears
+    from fluxtrt.errors import EngineError
+
+    constants = {"transformer.proj_out.weight": torch.zeros(4, 8, dtype=torch.float8_e4m3fn),
+                 "transformer.proj_out.input_inverse_scale": torch.ones(1, 1)}  # fmt: skip
+    with pytest.raises(EngineError, match=r"no constant transformer\.proj_out\.output_scale .* --precision bf16") as e:
+        packed_linears(constants, "transformer: transformer.pt2", REBUILD)
+    assert "\n" not in str(e.value)
+
+
 def write_lora(path, tensors: dict) -> str:
     from safetensors.torch import save_file
 

@@ -25,6 +25,21 @@ from torch import nn
 from fluxtrt.kernels.fp8 import fp8_scale, fp8_weight, quantize_fp8_by_inverse
 
 
+def fp8_linear_constants(weight: torch.Tensor, input_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight [out, in] as a ``StaticFp8Linear`` with input scale ``input_scale`` [1, 1] holds it: (the
+    float8_e4m3fn weight, the GEMM's per-column scale [1, out] fp32: the weight's per output channel times the
+    input's)."""
+    weight_q, weight_scale = fp8_weight(weight)
+    return weight_q, (weight_scale.reshape(1, -1) * input_scale).contiguous()
+
+
+def fp8_linear_weight(weight_q: torch.Tensor, output_scale: torch.Tensor,
+                      input_inverse_scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The weight [out, in] (fp32) that a ``StaticFp8Linear``'s constants stand for: what its GEMM multiplies the
+    unscaled input by (``weight_q`` times its row's ``output_scale`` over the input's scale)."""
+    return weight_q.float() * (output_scale.reshape(-1, 1) * input_inverse_scale)
+
+
 class StaticFp8Linear(nn.Module):
     """An ``nn.Linear`` with FP8 weights and a static FP8 input scale, computed by ``torch._scaled_mm``.
 
@@ -37,13 +52,12 @@ class StaticFp8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, input_amax: float, unit_rows: torch.Tensor | None = None):
         super().__init__()
-        weight_q, weight_scale = fp8_weight(linear.weight)
-        self.register_buffer("weight", weight_q)  # [out, in] float8_e4m3fn
         amax = torch.tensor([[input_amax]], dtype=torch.float32, device=linear.weight.device)
         self.register_buffer("input_scale", fp8_scale(amax))  # [1, 1] fp32
         self.register_buffer("input_inverse_scale", 1.0 / self.input_scale)  # [1, 1] fp32
-        # The GEMM's per-column scale: the weight's per output channel times the input's.
-        self.register_buffer("output_scale", (weight_scale.reshape(1, -1) * self.input_scale).contiguous())  # [1, out]
+        weight_q, output_scale = fp8_linear_constants(linear.weight, self.input_scale)
+        self.register_buffer("weight", weight_q)  # [out, in] float8_e4m3fn
+        self.register_buffer("output_scale", output_scale)  # [1, out] fp32
         self.register_buffer("unit_rows", unit_rows, persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 

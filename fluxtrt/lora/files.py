@@ -57,9 +57,9 @@ class LoraLayer:
     up: Any
     alpha_scale: float = 1.0
 
-    def delta(self, scale: float) -> Any:
-        """The update to add to the linear's weight, in FP32."""
-        return (self.up.float() @ self.down.float()) * (scale * self.alpha_scale)
+    def delta(self, scale: float, device: Any = None) -> Any:
+        """The update to add to the linear's weight, in FP32 (on ``device``, else where the LoRA is)."""
+        return (self.up.to(device).float() @ self.down.to(device).float()) * (scale * self.alpha_scale)
 
 
 @dataclass
@@ -163,14 +163,3 @@ def check_fits(lora: Lora, shapes: Mapping[str, Sequence[int]], where: str) -> N
                 f"{tuple(layer.up.shape)}, which do not fit its weight [{out}, {inp}] (expected [{rank}, {inp}] and "
                 f"[{out}, {rank}]): the LoRA was made for another model size"
             )
-
-
-def merged_deltas(loras: Sequence[Lora], scales: Sequence[float] | None = None) -> dict[str, Any]:
-    """Module -> the summed FP32 update of ``loras`` (each at its spec's scale, or at ``scales``)."""
-    scales = [lora.spec.scale for lora in loras] if scales is None else list(scales)
-    out: dict[str, Any] = {}
-    for lora, scale in zip(loras, scales, strict=True):
-        for module, layer in lora.layers.items():
-            delta = layer.delta(scale)
-            out[module] = out[module] + delta if module in out else delta
-    return out

@@ -11,7 +11,8 @@ Options (``AotInductorOptions``, in ``options``, each field declared with its fl
   and the text encoders) or ``external`` (a code-only package, inductor's
   ``aot_inductor.package_constants_in_so=False``, with the constants it uses in ``<engine stem>.safetensors``,
   handed to the package on load with ``load_constants(..., user_managed=True)``: what makes the full-size
-  transformer fit the disk and load).
+  transformer fit the disk and load, and what lets a LoRA replace the transformer's linear weights without a
+  rebuild; an FP8 linear's is quantized again with new per-channel scales: ``weights``).
 - ``cuda_graph`` (CUDA builds only): the transformer's runner replays one CUDA graph per input shape. (Every CUDA
   package is loaded with ``run_single_threaded``, which leaves out the locking a capture cannot contain and the
   host's wait for the previous call: ``runtime.single_threaded``.)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fluxtrt.backends.aotinductor.weights import LinearWeights, PackedLinear, merged_constants, packed_linears
 from fluxtrt.backends.cuda_graphs import CudaGraphs
 from fluxtrt.backends.runner import Runner
 from fluxtrt.errors import EngineError, first_line
@@ -83,26 +84,6 @@ def external_weights_path(engine_path: Path) -> Path:
     return Path(engine_path).with_suffix(".safetensors")
 
 
-# Projections the build fuses (diffusers' fuse_qkv_projections) -> the model's linears whose rows they stack.
-FUSED = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-         "attn.to_added_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}  # fmt: skip
-
-
-def _unfused(module: str, weight: Any) -> dict[str, Any]:
-    """``{module: weight}``, or for a fused projection its three linears' row blocks (views)."""
-    for fused, names in FUSED.items():
-        if module.endswith(fused):
-            prefix = module[: -len(fused)]
-            return dict(zip((prefix + n for n in names), weight.chunk(len(names)), strict=True))
-    return {module: weight}
-
-
-def torch_cat(tensors: list) -> Any:
-    import torch
-
-    return torch.cat(tensors)
-
-
 def error_text(exc: BaseException) -> str:
     """``Type: first line`` of an exception from torch's export, compile or load."""
     return f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
@@ -131,7 +112,9 @@ class AotInductorRunner(Runner):
         self.model: Any = None
         self.call: Any = None
         self._constants: dict[str, Any] | None = None
-        self._replaced: dict[str, Any] = {}  # constant -> the merged tensor in its place (set_linear_weights)
+        self._packed: dict[str, PackedLinear] | None = None
+        # weight constant -> the merged constants in place of its linear's (set_linear_weights)
+        self._replaced: dict[str, dict[str, Any]] = {}
         # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
         # (handing them to the package).
         self.load_seconds: dict[str, float] = {}
@@ -180,46 +163,59 @@ class AotInductorRunner(Runner):
         self.load_seconds.update(weights=t1 - t0, constants=time.perf_counter() - t1)
         return constants
 
-    def linear_weights(self) -> dict[str, Any]:
-        """Module name -> the package's original weight of each floating-point linear, [out, in] on the device; a
-        fused projection (``to_qkv``, ``to_added_qkv``) shows as the model's three linears (views of its rows).
+    def linear_weights(self) -> LinearWeights:
+        """Module name -> the package's original weight of each linear, [out, in] on the device: a fused projection
+        (``to_qkv``, ``to_added_qkv``) shows as the model's three linears (views of its rows), an FP8 linear as its
+        dequantized weight (fp32, computed when asked for); ``.shapes`` gives the shapes without computing any.
 
         Raises:
-            EngineError: the weights are packaged in the .pt2 (they cannot be replaced without a rebuild).
+            EngineError: the weights are packaged in the .pt2 (they cannot be replaced without a rebuild), or an FP8
+                weight's scales are compiled into the code.
         """
         if not self.external_weights or self._constants is None:
             raise EngineError(f"{self.name}: {self.path.name} packages its weights, which cannot be replaced: "
                               f"{REBUILD} --aoti-weights external")  # fmt: skip
-        out = {}
-        for name, t in self._constants.items():
-            if name.endswith(".weight") and t.dim() == 2 and t.is_floating_point() and t.element_size() >= 2:
-                out.update(_unfused(name.removesuffix(".weight").removeprefix("transformer."), t))
-        return out
+        if self._packed is None:
+            self._packed = packed_linears(self._constants, f"{self.name}: {self.path.name}", REBUILD)
+        return LinearWeights(self._constants, self._packed)
 
     def set_linear_weights(self, weights: Mapping[str, Any] | None) -> None:
-        """Point these linears' constants at ``weights`` ([out, in] tensors, kept alive by the runner) and every
-        linear replaced before back at its original; None: all originals, bit for bit. Takes effect from the next
-        call (a CUDA-graph runner captures its graphs again)."""
-        base = self.linear_weights()
-        parts: dict[str, list[str]] = {}
-        for name, t in self._constants.items():
-            if name.endswith(".weight"):
-                for module in _unfused(name.removesuffix(".weight").removeprefix("transformer."), t):
-                    parts.setdefault(name, []).append(module)
-        weights = dict(weights or {})
-        changed = {n for n, modules in parts.items() if any(m in weights for m in modules)}
-        update = {n: self._constants[n] for n in self._replaced if n not in changed}
-        for name in changed:
-            pieces = [weights.get(m, base[m]) for m in parts[name]]
-            update[name] = (torch_cat(pieces) if len(pieces) > 1 else pieces[0]).contiguous()
-        if update:
-            self.model.loader.load_constants(update, False, False, True)
-        self._replaced = {n: update[n] for n in changed}
-        if self.cuda_graph:
-            self.call = CudaGraphs(self.model)
+        """Point these linears' constants at ``weights`` (module -> [out, in], read one at a time: a lazy mapping
+        keeps one merged weight in memory beside the constants) and every linear replaced before back at its
+        original; None: all originals, bit for bit. An FP8 linear's weight is quantized again with new per-channel
+        scales, its calibrated input scale kept. Takes effect from the next call (a CUDA-graph runner captures its
+        graphs again).
+
+        The constants are repointed one linear at a time in the active buffer (user-managed: no copy), from the
+        thread that calls the runner, so between two calls. torch's package loader offers no swap of AOTInductor's
+        inactive constant buffer, and filling one would hold a second full set of merged weights.
+        """
+        self.linear_weights()
+        packed = self._packed
+        weights = weights if weights is not None else {}
+        targets = sorted(n for n, p in packed.items() if any(m in weights for m in p.modules))
+        try:
+            for name in sorted(set(self._replaced) - set(targets)):
+                self._point({k: self._constants[k] for k in self._replaced.pop(name)})
+            for name in targets:
+                update = merged_constants(self._constants, packed[name], weights)
+                self._point(update)
+                self._replaced[name] = update
+        except BaseException:
+            for name in list(self._replaced):  # half merged is no state to run: all originals again
+                self._point({k: self._constants[k] for k in self._replaced.pop(name)})
+            raise
+        finally:
+            if self.cuda_graph:
+                self.call = CudaGraphs(self.model)
+
+    def _point(self, constants: Mapping[str, Any]) -> None:
+        """Point the package's constants at these tensors (user-managed: the package keeps a reference, no copy)."""
+        self.model.loader.load_constants(dict(constants), False, False, True)
 
     def _close(self) -> None:
-        self.call = self.model = self._constants = None
+        self.call = self.model = self._constants = self._packed = None
+        self._replaced = {}
 
     def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         import torch
