@@ -304,3 +304,29 @@ def test_aoti_external_weights_lora_equals_pytorch_fused(tiny, aoti_engines, lor
     finally:
         apply_to_runner(runner, [])
     assert torch.equal(small(engine), base)  # removal: the original constants, bit for bit
+
+
+def test_compare_edits_every_row_with_the_lora(ort_engines, loras, tmp_path):
+    """`compare --lora`: the stage and the engines both edit with it (their fidelity is like for like), each row
+    names it, and the engines' per-step error is against PyTorch with the LoRA fused (an FP32 engine's own error)."""
+    import json
+
+    from fluxtrt.bench.compare import compare
+    from fluxtrt.bench.config import CompareConfig
+    from fluxtrt.bench.contenders import EngineContender, StageContender
+    from fluxtrt.config import SamplerConfig
+    from fluxtrt.specs.flux import Resolution
+
+    stage = "0:solver=dpmpp-2m:sigmas=log-snr:steps=2"  # the engines' sampler, so that the edits are the same
+    config = CompareConfig(model="tiny", stages=(stage,), engines=(ort_engines,), report_dir=tmp_path, runs=1,
+                           warmup=0, resolution=Resolution(SIZE, SIZE), loras=(f"{loras['a'][0]}:0.7",))  # fmt: skip
+    contenders = [StageContender(stage), EngineContender(ort_engines, SamplerConfig(steps=2), first_block_cache=None)]
+    report = compare(config, contenders=contenders)
+    assert not report.failed
+    torch_row, engine_row = report.contenders
+    assert all("LoRA a:0.7" in row.what for row in (torch_row, engine_row))
+    assert engine_row.details["step_error"]["max_rel_l2"] < 1e-4
+    assert engine_row.runs[0].fidelity["latent_cosine"] > 0.9999
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["config"]["loras"] == [{"file": str(loras["a"][0]), "scale": 0.7}]
+    assert "LoRA a:0.7" in (tmp_path / "report.md").read_text()

@@ -67,10 +67,10 @@ def fill_fidelity(report: CompareReport) -> None:
 class _Comparison:
     """The state of one ``compare`` call."""
 
-    def __init__(self, config: CompareConfig, emit: Callable[[dict], None], world: Any = None):
+    def __init__(self, config: CompareConfig, emit: Callable[[dict], None], world: Any = None, loras: Any = ()):
         self.config, self.emit = config, emit
         self.session = ModelSession(config.model, config.resolved_device, config.resolved_dtype, seed=0, world=world,
-                                    tiny_vae=config.vae or "tiny")  # fmt: skip
+                                    tiny_vae=config.vae or "tiny", loras=loras)  # fmt: skip
         if config.image is not None:
             from fluxtrt.pipeline.image import load_image
 
@@ -233,10 +233,13 @@ def compare(
 
     Raises:
         DeviceError: ``--device cuda`` without a CUDA device.
-        InputError: an unreadable --image, or an edit whose sequence does not split over ``config.gpus``.
+        InputError: an unreadable --image, a LoRA that cannot be read, or an edit whose sequence does not split over
+            ``config.gpus``.
     """
     from fluxtrt.environment import check_device, environment
+    from fluxtrt.lora.files import read_loras
 
+    loras = read_loras(config.loras)  # a bad LoRA fails the comparison before anything is loaded
     check_device(config.resolved_device)
     world = None
     if config.gpus > 1:
@@ -249,7 +252,7 @@ def compare(
         if contenders is not None
         else contenders_from_config(config.stages, config.engines, config.engines_fbc_threshold)
     )
-    state = _Comparison(config, emit, world)
+    state = _Comparison(config, emit, world, loras)
     report = CompareReport(
         config=config.to_dict(),
         environment=environment(),

@@ -16,6 +16,7 @@ from fluxtrt.config import (
     parse_fbc_threshold,
 )
 from fluxtrt.errors import InputError
+from fluxtrt.lora.files import LoraSpec
 from fluxtrt.specs.flux import Resolution
 from fluxtrt.stages.config import stage_config
 
@@ -56,6 +57,10 @@ class CompareConfig:
         gpus: processes each PyTorch stage's transformer is split over (``fluxtrt.parallel``); no engines then.
         vae: the slim autoencoder that stages with ``vae=tiny`` run: None or ``tiny`` for random weights (timing
             only), or an AutoencoderTiny directory (e.g. a download of madebyollin/taef1).
+        loras: ``FILE[:SCALE]`` LoRAs every contender edits with: fused into the PyTorch model the stages share
+            (before a stage quantizes or compiles it) and merged into each engines directory's transformer, so that
+            the fidelity columns compare like with like; the engines' per-step error is against the PyTorch
+            transformer with the same LoRAs fused.
     """
 
     model: str
@@ -77,6 +82,7 @@ class CompareConfig:
     gpus: int = 1
     engines_fbc: str | None = None
     vae: str | None = None
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_gpus_option(self.gpus, engines=bool(self.engines))
@@ -103,6 +109,12 @@ class CompareConfig:
                 f"--vae '{self.vae}' is used by stages with vae=tiny and --stages {','.join(self.stages)} has none: "
                 "add one such as 4:vae=tiny"
             )
+        for text in self.loras:
+            LoraSpec.parse(text)  # the file exists and the scale is a number; read before any model is loaded
+        low = [c.name for c in configs if c.low_vram]
+        if self.loras and low:
+            raise InputError(f"--lora with stage {low[0]}: the 24 GB mode quantizes the weights as it loads them; "
+                             "leave lowvram=on out of --stages, or compare without --lora")  # fmt: skip
         for path in self.engines:
             if not path.is_dir():
                 raise InputError(f"--engines '{path}' is not a directory: pass a directory written by `fluxtrt build`")
@@ -153,4 +165,5 @@ class CompareConfig:
             "gpus": self.gpus,
             "engines_fbc": self.engines_fbc_threshold,
             "vae": self.vae,
+            "loras": [{"file": str(spec.path), "scale": spec.scale} for spec in map(LoraSpec.parse, self.loras)],
         }

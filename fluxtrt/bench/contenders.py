@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from fluxtrt.bench.step_error import engine_step_error
 from fluxtrt.config import DEFAULT_FBC_THRESHOLD, SamplerConfig
 from fluxtrt.engines.manifest import Manifest
 from fluxtrt.environment import free_device_memory
+from fluxtrt.errors import InputError
 from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.stages.config import STAGES, StageConfig, restrict_stage, stage_config
 
@@ -33,11 +34,14 @@ class ModelSession:
         seed: initialisation seed of the synthetic models (the same weights after every reload).
         world: the processes the transformer is split over (``fluxtrt.parallel.context.World``), or None.
         tiny_vae: the slim autoencoder of ``vae=tiny`` stages: ``tiny`` (random weights) or a directory.
+        loras: the LoRAs (``fluxtrt.lora.files.Lora``) every contender edits with: fused into the model after each
+            load, before a stage quantizes or compiles it; merged into engines by their contenders.
     """
 
-    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, world: Any = None, tiny_vae: str = "tiny"):
+    def __init__(self, model: str, device: str, dtype: str, seed: int = 0, world: Any = None, tiny_vae: str = "tiny",
+                 loras: Sequence[Any] = ()):  # fmt: skip
         self.model, self.device, self.dtype, self.seed = model, device, dtype, seed
-        self.world, self.tiny_vae = world, tiny_vae
+        self.world, self.tiny_vae, self.loras = world, tiny_vae, tuple(loras)
         self.staged: Any = None  # fluxtrt.stages.apply.StagedModel
         self.loads: list[float] = []  # seconds of each load
 
@@ -53,9 +57,17 @@ class ModelSession:
         if config.low_vram:
             from fluxtrt.stages.lowvram import load_low_vram
 
+            if self.loras:
+                raise InputError(f"--lora with stage {config.name}: the 24 GB mode quantizes the weights as it loads "
+                                 "them")  # fmt: skip
+
             self.staged = load_low_vram(self.model, self.device, self.dtype, config, self.seed, self.tiny_vae)
         else:
             components = load_components(self.model, self.device, self.dtype, seed=self.seed)
+            if self.loras:
+                from fluxtrt.lora.fuse import fuse
+
+                fuse(components.transformer, self.loras)
             if self.world is not None:
                 from fluxtrt.parallel.context import enable_context_parallel
 
@@ -68,6 +80,12 @@ class ModelSession:
         """Drop the model and free its device memory."""
         self.staged = None
         free_device_memory()
+
+    def lora_what(self) -> list[str]:
+        """The report's "what is on" item naming the LoRAs and their scales (none without)."""
+        from fluxtrt.lora.files import lora_label
+
+        return [lora_label(self.loras).removeprefix(" + ")] if self.loras else []
 
 
 @dataclass
@@ -153,7 +171,7 @@ class StageContender(Contender):
         return Prepared(
             pipeline=KontextPipeline.from_components(staged.components, runners=applied.runners),
             sampler=self.config.sampler,
-            what=report.features or ["eager, default SDPA"],
+            what=(report.features or ["eager, default SDPA"]) + session.lora_what(),
             begin_edit=applied.begin_edit,
             end_edit=end_edit,
             details=report.to_dict,
@@ -181,11 +199,12 @@ class EngineContender(Contender):
         self.name = f"engines:{self.path.name}"
 
     def prepare(self, session: ModelSession) -> Prepared:
-        from fluxtrt.engines.load import load_engine_pipeline
+        from fluxtrt.engines.load import EngineSource
 
         session.release()  # the engines get the GPU to themselves
         t0 = time.perf_counter()
-        pipeline = load_engine_pipeline(self.path, session.device, self.first_block_cache)
+        source = EngineSource(self.path, session.device, self.first_block_cache, require_fbc=False)
+        pipeline = source.load(session.loras)  # the LoRAs merged into the transformer engine's weights
         load_s = time.perf_counter() - t0
         transformer = pipeline.runners["transformer"]
         cached = isinstance(transformer, SplitTransformerRunner) and transformer.threshold is not None
@@ -195,6 +214,7 @@ class EngineContender(Contender):
         what = [f"{manifest.backend} {manifest.precision} engines ({self.path.name})"]
         if cached:
             what.append(f"first-block cache {transformer.threshold:g}")
+        what += session.lora_what()
 
         def begin_edit() -> None:
             recorder.clear()
@@ -250,7 +270,7 @@ class CustomContender(Contender):
         return Prepared(
             pipeline=KontextPipeline.from_components(staged.components, runners=runners),
             sampler=self.sampler,
-            what=[self.what],
+            what=[self.what, *session.lora_what()],
             load_s=session.loads[-1] if len(session.loads) > loads else None,
         )
 

@@ -7,6 +7,7 @@
     runs = 3
     stages = ["0", "1:fbc=off", "1", ...]
     engines = ["engines/*"]          # globs; directories holding a manifest.json
+    loras = ["style.safetensors:0.8"]  # optional: every contender edits with them (--lora)
 
 Every key of ``CompareConfig`` may appear (``report_dir`` is given on the command line); relative paths are relative
 to the matrix file's directory's parent when they do not exist relative to the working directory.
@@ -24,7 +25,7 @@ from fluxtrt.specs.flux import Resolution
 
 _KEYS = (
     "model", "stages", "engines", "image", "prompt", "resolution", "runs", "warmup", "warmup_steps", "device",
-    "dtype", "seed", "guidance", "diffusers_check",
+    "dtype", "seed", "guidance", "diffusers_check", "loras",
 )  # fmt: skip
 
 
@@ -80,6 +81,7 @@ def load_matrix(path: Path, report_dir: Path | None = None, overrides: dict[str,
         data["image"] = _resolve(data["image"], root)
     if data.get("resolution"):
         data["resolution"] = Resolution.parse(str(data["resolution"]), "resolution")
-    if "stages" in data:
-        data["stages"] = tuple(str(s) for s in data["stages"])
+    for key in ("stages", "loras"):
+        if key in data:
+            data[key] = tuple(str(s) for s in data[key])
     return CompareConfig(**data, engines=tuple(engines), report_dir=report_dir)

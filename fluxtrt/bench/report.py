@@ -184,7 +184,8 @@ def report_markdown(report: CompareReport) -> str:
             "neither CLIP nor T5."
             if cfg.get("prompt_cache")
             else ""
-        ),
+        )
+        + _lora_note(cfg),
         "",
         TIMING_HEADER,
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -225,6 +226,16 @@ def report_markdown(report: CompareReport) -> str:
             lines.append(f"{check.get('status')}: {check.get('error') or check.get('reason')}")
     lines += ["", "## Environment", "", "```", json.dumps(env, indent=1, sort_keys=True), "```", ""]
     return "\n".join(lines)
+
+
+def _lora_note(cfg: dict) -> str:
+    """The sentence naming the LoRAs every row edits with (--lora), or nothing."""
+    loras = cfg.get("loras") or []
+    if not loras:
+        return ""
+    named = ", ".join(f"{Path(lora['file']).name} at scale {lora['scale']:g}" for lora in loras)
+    return (f" Every row edits with the LoRA {named}: fused into the stages' PyTorch model, merged into the engines' "
+            "transformer weights.")  # fmt: skip
 
 
 def _details_row(report: CompareReport, c: ContenderResult) -> str:

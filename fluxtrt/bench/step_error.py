@@ -23,8 +23,9 @@ def engine_step_error(path: Path, calls: list, session: Any) -> dict:
 
     Teacher-forced (every step gets the engine's own inputs), so the figures measure the engine's numerical error
     at each step rather than how two trajectories drift apart. The PyTorch transformer is loaded at the engines'
-    compute precision and, where the device has room, converted to FP32 (exact from BF16) and run on FP32 inputs
-    (``reference``: which of the two it was). Engines built from another model are not compared.
+    compute precision, with the session's LoRAs fused as the engines have them merged, and, where the device has
+    room, converted to FP32 (exact from BF16) and run on FP32 inputs (``reference``: which of the two it was).
+    Engines built from another model are not compared.
     """
     import torch
 
@@ -38,6 +39,10 @@ def engine_step_error(path: Path, calls: list, session: Any) -> dict:
         return {"error": f"engines built from {manifest.model.source}, compare model is {session.model}"}
     session.release()
     components = load_components(session.model, session.device, COMPUTE_DTYPE[manifest.precision], seed=session.seed)
+    if session.loras:  # the engines edited with them merged: the reference has them fused, at the engines' precision
+        from fluxtrt.lora.fuse import fuse
+
+        fuse(components.transformer, session.loras)
     tokens = max((feed["hidden_states"].shape[1] for feed, _ in calls), default=0)
     reference = as_fp32_where_it_fits(components.transformer, tokens)
     dtype = next(components.transformer.parameters()).dtype

@@ -87,8 +87,8 @@ main.add_command(serve)
     "--edits",
     type=click.Path(path_type=Path),
     default=None,
-    help="Many edits from one load: a JSON-lines "
-    "file, one {image, prompt, out[, seed, steps, guidance, size]} a line (instead of --image/--prompt/--out).",
+    help="Many edits from one load: a JSON-lines file, one {image, prompt, out[, seed, steps, guidance, size, lora, "
+    "lora_scale]} a line (instead of --image/--prompt/--out).",
 )
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output image; its extension picks the format: .png, .jpg/.jpeg or .webp.")  # fmt: skip
@@ -126,14 +126,12 @@ def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, s
 
     The summary goes to stdout; progress and notices (a changed size, dropped prompt tokens...) to stderr."""
     if edits is not None:
-        if loras:
-            raise click.UsageError("--lora is not taken with --edits yet: run one `fluxtrt infer --lora` per edit.")
         from fluxtrt.serve.edits import run_edits_command
         from fluxtrt.serve.options import ServedSource
 
         one = {"--image": image, "--prompt": prompt, "--out": out, "--height": height, "--width": width, "--gpus": gpus}
         source = ServedSource(model, engines, device, dtype, fbc, vae, low_vram)
-        return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance)
+        return run_edits_command(edits, one, source, SamplerConfig(scheduler, sigmas, steps), seed, guidance, loras)
     for name, value in (("--image", image), ("--prompt", prompt), ("--out", out)):
         if value is None:
             raise click.UsageError(f"Missing option '{name}' (or give --edits FILE.jsonl).")
@@ -272,10 +270,13 @@ def inspect(engines_dir, check):
               f"--first-block-cache (default {DEFAULT_FBC_THRESHOLD}, the stages').")  # fmt: skip
 @click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path), help="Report directory.")
 @vae_option("The slim autoencoder of stages with vae=tiny (e.g. 4:vae=tiny): ")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="A FLUX LoRA every row edits with (fused into the stages' model, merged into each engines "
+              "directory's transformer), so the fidelity columns compare like with like; repeatable.")  # fmt: skip
 @device_options
 @gpus_option
 def compare(model, stages, engines, image, prompt, resolution, runs, warmup, warmup_steps, seed, diffusers_check,
-            prompt_cache, engines_fbc, report_dir, vae, device, dtype, gpus):  # fmt: skip
+            prompt_cache, engines_fbc, report_dir, vae, loras, device, dtype, gpus):  # fmt: skip
     """Run PyTorch stages and engines on the same inputs; write report.md, report.json and report.png."""
     from fluxtrt.bench.config import CompareConfig
 
@@ -298,6 +299,7 @@ def compare(model, stages, engines, image, prompt, resolution, runs, warmup, war
         gpus=gpus,
         engines_fbc=engines_fbc,
         vae=vae,
+        loras=tuple(loras),
     )
     if relaunched(config.gpus, config.device):
         return

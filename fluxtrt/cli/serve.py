@@ -34,9 +34,12 @@ from fluxtrt.specs.flux import Resolution
 @click.option("--fbc", default=None, help="Engines built with --first-block-cache: the threshold, or off.")
 @vae_option("Replace the model's VAE with the slim autoencoder: ")
 @click.option("--low-vram", is_flag=True, help="--model: the 24 GB mode of `fluxtrt infer`.")
+@click.option("--lora", "loras", multiple=True, metavar="[NAME=]FILE[:SCALE]",
+              help="A FLUX LoRA loaded at start (NAME: the file's stem unless given); a request picks it with the "
+              "form field lora=NAME and its strength with lora_scale (default SCALE, else 1). Repeatable.")  # fmt: skip
 @device_options
 def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upload_mb, max_pixels, max_steps,
-          keep_reference_size, warmup_size, warmup_steps, scheduler, sigmas, steps, fbc, vae, low_vram, device,
+          keep_reference_size, warmup_size, warmup_steps, scheduler, sigmas, steps, fbc, vae, low_vram, loras, device,
           dtype):  # fmt: skip
     """Serve edits over HTTP: POST /v1/images/edits (OpenAI's Images API), a web page at /, /health, /ready,
     /metrics, /docs. Loads and warms up once; SIGTERM finishes the requests taken and exits 0."""
@@ -47,7 +50,7 @@ def serve(model, engines, host, port, max_queue, max_batch, api_key_env, max_upl
     config = ServeConfig(source, SamplerConfig(scheduler, sigmas, steps), host, port, max_queue, max_batch,
                          api_key_env, max_upload_mb, max_pixels, max_steps, keep_reference_size,
                          Resolution.parse(warmup_size, "--warmup-size") if warmup_size else None,
-                         warmup_steps)  # fmt: skip
+                         warmup_steps, tuple(loras))  # fmt: skip
     from fluxtrt.serve.server import serve as run_server
 
     run_server(config, on_line=lambda line: err().print(line, markup=False, highlight=False, soft_wrap=True))

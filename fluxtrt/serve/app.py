@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from fluxtrt import __version__
 from fluxtrt.errors import InputError
 from fluxtrt.serve.guard import BodyTooLarge, Guard, drain, error_body
+from fluxtrt.serve.loras import describe
 from fluxtrt.serve.metrics import Metrics, outcome_of
 from fluxtrt.serve.options import RETRY_AFTER_S, ServeConfig
 from fluxtrt.serve.request import RequestError, parse_request
@@ -65,6 +66,11 @@ EDIT_FORM = {
                         "steps": {"type": "integer", "description": "fluxtrt: denoising steps."},
                         "seed": {"type": "integer", "description": "fluxtrt: seed of image 0 (image i gets seed + i)."},
                         "guidance": {"type": "number", "default": 2.5, "description": "fluxtrt: distilled guidance."},
+                        "lora": {"type": "string", "description": "fluxtrt: one of the LoRAs /ready lists."},
+                        "lora_scale": {
+                            "type": "number",
+                            "description": "fluxtrt: the LoRA's strength (default: its --lora SCALE, else 1).",
+                        },
                     },
                 }
             }
@@ -114,7 +120,8 @@ def create_app(config: ServeConfig, worker: EditWorker, metrics: Metrics | None 
         loaded = worker.loaded
         return {"status": "ready", "model": loaded.label, "device": loaded.device, "max_batch": worker.max_batch,
                 "default_steps": config.sampler.num_steps, "max_steps": config.max_steps,
-                "load_s": round(loaded.load_s, 3), "warmup_s": round(loaded.warmup_s, 3)}  # fmt: skip
+                "load_s": round(loaded.load_s, 3), "warmup_s": round(loaded.warmup_s, 3),
+                "loras": describe(worker.loras)}  # fmt: skip
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -152,6 +159,7 @@ async def _edit(request: Request, config: ServeConfig, worker: EditWorker) -> Re
             parse_request, fields, image_bytes, tokenizer=loaded.tokenizer, max_tokens=loaded.max_tokens,
             max_batch=worker.max_batch, max_steps=config.max_steps, default_steps=config.sampler.num_steps,
             max_pixels=config.max_pixels, keep_reference_size=config.keep_reference_size,
+            loras={name: lora.spec.scale for name, lora in worker.loras.items()},
         )  # fmt: skip
         size = edit.size
         pipeline = loaded.pipeline
@@ -179,7 +187,7 @@ async def _edit(request: Request, config: ServeConfig, worker: EditWorker) -> Re
         result = waiting.result()
     except RequestError as exc:
         return error_response(exc.status, str(exc), exc.param, exc.code)
-    request.app.state.metrics.request_seconds.observe((result.queue_ms + result.edit_ms) / 1000)
+    request.app.state.metrics.answered(edit.lora, (result.queue_ms + result.edit_ms) / 1000)
     data = await asyncio.to_thread(lambda: [{"b64_json": _png_base64(img)} for img in result.images])
     return JSONResponse({
         "created": int(time.time()),
@@ -189,6 +197,8 @@ async def _edit(request: Request, config: ServeConfig, worker: EditWorker) -> Re
         "model": loaded.label,
         "seed": edit.seed,
         "steps": edit.steps,
+        "lora": edit.lora,
+        "lora_scale": edit.lora_scale if edit.lora is not None else None,
         "batch": result.batch,
         "timings_ms": {"queue": round(result.queue_ms, 2), "edit": round(result.edit_ms, 2),
                        **{k: round(v, 2) for k, v in result.timings_ms.items()}},

@@ -1,7 +1,9 @@
 """``fluxtrt infer --edits FILE.jsonl``: many edits from one load, the server's pipeline without the HTTP front.
 
 One edit a line: ``{"image": PATH, "prompt": TEXT, "out": PATH}`` and optionally ``seed``, ``steps``, ``guidance``,
-``size`` (``WIDTHxHEIGHT`` or ``auto``). Relative paths are taken from the file's folder. A line that fails (bad JSON,
+``size`` (``WIDTHxHEIGHT`` or ``auto``), and with ``--lora``: ``lora`` (the stem of one of the files: that LoRA alone;
+null: none; absent: every ``--lora``, each at its scale) and ``lora_scale``. Relative paths are taken from the file's
+folder. A line that fails (bad JSON,
 a missing or unreadable image, an unwritable out) is reported in one line and the run goes on; each output is
 written atomically."""
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from fluxtrt.errors import FluxtrtError, InputError, first_line
 from fluxtrt.serve.options import ServedSource
 from fluxtrt.specs.flux import Resolution
 
-KEYS = ("image", "prompt", "out", "seed", "steps", "guidance", "size")
+KEYS = ("image", "prompt", "out", "seed", "steps", "guidance", "size", "lora", "lora_scale")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,25 @@ class EditLine:
     steps: int | None = None
     guidance: float | None = None
     size: Resolution | None = None
+    lora: str | None = None
+    lora_given: bool = False
+    lora_scale: float | None = None
+
+    def loras(self, loras: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+        """The LoRA selection of this line (``fluxtrt.serve.loras.Selection``) among ``loras`` (name -> LoRA read).
+
+        Raises:
+            InputError: a name that is not one of ``loras``.
+        """
+        if not self.lora_given:
+            return tuple((name, lora.spec.scale) for name, lora in loras.items())
+        if self.lora is None:
+            return ()
+        if self.lora not in loras:
+            known = ", ".join(loras) or "none: give --lora FILE"
+            raise InputError(f"lora is '{self.lora}', not the stem of a --lora file ({known})")
+        scale = self.lora_scale if self.lora_scale is not None else loras[self.lora].spec.scale
+        return ((self.lora, scale),)
 
 
 @dataclass
@@ -88,8 +109,23 @@ def parse_line(number: int, text: str, base: Path) -> EditLine:
     size = entry.get("size")
     resolution = None if size is None or size.lower() == "auto" else Resolution.parse(size, "size")
     guidance = float(entry["guidance"]) if "guidance" in entry else None
+    lora, scale = _lora_keys(entry)
     return EditLine(number, _path(entry["image"], base), entry["prompt"], out, entry.get("seed"), entry.get("steps"),
-                    guidance, resolution)  # fmt: skip
+                    guidance, resolution, lora, "lora" in entry, scale)  # fmt: skip
+
+
+def _lora_keys(entry: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """The line's ``lora`` (a name or null) and ``lora_scale`` (a number, with a name only)."""
+    from fluxtrt.serve.loras import parse_scale
+
+    lora = entry.get("lora")
+    if lora is not None and (not isinstance(lora, str) or not lora.strip()):
+        raise InputError(f"lora is {lora!r}, expected the stem of a --lora file, or null for none")
+    if "lora_scale" not in entry:
+        return lora, None
+    if lora is None:
+        raise InputError(f'lora_scale is {entry["lora_scale"]!r} but no lora is named: add "lora": NAME')
+    return lora, parse_scale(entry["lora_scale"])
 
 
 def _path(text: str, base: Path) -> Path:
@@ -128,6 +164,7 @@ def run_edits(
     guidance: float = DEFAULT_GUIDANCE,
     on_edit: Callable[[int, int, str], None] | None = None,
     loader: Callable[[], Any] | None = None,
+    loras: Sequence[str] = (),
 ) -> EditsReport:
     """Load once, then run every line of ``path``; a failing line is recorded and the run goes on.
 
@@ -138,17 +175,22 @@ def run_edits(
         seed, guidance: of the lines that give none.
         on_edit: progress callback ``(done, total, label)``.
         loader: returns a ``fluxtrt.serve.load.Loaded`` (None: load ``source``).
+        loras: ``FILE[:SCALE]`` LoRAs, named by their files' stems, merged for every line that names none.
 
     Raises:
-        FluxtrtError: the file cannot be read, or the model cannot be loaded.
+        FluxtrtError: the file or a LoRA cannot be read, the model cannot be loaded, or a LoRA does not fit it.
     """
+    from fluxtrt.lora.files import lora_label
     from fluxtrt.pipeline.image import load_image
     from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA
     from fluxtrt.serve.load import load
+    from fluxtrt.serve.loras import LoraSwitch, read_served
 
     entries = read_edits(path)
+    served = read_served(loras) if loras else {}
     loaded = loader() if loader is not None else load(source, 1)
-    report = EditsReport(label=loaded.label, load_s=loaded.load_s)
+    switch = LoraSwitch(loaded.pipeline, served) if served else None
+    report = EditsReport(label=loaded.label + lora_label(list(served.values())), load_s=loaded.load_s)
     report.outcomes = [e for e in entries if isinstance(e, LineOutcome)]
     edits = [e for e in entries if isinstance(e, EditLine)]
     for done, line in enumerate(edits):
@@ -156,6 +198,9 @@ def run_edits(
             on_edit(done, len(edits), f"line {line.number}")
         t0 = time.perf_counter()
         try:
+            selection = line.loras(served)
+            if switch is not None:
+                switch.use(selection)
             image, image_notices = load_image(line.image)
             size = line.size
             result = loaded.pipeline.edit(image, line.prompt, sampler=replace(sampler, steps=line.steps or
@@ -231,7 +276,7 @@ def edits_progress(total_label: str = "edits"):
 
 
 def run_edits_command(edits: Path, single: dict[str, Any], source: ServedSource, sampler: SamplerConfig, seed: int,
-                      guidance: float) -> None:  # fmt: skip
+                      guidance: float, loras: Sequence[str] = ()) -> None:  # fmt: skip
     """``fluxtrt infer --edits``: run the file with a progress bar, print the summary.
 
     Args:
@@ -241,13 +286,17 @@ def run_edits_command(edits: Path, single: dict[str, Any], source: ServedSource,
         InputError: a one-edit option given too.
         FluxtrtError: loading failed, or any line failed (after the summary).
     """
+    if loras:
+        from fluxtrt.serve.options import check_loras_source
+
+        check_loras_source(source)
     given = [name for name, value in single.items() if value not in (None, 1)]
     if given:
         raise InputError(f"--edits '{edits}' with {', '.join(given)}: each line of the file gives its own image, "
                          "prompt, out and size; leave those options out")  # fmt: skip
     progress, on_edit = edits_progress()
     try:
-        report = run_edits(source, sampler, edits, seed, guidance, on_edit)
+        report = run_edits(source, sampler, edits, seed, guidance, on_edit, loras=loras)
     finally:
         progress.stop()
     print_edits_report(report)

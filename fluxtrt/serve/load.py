@@ -29,6 +29,7 @@ class Loaded:
         max_tokens: the T5 tokens a prompt may have.
         opt_size: the size the engines are tuned for (None for a model).
         load_s, warmup_s: seconds spent loading and warming up.
+        loras: the ``fluxtrt.serve.loras.LoraSwitch`` over the transformer, or None when no LoRA is served.
     """
 
     pipeline: Any
@@ -40,6 +41,7 @@ class Loaded:
     device: str
     load_s: float = 0.0
     warmup_s: float = 0.0
+    loras: Any = None
 
 
 def built_batch(pipeline: Any) -> int | None:

@@ -11,7 +11,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
 class Metrics:
-    """Requests by outcome, queue depth, request and edit latency, batch sizes, and whether the model is warm."""
+    """Requests by outcome and by LoRA, queue depth, request and edit latency, batch sizes, and whether the model is
+    warm."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -30,6 +31,19 @@ class Metrics:
         self.running = Gauge("fluxtrt_running_images", "Images of the pipeline call running now (0: idle).",
                              registry=r)  # fmt: skip
         self.ready = Gauge("fluxtrt_ready", "1 once the model is loaded and warm.", registry=r)
+        self.lora_requests = Counter("fluxtrt_lora_requests", "Answered edit requests by LoRA (none: without one).",
+                                     ["lora"], registry=r)  # fmt: skip
+        self.lora_requests.labels("none")
+
+    def name_loras(self, names) -> None:
+        """Show a zero count for each of the server's LoRAs from the start."""
+        for name in names:
+            self.lora_requests.labels(name)
+
+    def answered(self, lora: str | None, seconds: float) -> None:
+        """An edit request answered with its images after ``seconds`` from queueing."""
+        self.request_seconds.observe(seconds)
+        self.lora_requests.labels(lora or "none").inc()
 
     def count(self, outcome: str) -> None:
         self.requests.labels(outcome).inc()

@@ -78,6 +78,13 @@ class ServedSource:
         return f"engines {self.engines}" if self.engines is not None else f"model {self.model}"
 
 
+def check_loras_source(source: ServedSource) -> None:
+    """Raise where ``source`` cannot take ``--lora`` (the 24 GB mode quantizes the weights while loading them)."""
+    if source.low_vram:
+        raise InputError("--lora with --low-vram: the 24 GB mode quantizes the weights as it loads them; leave out "
+                         "--low-vram, or serve the LoRA on engines")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """A server: what it runs, where it listens, and the limits every request is checked against before it is
@@ -101,6 +108,8 @@ class ServeConfig:
         warmup_size: the size of the warm-up edits run before the server reports ready; None: the engines' opt
             resolution, 1024x1024 for a model.
         warmup_steps: denoising steps of each warm-up edit (0: no warm-up).
+        loras: ``[NAME=]FILE[:SCALE]`` LoRAs read at start, which a request picks by name (form field ``lora``) and
+            strength (``lora_scale``, default SCALE, else 1); NAME defaults to the file's stem.
     """
 
     source: ServedSource
@@ -116,6 +125,7 @@ class ServeConfig:
     keep_reference_size: bool = False
     warmup_size: Resolution | None = None
     warmup_steps: int = DEFAULT_WARMUP_STEPS
+    loras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -129,6 +139,11 @@ class ServeConfig:
             raise InputError(f"--max-upload-mb is {self.max_upload_mb}, expected a positive number of megabytes")
         if self.api_key_env is not None:
             self.api_key()  # fails now, not at the first request
+        if self.loras:
+            from fluxtrt.serve.loras import check_served
+
+            check_loras_source(self.source)
+            check_served(self.loras)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -8,6 +8,7 @@ import math
 import secrets
 import threading
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class EditRequest:
     """One validated request: ``n`` edits of ``image`` as ``prompt`` says, image i with seed ``seed + i``.
 
     ``size`` None keeps the reference's resolution; ``max_area`` is the area an explicit size is fitted to (its own,
-    so the output has exactly the asked size)."""
+    so the output has exactly the asked size). ``lora`` names one of the server's LoRAs, merged at ``lora_scale``."""
 
     image: Any
     prompt: str
@@ -48,6 +49,13 @@ class EditRequest:
     steps: int = 14
     seed: int = 0
     guidance: float = 2.5
+    lora: str | None = None
+    lora_scale: float = 1.0
+
+    @property
+    def loras(self) -> tuple[tuple[str, float], ...]:
+        """The LoRA selection its batch runs with (``fluxtrt.serve.loras.Selection``)."""
+        return ((self.lora, self.lora_scale),) if self.lora is not None else ()
 
     @property
     def max_area(self) -> int:
@@ -168,10 +176,35 @@ def check_prompt(prompt: str | None, tokenizer: Any, max_tokens: int) -> str:
     return prompt
 
 
+def parse_lora(name: str | None, scale: str | None, loras: Mapping[str, float]) -> tuple[str | None, float]:
+    """(the LoRA a request names, its scale): ``scale`` or the LoRA's default from ``loras`` (name -> scale).
+
+    Raises:
+        RequestError: an unknown name, a scale that is not a number in range, or a scale without a LoRA.
+    """
+    from fluxtrt.serve.loras import parse_scale
+
+    given = scale is not None and str(scale).strip() != ""
+    if name is None or not name.strip():
+        if given:
+            raise RequestError(f"lora_scale is '{scale}' but no lora is named: pass lora=NAME too", "lora_scale")
+        return None, 1.0
+    name = name.strip()
+    if name not in loras:
+        known = ", ".join(loras) or "none: the server was started without --lora"
+        raise RequestError(f"lora is '{name}', which this server has not loaded; its LoRAs: {known}", "lora",
+                           "unknown_lora")  # fmt: skip
+    try:
+        return name, parse_scale(scale) if given else loras[name]
+    except InputError as exc:
+        raise RequestError(str(exc), "lora_scale") from None
+
+
 def parse_request(fields: dict[str, Any], image_bytes: bytes | None, *, tokenizer: Any, max_tokens: int,
                   max_batch: int, max_steps: int, default_steps: int, max_pixels: int,
-                  keep_reference_size: bool) -> EditRequest:  # fmt: skip
-    """An ``EditRequest`` from the form fields (strings) and the image's bytes.
+                  keep_reference_size: bool, loras: Mapping[str, float] | None = None) -> EditRequest:  # fmt: skip
+    """An ``EditRequest`` from the form fields (strings) and the image's bytes; ``loras``: the server's LoRAs (name
+    -> default scale).
 
     Raises:
         RequestError: the first field that is missing or out of its bounds.
@@ -190,6 +223,7 @@ def parse_request(fields: dict[str, Any], image_bytes: bytes | None, *, tokenize
     steps = parse_int("steps", fields.get("steps"), default_steps, 1, max_steps)
     seed = parse_int("seed", fields.get("seed"), secrets.randbelow(2**31), 0, MAX_SEED)
     guidance = parse_guidance(fields.get("guidance"), 2.5)
+    lora, lora_scale = parse_lora(fields.get("lora"), fields.get("lora_scale"), loras or {})
     prompt = check_prompt(fields.get("prompt"), tokenizer, max_tokens)
     image = decode_image(image_bytes, max_pixels)
     if keep_reference_size and image.width * image.height > MAX_TARGET_AREA:
@@ -197,4 +231,4 @@ def parse_request(fields: dict[str, Any], image_bytes: bytes | None, *, tokenize
 
         fitted = fit_to_area(image.width, image.height, MAX_TARGET_AREA, 16)
         image = image.resize((fitted.width, fitted.height), Image.Resampling.LANCZOS)
-    return EditRequest(image, prompt, n, size, steps, seed, guidance)
+    return EditRequest(image, prompt, n, size, steps, seed, guidance, lora, lora_scale)

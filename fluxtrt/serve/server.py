@@ -32,32 +32,53 @@ def require_serve_extra() -> None:
 
 
 def make_worker(config: ServeConfig, metrics: Any, on_line: Callable[[str], None] = lambda line: None,
-                loader: Callable[[], Any] | None = None) -> EditWorker:  # fmt: skip
-    """The worker of ``config``: on its thread it loads (``loader``, else ``config.source``) and warms up.
+                loader: Callable[[], Any] | None = None,
+                on_fatal: Callable[[BaseException], None] | None = None) -> EditWorker:  # fmt: skip
+    """The worker of ``config``: the LoRAs are read now (a bad file raises here, before anything listens); on its
+    thread it loads (``loader``, else ``config.source``), checks the LoRAs against the transformer and warms up.
 
     Args:
         config: the server's options.
         metrics: where batches and queue depth are counted.
         on_line: called with a line for the log when the model is ready or failed.
         loader: returns a ``fluxtrt.serve.load.Loaded``; None loads ``config.source``.
+        on_fatal: called, instead of logging, with the error of a LoRA that does not fit the loaded transformer
+            (the server should then stop); None: logged as a failed load.
+
+    Raises:
+        InputError: a LoRA that cannot be read (not safetensors, no LoRA, text-encoder updates).
     """
     from fluxtrt.serve.load import load, warm_up
+    from fluxtrt.serve.loras import LoraSwitch, read_served
+
+    loras = read_served(config.loras) if config.loras else {}
 
     def start() -> Any:
         t0 = time.perf_counter()
+        loaded = None
         try:
             loaded = loader() if loader is not None else load(config.source, config.max_batch)
+            if loras:
+                loaded.loras = LoraSwitch(loaded.pipeline, loras)
             warm_up(loaded, config.sampler, config.warmup_size, config.warmup_steps, config.keep_reference_size)
         except BaseException as exc:
-            on_line(f"error: loading failed: {exc}")
+            if on_fatal is not None and loaded is not None and loras and loaded.loras is None:
+                on_fatal(exc)
+            else:
+                on_line(f"error: loading failed: {exc}")
             raise
-        on_line(f"ready: {loaded.label} on {loaded.device}, batch up to {loaded.max_batch}; loaded in "
+        served = f"; LoRAs {', '.join(loras)}" if loras else ""
+        on_line(f"ready: {loaded.label} on {loaded.device}, batch up to {loaded.max_batch}{served}; loaded in "
                 f"{loaded.load_s:.1f} s, warmed up in {loaded.warmup_s:.1f} s ({time.perf_counter() - t0:.1f} s "
                 "in all)")  # fmt: skip
         return loaded
 
-    return EditWorker(start, config.sampler, config.max_queue, config.keep_reference_size, on_batch=metrics.on_batch,
-                      on_depth=metrics.queue_depth.set, on_busy=metrics.running.set)  # fmt: skip
+    worker = EditWorker(start, config.sampler, config.max_queue, config.keep_reference_size,
+                        on_batch=metrics.on_batch, on_depth=metrics.queue_depth.set,
+                        on_busy=metrics.running.set)  # fmt: skip
+    worker.loras = loras
+    metrics.name_loras(loras)
+    return worker
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -101,7 +122,8 @@ def serve(config: ServeConfig, on_line: Callable[[str], None]) -> None:
         on_line: where log lines go (the address, ready, failures).
 
     Raises:
-        InputError: the address cannot be bound, or the API key variable is unset.
+        InputError: the address cannot be bound, the API key variable is unset, or a LoRA cannot be read (before
+            anything listens) or does not fit the loaded transformer (the server then stops before serving an edit).
     """
     require_serve_extra()
     import uvicorn
@@ -110,7 +132,14 @@ def serve(config: ServeConfig, on_line: Callable[[str], None]) -> None:
     from fluxtrt.serve.metrics import Metrics
 
     metrics = Metrics()
-    worker = make_worker(config, metrics, on_line)
+    fatal: list[BaseException] = []
+    server: Any = None
+
+    def stop_for(exc: BaseException) -> None:  # a LoRA that does not fit: nothing to serve
+        fatal.append(exc)
+        server.should_exit = True
+
+    worker = make_worker(config, metrics, on_line, on_fatal=stop_for)
     app = create_app(config, worker, metrics)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
@@ -118,8 +147,8 @@ def serve(config: ServeConfig, on_line: Callable[[str], None]) -> None:
     on_line(f"listening on http://{shown}:{port} (web page at /, API docs at /docs); loading {config.source.label}")
     if config.exposed and config.api_key_env is None:
         on_line(f"warning: --host {config.host} is reachable from other machines and no --api-key-env is set")
-    worker.start()
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    worker.start()
     try:
         with quiet_exit_signals():
             server.run(sockets=[sock])
@@ -128,4 +157,6 @@ def serve(config: ServeConfig, on_line: Callable[[str], None]) -> None:
         worker.stop()
         if worker.loaded is not None:
             worker.loaded.pipeline.close()
+    if fatal:
+        raise fatal[0]
     on_line("stopped: every request taken was answered")

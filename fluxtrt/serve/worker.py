@@ -1,5 +1,6 @@
 """The one thread that owns the GPU: it loads and warms up the pipeline, then runs queued edits, batching requests
-of the same geometry and settings into one pipeline call up to the batch the engines were built for."""
+of the same geometry, settings and LoRA (name and scale) into one pipeline call up to the batch the engines were
+built for."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class Job:
     @property
     def key(self) -> tuple:
         r = self.request
-        return self.target, self.reference, r.steps, r.guidance, r.max_area
+        return self.target, self.reference, r.steps, r.guidance, r.max_area, r.loras
 
 
 @dataclass
@@ -59,10 +60,14 @@ class JobResult:
     warnings: list[str]
 
 
-def edit_batch(pipeline: Any, sampler: SamplerConfig, jobs: list[Job], keep_reference_size: bool) -> list[JobResult]:
-    """Run ``jobs`` (one geometry and settings) as one pipeline call; image i of a request uses seed ``seed + i``,
-    so a request gets the same images whatever it was batched with."""
+def edit_batch(pipeline: Any, sampler: SamplerConfig, jobs: list[Job], keep_reference_size: bool,
+               switch: Any = None) -> list[JobResult]:  # fmt: skip
+    """Run ``jobs`` (one geometry, settings and LoRA selection) as one pipeline call; image i of a request uses seed
+    ``seed + i``, so a request gets the same images whatever it was batched with. The LoRAs of the batch are merged
+    into the transformer first (``switch``, a ``fluxtrt.serve.loras.LoraSwitch``; None: the server has none)."""
     first = jobs[0].request
+    if switch is not None:
+        switch.use(first.loras)
     images = [img for j in jobs for img in [j.request.image] * j.request.n]
     prompts = [p for j in jobs for p in [j.request.prompt] * j.request.n]
     seeds = [s for j in jobs for s in j.request.seeds]
@@ -114,6 +119,7 @@ class EditWorker:
         self._stopping = False
         self.state, self.error = "loading", ""
         self.loaded: Any = None
+        self.loras: dict[str, Any] = {}  # name -> the LoRA read (fluxtrt.lora.files.Lora), its scale the default
         self.ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fluxtrt-worker", daemon=True)
 
@@ -196,7 +202,8 @@ class EditWorker:
         images = sum(j.request.n for j in jobs)
         self._on_busy(images)
         try:
-            results = edit_batch(self.loaded.pipeline, self.sampler, jobs, self.keep_reference_size)
+            results = edit_batch(self.loaded.pipeline, self.sampler, jobs, self.keep_reference_size,
+                                 self.loaded.loras)  # fmt: skip
         except InputError as exc:
             outcome, error = "bad_request", RequestError(str(exc), None, "invalid_value", 400)
         except FluxtrtError as exc:

@@ -21,6 +21,18 @@ function choose(file) {
   $("input-image").src = URL.createObjectURL(file);
 }
 
+function showLoras(loras) {
+  const select = $("lora");
+  if (select.options.length > 1 || !loras.length) return;
+  for (const lora of loras) {
+    const option = document.createElement("option");
+    option.value = lora.name;
+    option.textContent = `${lora.name} (${lora.scale})`;
+    select.appendChild(option);
+  }
+  $("lora-row").hidden = false;
+}
+
 async function status() {
   try {
     const answer = await fetch("/ready", { headers: headers() });
@@ -28,6 +40,7 @@ async function status() {
     if (answer.ok) {
       $("status").textContent = `${body.model} on ${body.device}, batch up to ${body.max_batch}`;
       if (!$("steps").value) $("steps").placeholder = String(body.default_steps);
+      showLoras(body.loras || []);
     } else {
       $("status").textContent = body.status ? `model ${body.status}` : body.error.message;
       setTimeout(status, 2000);
@@ -45,9 +58,10 @@ async function edit(event) {
   form.append("image", chosen);
   form.append("prompt", $("prompt").value);
   form.append("response_format", "b64_json");
-  for (const name of ["steps", "seed", "size"]) {
+  for (const name of ["steps", "seed", "size", "lora"]) {
     if ($(name).value.trim()) form.append(name, $(name).value.trim());
   }
+  if ($("lora").value && $("lora_scale").value.trim()) form.append("lora_scale", $("lora_scale").value.trim());
   $("submit").disabled = true;
   say("editing\u2026", false);
   const started = performance.now();
@@ -59,7 +73,7 @@ async function edit(event) {
     $("output-image").src = "data:image/png;base64," + body.data[0].b64_json;
     $("output-caption").textContent =
       `edit ${body.size}, ${body.steps} steps, seed ${body.seed}: ${(body.timings_ms.edit / 1000).toFixed(2)} s ` +
-      `on the server (${seconds} s here), ${body.model}`;
+      `on the server (${seconds} s here), ${body.model}` + (body.lora ? ` + LoRA ${body.lora}:${body.lora_scale}` : "");
     say(body.warnings.length ? "notice: " + body.warnings.join("; ") : "done", false);
   } catch (e) {
     say("request failed: " + e, true);
