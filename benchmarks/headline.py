@@ -6,8 +6,8 @@ them with the PyTorch stages on the same edit, and write the results where the R
         --resolution 256x256 --name headline_tiny                 # the same path on a CPU, in about a minute
 
 1. ``fluxtrt build`` of the engines into ``--engines`` (default ``build/headline/<model>-<backend>-<precision>-<WxH>``),
-   for the one resolution compared, with ``--jobs auto`` (as many components at once as the memory holds). The build skips components that are up to date, so running this
-   command again only compares.
+   for the one resolution compared, with ``--jobs auto`` (as many components at once as the memory holds). The build
+   skips components that are up to date, so running this command again only compares.
 2. ``fluxtrt compare`` of ``--stages`` (stage 0 and stage 4 by default) and those engines, with the prompt reused
    (``--prompt-cache``), into ``benchmarks/results/<name>/``: report.json, report.md and report.png.
 3. ``headline.md`` there: the README's table, every figure read from report.json; and ``command.txt``: this command,
