@@ -15,7 +15,11 @@ of the same precision in the same run.
    (the engine's fidelity), and the torch.compile stage of the same precision with the first-block cache off
    (bf16: stage 1, regional compile + fused QKV; fp8: stage 3, + FP8 attention + torchao FP8 linears): first call
    (compile) and step time. With --fp32-reference, every output's error against the FP32 result of the same
-   weights, which says which of two differing BF16 results is nearer the exact one.
+   weights, which says which of two differing BF16 results is nearer the exact one (where the GPU has room for
+   the FP32 weights: checked before converting; else that record is skipped, naming the memory needed and free).
+
+A phase that fails is one record with a one-line reason (its output or traceback in a log beside --out), and the
+phases after it run; a failed build skips the measure.
 
 An fp8 build on CUDA runs its attention in FP8 by default (the engine's ``--aoti-fp8-attention``), as stage 3
 does; ``--fp8-attention off`` builds it with BF16 SDPA.
@@ -57,7 +61,7 @@ def build(args, records: Records) -> None:
         cmd.append("--aoti-cuda-graph")
     if args.fp8_attention != "default":
         cmd.append("--aoti-fp8-attention" if args.fp8_attention == "on" else "--aoti-no-fp8-attention")
-    manifest, wall, tail = run_build(cmd, records, out)
+    manifest, wall, log = run_build(cmd, records, out)
     entry = manifest["components"]["transformer"]
     sizes = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     records.emit({
@@ -65,27 +69,38 @@ def build(args, records: Records) -> None:
         "build_s": entry["build_s"], "files": sizes, "settings": entry["settings"].get("options"),
         "record": entry.get("record", entry.get("options")),
         "resolutions": manifest["resolutions"],
-        "output_tail": tail[-1500:],
+        "log": log,
     })  # fmt: skip
 
 
 def fp32_output(transformer, feed):
-    """The transformer's output on ``feed`` computed in FP32 from the same (BF16) weights.
+    """The transformer's output on ``feed`` computed in FP32 from the same (BF16) weights, where the device has room
+    for the FP32 weights and one call (checked before converting): (the output, "fp32"), else (None, why not: the
+    memory needed and free).
 
     The weights are converted in place and back: BF16 -> FP32 -> BF16 is exact, and no second copy is held.
     """
     import torch
 
     from fluxtrt.backends.torch_modules import TransformerModule
+    from fluxtrt.bench.step_error import as_fp32_where_it_fits
 
     dtype = next(transformer.parameters()).dtype
-    transformer.to(torch.float32)
+    tokens = feed["hidden_states"].shape[1] + feed["encoder_hidden_states"].shape[1]
+    computed = as_fp32_where_it_fits(transformer, tokens)
+    if computed != "fp32":  # e.g. "bf16 (fp32 needs 24.1 GiB more, 9.8 GiB free on the GPU)"
+        return None, computed.partition(" (")[2].rstrip(")")
     try:
         with torch.inference_mode():
             feed32 = {k: v.float() if v.is_floating_point() else v for k, v in feed.items()}
-            return TransformerModule(transformer)(**feed32)
+            return TransformerModule(transformer)(**feed32), computed
     finally:
         transformer.to(dtype)
+
+
+def error_or_none(got, want) -> dict | None:
+    """``relative_error`` where both outputs exist (None where the phase that makes one failed)."""
+    return None if got is None or want is None else relative_error(got, want)
 
 
 def measure(args, records: Records) -> None:
@@ -145,65 +160,76 @@ def measure(args, records: Records) -> None:
         with torch.inference_mode():
             return {"profile": kernel_profile(lambda: runner.infer(feed))}
 
-    runner, load_s = load(cuda_graph=False)
-    engine_out, first_call_s, ms = timed(runner)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    # Where the load went: the package's code, its weights to the GPU, handing them over; the rest is the checks
-    # before (manifest record, torch and GPU, the attention op's module) and first imports.
-    phases = dict(getattr(runner, "load_seconds", {}))
-    phases["rest"] = load_s - sum(phases.values())
-    records.emit({"phase": "engine", "load_s": load_s, "load_phases": phases, "first_call_s": first_call_s,
-                  "step_ms": ms, "peak_gpu_gib": peak, **profiled(runner)})  # fmt: skip
-    del runner
+    engine_out = ms = None
+    with records.phase("engine"):
+        runner, load_s = load(cuda_graph=False)
+        engine_out, first_call_s, ms = timed(runner)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        # Where the load went: the package's code, its weights to the GPU, handing them over; the rest is the checks
+        # before (manifest record, torch and GPU, the attention op's module) and first imports.
+        phases = dict(getattr(runner, "load_seconds", {}))
+        phases["rest"] = load_s - sum(phases.values())
+        records.emit({"phase": "engine", "load_s": load_s, "load_phases": phases, "first_call_s": first_call_s,
+                      "step_ms": ms, "peak_gpu_gib": peak, **profiled(runner)})  # fmt: skip
+    runner = None
     free()
 
-    try:
+    with records.phase("engine_cuda_graph"):  # the plain engine's figures stand whatever happens here
         graphed, _ = load(cuda_graph=True)
         graph_out, capture_s, graph_ms = timed(graphed)
         with torch.inference_mode():
             again = graphed.infer(feed)["noise_pred"]
         records.emit({"phase": "engine_cuda_graph", "capture_s": capture_s, "step_ms": graph_ms,
-                      "vs_plain": relative_error(graph_out, engine_out),
+                      "vs_plain": error_or_none(graph_out, engine_out),
                       "replay_equals_first": bool(torch.equal(again, graph_out)), **profiled(graphed)})  # fmt: skip
-        del graphed
-    except Exception as exc:  # the plain engine's figures stand; say what failed
-        records.emit({"phase": "engine_cuda_graph", "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+    graphed = graph_out = again = None
     free()
 
-    t0 = time.perf_counter()
-    components = load_components(args.model, device, "bf16")
-    records.emit({"phase": "torch_load", "seconds": time.perf_counter() - t0})
+    components = eager_out = reference = None
+    with records.phase("torch_load") as torch_load:
+        t0 = time.perf_counter()
+        components = load_components(args.model, device, "bf16")
+        records.emit({"phase": "torch_load", "seconds": time.perf_counter() - t0})
+    if torch_load.failed:
+        for name in ("engine_vs_eager_bf16", *(["fp32_reference"] if args.fp32_reference else []), "torch_stage"):
+            records.skip(name, torch_load.blocks())
+        return
     from fluxtrt.backends.torch_runner import torch_runners
 
-    with torch.inference_mode():
-        eager_out = torch_runners(components)["transformer"].infer(feed)["noise_pred"]
-    records.emit({"phase": "engine_vs_eager_bf16", **relative_error(engine_out, eager_out)})
-    reference = None
+    with records.phase("engine_vs_eager_bf16"):
+        with torch.inference_mode():
+            eager_out = torch_runners(components)["transformer"].infer(feed)["noise_pred"]
+        if engine_out is None:  # the eager output stands, for the stages below
+            records.skip("engine_vs_eager_bf16", "engine failed")
+        else:
+            records.emit({"phase": "engine_vs_eager_bf16", **relative_error(engine_out, eager_out)})
     if args.fp32_reference:
-        reference = fp32_output(components.transformer, feed)
-        free()
-        records.emit({"phase": "fp32_reference", "engine": relative_error(engine_out, reference),
-                      "eager_bf16": relative_error(eager_out, reference)})  # fmt: skip
+        with records.phase("fp32_reference"):
+            reference, why = fp32_output(components.transformer, feed)
+            free()
+            if reference is None:
+                records.skip("fp32_reference", why)
+            else:
+                records.emit({"phase": "fp32_reference", "engine": error_or_none(engine_out, reference),
+                              "eager_bf16": error_or_none(eager_out, reference)})  # fmt: skip
 
     staged = StagedModel(components)
     for name in STAGES[args.precision]:
-        try:
+        with records.phase("torch_stage", stage=name):
             applied = staged.apply(stage_config(name))
             stage_out, first, stage_ms = timed(applied.runners["transformer"])
-        except Exception as exc:  # the engine's figures stand; say what failed
-            records.emit({"phase": "torch_stage", "stage": name, "error": f"{type(exc).__name__}: {str(exc)[:800]}"})
-            continue
-        records.emit({
-            "phase": "torch_stage", "stage": name, "features": applied.report.features,
-            "unavailable": applied.report.unavailable, "attention": applied.report.attention,
-            "quant": applied.report.quant, "first_call_s": first, "step_ms": stage_ms,
-            "vs_eager_bf16": relative_error(stage_out, eager_out), "engine_speedup": stage_ms / ms,
-            **({"vs_fp32": relative_error(stage_out, reference)} if reference is not None else {}),
-            **profiled(applied.runners["transformer"]),
-        })  # fmt: skip
+            records.emit({
+                "phase": "torch_stage", "stage": name, "features": applied.report.features,
+                "unavailable": applied.report.unavailable, "attention": applied.report.attention,
+                "quant": applied.report.quant, "first_call_s": first, "step_ms": stage_ms,
+                "vs_eager_bf16": error_or_none(stage_out, eager_out),
+                "engine_speedup": stage_ms / ms if ms else None,
+                **({"vs_fp32": relative_error(stage_out, reference)} if reference is not None else {}),
+                **profiled(applied.runners["transformer"]),
+            })  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", choices=("bf16", "fp8"), required=True)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -222,9 +248,9 @@ def main() -> None:
                         help="also compute the output in FP32 from the same weights and measure every output's "
                         "error against it (needs about 2x the BF16 model's GPU memory)")  # fmt: skip
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
-    args = parser.parse_args()
-    build_then_measure(args, Records(args.out), build, measure, "benchmarks.aoti_gpu")
+    args = parser.parse_args(argv)
+    return build_then_measure(args, Records(args.out), build, measure, "benchmarks.aoti_gpu", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,7 +6,9 @@
 Prints one JSON line per event (contender start, warmup, timed run, check, contender done) as it happens and
 rewrites OUTDIR/report.{json,md,png} after every contender, so a run cut short still leaves what it measured;
 OUTDIR/events.jsonl keeps the lines and OUTDIR/command.txt the command. Before the matrix, the attention alone is
-timed at the full-size shape (BF16 SDPA against the FP8 kernel stage 2 would use).
+timed at the full-size shape (BF16 SDPA against the FP8 kernel stage 2 would use). A contender that fails is one line
+in the report; the attention timing or the comparison failing as a whole is one event with a one-line reason, its
+traceback in OUTDIR/events.<what>.log.
 (``--set model=tiny --set device=cpu --set resolution=64x64`` runs the same script on a CPU in a minute or two.)
 """
 
@@ -17,7 +19,10 @@ import json
 import shlex
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from benchmarks.failures import Logs, Phase, exception_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +34,11 @@ class Events:
         self.path = out / "events.jsonl"
         self.path.write_text("")
         self.t0 = time.perf_counter()
+        self.logs = Logs(self.path)
+
+    def phase(self, name: str) -> Phase:
+        """``{"event": name, "status": "failed", "reason": one line, "log": file}`` where the block raises."""
+        return Phase(self, self.logs, name, key="event")
 
     def __call__(self, event: dict) -> None:
         from fluxtrt.bench.report import json_safe
@@ -62,7 +72,6 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
     import torch.nn.functional as F
 
     from benchmarks.records import step_ms
-    from fluxtrt.errors import first_line
     from fluxtrt.kernels.attention import check_kernel, fp8_attention_kernel
     from fluxtrt.kernels.fp8 import quantize_fp8_dynamic
 
@@ -93,9 +102,9 @@ def attention_bench(emit, seq: int = 8704, heads: int = 24, dim: int = 128, iter
             ref = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).float()
             out = kernel(q8, k8, v8, dq, dk, dv, dim**-0.5).float()
             record["fp8_cosine_full_shape"] = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
-        except Exception as exc:  # reported, and stage 2 will report the same in its row
-            first = first_line(exc, "")
-            record["fp8_error"] = f"{type(exc).__name__}: {first}"
+        except Exception as exc:  # noqa: BLE001 (reported, and stage 2 will report the same in its row)
+            record["fp8_error"] = exception_reason(exc)
+            record["fp8_log"] = emit.logs.write("attention_bench-fp8", traceback.format_exc())
     emit(record)
 
 
@@ -112,16 +121,25 @@ def main() -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "command.txt").write_text(shlex.join([sys.executable, *sys.argv]) + "\n")
-    config = load_matrix(args.matrix, report_dir=args.out, overrides=parse_set(args.sets))
     emit = Events(args.out)
+    config = None
+    with emit.phase("matrix") as loaded:
+        config = load_matrix(args.matrix, report_dir=args.out, overrides=parse_set(args.sets))
+    if loaded.failed:
+        emit({"event": "finished", "failed": ["matrix"], "report": None})
+        return 1
     if not args.no_attention_bench and config.device == "cuda":
-        attention_bench(emit)
+        with emit.phase("attention_bench"):
+            attention_bench(emit)
         import torch
 
         torch.cuda.empty_cache()
-    report = compare(config, on_event=emit)
-    emit({"event": "finished", "failed": [c.name for c in report.failed], "report": str(args.out / "report.md")})
-    return 1 if report.failed else 0
+    report = None
+    with emit.phase("compare") as compared:
+        report = compare(config, on_event=emit)
+    failed = ["compare"] if compared.failed else [c.name for c in report.failed]
+    emit({"event": "finished", "failed": failed, "report": str(args.out / "report.md")})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ engine's step without the cache against the monolithic engine's.
 
 Random weights skip nothing at a real threshold (their residual changes say nothing about a real checkpoint); what
 carries over is the two costs. Time per edit = n_computed * t_computed + n_skipped * t_skipped + the rest of the edit
-(text encoders, VAE, glue: `fluxtrt compare`). Prints one JSON line per phase and rewrites --out after each.
+(text encoders, VAE, glue: `fluxtrt compare`). Prints one JSON line per phase and rewrites --out after each; a phase
+that fails is one record with a one-line reason (its output or traceback in a log beside --out) and the phases that
+do not need it still run.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def build(args, records: Records) -> None:
            "--calibration-edits", str(args.calibration_edits)]  # fmt: skip
     if args.monolithic:  # --first-block-cache would turn "transformer" into the parts: name all three instead
         cmd.remove("--first-block-cache")
-    manifest, wall, tail = run_build(cmd, records, args.workdir)
+    manifest, wall, log = run_build(cmd, records, args.workdir)
     records.emit({
-        "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall,
+        "phase": "build", "ok": True, "command": "fluxtrt " + " ".join(cmd[3:]), "wall_s": wall, "log": log,
         "build_s": {n: e["build_s"] for n, e in manifest["components"].items()},
         "files": {p.name: p.stat().st_size for p in args.workdir.iterdir() if p.is_file()},
         "record": {n: e.get("record") for n, e in manifest["components"].items()},
@@ -96,56 +98,73 @@ def measure(args, records: Records) -> None:
         runner = backend.load(job)
         return runner, time.perf_counter() - t0
 
-    first, first_load = load(PARTS[0])
-    rest, rest_load = load(PARTS[1])
-    records.emit({"phase": "load", "load_s": {PARTS[0]: first_load, PARTS[1]: rest_load}})
-    with torch.inference_mode():
-        d = specs[PARTS[0]].outputs[0].shape[-1]
-        one = first.infer({**feed, "rest_residual": torch.zeros(1, feed["hidden_states"].shape[1], d, dtype=dtype,
-                                                                   device=args.device)})  # fmt: skip
-        handed = {n: one[n] if n in one else feed[n] for n in specs[PARTS[1]].input_names}
-        parts_ms = {
-            PARTS[0]: step_ms(lambda: first.infer({**feed, "rest_residual": one["hidden"]})),
-            PARTS[1]: step_ms(lambda: rest.infer(handed)),
-        }
-        records.emit({"phase": "parts", "step_ms": parts_ms})
-        split = {}
+    with records.phase("load") as loaded:
+        first, first_load = load(PARTS[0])
+        rest, rest_load = load(PARTS[1])
+        records.emit({"phase": "load", "load_s": {PARTS[0]: first_load, PARTS[1]: rest_load}})
+    split: dict[str, float] = {}
+    split_out = None
+    if loaded.failed:
+        for name in ("parts", "split"):
+            records.skip(name, loaded.blocks())
+    else:
+        with torch.inference_mode(), records.phase("parts"):
+            d = specs[PARTS[0]].outputs[0].shape[-1]
+            one = first.infer({**feed, "rest_residual": torch.zeros(1, feed["hidden_states"].shape[1], d,
+                                                                       dtype=dtype, device=args.device)})  # fmt: skip
+            handed = {n: one[n] if n in one else feed[n] for n in specs[PARTS[1]].input_names}
+            parts_ms = {
+                PARTS[0]: step_ms(lambda: first.infer({**feed, "rest_residual": one["hidden"]})),
+                PARTS[1]: step_ms(lambda: rest.infer(handed)),
+            }
+            records.emit({"phase": "parts", "step_ms": parts_ms})
         for label, threshold in (("off", None), ("threshold_0", 0.0), ("threshold_inf", math.inf)):
-            runner = SplitTransformerRunner(specs["transformer"], first, rest, threshold)
-            split[label] = step_ms(lambda r=runner: r.infer(feed))  # the same timestep: one edit, no reset
-            stats = runner.stats()
-            records.emit({"phase": "split", "cache": label, "step_ms": split[label], "computed": stats.computed,
-                          "skipped": stats.skipped, "mean_computed_ms": stats.mean_computed_ms,
-                          "mean_skipped_ms": stats.mean_skipped_ms})  # fmt: skip
-        split_out = SplitTransformerRunner(specs["transformer"], first, rest, None).infer(feed)["noise_pred"]
-    mono = monolithic(args, manifest, load, feed, split_out) if args.monolithic else None
+            with torch.inference_mode(), records.phase("split", cache=label):
+                runner = SplitTransformerRunner(specs["transformer"], first, rest, threshold)
+                split[label] = step_ms(lambda r=runner: r.infer(feed))  # the same timestep: one edit, no reset
+                stats = runner.stats()
+                records.emit({"phase": "split", "cache": label, "step_ms": split[label], "computed": stats.computed,
+                              "skipped": stats.skipped, "mean_computed_ms": stats.mean_computed_ms,
+                              "mean_skipped_ms": stats.mean_skipped_ms})  # fmt: skip
+        with torch.inference_mode(), records.phase("split_output"):
+            split_out = SplitTransformerRunner(specs["transformer"], first, rest, None).infer(feed)["noise_pred"]
+    mono = None
+    if args.monolithic:
+        with records.phase("monolithic", source="this run"):
+            mono = monolithic(load, feed, split_out)
     if mono is None:
         mono = committed_monolithic(args.precision, device_environment(args.device).gpu or "")
     records.emit({"phase": "monolithic", **mono})
+    missing = [k for k in ("threshold_0", "threshold_inf") if k not in split]
+    if missing:
+        records.skip("summary", f"split {', '.join(missing)} did not run")
+        return
     t_c, t_s = split["threshold_0"], split["threshold_inf"]
+    off = split.get("off")
     records.emit({
-        "phase": "summary", "t_computed_ms": t_c, "t_skipped_ms": t_s, "split_no_cache_ms": split["off"],
+        "phase": "summary", "t_computed_ms": t_c, "t_skipped_ms": t_s, "split_no_cache_ms": off,
         "monolithic_ms": mono.get("step_ms"),
-        "split_overhead_ms": split["off"] - mono["step_ms"] if mono.get("step_ms") else None,
+        "split_overhead_ms": off - mono["step_ms"] if off and mono.get("step_ms") else None,
         "transformer_ms_per_14_step_edit": {f"{k}_skipped": (STEPS - k) * t_c + k * t_s for k in (0, 2, 4, 6, 8)},
         "formula": "time per edit = n_computed * t_computed + n_skipped * t_skipped + rest (text encoders, VAE, "
                    "glue); random weights skip nothing at a real threshold, so n_skipped comes from a real checkpoint",
     })  # fmt: skip
 
 
-def monolithic(args, manifest, load, feed, split_out) -> dict:
-    """The monolithic engine built in this run: its step on the same feed, and the split's output against it."""
+def monolithic(load, feed, split_out) -> dict:
+    """The monolithic engine built in this run: its step on the same feed, and the split's output against it (None
+    where the split did not run)."""
     import torch
 
     runner, load_s = load("transformer")
     with torch.inference_mode():
         ms = step_ms(lambda: runner.infer(feed))
         out = runner.infer(feed)["noise_pred"]
-    error = relative_error(split_out, out)
+    error = None if split_out is None else relative_error(split_out, out)
     return {"source": "this run", "load_s": load_s, "step_ms": ms, "split_vs_monolithic": error}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", choices=("bf16", "fp8", "fp32"), required=True, help="fp32: CPU smoke runs")
     parser.add_argument("--workdir", type=Path, required=True)
@@ -156,9 +175,9 @@ def main() -> None:
     parser.add_argument("--calibration-edits", type=int, default=1)
     parser.add_argument("--monolithic", action="store_true", help="also build the one-engine transformer and time it")
     parser.add_argument("--phase", choices=("all", "build", "measure"), default="all")
-    args = parser.parse_args()
-    build_then_measure(args, Records(args.out), build, measure, "benchmarks.fbc_engine_gpu")
+    args = parser.parse_args(argv)
+    return build_then_measure(args, Records(args.out), build, measure, "benchmarks.fbc_engine_gpu", argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

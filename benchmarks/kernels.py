@@ -101,6 +101,21 @@ def profiles(records: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def main(paths: list[str]) -> int:
+    """Each file's table; a file that cannot be read is one ``error:`` line and the next file still comes."""
+    from benchmarks.failures import exception_reason
+
+    failed = 0
+    for path in paths:
+        try:
+            table = markdown(profiles(json.loads(Path(path).read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"error: {path}: {exception_reason(exc)}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}\n\n{table}")
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(f"{path}\n\n{markdown(profiles(json.loads(Path(path).read_text())))}")
+    sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,8 @@ In a fresh process: the imports (torch, inductor), the CUDA context, then ``load
 directory, with each AOTInductor runner's load phases (``package``, ``weights``, ``constants``). With
 ``--trace-libraries`` the measurement runs in a child process under ``LD_DEBUG=files`` and the record also lists,
 with the second each happened at, every shared library the dynamic loader initialised during the engines' load
-(where a minute of a first package load goes, when it goes to loading libraries).
+(where a minute of a first package load goes, when it goes to loading libraries). A failed load is one record with a
+one-line reason, its output or traceback in a log beside --out.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from benchmarks.failures import Logs, PhaseFailed, output_reason
 from benchmarks.records import Records
 
 _MARK = "fluxtrt-load-phase"
+_LD_DEBUG = re.compile(r"^\s*\d+:")  # the dynamic loader's lines start with the process id
 
 
 def measure(engines: Path, device: str) -> dict:
@@ -49,12 +53,12 @@ def measure(engines: Path, device: str) -> dict:
     return {"imports_s": imports, "cuda_init_s": cuda, "load_s": load, "runners": runners}
 
 
-def traced(args) -> dict:
+def traced(args, logs: Logs) -> dict:
     """Run ``measure`` in a child under LD_DEBUG=files; time-stamp the libraries it initialises while loading."""
     env = {**os.environ, "LD_DEBUG": "files"}
     cmd = [sys.executable, "-m", "benchmarks.load_gpu", str(args.engines), "--device", args.device, "--child"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    start, loading, libraries = time.perf_counter(), False, []
+    start, loading, libraries, kept = time.perf_counter(), False, [], []
 
     def read():
         nonlocal loading
@@ -63,17 +67,23 @@ def traced(args) -> dict:
                 loading = "load-start" in line
             elif loading and "calling init:" in line:
                 libraries.append([round(time.perf_counter() - start, 2), line.split("calling init:")[-1].strip()])
+            elif not _LD_DEBUG.match(line):
+                kept.append(line)
 
     reader = threading.Thread(target=read)
     reader.start()
     out = proc.stdout.read()  # not communicate(): it would read stderr too, beside the thread that reads it
     proc.wait()
     reader.join()
-    result = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {"returncode": proc.returncode}
+    if proc.returncode != 0:  # LD_DEBUG's lines are not kept: the log holds the rest of the output
+        log = logs.write("load", f"# exit {proc.returncode}\n# stdout\n{out}\n# stderr\n" + "".join(kept))
+        raise PhaseFailed(output_reason(out + "\n" + "".join(kept), proc.returncode), log,
+                          returncode=proc.returncode)  # fmt: skip
+    result = json.loads(out.strip().splitlines()[-1])
     return {**result, "libraries_initialised_during_load": libraries}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("engines", type=Path)
     parser.add_argument("--out", type=Path)
@@ -83,13 +93,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.engines, args.device)), flush=True)
-        return
+        return 0
     if args.out is None:
         parser.error("--out is required")
     records = Records(args.out)
-    records.emit({"phase": "load", "engines": str(args.engines),
-                  **(traced(args) if args.trace_libraries else measure(args.engines, args.device))})  # fmt: skip
+    with records.phase("load", engines=str(args.engines)):
+        result = traced(args, records.logs) if args.trace_libraries else measure(args.engines, args.device)
+        records.emit({"phase": "load", "engines": str(args.engines), **result})
+    return records.done()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,9 @@ process prints the row ("result"): per-edit and per-step transformer ms (medians
 (step ms at N = 1 / (N x step ms at N)), peak allocated and reserved memory of every GPU, and fidelity against N = 1
 of the same row (cosine of the final latents, PSNR and SSIM of the decoded images). Everything goes to
 OUT/multi_gpu.json (rewritten after every line), the images and latents to OUT/<row>/n<N>/. A launch that would
-start after --budget-s is skipped (and says so), so the run ends in time; rows run in the order given.
+start after --budget-s is skipped (and says so), so the run ends in time; rows run in the order given. A launch that
+fails is one record with a one-line reason (the failed rank's traceback in OUT/<row>/n<N>/rank<R>.log), and the next
+launch runs.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from benchmarks.failures import PhaseFailed, exception_reason
 from benchmarks.records import Records
 
 DEFAULT_STAGES = "4:fbc=off:attention=sdpa,4:fbc=off:attention=sdpa:quant=off"
@@ -55,7 +59,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 # --- worker: one (row, N) under torchrun ---------------------------------------------------------------------------
 
 
-def worker(args: argparse.Namespace) -> None:
+def worker(args: argparse.Namespace) -> int:
+    """One rank of a launch. A failure leaves its traceback in the launch directory (``rank<R>.log``) and one line
+    for the parent (``fluxtrt.parallel.launch`` raises it), not a traceback on the terminal."""
+    from fluxtrt.parallel.launch import record_worker_error
+
+    try:
+        run_worker(args)
+    except Exception as exc:  # noqa: BLE001 (every failure becomes one line for the parent's record)
+        rank = os.environ.get("RANK", "0")
+        (Path(args.worker) / f"rank{rank}.log").write_text(traceback.format_exc())
+        reason = exception_reason(exc)
+        if not record_worker_error(reason):
+            print(f"error: {reason}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> None:
     import torch
 
     from fluxtrt.bench.compare import synthetic_image
@@ -193,7 +214,7 @@ def result(stage: str, n: int, directory: Path, base: dict | None) -> dict:
     return out
 
 
-def parent(args: argparse.Namespace) -> None:
+def parent(args: argparse.Namespace) -> int:
     from fluxtrt.environment import environment
     from fluxtrt.errors import FluxtrtError
     from fluxtrt.parallel.launch import launch
@@ -208,26 +229,31 @@ def parent(args: argparse.Namespace) -> None:
             elapsed = time.perf_counter() - t0
             if elapsed + longest > args.budget_s:
                 why = f"{elapsed:.0f} s spent, the longest launch took {longest:.0f} s, --budget-s {args.budget_s:.0f}"
-                records.emit({"phase": "skipped", "stage": stage, "n": n, "reason": why})
+                records.skip("result", why, stage=stage, n=n)
                 continue
             directory = args.out / stage.replace(":", "_").replace("=", "-") / f"n{n}"
             directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("rank*.log"):
+                stale.unlink()
             started = time.perf_counter()
-            try:
-                # torchrun's --module: each worker runs `python -m benchmarks.multi_gpu` from this directory, as
-                # this process does (run as a file, benchmarks/ would shadow packages such as `kernels`)
-                launch(n, [__spec__.name, *worker_args(args, stage, directory)], script="--module")
+            with records.phase("result", stage=stage, n=n):
+                try:
+                    # torchrun's --module: each worker runs `python -m benchmarks.multi_gpu` from this directory, as
+                    # this process does (run as a file, benchmarks/ would shadow packages such as `kernels`)
+                    launch(n, [__spec__.name, *worker_args(args, stage, directory)], script="--module")
+                except FluxtrtError as exc:  # one line; the failed rank's traceback is in its log
+                    logs = sorted(directory.glob("rank*.log"))
+                    log = str(logs[0].relative_to(args.out)) if logs else None
+                    raise PhaseFailed(exception_reason(exc), log) from None
+                finally:
+                    longest = max(longest, time.perf_counter() - started)
                 row = result(stage, n, directory, base)
-            except (FluxtrtError, OSError, KeyError) as exc:
-                records.emit({"phase": "failed", "stage": stage, "n": n, "error": str(exc)})
-                continue
-            finally:
-                longest = max(longest, time.perf_counter() - started)
-            records.emit({**row, "launch_s": round(time.perf_counter() - started, 1)})
-            if n == 1:
-                base = {**row, "dir": directory}
+                records.emit({**row, "launch_s": round(time.perf_counter() - started, 1)})
+                if n == 1:
+                    base = {**row, "dir": directory}
+    return records.done()
 
 
 if __name__ == "__main__":
     arguments = parse()
-    worker(arguments) if arguments.worker else parent(arguments)
+    sys.exit(worker(arguments) if arguments.worker else parent(arguments))

@@ -1,5 +1,6 @@
 """JSON records for the GPU benchmark scripts: one line per phase on stdout, all of them rewritten to --out each time,
-so a run cut short keeps what it measured."""
+so a run cut short keeps what it measured. A phase that fails is one record with a one-line reason (its full output in
+a log beside --out) and the phases after it still run (``Records.phase``, benchmarks/failures.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.failures import Logs, Phase, output_reason, run_logged
+
 
 class Records:
-    """Collects phase records; ``emit`` prints one and rewrites ``out`` with all."""
+    """Collects phase records; ``emit`` prints one and rewrites ``out`` with all; ``phase`` runs one phase."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.items: list[dict] = []
         self.t0 = time.perf_counter()
+        self.logs = Logs(self.out)
 
     def emit(self, record: dict) -> None:
         self.add({**record, "t_s": round(time.perf_counter() - self.t0, 1)})
@@ -28,6 +32,27 @@ class Records:
         self.items.append(record)
         print(json.dumps(record), flush=True)
         self.out.write_text(json.dumps(self.items, indent=2))
+
+    def phase(self, name: str, key: str = "phase", **fields) -> Phase:
+        """``with records.phase("engine"):`` an exception in the block is recorded as ``{"phase": "engine",
+        **fields, "status": "failed", "reason": one line, "log": file}`` and the script goes on after the block."""
+        return Phase(self.emit, self.logs, name, key, **fields)
+
+    def skip(self, name: str, reason: str, key: str = "phase", **fields) -> None:
+        """Record that phase ``name`` did not run (it needs one that failed, or the time ran out): one line."""
+        self.emit({key: name, **fields, "status": "skipped", "reason": reason})
+
+    @property
+    def failed(self) -> list[str]:
+        """The names of the phases that failed so far."""
+        names = (r.get("phase") or r.get("part") or r.get("event") for r in self.items if r.get("status") == "failed")
+        return [str(n) for n in names]
+
+    def done(self) -> int:
+        """Record the end (``{"phase": "done", "failed": [...]}``); the exit status: 1 where a phase failed."""
+        failed = self.failed
+        self.emit({"phase": "done", "failed": failed})
+        return 1 if failed else 0
 
 
 def step_ms(call, warmup: int = 3, iters: int = 10) -> float:
@@ -110,40 +135,47 @@ def kernel_profile(call, top: int = 12) -> dict:
     }
 
 
-def build_then_measure(args, records: Records, build, measure, module: str) -> None:
+def build_then_measure(args, records: Records, build, measure, module: str, argv: list[str] | None = None) -> int:
     """``--phase all|build|measure`` of a build-and-time benchmark: the environment record (versions, GPU, fluxtrt
     commit), then build, then measure in a fresh process (``python -m MODULE``, so load time comes without the
-    build's state) whose records are appended to ``records``."""
+    build's state) whose records are appended to ``records``; a failed build skips the measure. Returns the exit
+    status (1 where a phase failed), after a last ``done`` record."""
     from fluxtrt.environment import environment
 
+    argv = sys.argv[1:] if argv is None else argv
     records.emit({"phase": "environment", **environment(), "precision": args.precision})
     if args.phase in ("all", "build"):
-        build(args, records)
+        with records.phase("build") as built:
+            build(args, records)
+        if built.failed and args.phase == "all":
+            records.skip("measure", built.blocks())
+            return records.done()
     if args.phase == "all":
         part = args.out.with_suffix(".measure.json")
-        cmd = [sys.executable, "-m", module, *sys.argv[1:], "--phase", "measure", "--out", str(part)]
+        cmd = [sys.executable, "-m", module, *argv, "--phase", "measure", "--out", str(part)]
         proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+        finished = False
         if part.exists():
             for item in json.loads(part.read_text()):
-                if item.get("phase") != "environment":  # the same machine as this process's record
+                finished = finished or item.get("phase") == "done"
+                if item.get("phase") not in ("environment", "done"):  # the machine is this process's; done, below
                     records.add(item)
             part.unlink()
-        if proc.returncode != 0:
-            records.emit({"phase": "measure", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
-        sys.exit(proc.returncode)
+        if not finished:  # the measure process died outside its phases (its records above stand)
+            log = records.logs.write("measure", proc.stderr)
+            records.emit({"phase": "measure", "status": "failed", "returncode": proc.returncode,
+                          "reason": output_reason(proc.stderr, proc.returncode), "log": log})  # fmt: skip
     if args.phase == "measure":
-        measure(args, records)
+        with records.phase("measure"):
+            measure(args, records)
+    return records.done()
 
 
 def run_build(cmd: list[str], records: Records, out: Path) -> tuple[dict, float, str]:
-    """Run a ``fluxtrt build`` command line; on failure record it and exit 1. Returns (out's manifest as JSON, wall
-    seconds, the output's last 3000 characters)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
-    wall = time.perf_counter() - t0
-    tail = (proc.stdout + proc.stderr)[-3000:]
-    if proc.returncode != 0:
-        records.emit({"phase": "build", "ok": False, "returncode": proc.returncode, "wall_s": wall,
-                      "command": " ".join(cmd[1:]), "tail": tail})  # fmt: skip
-        sys.exit(1)
-    return json.loads((out / "manifest.json").read_text()), wall, tail
+    """Run a ``fluxtrt build`` command line; where it fails, raise ``PhaseFailed`` (one line; the command and its
+    whole output in the log). Returns (out's manifest as JSON, wall seconds, the log holding the build's output,
+    relative to the records' file)."""
+    env = {**os.environ, "COLUMNS": "120"}
+    child = run_logged(cmd, records.logs, "build", always=True, env=env)
+    child.check(wall_s=child.wall_s, command=" ".join(cmd[1:]))
+    return json.loads((out / "manifest.json").read_text()), child.wall_s, child.log

@@ -17,7 +17,9 @@ Every measurement runs in a process of its own, one after the other, so each sta
    compare's), then ``benchmarks.serve_load`` at each concurrency, each level bounded in time.
 
 Prints one JSON line per record as it goes; DIR/serve_gpu.json holds them all (rewritten after each), with the
-environment. ``--model tiny --size 256x256 --steps 2`` (or tiny engines) runs the same script on a CPU.
+environment. A phase that fails is one record with a one-line reason (the child's output or the traceback in a log in
+DIR, the server's in DIR/serve.log) and the phases after it still run; the requests, without a ready server, are
+skipped with the reason. ``--model tiny --size 256x256 --steps 2`` (or tiny engines) runs the same script on a CPU.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.failures import Child, Logs, one_line, output_reason, run_logged
 from benchmarks.records import Records
+from benchmarks.serve_gpu_child import DEFAULT_PROMPT, child, size_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = ROOT / "examples" / "input.png"
-DEFAULT_PROMPT = "make the house blue"
 
 
 def source_args(args) -> list[str]:
@@ -50,11 +53,6 @@ def common_args(args) -> list[str]:
     return out + (["--steps", str(args.steps)] if args.steps else [])
 
 
-def size_of(text: str) -> tuple[int, int]:
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
-
-
 def child_env() -> dict:
     # The repository first, then whatever PYTHONPATH already holds (wheels installed beside the system's packages).
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
@@ -64,179 +62,50 @@ def child_env() -> dict:
 # -- 1. fluxtrt infer as a user runs it ------------------------------------------------------------------------
 
 
-def measure_infer(args, out_dir: Path) -> dict:
+def measure_infer(args, out_dir: Path, logs: Logs) -> dict:
     width, height = size_of(args.size)
     image_out = out_dir / "infer.png"
     image_out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "fluxtrt", "infer", *source_args(args), "--image", str(args.image), "--prompt",
            args.prompt, "--height", str(height), "--width", str(width), "--out", str(image_out),
            *common_args(args)]  # fmt: skip
-    t0, wall0 = time.perf_counter(), time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    wall = time.perf_counter() - t0
+    wall0 = time.time()
+    proc = run_logged(cmd, logs, "infer", env=child_env(), cwd=ROOT)
     record = {"phase": "infer", "command": " ".join(["fluxtrt", *cmd[3:]]), "returncode": proc.returncode,
-              "wall_s": wall}  # fmt: skip
+              "wall_s": proc.wall_s}  # fmt: skip
     if image_out.exists():
         record["image_written_s"] = image_out.stat().st_mtime - wall0
     load = re.search(r"model load ([\d.]+) s", proc.stdout)
     record["load_s"] = float(load.group(1)) if load else None
     record["components_ms"] = {m.group(1): float(m.group(3)) for m in re.finditer(
         r"^\W*(\w+)\W+(\d*)\W+([\d.]+)\W", proc.stdout, re.MULTILINE)}  # fmt: skip
-    if proc.returncode != 0:
-        record["tail"] = (proc.stdout + proc.stderr)[-2000:]
-    return record
+    return record if proc.ok else {**record, **failure(proc)}
+
+
+def failure(proc: Child) -> dict:
+    """The fields of a record whose child process failed: one line, and the log holding its output."""
+    return {"status": "failed", "reason": proc.reason, "log": proc.log}
 
 
 # -- children: a fresh process each ----------------------------------------------------------------------------
 
 
-def run_child(args, mode: str) -> dict:
+def run_child(args, mode: str, logs: Logs) -> dict:
     """``mode`` in a fresh process of this script; its last stdout line is its JSON record."""
     cmd = [sys.executable, "-m", "benchmarks.serve_gpu", "--child", mode, *source_args(args), "--image",
            str(args.image), "--prompt", args.prompt, "--size", args.size, "--device", args.device,
            "--runs", str(args.runs)] + (["--steps", str(args.steps)] if args.steps else [])  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=ROOT)
-    process_s = time.perf_counter() - t0
+    proc = run_logged(cmd, logs, mode, env=child_env(), cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"phase": mode, "returncode": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]}
-    return {**json.loads(lines[-1]), "process_s": process_s}
-
-
-def child(args) -> dict:
-    t0 = time.perf_counter()
-    import torch
-
-    from fluxtrt.config import SamplerConfig
-
-    imports_s = time.perf_counter() - t0
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        t0 = time.perf_counter()
-        torch.zeros(1, device=args.device).add_(1)
-        torch.cuda.synchronize()
-        cuda_s = time.perf_counter() - t0
-    record: dict = {"phase": args.child, "imports_s": imports_s, "cuda_init_s": cuda_s if cuda else None}
-    if args.child == "compare":
-        return {**record, **compare_edit(args)}
-    t0 = time.perf_counter()
-    pipeline = load_pipeline(args, concurrent=args.child == "load_concurrent")
-    sync(cuda)
-    record["load_s"] = time.perf_counter() - t0
-    record["runners_load_s"] = {n: dict(getattr(r, "load_seconds", {})) for n, r in pipeline.runners.items()}
-    if args.child == "load_concurrent":
-        return record
-    from PIL import Image
-
-    pipeline.prompt_cache = 0  # every edit encodes its prompt, as a process's first edit does
-    timer = step_timer(pipeline.runners["transformer"], cuda)
-    pipeline.runners["transformer"] = timer
-    image = Image.open(args.image).convert("RGB")
-    width, height = size_of(args.size)
-    sampler = SamplerConfig(steps=args.steps)
-
-    def edit(prompt: str, steps: int | None = None) -> dict:
-        timer.clear()
-        t0 = time.perf_counter()
-        result = pipeline.edit(image, prompt, sampler=SamplerConfig(steps=steps) if steps else sampler, seed=0,
-                               height=height, width=width)  # fmt: skip
-        sync(cuda)
-        return {"wall_s": time.perf_counter() - t0, "timings_ms": result.timings_ms, "step_ms": list(timer.ms)}
-
-    if args.child == "warmup_edit":  # a one-step warm-up, then the edit: does it cost less than a cold edit?
-        record["warmup"] = edit(DEFAULT_PROMPT + " (warm-up)", steps=1)
-        record["edit"] = edit(args.prompt)
-        return record
-    edits = [edit(f"{args.prompt} #{i}") for i in range(1 + max(2, args.runs - 1))]
-    first, warm = edits[0], edits[1:]
-    record.update(first=first, warm=warm)
-    best = min(warm, key=lambda e: e["wall_s"])
-    record["first_over_warm"] = first["wall_s"] / best["wall_s"]
-    record["first_pays_ms"] = {k: first["timings_ms"][k] - best["timings_ms"].get(k, 0.0)
-                               for k in first["timings_ms"]}  # fmt: skip
-    if cuda:
-        record["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if not proc.ok:
+        return {"phase": mode, "returncode": proc.returncode, **failure(proc)}
+    if not lines:
+        log = logs.write(mode, proc.stdout + proc.stderr)
+        return {"phase": mode, "status": "failed", "reason": "the child process printed no record", "log": log}
+    record = {**json.loads(lines[-1]), "process_s": proc.wall_s}
+    if record.get("error"):  # compare's contender failed: its error is one line already
+        record["reason"] = record["error"]
     return record
-
-
-def step_timer(inner, cuda: bool):
-    """``inner`` behind a runner that keeps each call's milliseconds (synchronised, on a GPU)."""
-    from fluxtrt.backends.runner import DelegatingRunner
-
-    class StepTimer(DelegatingRunner):
-        def __init__(self):
-            super().__init__(inner)
-            self.ms: list[float] = []
-
-        def clear(self) -> None:
-            self.ms = []
-
-        def _infer(self, feed):
-            sync(cuda)
-            t0 = time.perf_counter()
-            out = self.inner.infer(feed)
-            sync(cuda)
-            self.ms.append((time.perf_counter() - t0) * 1000)
-            return out
-
-    return StepTimer()
-
-
-def load_pipeline(args, concurrent: bool = False):
-    if args.engines:
-        from fluxtrt.engines.load import load_engine_pipeline
-
-        return load_engine_pipeline(args.engines, args.device, concurrent=concurrent)
-    from fluxtrt.models import load_components
-    from fluxtrt.pipeline.kontext import KontextPipeline
-
-    dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    return KontextPipeline.from_components(load_components(args.model, args.device, dtype, seed=0))
-
-
-def compare_edit(args) -> dict:
-    """``fluxtrt compare`` of the engines (or stage 0 of the model) on the same inputs as the server's requests."""
-    from dataclasses import replace
-
-    from fluxtrt.bench.compare import compare
-    from fluxtrt.bench.config import CompareConfig
-    from fluxtrt.bench.contenders import EngineContender
-    from fluxtrt.config import SamplerConfig
-    from fluxtrt.specs.flux import Resolution
-
-    class TimedEngines(EngineContender):
-        """The engines without the per-step check against PyTorch (it loads the model: time this run has not)."""
-
-        def prepare(self, session):
-            return replace(super().prepare(session), after=None)
-
-    width, height = size_of(args.size)
-    model = args.model
-    contenders = None
-    if args.engines:
-        from fluxtrt.engines.manifest import Manifest
-
-        model = Manifest.load(args.engines).model.source
-        contenders = [TimedEngines(args.engines, sampler=SamplerConfig(steps=args.steps))]
-    config = CompareConfig(model=model, stages=() if args.engines else ("0",),
-                           engines=(args.engines,) if args.engines else (), image=args.image, prompt=args.prompt,
-                           resolution=Resolution(width, height), runs=args.runs, warmup=1, device=args.device,
-                           seed=0)  # fmt: skip
-    report = compare(config, contenders=contenders)
-    result = report.contenders[0]
-    return {"contender": result.name, "status": result.status, "error": result.error, "load_s": result.load_s,
-            "first_call_s": result.first_call_s, "totals_ms": result.totals_ms,
-            "median_total_ms": result.median_total_ms,
-            "median_timings_ms": result.representative.timings_ms if result.representative else None,
-            "environment": report.environment}  # fmt: skip
-
-
-def sync(cuda: bool) -> None:
-    if cuda:
-        import torch
-
-        torch.cuda.synchronize()
 
 
 # -- 5. fluxtrt serve --------------------------------------------------------------------------------------------
@@ -263,13 +132,11 @@ def wait_status(client, url: str, proc, deadline: float, log: Path) -> float | N
 def measure_serve(args, records: Records, compare_ms: float | None, deadline: float) -> None:
     import httpx
 
-    from benchmarks.serve_load import load_test
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "fluxtrt", "serve", *source_args(args), "--port", str(port), "--warmup-size",
            args.size, *common_args(args)]  # fmt: skip
-    log_path = Path(args.out) / "serve.log"
+    log_path = Path(args.out) / "serve.log"  # beside serve_gpu.json: records name it "serve.log"
     log = log_path.open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT)
@@ -282,29 +149,16 @@ def measure_serve(args, records: Records, compare_ms: float | None, deadline: fl
                       "ready_s": since(ready)}  # fmt: skip
             if ready:
                 record["ready"] = client.get(f"{url}/ready").json()
+            else:
+                why = "not ready by the deadline" if proc.poll() is None else None
+                record.update(status="failed", reason=why or output_reason(log_path.read_text(), proc.poll()),
+                              log=log_path.name)  # fmt: skip
             records.emit(record)
             if not ready:
+                for name in ("serve_single", "serve_load"):
+                    records.skip(name, "the server did not become ready")
                 return
-            singles = single_requests(client, url, args)
-            edit_ms = sorted(s["timings_ms"]["edit"] for s in singles if "timings_ms" in s)
-            median = edit_ms[(len(edit_ms) - 1) // 2] if edit_ms else None
-            records.emit({"phase": "serve_single", "requests": singles, "median_edit_ms": median,
-                          "compare_median_total_ms": compare_ms,
-                          "edit_over_compare": median / compare_ms if median and compare_ms else None})  # fmt: skip
-            levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-            edit_s = (median or 1000.0) / 1000
-            image = args.image.read_bytes()
-            for c in levels:
-                left = deadline - time.perf_counter() - 15
-                if left < edit_s * c:
-                    records.emit({"phase": "serve_load", "concurrency": c, "skipped": f"{left:.0f} s left"})
-                    continue
-                # Each client sends its edits one after the other: bound the level to its share of the time left.
-                share = left / (len(levels) - levels.index(c))
-                per_client = max(1, min(args.requests, int(share / (edit_s * c))))
-                result = asyncio.run(load_test(url, image, args.prompt, args.size, args.steps, [c], per_client))
-                records.emit({"phase": "serve_load", **result["levels"][0], "requests_per_client": per_client,
-                              "health_after": result["health_after"]})  # fmt: skip
+            serve_requests(args, records, client, url, compare_ms, deadline)
     finally:
         proc.terminate()
         try:
@@ -313,8 +167,42 @@ def measure_serve(args, records: Records, compare_ms: float | None, deadline: fl
             proc.kill()
             record = {"phase": "serve_exit", "returncode": proc.wait(), "killed": True}
         log.close()
-        record["log"] = [line for line in log_path.read_text().splitlines() if '"GET /' not in line][-20:]
+        record["log"] = log_path.name
+        if record["returncode"] not in (0, None) and not record.get("killed"):
+            record.update(status="failed", reason=output_reason(log_path.read_text(), record["returncode"]))
         records.emit(record)
+
+
+def serve_requests(args, records: Records, client, url: str, compare_ms: float | None, deadline: float) -> None:
+    """Single requests, then ``benchmarks.serve_load`` at each concurrency, each level bounded in time."""
+    from benchmarks.serve_load import load_test
+
+    median = None
+    with records.phase("serve_single"):
+        singles = single_requests(client, url, args)
+        edit_ms = sorted(s["timings_ms"]["edit"] for s in singles if "timings_ms" in s)
+        median = edit_ms[(len(edit_ms) - 1) // 2] if edit_ms else None
+        record = {"phase": "serve_single", "requests": singles, "median_edit_ms": median,
+                  "compare_median_total_ms": compare_ms,
+                  "edit_over_compare": median / compare_ms if median and compare_ms else None}  # fmt: skip
+        if not edit_ms:
+            record.update(status="failed", reason=next(s["reason"] for s in singles if "reason" in s))
+        records.emit(record)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    edit_s = (median or 1000.0) / 1000
+    image = args.image.read_bytes()
+    for c in levels:
+        left = deadline - time.perf_counter() - 15
+        if left < edit_s * c:
+            records.skip("serve_load", f"{left:.0f} s left", concurrency=c)
+            continue
+        with records.phase("serve_load", concurrency=c):
+            # Each client sends its edits one after the other: bound the level to its share of the time left.
+            share = left / (len(levels) - levels.index(c))
+            per_client = max(1, min(args.requests, int(share / (edit_s * c))))
+            result = asyncio.run(load_test(url, image, args.prompt, args.size, args.steps, [c], per_client))
+            records.emit({"phase": "serve_load", **result["levels"][0], "requests_per_client": per_client,
+                          "health_after": result["health_after"]})  # fmt: skip
 
 
 def single_requests(client, url: str, args, count: int = 3) -> list[dict]:
@@ -331,9 +219,18 @@ def single_requests(client, url: str, args, count: int = 3) -> list[dict]:
         if answer.status_code == 200:
             item["timings_ms"] = answer.json()["timings_ms"]
         else:
-            item["body"] = answer.text[:500]
+            item["reason"] = error_message(answer)
         out.append(item)
     return out
+
+
+def error_message(answer) -> str:
+    """One line of a failed answer: its error's message (OpenAI's error shape), else the status and body."""
+    try:
+        message = answer.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = f"HTTP {answer.status_code}: {answer.text}"
+    return one_line(str(message))
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
@@ -367,14 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     records.emit({"phase": "command", "argv": ["python", "-m", "benchmarks.serve_gpu", *(argv or sys.argv[1:])]})
     if "infer" not in skip:
-        records.emit(measure_infer(args, args.out))
+        with records.phase("infer"):
+            records.emit(measure_infer(args, args.out, records.logs))
     environment = None
     for mode in ("first_edit", "load_concurrent", "warmup_edit", "compare"):
-        if mode in skip or time.perf_counter() > deadline - 60:
+        if mode in skip:
             continue
-        record = run_child(args, mode)
-        environment = record.pop("environment", None) or environment
-        records.emit(record)
+        if time.perf_counter() > deadline - 60:
+            records.skip(mode, f"less than 60 s of --budget-s {args.budget_s:.0f} left")
+            continue
+        with records.phase(mode):
+            record = run_child(args, mode, records.logs)
+            environment = record.pop("environment", None) or environment
+            records.emit(record)
     if environment is None:
         from fluxtrt.environment import environment as probe
 
@@ -382,10 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     records.emit({"phase": "environment", **environment})
     compare_ms = next((r.get("median_total_ms") for r in records.items if r["phase"] == "compare"), None)
     if "serve" not in skip:
-        measure_serve(args, records, compare_ms, deadline)
-    failed = [r["phase"] for r in records.items if r.get("returncode") not in (None, 0) or r.get("error")]
-    records.emit({"phase": "done", "failed": failed})
-    return 1 if failed else 0
+        with records.phase("serve"):
+            measure_serve(args, records, compare_ms, deadline)
+    return records.done()
 
 
 if __name__ == "__main__":

@@ -118,8 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     key = os.environ.get(args.api_key_env, "") if args.api_key_env else None
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    result = asyncio.run(load_test(args.url, args.image.read_bytes(), args.prompt, args.size, args.steps, levels,
-                                   args.requests, key))  # fmt: skip
+    try:
+        result = asyncio.run(load_test(args.url, args.image.read_bytes(), args.prompt, args.size, args.steps, levels,
+                                       args.requests, key))  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 (a server that does not answer, say: one line, not a traceback)
+        first = (str(exc).strip().splitlines() or [""])[0]  # run as a file: no fluxtrt or benchmarks to import
+        print(f"error: {args.url}: {type(exc).__name__}: {first}"[:240], file=sys.stderr)
+        return 1
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

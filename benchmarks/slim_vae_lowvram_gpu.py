@@ -13,8 +13,9 @@
    peak memory of one eager call above the weights.
 
 Every record is printed as one JSON line as it happens and DIR/slim_vae_lowvram.json is rewritten with all of them,
-so a run cut short keeps what it measured. DIR defaults to $OUT, else ./bench_out. Weights are random: fidelity of
-the slim-VAE row against stage 0 is not measured here and would be meaningless.
+so a run cut short keeps what it measured; a part, autoencoder or call that fails is one record with a one-line reason
+(its traceback in a log beside the JSON) and the rest still runs. DIR defaults to $OUT, else ./bench_out. Weights are
+random: fidelity of the slim-VAE row against stage 0 is not measured here and would be meaningless.
 (``--model tiny --device cpu --resolution 64`` runs the same script on a CPU in about a minute, as a smoke test.)
 """
 
@@ -81,27 +82,29 @@ def time_vae(name: str, vae, image, latent, records: Records) -> None:
     modules = {"encode": (VaeEncoderModule(vae), image), "decode": (VaeDecoderModule(vae), latent)}
     with torch.inference_mode():
         for what, (module, x) in modules.items():
-            if torch.cuda.is_available():
-                torch.cuda.reset_peak_memory_stats()
-            ms = step_ms(lambda m=module, x=x: m(x))
-            peak = (torch.cuda.max_memory_allocated() - weights) / 2**30 if torch.cuda.is_available() else None
-            records.emit({"part": "vae", "vae": name, "op": what, "mode": "eager", "ms": ms, "params": params,
-                          "peak_above_weights_gib": peak})  # fmt: skip
+            with records.phase("vae", key="part", vae=name, op=what, mode="eager"):
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                ms = step_ms(lambda m=module, x=x: m(x))
+                peak = (torch.cuda.max_memory_allocated() - weights) / 2**30 if torch.cuda.is_available() else None
+                records.emit({"part": "vae", "vae": name, "op": what, "mode": "eager", "ms": ms, "params": params,
+                              "peak_above_weights_gib": peak})  # fmt: skip
         for what, (module, x) in modules.items():
-            if what == "decode":
-                for m in (vae.decoder, getattr(vae, "post_quant_conv", None)):
-                    if m is not None:
-                        m.to(memory_format=torch.channels_last)
-                module = ChannelsLastDecoder(vae)
-            compiled = torch.compile(module)
-            t0 = time.perf_counter()
-            compiled(x)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            compile_s = time.perf_counter() - t0
-            ms = step_ms(lambda m=compiled, x=x: m(x))
-            records.emit({"part": "vae", "vae": name, "op": what, "mode": "compiled", "ms": ms,
-                          "first_call_s": compile_s})  # fmt: skip
+            with records.phase("vae", key="part", vae=name, op=what, mode="compiled"):
+                if what == "decode":
+                    for m in (vae.decoder, getattr(vae, "post_quant_conv", None)):
+                        if m is not None:
+                            m.to(memory_format=torch.channels_last)
+                    module = ChannelsLastDecoder(vae)
+                compiled = torch.compile(module)
+                t0 = time.perf_counter()
+                compiled(x)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                ms = step_ms(lambda m=compiled, x=x: m(x))
+                records.emit({"part": "vae", "vae": name, "op": what, "mode": "compiled", "ms": ms,
+                              "first_call_s": compile_s})  # fmt: skip
 
 
 def run_vaes(args: argparse.Namespace, records: Records) -> None:
@@ -118,11 +121,13 @@ def run_vaes(args: argparse.Namespace, records: Records) -> None:
     latent = torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(1)).to(args.device, dtype)
     configs = FULL if args.model == "random-full" else TINY
     for name in ("flux", "tiny"):
-        if name == "flux":
-            vae = build_vae(configs, 0, args.device, dtype).eval().requires_grad_(False)
-        else:
-            vae = load_tiny_vae("tiny", args.device, dtype)
-        time_vae(name, vae, image, latent, records)
+        vae = None
+        with records.phase("vae", key="part", vae=name):
+            if name == "flux":
+                vae = build_vae(configs, 0, args.device, dtype).eval().requires_grad_(False)
+            else:
+                vae = load_tiny_vae("tiny", args.device, dtype)
+            time_vae(name, vae, image, latent, records)
         del vae
         sync()
         torch._dynamo.reset()
@@ -130,7 +135,7 @@ def run_vaes(args: argparse.Namespace, records: Records) -> None:
             torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     parser.add_argument("--parts", default="edit,vae", help="edit, vae or both (comma-separated), in that order")
@@ -147,11 +152,15 @@ def main() -> None:
                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")})  # fmt: skip
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if "edit" in parts:
-        run_edits(args, records, args.out)
+        with records.phase("edit", key="part"):
+            run_edits(args, records, args.out)
     if "vae" in parts:
-        run_vaes(args, records)
-    records.emit({"event": "done"})
+        with records.phase("vae", key="part"):
+            run_vaes(args, records)
+    failed = records.failed
+    records.emit({"event": "done", "failed": failed})
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
