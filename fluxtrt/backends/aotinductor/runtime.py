@@ -116,7 +116,7 @@ class AotInductorRunner(Runner):
         # weight constant -> the merged constants in place of its linear's (set_linear_weights)
         self._replaced: dict[str, dict[str, Any]] = {}
         # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
-        # (handing them to the package).
+        # (handing them to the package), "first_call" (on CUDA: one call at the smallest shapes).
         self.load_seconds: dict[str, float] = {}
 
     def _load(self) -> None:
@@ -137,6 +137,27 @@ class AotInductorRunner(Runner):
             self._constants = self._load_weights(model, device)
         self.model = model
         self.call = CudaGraphs(model) if self.cuda_graph else model
+        if device.type == "cuda":
+            self._first_call(model)
+
+    def _first_call(self, model: Any) -> None:
+        """Call the package once, at the smallest shapes it takes, so that what a process's first call pays (loading
+        each kernel, cuBLAS's first GEMMs, the allocator's growth: seconds for the 12B transformer) is paid by the
+        load and the first edit runs as fast as the next. The plain package, so that no CUDA graph is captured for
+        shapes an edit may never use."""
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        feed = self.spec.sample_feed({k: lo for k, (lo, _) in self.ranges.items()}, self.compute_dtype, self.device)
+        try:
+            model(*[feed[n].contiguous() for n in self.spec.input_names])
+            torch.cuda.synchronize(self.device)
+        except RuntimeError as exc:
+            raise EngineError(f"{self.name}: {self.path.name} fails its first call at its smallest shapes "
+                              f"({error_text(exc)}): {REBUILD}") from exc  # fmt: skip
+        self.load_seconds["first_call"] = time.perf_counter() - t0
 
     def _load_weights(self, model: Any, device: Any) -> dict[str, Any]:
         import time
