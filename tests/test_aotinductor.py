@@ -32,8 +32,8 @@ from tests.conftest import AOTI_GEOMETRIES as GEOMETRIES
 from tests.conftest import AOTI_RESOLUTIONS as RESOLUTIONS
 from tests.conftest import TinyAotiEngines
 
-# Building all five takes about 90 s on a 2-core CI machine; these three cover text, image and the external-weights
-# path, the other two run under the slow marker.
+# All five are built and run in one fresh interpreter (module fixture); these three cover text, image and the
+# external-weights path, the other two are checked under the slow marker.
 FAST = ("clip", "transformer", "vae_decoder")
 SLOW = ("t5", "vae_encoder")
 
@@ -87,8 +87,10 @@ def run_in_fresh_process(root: Path, dims, entries: dict, feeds: dict, tmp_path:
     return torch.load(tmp_path / "outs.pt")
 
 
-def _check_fresh_process_parity(engines: TinyAotiEngines, tiny, names: tuple[str, ...], tmp_path: Path) -> None:
-    """Build ``names``, run them at both geometries in a new interpreter, compare with the torch runners."""
+@pytest.fixture(scope="module")
+def fresh_process_outputs(engines, tmp_path_factory) -> tuple[dict, dict]:
+    """All five engines built, then loaded and run at both geometries in one new interpreter: (feeds, outputs)."""
+    names = (*FAST, *SLOW)
     entries = {name: engines.entry(name) for name in names}
     feeds = {
         name: [
@@ -97,7 +99,13 @@ def _check_fresh_process_parity(engines: TinyAotiEngines, tiny, names: tuple[str
         ]
         for name in names
     }
-    outs = run_in_fresh_process(engines.root, engines.dims, entries, feeds, tmp_path)
+    outs = run_in_fresh_process(engines.root, engines.dims, entries, feeds, tmp_path_factory.mktemp("fresh"))
+    return feeds, outs
+
+
+def _check_fresh_process_parity(engines: TinyAotiEngines, tiny, names: tuple[str, ...], fresh: tuple) -> None:
+    """``names`` as the fresh interpreter ran them at both geometries, compared with the torch runners."""
+    feeds, outs = fresh
     reference = torch_runners(tiny)
     for name in names:
         spec = engines.specs[name]
@@ -113,14 +121,14 @@ def _check_fresh_process_parity(engines: TinyAotiEngines, tiny, names: tuple[str
                 assert (err <= bound).all(), f"{name}.{key} {tuple(ref.shape)}: max error {err.max():.3g}, {tol}"
 
 
-def test_engines_match_torch_in_a_fresh_process(engines, tiny, tmp_path):
+def test_engines_match_torch_in_a_fresh_process(engines, tiny, fresh_process_outputs):
     """clip, transformer (external weights) and vae_decoder: one build each, two geometries, fp32 tolerance."""
-    _check_fresh_process_parity(engines, tiny, FAST, tmp_path)
+    _check_fresh_process_parity(engines, tiny, FAST, fresh_process_outputs)
 
 
 @pytest.mark.slow
-def test_text_and_image_encoders_match_torch_in_a_fresh_process(engines, tiny, tmp_path):
-    _check_fresh_process_parity(engines, tiny, SLOW, tmp_path)
+def test_text_and_image_encoders_match_torch_in_a_fresh_process(engines, tiny, fresh_process_outputs):
+    _check_fresh_process_parity(engines, tiny, SLOW, fresh_process_outputs)
 
 
 def test_build_records_the_environment_and_ranges(engines):
