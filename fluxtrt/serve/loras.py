@@ -108,7 +108,7 @@ class LoraSwitch:
 
             shapes, where = linear_shapes(self.module), "model's"
         else:
-            from fluxtrt.lora.engines import engine_runner
+            from fluxtrt.lora.engines import engine_runner, weight_shapes
 
             self.runner = runner
             target = engine_runner(runner)
@@ -116,7 +116,8 @@ class LoraSwitch:
                 raise InputError(f"--lora: the transformer engine of {pipeline.source} ({type(target).__name__}) "
                                  "takes no new weights: serve engines built with --backend onnxruntime, or "
                                  "aotinductor with --aoti-weights external")  # fmt: skip
-            shapes, where = {m: tuple(w.shape) for m, w in target.linear_weights().items()}, "engine's"
+            # The shapes alone: an FP8 engine's weights are dequantized when read (12B of them would not fit).
+            shapes, where = weight_shapes(target.linear_weights()), "engine's"
         from fluxtrt.lora.files import check_fits
 
         for lora in self.loras.values():
