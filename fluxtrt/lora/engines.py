@@ -49,6 +49,29 @@ def weight_shapes(weights: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     return dict(shapes) if shapes is not None else {m: tuple(w.shape) for m, w in weights.items()}
 
 
+def check_runner(runner: Any, loras: Sequence[Lora], where: str = "engine's") -> tuple[Any, Mapping[str, Any]]:
+    """The runner that holds the transformer's weights and its ``linear_weights()``, once every LoRA of ``loras``
+    is checked to fit them (their shapes only: an FP8 engine's weights are dequantized when read).
+
+    Raises:
+        InputError: a runner whose weights cannot be replaced (say which backend build can), or a LoRA that does
+            not fit the transformer.
+    """
+    target = engine_runner(runner)
+    if not hasattr(target, "set_linear_weights"):
+        raise InputError(
+            f"--lora: the {type(target).__name__} transformer engine cannot take new weights: use engines built "
+            "with --backend onnxruntime, or aotinductor with --aoti-weights external"
+        )
+    if not loras:
+        return target, {}
+    base = target.linear_weights()
+    shapes = weight_shapes(base)
+    for lora in loras:
+        check_fits(lora, shapes, where)
+    return target, base
+
+
 def apply_to_runner(runner: Any, loras: Sequence[Lora], where: str = "engine's",
                     scales: Sequence[float] | None = None) -> Mapping[str, Any]:  # fmt: skip
     """Merge ``loras`` (each at its spec's scale, or at ``scales``) into the transformer ``runner``'s weights; none
@@ -59,22 +82,13 @@ def apply_to_runner(runner: Any, loras: Sequence[Lora], where: str = "engine's",
         InputError: a runner whose weights cannot be replaced (say which backend build can), or a LoRA that does
             not fit the transformer; the runner is then unchanged.
     """
-    target = engine_runner(runner)
-    if not hasattr(target, "set_linear_weights"):
-        raise InputError(
-            f"--lora: the {type(target).__name__} transformer engine cannot take new weights: use engines built "
-            "with --backend onnxruntime, or aotinductor with --aoti-weights external"
-        )
     scales = [lora.spec.scale for lora in loras] if scales is None else list(scales)
     if len(scales) != len(loras):
         raise ValueError(f"{len(scales)} scales for {len(loras)} LoRAs")
+    target, base = check_runner(runner, loras, where)
     if not loras:
         target.set_linear_weights(None)
         return {}
-    base = target.linear_weights()
-    shapes = weight_shapes(base)
-    for lora in loras:
-        check_fits(lora, shapes, where)
     merged = MergedWeights(base, loras, scales)
     target.set_linear_weights(merged if merged else None)
     return merged

@@ -18,6 +18,13 @@ def linear_shapes(transformer: Any) -> dict[str, tuple[int, int]]:
     return {n: tuple(m.weight.shape) for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def check_model(transformer: Any, loras: Sequence[Lora]) -> None:
+    """Raise InputError unless every LoRA of ``loras`` fits ``transformer``'s linears."""
+    shapes = linear_shapes(transformer)
+    for lora in loras:
+        check_fits(lora, shapes, "model's")
+
+
 def fuse(transformer: Any, loras: Sequence[Lora]) -> dict[str, Any]:
     """Fuse ``loras`` (each at its spec's scale) into ``transformer``'s weights, in their dtype. Returns the
     originals of the weights it changed (module -> tensor), for ``unfuse``.
@@ -32,9 +39,7 @@ def fuse(transformer: Any, loras: Sequence[Lora]) -> dict[str, Any]:
 
     if importlib.util.find_spec("peft") is None:
         raise MissingDependencyError("peft", "--lora on a PyTorch model", "pip install 'fluxtrt[lora]'")
-    shapes = linear_shapes(transformer)
-    for lora in loras:
-        check_fits(lora, shapes, "model's")
+    check_model(transformer, loras)
     modules = dict(transformer.named_modules())
     targets = sorted({m for lora in loras for m in lora.layers})
     originals = {m: modules[m].weight.detach().clone() for m in targets}

@@ -104,24 +104,14 @@ class LoraSwitch:
         runner = pipeline.runners["transformer"]
         self.module = getattr(getattr(runner, "module", None), "transformer", None)  # a TorchRunner's model
         if self.module is not None:
-            from fluxtrt.lora.fuse import linear_shapes
+            from fluxtrt.lora.fuse import check_model
 
-            shapes, where = linear_shapes(self.module), "model's"
+            check_model(self.module, list(self.loras.values()))
         else:
-            from fluxtrt.lora.engines import engine_runner, weight_shapes
+            from fluxtrt.lora.engines import check_runner
 
             self.runner = runner
-            target = engine_runner(runner)
-            if not hasattr(target, "set_linear_weights"):
-                raise InputError(f"--lora: the transformer engine of {pipeline.source} ({type(target).__name__}) "
-                                 "takes no new weights: serve engines built with --backend onnxruntime, or "
-                                 "aotinductor with --aoti-weights external")  # fmt: skip
-            # The shapes alone: an FP8 engine's weights are dequantized when read (12B of them would not fit).
-            shapes, where = weight_shapes(target.linear_weights()), "engine's"
-        from fluxtrt.lora.files import check_fits
-
-        for lora in self.loras.values():
-            check_fits(lora, shapes, where)
+            check_runner(runner, list(self.loras.values()))
 
     def use(self, selection: Selection) -> None:
         """Merge the LoRAs ``selection`` names, at its scales, in place of the ones merged now (nothing when they are
