@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier on a GPU machine, in one call: installs the wheels the machine lacks (from .whl/, when there), runs
-# `pytest -m gpu`, then (with --all) the rest of the suite, and keeps the logs.
+# `pytest -m gpu`, then (with --all) the rest of the suite (spread over the machine's cores where pytest-xdist is
+# installed), and keeps the logs with each part's wall time.
 #     bash scripts/gpu_tests.sh OUT [--all]
 # Writes OUT/gpu_tier.log (and OUT/suite.log with --all), and OUT/environment.txt (GPU, driver, torch).
 set -uo pipefail
@@ -16,14 +17,26 @@ export PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  git log -1 --format='fluxtrt commit %H' 2>/dev/null
+  echo "fluxtrt commit ${FLUXTRT_COMMIT:-$(git log -1 --format=%H 2>/dev/null)}"
+  echo "cores $(nproc)"
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
+start=$SECONDS
 python3 -m pytest -m gpu -v -ra --durations=15 2>&1 | tee "$out/gpu_tier.log"
 status=${PIPESTATUS[0]}
+echo "gpu tier: exit $status in $((SECONDS - start)) s" | tee -a "$out/gpu_tier.log"
 if [ "${2:-}" = "--all" ]; then
-  python3 -m pytest -q -ra -m "not gpu" -x --durations=10 2>&1 | tee "$out/suite.log"
-  rest=${PIPESTATUS[0]}
+  spread=()
+  if python3 -c "import xdist" 2>/dev/null; then
+    workers=$(( $(nproc) > 4 ? $(nproc) * 3 / 4 : 1 ))
+    spread=(-n "$workers" --dist loadfile)
+  fi
+  start=$SECONDS
+  # Every test's outcome goes to the log as it ends (a run cut short still names what failed); the summary to stdout.
+  python3 -m pytest -v -rfE -m "not gpu" "${spread[@]}" --durations=10 >"$out/suite.log" 2>&1
+  rest=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$out/suite.log" | tail -40
+  echo "rest of the suite: exit $rest in $((SECONDS - start)) s" | tee -a "$out/suite.log"
   [ "$status" -eq 0 ] && status=$rest
 fi
 exit "$status"
