@@ -13,7 +13,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/fluxtrt-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 FLUXTRT_GPU_TIER_LOGS="$out"
+# Each line of the log with the time it was written (a test's outcome line: when it ended).
+stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
@@ -22,7 +24,7 @@ export PYTHONUNBUFFERED=1
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 start=$SECONDS
-python3 -m pytest -m gpu -v -ra --durations=15 2>&1 | tee "$out/gpu_tier.log"
+python3 -m pytest -m gpu -v -ra --durations=15 2>&1 | stamp | tee "$out/gpu_tier.log"
 status=${PIPESTATUS[0]}
 echo "gpu tier: exit $status in $((SECONDS - start)) s" | tee -a "$out/gpu_tier.log"
 if [ "${2:-}" = "--all" ]; then
@@ -33,9 +35,9 @@ if [ "${2:-}" = "--all" ]; then
   fi
   start=$SECONDS
   # Every test's outcome goes to the log as it ends (a run cut short still names what failed); the summary to stdout.
-  python3 -m pytest -v -rfE -m "not gpu" "${spread[@]}" --durations=10 >"$out/suite.log" 2>&1
-  rest=$?
-  grep -E "^(FAILED|ERROR)|passed|failed" "$out/suite.log" | tail -40
+  python3 -m pytest -v -rfE -m "not gpu" "${spread[@]}" --durations=10 2>&1 | stamp >"$out/suite.log"
+  rest=${PIPESTATUS[0]}
+  grep -E "^[0-9:]+ (FAILED|ERROR)|passed|failed" "$out/suite.log" | tail -40
   echo "rest of the suite: exit $rest in $((SECONDS - start)) s" | tee -a "$out/suite.log"
   [ "$status" -eq 0 ] && status=$rest
 fi

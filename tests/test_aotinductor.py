@@ -472,37 +472,6 @@ def test_the_inductor_cache_is_an_absolute_path_for_a_relative_out(tmp_path, mon
     assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none here")
-def test_a_cuda_engine_call_does_not_wait_on_the_host_for_the_previous_one(tmp_path):
-    """Behind a second of GPU work, two calls of a package loaded as the runner loads CUDA packages return at once;
-    loaded thread-safe (torch's default), the second call waits on the host for the first to finish on the GPU."""
-    import time
-
-    import torch._inductor
-
-    from fluxtrt.backends.aotinductor.runtime import load_package, single_threaded
-
-    module = torch.nn.Linear(256, 256).cuda().eval()
-    x = torch.randn(64, 256, device="cuda")
-    with torch.no_grad():
-        ep = torch.export.export(module, (x,))
-    path = Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "linear.pt2")))
-    assert single_threaded("cuda", cuda_graph=False) and not single_threaded("cpu", cuda_graph=False)
-    host_s = {}
-    for name, threaded in (("thread-safe", False), ("runner", single_threaded("cuda", cuda_graph=False))):
-        model = load_package(path, 0, run_single_threaded=threaded, probe_host_isa=False)
-        model(x)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(2_000_000_000)  # about a second of the GPU spinning
-        t0 = time.perf_counter()
-        model(x)
-        model(x)
-        host_s[name] = time.perf_counter() - t0
-        torch.cuda.synchronize()
-    assert host_s["runner"] < 0.1 < 0.3 < host_s["thread-safe"], host_s
-
-
 def test_an_fp8_build_gives_each_attention_its_calibrated_v_amax(tiny, monkeypatch):
     """The module as an fp8 build with FP8 attention exports it: every processor quantizes V with the amax its
     attention has in the calibration (the build's scales carry them beside the linears'), and the record says so."""
