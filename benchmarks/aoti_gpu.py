@@ -152,7 +152,7 @@ def measure(args, records: Records) -> None:
             first = runner.infer(feed)["noise_pred"]
             sync()
             seconds = time.perf_counter() - t0
-            return first, seconds, step_ms(lambda: runner.infer(feed))
+            return first, seconds, step_ms(lambda: runner.infer(feed), device=device)
 
     def profiled(runner) -> dict:
         if not (args.profile and device == "cuda"):

@@ -114,14 +114,15 @@ def measure(args, records: Records) -> None:
                                                                        dtype=dtype, device=args.device)})  # fmt: skip
             handed = {n: one[n] if n in one else feed[n] for n in specs[PARTS[1]].input_names}
             parts_ms = {
-                PARTS[0]: step_ms(lambda: first.infer({**feed, "rest_residual": one["hidden"]})),
-                PARTS[1]: step_ms(lambda: rest.infer(handed)),
+                PARTS[0]: step_ms(lambda: first.infer({**feed, "rest_residual": one["hidden"]}), device=args.device),
+                PARTS[1]: step_ms(lambda: rest.infer(handed), device=args.device),
             }
             records.emit({"phase": "parts", "step_ms": parts_ms})
         for label, threshold in (("off", None), ("threshold_0", 0.0), ("threshold_inf", math.inf)):
             with torch.inference_mode(), records.phase("split", cache=label):
                 runner = SplitTransformerRunner(specs["transformer"], first, rest, threshold)
-                split[label] = step_ms(lambda r=runner: r.infer(feed))  # the same timestep: one edit, no reset
+                # The same timestep every call: one edit, no reset.
+                split[label] = step_ms(lambda r=runner: r.infer(feed), device=args.device)
                 stats = runner.stats()
                 records.emit({"phase": "split", "cache": label, "step_ms": split[label], "computed": stats.computed,
                               "skipped": stats.skipped, "mean_computed_ms": stats.mean_computed_ms,
@@ -158,7 +159,7 @@ def monolithic(load, feed, split_out) -> dict:
 
     runner, load_s = load("transformer")
     with torch.inference_mode():
-        ms = step_ms(lambda: runner.infer(feed))
+        ms = step_ms(lambda: runner.infer(feed), device=feed["hidden_states"].device.type)
         out = runner.infer(feed)["noise_pred"]
     error = None if split_out is None else relative_error(split_out, out)
     return {"source": "this run", "load_s": load_s, "step_ms": ms, "split_vs_monolithic": error}

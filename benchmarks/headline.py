@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from fluxtrt.bench.results import run_gpu
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -126,11 +128,14 @@ def engine_files(directory: Path) -> dict[str, tuple[int, int]]:
 # --- the table ------------------------------------------------------------------------------------------------------
 
 
-def card(environment: dict) -> str:
-    """The machine of a report: the GPU and its memory, or the CPU."""
-    if environment.get("gpu"):
+def card(report: dict) -> str:
+    """The machine of a report (report.json): the GPU it ran on and its memory, or the CPU (a ``--device cpu`` run
+    on a machine with a GPU included)."""
+    environment = report["environment"]
+    gpu = run_gpu(report["config"], environment)
+    if gpu:
         memory = environment.get("gpu_memory_gib")
-        return f"{environment['gpu']}" + (f" ({memory} GiB)" if memory else "")
+        return gpu + (f" ({memory} GiB)" if memory else "")
     return f"CPU ({environment.get('cpu') or 'unknown'})"
 
 
@@ -164,7 +169,7 @@ def headline_markdown(report: dict, source: str, command: str) -> str:
     stages = [c for c in report["contenders"] if c.get("kind") == "stage"]
     last = stages[-1]["contender"] if len(stages) > 1 else None
     lines = [
-        f"{card(report['environment'])}, `--model {config['model']}`, a {inputs.get('target')} edit of a "
+        f"{card(report)}, `--model {config['model']}`, a {inputs.get('target')} edit of a "
         f"{inputs.get('image')} {inputs.get('image_size')} reference, prompt reused; median of {config['runs']} "
         f"timed edits after {config['warmup']} warmup edit(s); fluxtrt {report['environment'].get('fluxtrt_commit')}."
         f" Source: `{source}`, written by `{command}`.",
@@ -201,7 +206,7 @@ def write_outputs(args: argparse.Namespace, argv: list[str], ran: list[list[str]
     (args.out / "headline.md").write_text(headline_markdown(report, source, command))
     env = report["environment"]
     lines = [
-        f"# {card(env)}, driver {env.get('driver')}, torch {env.get('torch')}, fluxtrt {env.get('fluxtrt_commit')}, "
+        f"# {card(report)}, driver {env.get('driver')}, torch {env.get('torch')}, fluxtrt {env.get('fluxtrt_commit')}, "
         f"{report.get('created_utc')}",
         command,
         "# which ran, from the repository root:",

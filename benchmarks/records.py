@@ -55,14 +55,14 @@ class Records:
         return 1 if failed else 0
 
 
-def step_ms(call, warmup: int = 3, iters: int = 10) -> float:
-    """Mean milliseconds of ``call()`` on the GPU (CUDA events around ``iters`` calls after ``warmup``); on a
-    machine without CUDA, wall-clock time (for smoke runs)."""
+def step_ms(call, warmup: int = 3, iters: int = 10, device: str = "cuda") -> float:
+    """Mean milliseconds of ``call()`` after ``warmup`` calls: for work on CUDA (``device``), CUDA events around
+    ``iters`` calls; for work on the CPU or on a machine without CUDA, wall-clock time (for smoke runs)."""
     import torch
 
     for _ in range(warmup):
         call()
-    if not torch.cuda.is_available():
+    if not (str(device).startswith("cuda") and torch.cuda.is_available()):
         t0 = time.perf_counter()
         for _ in range(iters):
             call()

@@ -85,7 +85,7 @@ def time_vae(name: str, vae, image, latent, records: Records) -> None:
             with records.phase("vae", key="part", vae=name, op=what, mode="eager"):
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                ms = step_ms(lambda m=module, x=x: m(x))
+                ms = step_ms(lambda m=module, x=x: m(x), device=x.device.type)
                 peak = (torch.cuda.max_memory_allocated() - weights) / 2**30 if torch.cuda.is_available() else None
                 records.emit({"part": "vae", "vae": name, "op": what, "mode": "eager", "ms": ms, "params": params,
                               "peak_above_weights_gib": peak})  # fmt: skip
@@ -102,7 +102,7 @@ def time_vae(name: str, vae, image, latent, records: Records) -> None:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t0
-                ms = step_ms(lambda m=compiled, x=x: m(x))
+                ms = step_ms(lambda m=compiled, x=x: m(x), device=x.device.type)
                 records.emit({"part": "vae", "vae": name, "op": what, "mode": "compiled", "ms": ms,
                               "first_call_s": compile_s})  # fmt: skip
 

@@ -81,6 +81,25 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
+def cannot_run_engines(flavour) -> str | None:
+    """Why this machine cannot run the engines of a TensorRT ``flavour`` (``fluxtrt.backends.tensorrt.flavour``):
+    the library or the GPU it lacks; None where it can."""
+    import importlib.util
+
+    backend = flavour.backend
+    if importlib.util.find_spec(flavour.module) is None:
+        return f"{backend}: its library, the Python module {flavour.module}, is not installed ({flavour.install})"
+    gpu = "a CUDA GPU"
+    if flavour.runs_on:
+        gpu += f" of compute capability {', '.join(f'{sm // 10}.{sm % 10}' for sm in flavour.runs_on)}"
+    if not torch.cuda.is_available():
+        return f"{backend}: {flavour.module} is installed but its engines build and run on {gpu}; there is no GPU here"
+    major, minor = torch.cuda.get_device_capability()
+    if flavour.runs_on and major * 10 + minor not in flavour.runs_on:
+        return f"{backend}: {flavour.module} is installed but its runtime needs {gpu}; this one is {major}.{minor}"
+    return None
+
+
 # --- engines of the tiny model, built once per session -------------------------------------------------------------
 
 # AOTInductor build range: batch 1..2, each side 32..128 px (tuned for 64x64). GEOMETRIES lie inside it: square and

@@ -188,6 +188,7 @@ def _cudnn_fp8_available() -> str | None:
     return None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_cudnn_fp8_available() is not None, reason=str(_cudnn_fp8_available()))
 def test_cudnn_fp8_attention_follows_the_emulated_kernel():
     """cuDNN's FP8 SDPA (its S and O amax left virtual) against the dequantize + fp32 SDPA reference on the same

@@ -81,7 +81,7 @@ def test_onnx_has_spec_interface_and_symbolic_axes(engines):
 def test_infer_from_engines_matches_torch(engines, tmp_path):
     src = tmp_path / "in.png"
     make_image(400, 300).save(src)
-    common = ["--image", str(src), "--prompt", "make the house blue", "--steps", "3", "--seed", "5"]
+    common = ["--image", str(src), "--prompt", "make the house blue", "--steps", "3", "--seed", "5", "--device", "cpu"]
     r1 = run_cli("infer", "--engines", str(engines), "--out", str(tmp_path / "engines.png"), *common)
     r2 = run_cli("infer", "--model", "tiny", "--out", str(tmp_path / "torch.png"), *common)
     assert r1.exit_code == 0, r1.stderr
@@ -175,7 +175,7 @@ def infer_args(engines: Path, tmp_path: Path) -> list[str]:
     src = tmp_path / "in.png"
     make_image(200, 200).save(src)
     return ["infer", "--engines", str(engines), "--image", str(src), "--prompt", "p", "--out", str(tmp_path / "o.png"),
-            "--steps", "1"]  # fmt: skip
+            "--steps", "1", "--device", "cpu"]  # fmt: skip
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])

@@ -34,6 +34,8 @@ def test_infer_tiny_writes_png_at_preferred_aspect(tmp_path):
             "infer",
             "--model",
             "tiny",
+            "--device",
+            "cpu",
             "--image",
             str(src),
             "--prompt",
@@ -66,6 +68,8 @@ def test_infer_explicit_size_and_seed_is_deterministic(tmp_path, image_file):
             "infer",
             "--model",
             "tiny",
+            "--device",
+            "cpu",
             "--image",
             str(image_file),
             "--prompt",
@@ -192,8 +196,8 @@ def test_results_on_stdout_notices_on_stderr_and_format_by_extension(tmp_path):
     src, out = tmp_path / "dot.png", tmp_path / "edit.jpg"
     Image.new("RGB", (1, 1), "red").save(src)
     words = " ".join(f"word{i}" for i in range(3000))
-    result = run_cli("infer", "--model", "tiny", "--image", str(src), "--prompt", words, "--out", str(out),
-                     "--height", "512", "--width", "512", "--steps", "1")  # fmt: skip
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(src), "--prompt", words, "--out",
+                     str(out), "--height", "512", "--width", "512", "--steps", "1")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG's start-of-image marker
     notices = [line for line in result.stderr.splitlines() if line.startswith("notice: ")]
@@ -341,8 +345,8 @@ def test_ctrl_c_during_infer_speaks_of_the_edit_and_progress_shows_the_time_left
     import fluxtrt.infer
 
     out = tmp_path / "o.png"
-    result = run_cli("infer", "--model", "tiny", "--image", str(image_file), "--prompt", "p", "--out", str(out),
-                     "--steps", "3")  # fmt: skip
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "p",
+                     "--out", str(out), "--steps", "3")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     bar = [line for line in result.stderr.splitlines() if line.startswith("denoising")]
     assert bar and re.search(r"3/3 \d+:\d\d:\d\d left \d+:\d\d:\d\d$", bar[-1].rstrip()), result.stderr

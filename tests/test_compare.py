@@ -48,6 +48,7 @@ def compared(tmp_path_factory):
     config = CompareConfig(
         model="tiny",
         stages=("0:steps=2", "4:compile=off:steps=3"),
+        device="cpu",
         report_dir=out,
         resolution=Resolution(64, 64),
         runs=2,
@@ -223,8 +224,8 @@ def test_cli_compare_writes_report_and_fails_on_a_failed_contender(tmp_path):
     empty = tmp_path / "engines_empty_with_a_name_longer_than_a_table_column_would_keep_on_an_80_column_screen"
     empty.mkdir()
     out = tmp_path / "report"
-    args = ["compare", "--model", "tiny", "--stages", "0:steps=1", "--engines", str(empty), "--runs", "1"]
-    args += ["--warmup", "0", "--resolution", "64x64", "--report", str(out)]
+    args = ["compare", "--model", "tiny", "--device", "cpu", "--stages", "0:steps=1", "--engines", str(empty)]
+    args += ["--runs", "1", "--warmup", "0", "--resolution", "64x64", "--report", str(out)]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -287,7 +288,7 @@ def test_cli_compare_prompt_cache_skips_the_text_encoders_after_the_first_edit(t
     from fluxtrt.cli import main
 
     out = tmp_path / "report"
-    args = ["compare", "--model", "tiny", "--stages", "0:steps=1", "--runs", "2", "--warmup", "0"]
+    args = ["compare", "--model", "tiny", "--device", "cpu", "--stages", "0:steps=1", "--runs", "2", "--warmup", "0"]
     result = CliRunner().invoke(main, [*args, "--resolution", "64x64", "--prompt-cache", "--report", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "report.json").read_text())

@@ -56,8 +56,8 @@ def test_exif_orientation_is_applied_so_a_phone_photo_is_edited_upright(tmp_path
     assert np.array_equal(np.asarray(image), np.rot90(pixels, k=-1))
 
     out = tmp_path / "edit.png"
-    result = run_cli("infer", "--model", "tiny", "--image", str(path), "--prompt", "p", "--out", str(out),
-                     "--steps", "1")  # fmt: skip
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(path), "--prompt", "p", "--out",
+                     str(out), "--steps", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
     with Image.open(out) as edit:
         assert edit.height > edit.width, edit.size  # the edit is portrait, as the photo displays
@@ -164,8 +164,8 @@ def test_infer_prints_the_conversion_notice_once(tmp_path):
     rgba = np.dstack([np.asarray(make_image(96, 72)), np.full((72, 96), 128, np.uint8)])
     path, out = tmp_path / "half.png", tmp_path / "edit.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    result = run_cli("infer", "--model", "tiny", "--image", str(path), "--prompt", "p", "--out", str(out),
-                     "--steps", "1")  # fmt: skip
+    result = run_cli("infer", "--model", "tiny", "--device", "cpu", "--image", str(path), "--prompt", "p", "--out",
+                     str(out), "--steps", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
     notices = [line for line in result.stderr.splitlines() if line.startswith("notice:")]
     assert len(notices) == 1 and "composited on white" in notices[0], result.stderr

@@ -319,7 +319,8 @@ def test_compare_edits_every_row_with_the_lora(ort_engines, loras, tmp_path):
 
     stage = "0:solver=dpmpp-2m:sigmas=log-snr:steps=2"  # the engines' sampler, so that the edits are the same
     config = CompareConfig(model="tiny", stages=(stage,), engines=(ort_engines,), report_dir=tmp_path, runs=1,
-                           warmup=0, resolution=Resolution(SIZE, SIZE), loras=(f"{loras['a'][0]}:0.7",))  # fmt: skip
+                           warmup=0, device="cpu", resolution=Resolution(SIZE, SIZE),
+                           loras=(f"{loras['a'][0]}:0.7",))  # fmt: skip
     contenders = [StageContender(stage), EngineContender(ort_engines, SamplerConfig(steps=2), first_block_cache=None)]
     report = compare(config, contenders=contenders)
     assert not report.failed

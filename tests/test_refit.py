@@ -180,6 +180,7 @@ def _gpu_flavour() -> tuple[str | None, str]:
                   "not installed (NVIDIA's package index or docker/)")  # fmt: skip
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(_gpu_flavour()[0] is None, reason=_gpu_flavour()[1])
 def test_lora_refit_into_a_plan_equals_pytorch_fused_and_removal_restores(loras, torch_latents, tmp_path):
     """As the ONNX Runtime engines of tests/test_lora.py: the plan's edit with LoRA A, then A + B (0.5), against

@@ -10,7 +10,6 @@ runner refuses to run, loads again and computes the same).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -21,7 +20,7 @@ from fluxtrt.backends.tensorrt.flavour import TENSORRT, TENSORRT_RTX
 from fluxtrt.errors import DeviceMismatchError, EngineError, ShapeError
 from fluxtrt.specs import COMPONENTS, Resolution
 from fluxtrt.specs.flux import component_dims, dims_from_components
-from tests.conftest import AOTI_GEOMETRIES, ORT_MIN_RES
+from tests.conftest import AOTI_GEOMETRIES, ORT_MIN_RES, cannot_run_engines
 
 ORT_GEOMETRIES = [(1, ORT_MIN_RES, ORT_MIN_RES), (2, Resolution(384, 272), Resolution(272, 400))]
 
@@ -64,31 +63,16 @@ def _trt_runners(backend: str, request):
     return pipeline.runners
 
 
-def _cannot_run(backend: str) -> str | None:
-    """Why this machine cannot run ``backend``'s engines (the library or GPU it lacks), or None."""
-    if backend not in FLAVOURS:
-        return None
-    flavour = FLAVOURS[backend]
-    if importlib.util.find_spec(flavour.module) is None:
-        return f"{backend}: its library, the Python module {flavour.module}, is not installed ({flavour.install})"
-    gpu = "a CUDA GPU"
-    if flavour.runs_on:
-        gpu += f" of compute capability {', '.join(f'{sm // 10}.{sm % 10}' for sm in flavour.runs_on)}"
-    if not torch.cuda.is_available():
-        return f"{backend}: {flavour.module} is installed but its engines build and run on {gpu}; there is no GPU here"
-    major, minor = torch.cuda.get_device_capability()
-    if flavour.runs_on and major * 10 + minor not in flavour.runs_on:
-        return f"{backend}: {flavour.module} is installed but its runtime needs {gpu}; this one is {major}.{minor}"
-    return None
-
-
 def _params() -> list:
     """torch, then every registered engine backend, each with what it needs to run here (a skip naming what is
     missing otherwise)."""
     params = [pytest.param("torch", id="torch")]
     for name in BACKENDS:
         marks = [pytest.mark.slow] if name == "aotinductor" else []
-        reason = _cannot_run(name)
+        reason = None
+        if name in FLAVOURS:  # built and loaded on a CUDA GPU
+            marks.append(pytest.mark.gpu)
+            reason = cannot_run_engines(FLAVOURS[name])
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
         params.append(pytest.param(name, marks=marks, id=name))

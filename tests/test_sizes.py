@@ -140,8 +140,8 @@ def test_single_size_engines_edit_a_non_square_photo_at_their_size(single_size, 
     photo = make_image(320, 240)
     src, out = tmp_path / "photo.png", tmp_path / "edit.png"
     photo.save(src)
-    result = run_cli("infer", "--engines", str(engines), "--image", str(src), "--prompt", "p", "--out", str(out),
-                     "--steps", "2")  # fmt: skip
+    result = run_cli("infer", "--engines", str(engines), "--device", "cpu", "--image", str(src), "--prompt", "p",
+                     "--out", str(out), "--steps", "2")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     notices = [line for line in result.stderr.splitlines() if line.startswith("notice:")]
     assert len(notices) == 2, result.stderr

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fluxtrt.backends.tensorrt.flavour import TENSORRT_RTX
 from fluxtrt.config import BuildConfig
 from fluxtrt.errors import BuildError, DeviceError, EngineError, InputError
 from fluxtrt.specs import COMPONENTS, Resolution
-from tests.conftest import make_image, one_error_line, run_cli
+from tests.conftest import cannot_run_engines, make_image, one_error_line, run_cli
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install 'fluxtrt[tensorrt-rtx]')")
 pytest.importorskip("onnxscript")
@@ -110,7 +111,6 @@ def test_first_block_cache_parts_build_as_fp8_plans_with_each_parts_linears_quan
 
 def test_network_check_refuses_a_graph_that_lost_quantized_linears(rtx):
     """The FP8 graph parsed again, checked against one more quantized linear than it has: a BuildError."""
-    from fluxtrt.backends.tensorrt.flavour import TENSORRT_RTX
     from fluxtrt.backends.tensorrt.network import check_quantized, onnx_quantized_linears
 
     onnx_path = rtx / "onnx-fp8" / "onnx" / "transformer" / "model.onnx"
@@ -227,8 +227,11 @@ def test_running_without_a_gpu_is_one_line(rtx, tmp_path):
         backend.load(job)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="deserializing a plan needs a supported GPU (here: CUDA "
-                    "driver version is insufficient), so the engine inspector cannot run")  # fmt: skip
+RTX_CANNOT_RUN = cannot_run_engines(TENSORRT_RTX)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(RTX_CANNOT_RUN is not None, reason=f"the engine inspector deserializes a plan: {RTX_CANNOT_RUN}")
 def test_engine_inspector_sees_fp8_layers(rtx):
     backend, job = _load_job(rtx / "fp8", "transformer")
     runner = backend.load(job)

@@ -40,7 +40,7 @@ def print_compare_report(report, directory: Path | None) -> None:
     split = f", the transformer split over {gpus} processes" if gpus > 1 else ""
     loras = "".join(f", every row with LoRA {Path(lora['file']).name}:{lora['scale']:g}"
                     for lora in report.config.get("loras") or [])  # fmt: skip
-    console.print(f"fluxtrt compare: {escape(report.config['model'])} on {report.environment.get('gpu') or 'CPU'}"
+    console.print(f"fluxtrt compare: {escape(report.config['model'])} on {report.gpu or 'CPU'}"
                   f"{split}{escape(loras)}", soft_wrap=True)  # fmt: skip
     # Narrow enough for 80 columns: no outer edge, two-line headers, the errors of failed contenders under the
     # table. A name folds onto more lines rather than be cut; numbers never wrap.

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxtrt.bench.chart import write_chart
-from fluxtrt.bench.results import COMPONENTS, CompareReport, ContenderResult, summary_row
+from fluxtrt.bench.results import COMPONENTS, CompareReport, ContenderResult, run_gpu, summary_row
 from fluxtrt.io import atomic_write
 
 SCHEMA = "fluxtrt-compare/1"
@@ -169,7 +169,7 @@ def report_markdown(report: CompareReport) -> str:
     env = report.environment
     cfg = report.config
     inp = report.inputs
-    device = env.get("gpu") or f"CPU ({env.get('cpu')})"
+    device = report.gpu or f"CPU ({env.get('cpu')})"
     lines = [
         f"# fluxtrt compare: {cfg['model']} on {device}",
         "",
@@ -299,7 +299,7 @@ def _vae_and_memory_notes(report: CompareReport) -> list[str]:
                 "timings count. Measure it with a real checkpoint and --vae DIR (a download of madebyollin/taef1)."
             )
     low = [c for c in report.contenders if c.details.get("low_vram")]
-    if low and report.environment.get("gpu"):
+    if low and report.gpu:
         lines += ["", "GPU memory, GiB (torch.cuda max_memory_allocated / max_memory_reserved): timed edits; "
                   "allocated from loading through the warmup edits:", ""]  # fmt: skip
         lines += [f"- {c.name}: {_num(c.peak_gpu_mem_gib, '.2f')} / {_num(c.peak_gpu_reserved_gib, '.2f')}; "
@@ -336,7 +336,7 @@ def _step_error_section(report: CompareReport) -> list[str]:
 
 def _host_load_warning(report: CompareReport) -> list[str]:
     """A warning when other processes used the CPU during timed edits of a CPU comparison."""
-    if report.environment.get("gpu"):
+    if report.gpu:
         return []
     loaded = [(c.name, r.foreign_cores) for c in report.contenders for r in c.runs
               if r.foreign_cores is not None and r.foreign_cores > HOST_LOAD_LIMIT]  # fmt: skip
@@ -363,7 +363,8 @@ def write_report(report: CompareReport, directory: Path) -> dict[str, Path]:
 
 
 def chart_title(config: dict, environment: dict, inputs: dict) -> str:
-    return f"fluxtrt compare: {config['model']} on {environment.get('gpu') or 'CPU'}, {inputs.get('target', '')} edit"
+    machine = run_gpu(config, environment) or "CPU"
+    return f"fluxtrt compare: {config['model']} on {machine}, {inputs.get('target', '')} edit"
 
 
 def redraw_chart(data: dict, path: Path, renderer: str | None = None) -> str:

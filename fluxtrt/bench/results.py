@@ -95,6 +95,11 @@ class CompareReport:
     created_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
+    def gpu(self) -> str | None:
+        """The GPU the comparison ran on; None on the CPU (``run_gpu``)."""
+        return run_gpu(self.config, self.environment)
+
+    @property
     def failed(self) -> list[ContenderResult]:
         return [c for c in self.contenders if c.status != "ok"]
 
@@ -126,6 +131,14 @@ class CompareReport:
         if ref is None or not result.ok:
             return None
         return ref.representative.transformer_ms_per_step / result.representative.transformer_ms_per_step
+
+
+def run_gpu(config: dict, environment: dict) -> str | None:
+    """The GPU a comparison ran on, from its report's ``config`` and ``environment``: None for a run on the CPU, also
+    on a machine with a GPU (whose environment names it)."""
+    if str(config.get("device", "cuda")).startswith("cpu"):
+        return None
+    return environment.get("gpu")
 
 
 def summary_row(report: CompareReport, result: ContenderResult) -> dict:
