@@ -228,9 +228,11 @@ ORT_MIN_RES = Resolution(256, 256)
 
 
 def ort_config(out: Path, **kw):
-    """``fluxtrt build --model tiny --backend onnxruntime --precision fp32 --min-resolution 256x256 --max-batch 2``."""
+    """``fluxtrt build --model tiny --backend onnxruntime --precision fp32 --min-resolution 256x256
+    --opt-resolution 256x256 --max-batch 2`` (the opt size is where a benchmark times the engines)."""
     from fluxtrt.config import BuildConfig
 
+    kw = {"opt_resolution": ORT_MIN_RES, **kw}
     return BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=out, min_resolution=ORT_MIN_RES,
                        max_batch=2, **kw)  # fmt: skip
 
@@ -250,3 +252,23 @@ def ort_engines(tmp_path_factory) -> Path:
             assert [r.status for r in report.results] == ["built"] * 5
             done.touch()
     return out
+
+
+def recorded_for(src: Path, dst: Path, only: Resolution) -> Path:
+    """A copy of the engines directory ``src`` recorded as built for ``only`` (--min/--opt/--max-resolution), batch 1:
+    its range and every engine's profile, which is all that differs between ONNX Runtime builds of other ranges
+    (their engines take any shape; the runners enforce the recorded profiles)."""
+    from fluxtrt.engines.manifest import BatchRange, Manifest, ResolutionRange
+    from fluxtrt.specs import component_specs
+    from fluxtrt.specs.flux import profile_shapes
+
+    shutil.copytree(src, dst)
+    manifest = Manifest.load(dst)
+    manifest.resolutions = ResolutionRange(only, only, only)
+    manifest.batch = BatchRange(1, 1, 1)
+    specs = component_specs(manifest.dims)
+    for name, entry in manifest.components.items():
+        shapes = profile_shapes(specs[name], manifest.dims, (1, 1, 1), (only, only, only))
+        entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+    manifest.save(dst)
+    return dst
