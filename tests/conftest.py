@@ -18,10 +18,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages (where the kernel offers them on
+# request): a ~1 MP edit allocates and frees activations of tens of MB, each otherwise faulted in 4 KB at a time.
+# Set before torch allocates anything, here and in every process the tests start; it changes no computed value.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from fluxtrt.specs import Resolution
 
