@@ -1,18 +1,32 @@
-"""Shared fixtures: the tiny model (built once per session), its engines (built once per session, for the backend
-tests and the runner contract test), small synthetic reference images, and the CLI helpers."""
+"""Shared fixtures: the tiny model (built once per session), its engines (built once per test run, for the backend
+tests and the runner contract test), small synthetic reference images, and the CLI helpers.
+
+The engines are built once per run even where pytest-xdist spreads the tests over processes: they go to a folder
+every process of the run sees (``run_dir``), each built by the first process that needs it while the others wait on
+its lock (``exclusive``) and then use it.
+"""
 
 from __future__ import annotations
 
 import atexit
+import json
+import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
+# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages (where the kernel offers them on
+# request): a ~1 MP edit allocates and frees activations of tens of MB, each otherwise faulted in 4 KB at a time.
+# Set before torch allocates anything, here and in every process the tests start; it changes no computed value.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from fluxtrt.specs import Resolution
 
@@ -100,7 +114,29 @@ def cannot_run_engines(flavour) -> str | None:
     return None
 
 
-# --- engines of the tiny model, built once per session -------------------------------------------------------------
+# --- engines of the tiny model, built once per test run ------------------------------------------------------------
+
+
+def run_dir(tmp_path_factory) -> Path:
+    """A folder of this test run that every process of it sees: the run's base temporary folder, or under
+    pytest-xdist the one above the workers' own (``<run>/popen-gwN``)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextmanager
+def exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (made if missing) for the duration: one process at a time."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
 
 # AOTInductor build range: batch 1..2, each side 32..128 px (tuned for 64x64). GEOMETRIES lie inside it: square and
 # non-square, target and reference of different sizes, batch 1 and 2.
@@ -111,13 +147,15 @@ AOTI_OPTIONS = {"transformer": {"weights": "external"}}
 
 
 class TinyAotiEngines:
-    """AOTInductor engines of the tiny model, each built on first use into one temporary directory.
+    """AOTInductor engines of the tiny model, each built on first use into one directory (``root``; a new temporary
+    one if not given).
 
     ``engines[name]`` is a loaded runner; ``entry(name)`` is what the build orchestration would record (the profile,
-    the settings given and the backend's record).
+    the settings given and the backend's record). Each engine is built once per ``root``, by the first process that
+    asks for it (under ``root/<name>.lock``); its entry is saved beside it (``<name>.entry.json``) for the others.
     """
 
-    def __init__(self, components):
+    def __init__(self, components, root: Path | None = None):
         from fluxtrt.backends.aotinductor import AotInductorBackend
         from fluxtrt.specs import component_specs
         from fluxtrt.specs.flux import dims_from_components
@@ -126,8 +164,11 @@ class TinyAotiEngines:
         self.dims = dims_from_components(components)
         self.specs = component_specs(self.dims)
         self.backend = AotInductorBackend()
-        self.root = Path(tempfile.mkdtemp(prefix="fluxtrt-aoti-"))
-        atexit.register(shutil.rmtree, self.root, True)
+        if root is None:
+            root = Path(tempfile.mkdtemp(prefix="fluxtrt-aoti-"))
+            atexit.register(shutil.rmtree, root, True)
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, dict] = {}
         self._runners: dict = {}
 
@@ -149,16 +190,26 @@ class TinyAotiEngines:
 
     def entry(self, name: str) -> dict:
         if name not in self._entries:
-            options = dict(AOTI_OPTIONS.get(name, {}))
-            job = self.build_job(name, **options)
-            with torch.inference_mode():  # as fluxtrt.engines.build runs backends
-                record = self.backend.build(job)
-            self._entries[name] = {
-                "profile": {k: [list(s) for s in v] for k, v in job.profile.items()},
-                "options": options,
-                "record": record,
-            }
+            saved = self.root / f"{name}.entry.json"
+            with exclusive(self.root / f"{name}.lock"):
+                if saved.exists():  # built by another process of this run
+                    entry = json.loads(saved.read_text())
+                    entry["record"] = self.backend.record_type.from_json(entry["record"])
+                else:
+                    entry = self._build(name)
+                    staging = saved.with_suffix(".tmp")
+                    staging.write_text(json.dumps({**entry, "record": entry["record"].to_json()}))
+                    os.replace(staging, saved)
+            self._entries[name] = entry
         return self._entries[name]
+
+    def _build(self, name: str) -> dict:
+        options = dict(AOTI_OPTIONS.get(name, {}))
+        job = self.build_job(name, **options)
+        with torch.inference_mode():  # as fluxtrt.engines.build runs backends
+            record = self.backend.build(job)
+        return {"profile": {k: [list(s) for s in v] for k, v in job.profile.items()}, "options": options,
+                "record": record}  # fmt: skip
 
     def load_job(self, name: str, **changes):
         from fluxtrt.backends.base import LoadJob
@@ -174,29 +225,55 @@ class TinyAotiEngines:
 
 
 @pytest.fixture(scope="session")
-def aoti_engines(tiny):
-    return TinyAotiEngines(tiny)
+def aoti_engines(tiny, tmp_path_factory):
+    return TinyAotiEngines(tiny, run_dir(tmp_path_factory) / "tiny-aoti")
 
 
 ORT_MIN_RES = Resolution(256, 256)
 
 
 def ort_config(out: Path, **kw):
-    """``fluxtrt build --model tiny --backend onnxruntime --precision fp32 --min-resolution 256x256 --max-batch 2``."""
+    """``fluxtrt build --model tiny --backend onnxruntime --precision fp32 --min-resolution 256x256
+    --opt-resolution 256x256 --max-batch 2`` (the opt size is where a benchmark times the engines)."""
     from fluxtrt.config import BuildConfig
 
+    kw = {"opt_resolution": ORT_MIN_RES, **kw}
     return BuildConfig(model="tiny", backend="onnxruntime", precision="fp32", out=out, min_resolution=ORT_MIN_RES,
                        max_batch=2, **kw)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def ort_engines(tmp_path_factory) -> Path:
-    """All five tiny components built once for the session with ONNX Runtime (an engines directory)."""
+    """All five tiny components built once for the test run with ONNX Runtime (an engines directory)."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from fluxtrt.engines.build import build_engines
 
-    out = tmp_path_factory.mktemp("engines") / "tiny-ort"
-    report = build_engines(ort_config(out))
-    assert [r.status for r in report.results] == ["built"] * 5
+    out = run_dir(tmp_path_factory) / "engines" / "tiny-ort"
+    done = out.with_name("tiny-ort.done")
+    with exclusive(out.with_name("tiny-ort.lock")):
+        if not done.exists():  # else built by another process of this run
+            report = build_engines(ort_config(out))
+            assert [r.status for r in report.results] == ["built"] * 5
+            done.touch()
     return out
+
+
+def recorded_for(src: Path, dst: Path, only: Resolution) -> Path:
+    """A copy of the engines directory ``src`` recorded as built for ``only`` (--min/--opt/--max-resolution), batch 1:
+    its range and every engine's profile, which is all that differs between ONNX Runtime builds of other ranges
+    (their engines take any shape; the runners enforce the recorded profiles)."""
+    from fluxtrt.engines.manifest import BatchRange, Manifest, ResolutionRange
+    from fluxtrt.specs import component_specs
+    from fluxtrt.specs.flux import profile_shapes
+
+    shutil.copytree(src, dst)
+    manifest = Manifest.load(dst)
+    manifest.resolutions = ResolutionRange(only, only, only)
+    manifest.batch = BatchRange(1, 1, 1)
+    specs = component_specs(manifest.dims)
+    for name, entry in manifest.components.items():
+        shapes = profile_shapes(specs[name], manifest.dims, (1, 1, 1), (only, only, only))
+        entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+    manifest.save(dst)
+    return dst

@@ -65,7 +65,7 @@ def test_concurrent_load_edits_as_serial_load(ort_engines):
         with load_engine_pipeline(ort_engines, "cpu", concurrent=concurrent) as pipeline:
             assert set(pipeline.runners) == {"clip", "t5", "vae_encoder", "transformer", "vae_decoder"}
             results.append(pipeline.edit(image, "make it red", seed=3, height=256, width=256,
-                                         max_area=256 * 256).latents)  # fmt: skip
+                                         max_area=256 * 256, auto_resize=False).latents)  # fmt: skip
     assert torch.equal(results[0], results[1])
 
 

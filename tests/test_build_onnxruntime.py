@@ -25,7 +25,7 @@ from fluxtrt.engines.manifest import FORMAT, Manifest
 from fluxtrt.errors import EngineError, InputError
 from fluxtrt.specs import COMPONENTS, Resolution, component_specs
 from fluxtrt.specs.flux import component_dims, dims_from_components
-from tests.conftest import ORT_MIN_RES, make_image, one_error_line, ort_config, run_cli
+from tests.conftest import ORT_MIN_RES, make_image, one_error_line, ort_config, recorded_for, run_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -78,17 +78,29 @@ def test_onnx_has_spec_interface_and_symbolic_axes(engines):
 # --- 2. end to end: engines edit == torch edit ---------------------------------------------------------------------
 
 
-def test_infer_from_engines_matches_torch(engines, tmp_path):
+def test_infer_from_engines_matches_torch(engines, tiny, tmp_path):
+    """`fluxtrt infer --engines` writes the image the tiny model's pipeline makes. The engines are recorded for one
+    size (``recorded_for``), 512x384, so the 400x300 photo's ~1 MP geometry (1184x880) is made 512x384 (ONNX Runtime
+    keeps every session's memory, several GB each at 1 MP); the pipeline is given the same sizes."""
+    from fluxtrt.config import SamplerConfig
+    from fluxtrt.pipeline.image import load_image
+    from fluxtrt.pipeline.kontext import KontextPipeline
+    from fluxtrt.pipeline.sizes import SizeRange
+
+    size = Resolution(512, 384)
+    recorded = recorded_for(engines, tmp_path / "engines", size)
     src = tmp_path / "in.png"
     make_image(400, 300).save(src)
-    common = ["--image", str(src), "--prompt", "make the house blue", "--steps", "3", "--seed", "5", "--device", "cpu"]
-    r1 = run_cli("infer", "--engines", str(engines), "--out", str(tmp_path / "engines.png"), *common)
-    r2 = run_cli("infer", "--model", "tiny", "--out", str(tmp_path / "torch.png"), *common)
-    assert r1.exit_code == 0, r1.stderr
-    assert r2.exit_code == 0, r2.stderr
+    result = run_cli("infer", "--engines", str(recorded), "--out", str(tmp_path / "engines.png"), "--image", str(src),
+                     "--prompt", "make the house blue", "--steps", "3", "--seed", "5", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    oracle = KontextPipeline.from_components(tiny)
+    oracle.sizes = SizeRange(size, size)
+    want = oracle.edit(load_image(src)[0], "make the house blue", sampler=SamplerConfig(steps=3), seed=5)
+    assert (want.target, want.reference) == (size, size)
     a = np.asarray(Image.open(tmp_path / "engines.png"), dtype=np.int16)
-    b = np.asarray(Image.open(tmp_path / "torch.png"), dtype=np.int16)
-    assert a.shape == b.shape
+    b = np.asarray(want.images[0], dtype=np.int16)
+    assert a.shape == b.shape == (size.height, size.width, 3)
     assert np.abs(a - b).max() <= 2
     assert b.std() > 5  # a real image, not a constant
 
@@ -118,14 +130,17 @@ def test_rebuild_skips_matching_and_rebuilds_only_affected(engines, tmp_path):
     report = build_engines(tiny_config(out))
     assert [r.status for r in report.results] == ["up to date"] * 5
     assert snapshot(out) == before
-    # A new resolution range changes the image components' profiles, not the text encoders'.
-    report = build_engines(tiny_config(out, max_resolution=Resolution(1024, 1024), opt_resolution=Resolution(512, 512)))
+    # A new resolution range changes the image components' profiles, not the text encoders'. (What is rebuilt takes
+    # its ONNX from the session's build, as --onnx-dir does: the decision to rebuild is what is tested here.)
+    onnx = {"onnx_dir": engines / "onnx"}
+    report = build_engines(tiny_config(out, max_resolution=Resolution(1024, 1024), opt_resolution=Resolution(512, 512),
+                                       **onnx))  # fmt: skip
     status = {r.name: r.status for r in report.results}
     assert status == {"clip": "up to date", "t5": "up to date", "vae_encoder": "built", "transformer": "built",
                       "vae_decoder": "built"}  # fmt: skip
     assert Manifest.load(out).resolutions.max == Resolution(1024, 1024)
     # --force rebuilds everything.
-    report = build_engines(tiny_config(out, components=("clip",), force=True))
+    report = build_engines(tiny_config(out, components=("clip",), force=True, **onnx))
     assert [r.status for r in report.results] == ["built"]
 
 
@@ -282,9 +297,9 @@ class InterruptingBackend(OnnxRuntimeBackend):
         return super().build(job)
 
 
-def test_interrupted_build_leaves_nothing_half_written(tmp_path):
+def test_interrupted_build_leaves_nothing_half_written(engines, tmp_path):
     out = tmp_path / "eng"
-    config = tiny_config(out, components=("clip", "t5"))
+    config = tiny_config(out, components=("clip", "t5"), onnx_dir=engines / "onnx")  # the session build's ONNX
     with pytest.raises(KeyboardInterrupt):
         build_engines(config, backend=InterruptingBackend("t5"))
     manifest = Manifest.load(out)
@@ -371,7 +386,7 @@ def test_lock_of_a_dead_build_is_taken_over(tmp_path):
 
 def test_build_prints_results_on_stdout_and_timed_progress_on_stderr(engines_copy):
     result = run_cli("build", "--model", "tiny", "--out", str(engines_copy), "--min-resolution", "256x256",
-                     "--max-batch", "2")  # fmt: skip
+                     "--opt-resolution", "256x256", "--max-batch", "2")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert result.stdout.count("up to date") == len(COMPONENTS) and str(engines_copy) in result.stdout
     progress = [line for line in result.stderr.splitlines() if line.strip()]
@@ -533,6 +548,7 @@ def test_compare_times_engines_warm_as_infer_runs_them(engines, tmp_path, monkey
     make_image(400, 300).save(image)
     sampler = SamplerConfig("dpmpp-2m", steps=4)
     size = Resolution(256, 256)
+    engines = recorded_for(engines, tmp_path / "engines", size)  # the reference made 256x256 too, not ~1 MP
     config = CompareConfig(model="tiny", stages=(), engines=(engines,), image=image, runs=2, device="cpu",
                            resolution=size)  # fmt: skip
     report = compare(config, contenders=[EngineContender(engines, sampler=sampler)], on_event=on_event)

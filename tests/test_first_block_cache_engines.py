@@ -24,19 +24,22 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 SAMPLER = SamplerConfig("dpmpp-2m", steps=5)
-SIZE = 256  # the target's sides: the ORT engines' smallest (the reference goes to its preferred ~1 MP size)
-EDIT = {"sampler": SAMPLER, "height": SIZE, "width": SIZE, "max_area": SIZE * SIZE}
+SIZE = 256  # the target's sides: the ORT engines' smallest; the reference keeps its own size (not its ~1 MP one)
+EDIT = {"sampler": SAMPLER, "height": SIZE, "width": SIZE, "max_area": SIZE * SIZE, "auto_resize": False}
+MAX = Resolution(512, 512)  # the parts' largest size
 
 
 @pytest.fixture(scope="module")
 def fbc_engines(ort_engines, tmp_path_factory) -> Path:
-    """The session's ONNX Runtime engines plus the transformer's two parts, built into a copy (same range)."""
+    """The session's ONNX Runtime engines plus the transformer's two parts, built into a copy for sizes up to 512x512
+    (the directory's range from then on: an edit's ~1 MP reference is made 512x512)."""
     from fluxtrt.engines.build import build_engines
     from fluxtrt.engines.manifest import Manifest
 
     out = tmp_path_factory.mktemp("fbc") / "tiny-ort-fbc"
     shutil.copytree(ort_engines, out)
-    report = build_engines(ort_config(out, first_block_cache=True, components=("transformer",)))
+    report = build_engines(ort_config(out, first_block_cache=True, components=("transformer",),
+                                      opt_resolution=Resolution(SIZE, SIZE), max_resolution=MAX))  # fmt: skip
     assert [(r.name, r.status) for r in report.results] == [(p, "built") for p in TRANSFORMER_PARTS]
     assert set(Manifest.load(out).components) == {*COMPONENTS, *TRANSFORMER_PARTS}
     return out

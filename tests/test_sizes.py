@@ -3,19 +3,15 @@ single-size engines of the tiny model editing a non-square photo that they refus
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from PIL import Image
 
 from fluxtrt.engines.load import load_engine_pipeline
-from fluxtrt.engines.manifest import BatchRange, Manifest, ResolutionRange
 from fluxtrt.errors import InputError
 from fluxtrt.pipeline.sizes import PREFERRED, SizeRange, excluded_preferred, fit_geometry, fit_size
-from fluxtrt.specs import Resolution, component_specs
-from fluxtrt.specs.flux import profile_shapes
-from tests.conftest import make_image, run_cli
+from fluxtrt.specs import Resolution
+from tests.conftest import make_image, recorded_for, run_cli
 
 R = Resolution
 SINGLE = R(256, 256)
@@ -96,22 +92,6 @@ def test_build_range_notice_counts_the_preferred_sizes_it_leaves_out():
 
 
 # --- single-size engines of the tiny model ---------------------------------------------------------------------------
-
-
-def recorded_for(src, dst, only: Resolution):
-    """A copy of the engines directory ``src`` recorded as built for ``only`` (--min/--opt/--max-resolution), batch 1:
-    its range and every engine's profile, which is all that differs between ONNX Runtime builds of other ranges
-    (their engines take any shape; the runners enforce the recorded profiles)."""
-    shutil.copytree(src, dst)
-    manifest = Manifest.load(dst)
-    manifest.resolutions = ResolutionRange(only, only, only)
-    manifest.batch = BatchRange(1, 1, 1)
-    specs = component_specs(manifest.dims)
-    for name, entry in manifest.components.items():
-        shapes = profile_shapes(specs[name], manifest.dims, (1, 1, 1), (only, only, only))
-        entry.profile = {k: [list(s) for s in v] for k, v in shapes.items()}
-    manifest.save(dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """TensorRT-RTX engines built for real on this CPU-only machine, and the ONNX-only build (``--backend onnx``).
 
-Builds: all five tiny components at fp32 and at bf16; an ONNX-only fp8 directory (BF16 text encoders and VAE, FP8
-Q/DQ transformer with its calibration), from which ``--onnx-dir`` builds the FP8 transformer; the same for NVFP4.
+Builds: all five tiny components at fp32 (from the ONNX Runtime build's ONNX) and at bf16; an ONNX-only fp8 directory
+(BF16 text encoders and VAE, FP8 Q/DQ transformer with its calibration), from which ``--onnx-dir`` builds the FP8
+transformer; the same for NVFP4.
 Each quantized plan's parsed network is checked against the calibration's quantized linears: one quantize layer in
 front of every one and an FP8 (FP4) matrix multiply behind it. Running a plan needs a supported GPU (8.0, 8.6, 8.9,
 12.0, 12.1); here a plan cannot even be deserialized ("CUDA driver version is insufficient"), so the per-layer
@@ -39,12 +40,19 @@ def build(out: Path, backend: str = "tensorrt-rtx", precision: str = "fp32", **k
 
 
 @pytest.fixture(scope="module")
-def rtx(tmp_path_factory) -> Path:
-    """fp32 and bf16 TensorRT-RTX builds of all five components, and fp8/fp4 transformers from ONNX-only dirs."""
+def rtx(tmp_path_factory, ort_engines) -> Path:
+    """fp32 and bf16 TensorRT-RTX builds of all five components, and fp8/fp4 transformers from ONNX-only dirs.
+
+    Each ONNX is exported once: the fp32 plans are built from the session's ONNX Runtime build's ONNX (the same
+    export: fp32, the same smallest resolution), the bf16 build exports its own, and the fp8 ONNX-only directory
+    takes the text encoders and VAE from it (what an fp8 build exports for them: bf16) beside its FP8 transformer.
+    """
     root = tmp_path_factory.mktemp("rtx")
-    build(root / "fp32")
+    build(root / "fp32", onnx_dir=ort_engines / "onnx")
     build(root / "bf16", precision="bf16")
-    build(root / "onnx-fp8", backend="onnx", precision="fp8", **FAST_CALIBRATION)
+    others = tuple(c for c in COMPONENTS if c != "transformer")
+    build(root / "onnx-fp8", backend="onnx", precision="fp8", onnx_dir=root / "bf16" / "onnx", components=others)
+    build(root / "onnx-fp8", backend="onnx", precision="fp8", components=("transformer",), **FAST_CALIBRATION)
     build(root / "fp8", precision="fp8", onnx_dir=root / "onnx-fp8" / "onnx", components=("transformer",))
     build(root / "onnx-fp4", backend="onnx", precision="fp4", components=("transformer",), **FAST_CALIBRATION)
     build(root / "fp4", precision="fp4", onnx_dir=root / "onnx-fp4" / "onnx", components=("transformer",))
