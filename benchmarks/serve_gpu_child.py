@@ -48,10 +48,12 @@ def child(args) -> dict:
     def edit(prompt: str, steps: int | None = None) -> dict:
         timer.clear()
         t0 = time.perf_counter()
+        # At exactly --size, as the server edits a request's size and compare its resolution.
         result = pipeline.edit(image, prompt, sampler=SamplerConfig(steps=steps) if steps else sampler, seed=0,
-                               height=height, width=width)  # fmt: skip
+                               height=height, width=width, max_area=width * height)  # fmt: skip
         sync(cuda)
-        return {"wall_s": time.perf_counter() - t0, "timings_ms": result.timings_ms, "step_ms": list(timer.ms)}
+        return {"wall_s": time.perf_counter() - t0, "size": str(result.target), "timings_ms": result.timings_ms,
+                "step_ms": list(timer.ms)}  # fmt: skip
 
     if args.child == "warmup_edit":  # a one-step warm-up, then the edit: does it cost less than a cold edit?
         record["warmup"] = edit(DEFAULT_PROMPT + " (warm-up)", steps=1)
@@ -128,7 +130,8 @@ def compare_edit(args) -> dict:
 
         model = Manifest.load(args.engines).model.source
         contenders = [TimedEngines(args.engines, sampler=SamplerConfig(steps=args.steps))]
-    config = CompareConfig(model=model, stages=() if args.engines else ("0",),
+    stage = "0" if args.steps is None else f"0:steps={args.steps}"  # the steps the server's edits take
+    config = CompareConfig(model=model, stages=() if args.engines else (stage,),
                            engines=(args.engines,) if args.engines else (), image=args.image, prompt=args.prompt,
                            resolution=Resolution(width, height), runs=args.runs, warmup=1, device=args.device,
                            seed=0)  # fmt: skip
@@ -137,6 +140,7 @@ def compare_edit(args) -> dict:
     return {"contender": result.name, "status": result.status, "error": result.error, "load_s": result.load_s,
             "first_call_s": result.first_call_s, "totals_ms": result.totals_ms,
             "median_total_ms": result.median_total_ms,
+            "steps": result.representative.steps if result.representative else None,
             "median_timings_ms": result.representative.timings_ms if result.representative else None,
             "environment": report.environment}  # fmt: skip
 

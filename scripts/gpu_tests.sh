@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier on a GPU machine, in one call: installs the wheels the machine lacks (from .whl/, when there), runs
-# `pytest -m gpu`, then (with --all) the rest of the suite (spread over the machine's cores where pytest-xdist is
-# installed), and keeps the logs with each part's wall time.
+# `pytest -m gpu` in one process, then (with --all) the rest of the suite spread over three quarters of the machine's
+# cores, and keeps the logs with each part's wall time.
 #     bash scripts/gpu_tests.sh OUT [--all]
 # Writes OUT/gpu_tier.log (and OUT/suite.log with --all), and OUT/environment.txt (GPU, driver, torch).
 set -uo pipefail
@@ -24,15 +24,12 @@ stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; don
 } > "$out/environment.txt" 2>&1
 cat "$out/environment.txt"
 start=$SECONDS
-python3 -m pytest -m gpu -v -ra --durations=15 2>&1 | stamp | tee "$out/gpu_tier.log"
+python3 -m pytest -m gpu -n 0 -v -ra --durations=15 2>&1 | stamp | tee "$out/gpu_tier.log"
 status=${PIPESTATUS[0]}
 echo "gpu tier: exit $status in $((SECONDS - start)) s" | tee -a "$out/gpu_tier.log"
 if [ "${2:-}" = "--all" ]; then
-  spread=()
-  if python3 -c "import xdist" 2>/dev/null; then
-    workers=$(( $(nproc) > 4 ? $(nproc) * 3 / 4 : 1 ))
-    spread=(-n "$workers" --dist loadfile)
-  fi
+  workers=$(( $(nproc) > 4 ? $(nproc) * 3 / 4 : 0 ))
+  spread=(-n "$workers" --dist loadfile)
   start=$SECONDS
   # Every test's outcome goes to the log as it ends (a run cut short still names what failed); the summary to stdout.
   python3 -m pytest -v -rfE -m "not gpu" "${spread[@]}" --durations=10 2>&1 | stamp >"$out/suite.log"

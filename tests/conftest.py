@@ -30,8 +30,40 @@ from PIL import Image  # noqa: E402
 
 from fluxtrt.specs import Resolution
 
+WORKER_MEMORY = 6 * 2**30  # a test process's peak (about 4.5 GB: the tiny model, its engines, ~1 MP edits), rounded up
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the default, pyproject's addopts): one test process per core, as many as host memory holds; the
+    GPU tests (``-m gpu``) in one process, as they share the card."""
+    marks = config.option.markexpr or ""
+    if "gpu" in marks and "not gpu" not in marks:
+        return 0
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    workers = min(_cores(), memory // WORKER_MEMORY)
+    return workers if workers > 1 else 0
+
+
+def _cores() -> int:
+    """The cores this process may use: its CPU affinity, within a container's CPU quota (cgroup v2 cpu.max)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
 
 def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        # The cores shared out: each test process (and each process it starts) computes with its part of them, not
+        # with as many threads as the host has cores, which the processes would then wait for in turn.
+        threads = max(1, _cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
 

@@ -34,10 +34,11 @@ def test_serve_gpu_records_every_phase(tmp_path):
     assert (out / "infer.png").is_file()
     first = by_phase["first_edit"][0]
     assert len(first["warm"]) == 2
-    assert [len(e["step_ms"]) for e in (first["first"], *first["warm"])] == [2, 2, 2]
+    assert [(len(e["step_ms"]), e["size"]) for e in (first["first"], *first["warm"])] == [(2, "256x256")] * 3
     assert first["first_over_warm"] == pytest.approx(first["first"]["wall_s"] / min(e["wall_s"] for e in first["warm"]))
     compare = by_phase["compare"][0]
     assert compare["status"] == "ok" and len(compare["totals_ms"]) == 2
+    assert compare["steps"] == 2  # the steps of the server's edits, not stage 0's default
     assert "torch" in by_phase["environment"][0]
     ready = by_phase["serve_ready"][0]
     assert 0 < ready["health_s"] <= ready["ready_s"]

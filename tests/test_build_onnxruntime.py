@@ -560,3 +560,18 @@ def test_compare_times_engines_warm_as_infer_runs_them(engines, tmp_path, monkey
     before = [shape for p, shape in calls if p == "warmup"]
     for shape in set(timed):
         assert before.count(shape) >= 3, (shape, calls)
+
+
+def test_sessions_compute_with_the_threads_torch_does(ort_engines):
+    """An engine's ONNX Runtime session takes PyTorch's thread count (OMP_NUM_THREADS, torch.set_num_threads), not
+    ONNX Runtime's default of every core."""
+    from fluxtrt.backends.onnxruntime.runtime import session
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ort_session = session(ort_engines / "clip.onnx", "cpu")
+            assert ort_session.get_session_options().intra_op_num_threads == threads
+    finally:
+        torch.set_num_threads(before)

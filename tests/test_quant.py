@@ -28,10 +28,21 @@ pytest.importorskip("onnxscript")
 
 RES = Resolution(128, 128)
 FINGERPRINT = "tiny-seed0"
-# ORT's FP8 Q/DQ against the fake-quant oracle: the same E4M3 rounding, so only fp32 summation order differs; a
-# value at a rounding tie can land one E4M3 step apart, hence a small absolute margin.
+# ORT's FP8 Q/DQ against the fake-quant oracle: the same E4M3 rounding, so only fp32 summation order differs (it
+# changes with the thread count of either runtime). An activation within rounding error of the midpoint between two
+# E4M3 values can be quantized one step apart, and the outputs it feeds differ by far more than the rounding: so
+# nearly every output element is within the fp32 margin, and the few that are not stay within a bound (one E4M3
+# step of one activation, propagated).
 FP8_ATOL, FP8_RTOL = 2e-3, 1e-3
+FP8_FLIPPED_SHARE, FP8_FLIPPED_ATOL = 0.005, 2e-2
 NVFP4_ATOL, NVFP4_RTOL = 2e-3, 1e-3
+
+
+def assert_fp8_close(got: torch.Tensor, oracle: torch.Tensor) -> None:
+    """``got`` equals ``oracle`` to fp32 rounding but for a share of elements fed by a tie quantized the other way."""
+    close = torch.isclose(got, oracle, atol=FP8_ATOL, rtol=FP8_RTOL)
+    assert close.float().mean().item() >= 1 - FP8_FLIPPED_SHARE, f"{int((~close).sum())} of {close.numel()} differ"
+    torch.testing.assert_close(got, oracle, atol=FP8_FLIPPED_ATOL, rtol=0)
 
 
 def tiny_calibration(tiny, precision="fp8", seed=0) -> Calibration:
@@ -153,7 +164,7 @@ def test_fp8_onnx_runtime_matches_fake_quant(tiny, calibration, exported, tmp_pa
     got = torch.from_numpy(session.run(None, {k: feed[k].numpy() for k in spec.input_names})[0])
     oracle = torch_output(tiny, feed, calibration.amax, "fp8")
     plain = torch_output(tiny, feed)
-    torch.testing.assert_close(got, oracle, atol=FP8_ATOL, rtol=FP8_RTOL)
+    assert_fp8_close(got, oracle)
     rel = float((got - plain).norm() / plain.norm())
     print(f"\nFP8 (static, calibrated) vs unquantized fp32: relative L2 error {rel:.4f}, "
           f"max abs {float((got - plain).abs().max()):.4f} (|out| max {float(plain.abs().max()):.3f})")  # fmt: skip
