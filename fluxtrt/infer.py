@@ -10,12 +10,15 @@ from fluxtrt.config import InferConfig
 from fluxtrt.engines.load import EngineSource
 from fluxtrt.environment import check_device
 from fluxtrt.lora.files import lora_label, read_loras
+from fluxtrt.models.components import FluxKontextComponents
+from fluxtrt.models.loading import vae_scale
 from fluxtrt.models.options import ModelOptions
 from fluxtrt.parallel.context import init_world
 from fluxtrt.pipeline.first_block_cache import CacheStats
-from fluxtrt.pipeline.image import load_image, save_image
-from fluxtrt.pipeline.kontext import EditResult
+from fluxtrt.pipeline.image import fit_to_area, load_image, preferred_resolution, save_image
+from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult
 from fluxtrt.pipeline.model import ModelSource
+from fluxtrt.pipeline.sizes import check_split
 
 
 @dataclass
@@ -76,6 +79,23 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
     if cache is not None:
         report.cache, report.fbc_threshold = cache.stats(), cache.threshold
     return report
+
+
+def check_split_before_launch(config: InferConfig) -> None:
+    """``--gpus N``, in the parent before it starts the N workers (each of which would load the whole model before
+    finding it): raise InputError when the edit's tokens do not split evenly over them. The geometry is the one the
+    workers compute: the reference at its preferred Kontext size, the target that size or the explicit one fitted
+    to the default area. Where the model's VAE config cannot be read, the workers check it after loading."""
+    scale = vae_scale(config.model) if config.gpus > 1 and config.model is not None else None
+    if scale is None:
+        return
+    image, _ = load_image(config.image)
+    multiple_of = 2 * scale  # one 2x2 patch of latents a token
+    reference = preferred_resolution(*image.size, multiple_of)
+    target = reference
+    if config.height is not None and config.width is not None:
+        target = fit_to_area(config.width, config.height, DEFAULT_MAX_AREA, multiple_of)
+    check_split(FluxKontextComponents.max_sequence_length, multiple_of, target, reference, config.gpus)
 
 
 def pipeline_source(config: InferConfig, device: str) -> EngineSource | ModelSource:

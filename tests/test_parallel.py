@@ -99,14 +99,31 @@ def test_compare_gpus_2_names_what_it_switched_off(tmp_path):
 
 
 def test_uneven_sequence_is_refused_in_one_line(tmp_path, image_file):
-    """1040x1008 has 65 x 63 = 4095 target tokens; with the 74 x 55 = 4070 of the reference, 8165: odd."""
-    out = tmp_path / "edit.png"
-    proc = run_fluxtrt("infer", "--model", "tiny", "--image", str(image_file), "--prompt", "x", "--out", str(out),
-                       "--device", "cpu", "--gpus", "2", "--width", "1040", "--height", "1008")  # fmt: skip
+    """1040x1008 has 65 x 63 = 4095 target tokens; with the 74 x 55 = 4070 of the reference, 8165: odd. Refused by
+    the parent before it starts a worker (each would load the whole model first): torchrun's folder is never made."""
+    import os
+
+    out, tmp = tmp_path / "edit.png", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fluxtrt", "infer", "--model", "tiny", "--image", str(image_file),
+                           "--prompt", "x", "--out", str(out), "--device", "cpu", "--gpus", "2", "--width", "1040",
+                           "--height", "1008"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert "8165 image tokens (4095 target + 4070 reference)" in lines[0] and "does not pad" in lines[0]
     assert not out.exists() and proc.stdout == ""
+    assert not list(tmp.glob("fluxtrt-gpus-*"))  # no worker was launched
+
+
+def test_the_parent_reads_the_split_from_configs_as_the_loaded_model_has_it(tiny):
+    from fluxtrt.models.components import FluxKontextComponents
+    from fluxtrt.models.loading import vae_scale
+    from fluxtrt.specs.flux import dims_from_components
+
+    assert vae_scale("tiny") == dims_from_components(tiny).vae_scale
+    assert FluxKontextComponents.max_sequence_length == dims_from_components(tiny).t5_len
+    assert vae_scale("/no/such/checkpoint") is None  # loading the model says why
 
 
 def test_check_sequence_counts_tokens():

@@ -154,10 +154,11 @@ def infer(model, engines, image, prompt, edits, out, scheduler, sigmas, steps, s
         low_vram=low_vram,
         loras=tuple(loras),
     )
-    if relaunched(config.gpus, config.device):
+    from fluxtrt.infer import check_split_before_launch, run_infer
+
+    if relaunched(config.gpus, config.device, check=lambda: check_split_before_launch(config)):
         return
     from fluxtrt.console import print_infer_report, step_progress
-    from fluxtrt.infer import run_infer
     from fluxtrt.parallel.launch import is_main_process
 
     with step_progress() as on_step:

@@ -4,6 +4,7 @@ backends declare them."""
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -45,11 +46,12 @@ def gpus_option(f):
     return click.option("--gpus", type=int, default=1, show_default=True, help=help_)(f)
 
 
-def relaunched(gpus: int, device: str) -> bool:
-    """True when this process launched ``gpus`` workers for the command (and they finished)."""
+def relaunched(gpus: int, device: str, check: Callable[[], None] | None = None) -> bool:
+    """True when this process launched ``gpus`` workers for the command (and they finished); ``check`` runs in this
+    process before any worker starts."""
     from fluxtrt.parallel.launch import relaunch
 
-    return relaunch(gpus, device, click.get_current_context().find_root().obj["args"])
+    return relaunch(gpus, device, click.get_current_context().find_root().obj["args"], check)
 
 
 def vae_option(what: str):

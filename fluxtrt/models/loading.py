@@ -199,6 +199,21 @@ def resolve_checkpoint(model: str) -> Path:
     )
 
 
+def vae_scale(model: str) -> int | None:
+    """Pixels per latent of ``model``'s VAE (2 ** (its blocks - 1)), read from its config without loading a weight;
+    None where the config cannot be read (loading the model then says why)."""
+    if model in BUILTIN_MODELS:
+        from fluxtrt.models.synthetic import FULL, TINY
+
+        blocks = len((TINY if model == "tiny" else FULL).vae["block_out_channels"])
+        return 2 ** (blocks - 1)
+    try:
+        config = json.loads((resolve_checkpoint(model) / "vae" / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except (ModelLoadError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_checkpoint(path: Path) -> None:
     """Raise ModelLoadError unless ``path`` looks like a diffusers-format FLUX.1-Kontext checkpoint."""
     index = path / "model_index.json"

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fluxtrt.errors import DeviceError, FluxtrtError, MissingDependencyError
@@ -68,10 +68,11 @@ def check_gpus(gpus: int, device: str) -> None:
         )
 
 
-def relaunch(gpus: int, device: str, args: Sequence[str]) -> bool:
+def relaunch(gpus: int, device: str, args: Sequence[str], check: Callable[[], None] | None = None) -> bool:
     """In the parent of a ``--gpus N`` command (N > 1): check, run ``fluxtrt ARGS`` in N processes, return True.
 
-    Returns False where there is nothing to launch: N is 1, or this process is already a worker.
+    Returns False where there is nothing to launch: N is 1, or this process is already a worker. ``check`` runs
+    after the GPUs and the library are found and before any worker starts (what the command can refuse early).
 
     Raises:
         DeviceError, MissingDependencyError: the GPUs or the library are not there.
@@ -81,6 +82,8 @@ def relaunch(gpus: int, device: str, args: Sequence[str]) -> bool:
         return False
     check_gpus(gpus, device)
     require_context_parallel()
+    if check is not None:
+        check()
     launch(gpus, args)
     return True
 

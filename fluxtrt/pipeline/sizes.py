@@ -142,12 +142,18 @@ def check_sequence(dims: FluxDims, target: Resolution, reference: Resolution, si
     The image tokens (target + reference) and the text tokens are each split in equal parts. fluxtrt refuses an
     uneven split rather than padding: padded tokens would take part in attention and change the result.
     """
-    t, r = dims.tokens(target), dims.tokens(reference)
-    if (t + r) % size == 0 and dims.t5_len % size == 0:
+    check_split(dims.t5_len, dims.multiple_of, target, reference, size)
+
+
+def check_split(text_tokens: int, multiple_of: int, target: Resolution, reference: Resolution, size: int) -> None:
+    """``check_sequence`` from the two numbers it needs: the T5 tokens, and the pixels a side per image token."""
+    t = (target.height // multiple_of) * (target.width // multiple_of)
+    r = (reference.height // multiple_of) * (reference.width // multiple_of)
+    if (t + r) % size == 0 and text_tokens % size == 0:
         return
-    fits = [n for n in range(1, size) if (t + r) % n == 0 and dims.t5_len % n == 0]
+    fits = [n for n in range(1, size) if (t + r) % n == 0 and text_tokens % n == 0]
     raise InputError(
         f"a {target} edit of a {reference} reference has {t + r} image tokens ({t} target + {r} reference) and "
-        f"{dims.t5_len} text tokens, which do not split evenly over --gpus {size} (fluxtrt does not pad): pick a "
+        f"{text_tokens} text tokens, which do not split evenly over --gpus {size} (fluxtrt does not pad): pick a "
         f"--width/--height whose tokens divide by {size}, e.g. 1024x1024, or use --gpus {max(fits)}"
     )
