@@ -15,10 +15,10 @@ from fluxtrt.models.loading import vae_scale
 from fluxtrt.models.options import ModelOptions
 from fluxtrt.parallel.context import init_world
 from fluxtrt.pipeline.first_block_cache import CacheStats
-from fluxtrt.pipeline.image import fit_to_area, load_image, preferred_resolution, save_image
+from fluxtrt.pipeline.image import load_image, save_image
 from fluxtrt.pipeline.kontext import DEFAULT_MAX_AREA, EditResult
 from fluxtrt.pipeline.model import ModelSource
-from fluxtrt.pipeline.sizes import check_split
+from fluxtrt.pipeline.sizes import check_split, wanted_geometry
 
 
 @dataclass
@@ -91,10 +91,7 @@ def check_split_before_launch(config: InferConfig) -> None:
         return
     image, _ = load_image(config.image)
     multiple_of = 2 * scale  # one 2x2 patch of latents a token
-    reference = preferred_resolution(*image.size, multiple_of)
-    target = reference
-    if config.height is not None and config.width is not None:
-        target = fit_to_area(config.width, config.height, DEFAULT_MAX_AREA, multiple_of)
+    target, reference = wanted_geometry(image.size, config.height, config.width, DEFAULT_MAX_AREA, multiple_of)
     check_split(FluxKontextComponents.max_sequence_length, multiple_of, target, reference, config.gpus)
 
 

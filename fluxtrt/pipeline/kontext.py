@@ -16,13 +16,11 @@ from fluxtrt.errors import FluxtrtError, InputError, ShapeError
 from fluxtrt.pipeline.first_block_cache import SplitTransformerRunner
 from fluxtrt.pipeline.image import (
     MIN_REFERENCE_SIDE,
-    fit_to_area,
     images_to_tensor,
-    preferred_resolution,
     tensor_to_images,
 )
 from fluxtrt.pipeline.latents import pack, position_ids, unpack
-from fluxtrt.pipeline.sizes import SizeRange, check_sequence, fit_geometry
+from fluxtrt.pipeline.sizes import SizeRange, check_sequence, fit_geometry, wanted_geometry
 from fluxtrt.pipeline.text import tokenize
 from fluxtrt.schedulers import flux_mu, make_solver, sigma_schedule
 from fluxtrt.specs.flux import FluxDims, Resolution, dim_values, dims_from_components
@@ -202,7 +200,7 @@ class KontextPipeline:
         Raises:
             InputError: no size fits ``sizes``.
         """
-        target, reference = self._wanted_geometry(image_size, height, width, max_area, auto_resize)
+        target, reference = wanted_geometry(image_size, height, width, max_area, self.dims.multiple_of, auto_resize)
         if self.sizes is None:
             return target, reference, []
         asked = Resolution(width, height) if height is not None and width is not None else None
@@ -210,18 +208,6 @@ class KontextPipeline:
 
     def _engines(self) -> str:
         return f"the engines of {self.source}" if self.source else "the engines"
-
-    def _wanted_geometry(self, image_size: tuple[int, int], height: int | None, width: int | None, max_area: int,
-                         auto_resize: bool = True) -> tuple[Resolution, Resolution]:  # fmt: skip
-        """(target, reference) before fitting them to ``sizes`` (see ``fitted_geometry``)."""
-        if auto_resize:
-            reference = preferred_resolution(*image_size, self.dims.multiple_of)
-        else:
-            m = self.dims.multiple_of
-            reference = Resolution(max(image_size[0] // m, 1) * m, max(image_size[1] // m, 1) * m)
-        if height is None or width is None:
-            return reference, reference
-        return fit_to_area(width, height, max_area, self.dims.multiple_of), reference
 
     def edit(
         self,
@@ -274,7 +260,7 @@ class KontextPipeline:
         # An explicit size is reported as fitted to max_area; its fit to the engines' sizes has a notice of its own.
         wanted = target
         if (width, height) != (target.width, target.height):
-            wanted = self._wanted_geometry(images[0].size, height, width, max_area, auto_resize)[0]
+            wanted = wanted_geometry(images[0].size, height, width, max_area, self.dims.multiple_of, auto_resize)[0]
         notices = input_notices(prompts, images[0].size, (width, height), wanted, reference, max_area) + fitted
         timer = ComponentTimer(self.device)
         with timer.region("total"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fluxtrt.errors import InputError
-from fluxtrt.pipeline.image import PREFERRED_KONTEXT_RESOLUTIONS
-from fluxtrt.specs.flux import FluxDims, Resolution
+from fluxtrt.pipeline.image import PREFERRED_KONTEXT_RESOLUTIONS, fit_to_area, preferred_resolution
+from fluxtrt.specs.flux import FluxDims, Resolution, image_tokens
 
 PREFERRED = [Resolution(w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
 # The smallest range that holds every preferred size: each side from 672 to 1568.
@@ -95,6 +95,24 @@ def no_size_message(sizes: SizeRange, multiple_of: int, sides: tuple[tuple[int, 
     )
 
 
+def wanted_geometry(image_size: tuple[int, int], height: int | None, width: int | None, max_area: int,
+                    multiple_of: int, auto_resize: bool = True) -> tuple[Resolution, Resolution]:  # fmt: skip
+    """(target, reference) of an edit of a reference of ``image_size`` (width, height), before any fit to engines.
+
+    The reference goes to its closest preferred Kontext resolution, or with ``auto_resize=False`` keeps its own
+    size floored to ``multiple_of``; the target is the reference's resolution, or the explicit height/width fitted
+    to ``max_area``.
+    """
+    if auto_resize:
+        reference = preferred_resolution(*image_size, multiple_of)
+    else:
+        m = multiple_of
+        reference = Resolution(max(image_size[0] // m, 1) * m, max(image_size[1] // m, 1) * m)
+    if height is None or width is None:
+        return reference, reference
+    return fit_to_area(width, height, max_area, multiple_of), reference
+
+
 def fit_geometry(
     target: Resolution,
     reference: Resolution,
@@ -147,8 +165,7 @@ def check_sequence(dims: FluxDims, target: Resolution, reference: Resolution, si
 
 def check_split(text_tokens: int, multiple_of: int, target: Resolution, reference: Resolution, size: int) -> None:
     """``check_sequence`` from the two numbers it needs: the T5 tokens, and the pixels a side per image token."""
-    t = (target.height // multiple_of) * (target.width // multiple_of)
-    r = (reference.height // multiple_of) * (reference.width // multiple_of)
+    t, r = image_tokens(target, multiple_of), image_tokens(reference, multiple_of)
     if (t + r) % size == 0 and text_tokens % size == 0:
         return
     fits = [n for n in range(1, size) if (t + r) % n == 0 and text_tokens % n == 0]

@@ -95,7 +95,12 @@ class FluxDims:
 
     def tokens(self, res: Resolution) -> int:
         """Packed latent tokens for an image of ``res`` (a multiple of ``multiple_of``)."""
-        return (res.height // self.multiple_of) * (res.width // self.multiple_of)
+        return image_tokens(res, self.multiple_of)
+
+
+def image_tokens(res: Resolution, multiple_of: int) -> int:
+    """Packed latent tokens for an image of ``res`` whose tokens are ``multiple_of`` pixels a side."""
+    return (res.height // multiple_of) * (res.width // multiple_of)
 
 
 # FLUX.1-Kontext-dev: CLIP-L (49408 tokens, 77, 768 pooled), T5-XXL (32128 tokens, 512, 4096), 16-channel VAE at

@@ -22,12 +22,6 @@ def ort() -> Any:
     return onnxruntime
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def providers(device: str) -> list[str]:
     """Execution providers for ``device``, best first.
 
@@ -53,12 +47,14 @@ def session(path: Any, device: str, optimized_path: Any = None, external_data: s
     Raises:
         EngineError: the file is not a loadable ONNX model (corrupt, truncated, missing external data).
     """
+    import torch
+
     onnxruntime = ort()
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     # As many CPU threads as PyTorch computes with in this process (torch.set_num_threads, OMP_NUM_THREADS): one
     # setting governs both runtimes of an edit, where ONNX Runtime's default takes every core whatever was asked.
-    options.intra_op_num_threads = torch_threads()
+    options.intra_op_num_threads = torch.get_num_threads()
     if optimized_path is not None:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(optimized_path)
