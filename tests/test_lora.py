@@ -187,6 +187,7 @@ def test_aoti_fp8_lora_requantized_equals_pytorch_fused_then_quantized(tiny, fp8
 
     base = engine()
     tolerance = 3 * rel(base, oracle([]))  # measured: 1.5x with A, 1.6x with A + B
+    runner.model.loader = handed = HandedStorages(runner.model.loader)
     try:
         apply_to_runner(runner, [a])
         with_a = engine()
@@ -202,7 +203,27 @@ def test_aoti_fp8_lora_requantized_equals_pytorch_fused_then_quantized(tiny, fp8
         apply_to_runner(runner, [a])
     finally:
         apply_to_runner(runner, [])
+        runner.model.loader = handed.loader
     assert torch.equal(engine(), base)  # removal: the original constants, bit for bit
+    # The package never releases a storage it was handed: after six changes it holds one merged copy of each
+    # replaced constant beside the originals, not one per change.
+    originals = {t.untyped_storage().data_ptr() for t in runner._constants.values()}
+    replaced = sum(1 + p.fp8 for p in runner._packed.values() if any(m in a.layers or m in b.layers for m in p.modules))
+    assert len(handed.storages - originals) == replaced > 0  # a weight, and an FP8 weight's output_scale
+
+
+class HandedStorages:
+    """A package loader that records the storage of every constant handed to ``load_constants``."""
+
+    def __init__(self, loader):
+        self.loader, self.storages = loader, set()
+
+    def load_constants(self, constants, *args):
+        self.storages |= {t.untyped_storage().data_ptr() for t in constants.values()}
+        return self.loader.load_constants(constants, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
 
 
 def test_fp8_weight_whose_scales_are_no_constants_is_refused_in_one_line():

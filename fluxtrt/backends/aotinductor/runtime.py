@@ -115,6 +115,8 @@ class AotInductorRunner(Runner):
         self._packed: dict[str, PackedLinear] | None = None
         # weight constant -> the merged constants in place of its linear's (set_linear_weights)
         self._replaced: dict[str, dict[str, Any]] = {}
+        # constant -> the one tensor the package is pointed at for its merged values, filled again at each change
+        self._merged: dict[str, Any] = {}
         # Seconds of the last load: "package" (the .pt2's code), "weights" (safetensors to the device), "constants"
         # (handing them to the package), "first_call" (on CUDA: one call at the smallest shapes).
         self.load_seconds: dict[str, float] = {}
@@ -210,6 +212,12 @@ class AotInductorRunner(Runner):
         The constants are repointed one linear at a time in the active buffer (user-managed: no copy), from the
         thread that calls the runner, so between two calls. torch's package loader offers no swap of AOTInductor's
         inactive constant buffer, and filling one would hold a second full set of merged weights.
+
+        A user-managed constant is never released: the package keeps a tensor handle of its own to it that nothing
+        deletes (``MaybeOwningAtenTensorHandle`` in torch's aoti_runtime/utils.h, torch 2.11 to 2.13). Each constant
+        is therefore handed over in one tensor for its merged values, made at its first change and filled in place
+        at every later one: memory holds the originals and one merged copy of the linears ever replaced, however
+        often LoRAs are swapped (a new tensor per change kept 8.6 GB more per swap on an H100).
         """
         self.linear_weights()
         packed = self._packed
@@ -219,8 +227,9 @@ class AotInductorRunner(Runner):
             for name in sorted(set(self._replaced) - set(targets)):
                 self._point({k: self._constants[k] for k in self._replaced.pop(name)})
             for name in targets:
-                update = merged_constants(self._constants, packed[name], weights)
-                self._point(update)
+                update = self._fill(merged_constants(self._constants, packed[name], weights))
+                if name not in self._replaced:  # one already pointed at its merged tensors sees them filled
+                    self._point(update)
                 self._replaced[name] = update
         except BaseException:
             for name in list(self._replaced):  # half merged is no state to run: all originals again
@@ -230,13 +239,22 @@ class AotInductorRunner(Runner):
             if self.cuda_graph:
                 self.call = CudaGraphs(self.model)
 
+    def _fill(self, update: Mapping[str, Any]) -> dict[str, Any]:
+        """``update``'s values in the tensors kept for each constant's merged values (``update``'s own the first
+        time)."""
+        for name, value in update.items():
+            kept = self._merged.setdefault(name, value)
+            if kept is not value:
+                kept.copy_(value)
+        return {name: self._merged[name] for name in update}
+
     def _point(self, constants: Mapping[str, Any]) -> None:
         """Point the package's constants at these tensors (user-managed: the package keeps a reference, no copy)."""
         self.model.loader.load_constants(dict(constants), False, False, True)
 
     def _close(self) -> None:
         self.call = self.model = self._constants = self._packed = None
-        self._replaced = {}
+        self._replaced, self._merged = {}, {}
 
     def _infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         import torch
