@@ -34,6 +34,7 @@ def child(args) -> dict:
     sync(cuda)
     record["load_s"] = time.perf_counter() - t0
     record["runners_load_s"] = {n: dict(getattr(r, "load_seconds", {})) for n, r in pipeline.runners.items()}
+    record["pipeline_load_s"] = dict(pipeline.load_seconds)  # engines: the checks, each engine, the tokenizers
     if args.child == "load_concurrent":
         return record
     from PIL import Image

@@ -58,13 +58,23 @@ def test_serve_gpu_records_every_phase(tmp_path):
 
 
 def test_concurrent_load_edits_as_serial_load(ort_engines):
+    """Both loads edit alike, and each records how long its checks, every engine and the tokenizers took: one after
+    the other, those parts fit inside the load's own time."""
+    import time
+
     from fluxtrt.engines.load import load_engine_pipeline
 
     image = make_image(256, 256)
     results = []
     for concurrent in (False, True):
+        t0 = time.perf_counter()
         with load_engine_pipeline(ort_engines, "cpu", concurrent=concurrent) as pipeline:
+            wall = time.perf_counter() - t0
             assert set(pipeline.runners) == {"clip", "t5", "vae_encoder", "transformer", "vae_decoder"}
+            assert set(pipeline.load_seconds) == {"checks", "tokenizers", *pipeline.runners}
+            assert min(pipeline.load_seconds.values()) > 0
+            if not concurrent:
+                assert sum(pipeline.load_seconds.values()) <= wall
             results.append(pipeline.edit(image, "make it red", seed=3, height=256, width=256,
                                          max_area=256 * 256, auto_resize=False).latents)  # fmt: skip
     assert torch.equal(results[0], results[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     from fluxtrt.pipeline.kontext import KontextPipeline
     from fluxtrt.pipeline.sizes import SizeRange
 
+    started = time.perf_counter()
     path = Path(path)
     manifest = Manifest.load(path)
     try:
@@ -116,16 +118,18 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
     dtype = torch_dtype(COMPUTE_DTYPE[manifest.precision])
     specs = component_specs(manifest.dims)
     runners: dict[str, Any] = {}
+    seconds = {"checks": time.perf_counter() - started}
     try:
         names = (*[c for c in COMPONENTS if c != "transformer"], *transformer)
+        engine = functools.partial(_load_engine, path, backend, manifest)
+        loads = {n: _timed(seconds, n, device, functools.partial(engine, n, specs[n], device, dtype)) for n in names}
+        tokenizers = _timed(seconds, "tokenizers", "cpu", functools.partial(_load_tokenizers, path))
         if concurrent:
-            tokenizer, tokenizer_2 = _load_concurrently(
-                {name: functools.partial(_load_engine, path, backend, manifest, name, specs[name], device, dtype)
-                 for name in names}, functools.partial(_load_tokenizers, path), runners)  # fmt: skip
+            tokenizer, tokenizer_2 = _load_concurrently(loads, tokenizers, runners)
         else:
-            for name in names:
-                runners[name] = _load_engine(path, backend, manifest, name, specs[name], device, dtype)
-            tokenizer, tokenizer_2 = _load_tokenizers(path)
+            for name, load in loads.items():
+                runners[name] = load()
+            tokenizer, tokenizer_2 = tokenizers()
     except BaseException:
         _close(runners)
         raise
@@ -135,7 +139,7 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         first, rest = (runners.pop(p) for p in TRANSFORMER_PARTS)
         runners["transformer"] = SplitTransformerRunner(specs["transformer"], first, rest, first_block_cache)
     model = manifest.model
-    return KontextPipeline(
+    pipeline = KontextPipeline(
         runners={name: runners[name] for name in COMPONENTS},
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
@@ -148,6 +152,24 @@ def load_engine_pipeline(path: Path, device: str = "cpu", first_block_cache: flo
         source=str(path),
         sizes=SizeRange(manifest.resolution("min"), manifest.resolution("max")),
     )
+    pipeline.load_seconds = seconds
+    return pipeline
+
+
+def _timed(seconds: dict[str, float], name: str, device: str, load: Callable[[], Any]) -> Callable[[], Any]:
+    """``load``, recording in ``seconds[name]`` how long it took (on CUDA until the device has finished)."""
+
+    def run() -> Any:
+        t0 = time.perf_counter()
+        result = load()
+        if str(device).startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(device)
+        seconds[name] = time.perf_counter() - t0
+        return result
+
+    return run
 
 
 def _load_engine(path: Path, backend: EngineBackend, manifest: Manifest, name: str, spec: ComponentSpec,

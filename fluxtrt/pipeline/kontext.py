@@ -137,6 +137,9 @@ class KontextPipeline:
         self.source = source
         self.sizes = sizes
         self.sequence_split = 1
+        # Seconds each part of loading took, where the loader recorded them (load_engine_pipeline: the checks, each
+        # engine, the tokenizers; on CUDA an engine's load ends when its work has finished).
+        self.load_seconds: dict[str, float] = {}
 
     def close(self) -> None:
         """Close every runner (engines free their device memory); the pipeline cannot edit afterwards."""
