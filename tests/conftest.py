@@ -56,6 +56,24 @@ def _cores() -> int:
     return cores
 
 
+# The test files that take longest (about 60-130 s each on 2 cores, --durations), first. pytest-xdist hands out whole
+# files in collection order (pyproject: --dist loadfile --no-loadscope-reorder), so these start first and the last
+# files handed out are short ones: no process is left with two minutes of work while the other has none. The second
+# and third build no engine that the first builds (the ONNX Runtime and TensorRT-RTX engines of the run), so that
+# neither process starts by waiting on the other's lock.
+LONGEST_FIRST = (
+    "test_tensorrt_rtx.py", "test_quant.py", "test_build_jobs.py", "test_runner_contract.py", "test_aotinductor.py",
+    "test_benchmark_headline.py", "test_parallel.py", "test_slim_vae_lowvram.py", "test_first_block_cache_engines.py",
+    "test_benchmark_serve_gpu.py", "test_build_onnxruntime.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test files first (``LONGEST_FIRST``); the others after them, in their own order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
