@@ -285,6 +285,7 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     from fluxtrt.config import BuildConfig
     from fluxtrt.engines.build import build_engines
     from fluxtrt.engines.calibrate import calibrate, quantized_linears
+    from fluxtrt.engines.manifest import Manifest
     from fluxtrt.models import load_components
     from fluxtrt.models.loading import model_fingerprint
     from fluxtrt.quant.fakequant import fake_quantize, fp8_weight
@@ -310,6 +311,10 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     assert entry.record.fused_qkv == doubles + singles and entry.record.attention
     assert entry.record.fp8_linears == len(kept) + len(fused)
     assert entry.record.fp8_attention is False  # a CPU build keeps SDPA by default
+    # Where the build's time went, kept in the manifest: export, compile, weights, within the component's build time.
+    saved = Manifest.load(tmp_path / "engines").components["transformer"]
+    phases = (saved.record.export_s, saved.record.compile_s, saved.record.weights_s)
+    assert saved.record.compile_s > 0 and 0 < sum(phases) <= saved.build_s + 0.2, (phases, saved.build_s)
     # `fluxtrt inspect` shows what the engine runs.
     from tests.conftest import run_cli
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -60,9 +61,11 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
     _check_job(job)
     record = AotInductorRecord.built_in(device_environment(job.device))
     ranges = symbol_ranges(job.spec, job.profile)
+    t0 = time.perf_counter()
     with contextlib.ExitStack() as changes, torch.inference_mode(False):
         changes.enter_context(_prepared_for_export(job, record))
         ep, record.shape_guards, attention = export_program(job, ranges)
+    record.export_s = round(time.perf_counter() - t0, 1)
     configs = {
         **job.options.inductor_configs,
         "aot_inductor.package_constants_in_so": job.options.weights == "packaged",
@@ -70,6 +73,7 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
     external = job.options.weights == "external"
     written = [Path(job.engine_path)] + ([external_weights_path(job.engine_path)] if external else [])
     try:
+        t0 = time.perf_counter()
         try:
             with _inductor_cache(Path(job.workdir) / "inductor-cache"), open(job.engine_path, "wb") as f:
                 # A file object, not a path: inductor insists on a ".pt2" name, the caller may stage another.
@@ -79,8 +83,11 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
                 f"{job.spec.name}: AOTInductor failed to compile the exported graph ({error_text(exc)}): rerun with "
                 "--verbose for the traceback"
             ) from exc
+        record.compile_s = round(time.perf_counter() - t0, 1)
         if external:
+            t0 = time.perf_counter()
             save_weights(job, ep)
+            record.weights_s = round(time.perf_counter() - t0, 1)
     except BaseException:
         for path in written:  # leave no half-written engine or weights file behind
             path.unlink(missing_ok=True)

@@ -55,6 +55,11 @@ class AotInductorRecord(BackendRecord):
     shape_guards: str | None = None
     dims: dict[str, list[int]] | None = None
     attention: list[str] | None = None
+    # Seconds the build spent in torch.export, in inductor's compile into the package, and writing the external
+    # weights (where a long build goes); not what makes two records equal.
+    export_s: float | None = field(default=None, compare=False)
+    compile_s: float | None = field(default=None, compare=False)
+    weights_s: float | None = field(default=None, compare=False)
 
     @classmethod
     def built_in(cls, env: DeviceEnvironment) -> AotInductorRecord:
