@@ -202,14 +202,15 @@ def resolve_checkpoint(model: str) -> Path:
 def vae_scale(model: str) -> int | None:
     """Pixels per latent of ``model``'s VAE (2 ** (its blocks - 1)), read from its config without loading a weight;
     None where the config cannot be read (loading the model then says why)."""
+    from fluxtrt.specs.flux import vae_scale_of
+
     if model in BUILTIN_MODELS:
         from fluxtrt.models.synthetic import FULL, TINY
 
-        blocks = len((TINY if model == "tiny" else FULL).vae["block_out_channels"])
-        return 2 ** (blocks - 1)
+        return vae_scale_of((TINY if model == "tiny" else FULL).vae["block_out_channels"])
     try:
         config = json.loads((resolve_checkpoint(model) / "vae" / "config.json").read_text())
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        return vae_scale_of(config["block_out_channels"])
     except (ModelLoadError, OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -155,13 +155,18 @@ def _deep_to_rgb(img: Any, name: str) -> tuple[Any, list[str]]:
     return Image.fromarray(pixels, "L").convert("RGB"), [notice]
 
 
+def floored_resolution(width: int, height: int, multiple_of: int) -> Resolution:
+    """``width`` x ``height`` with each side floored to a multiple of ``multiple_of`` (at least one)."""
+    return Resolution(max(width // multiple_of, 1) * multiple_of, max(height // multiple_of, 1) * multiple_of)
+
+
 def preferred_resolution(width: int, height: int, multiple_of: int) -> Resolution:
     """The preferred Kontext resolution closest in aspect ratio to a ``width`` x ``height`` image.
 
     The aspect ratio is taken after flooring both sides to ``multiple_of``, as diffusers does.
     """
-    w, h = max(width // multiple_of, 1) * multiple_of, max(height // multiple_of, 1) * multiple_of
-    aspect = w / h
+    floored = floored_resolution(width, height, multiple_of)
+    aspect = floored.width / floored.height
     _, pw, ph = min((abs(aspect - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
     return Resolution(pw // multiple_of * multiple_of, ph // multiple_of * multiple_of)
 

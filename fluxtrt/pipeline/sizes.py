@@ -11,7 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fluxtrt.errors import InputError
-from fluxtrt.pipeline.image import PREFERRED_KONTEXT_RESOLUTIONS, fit_to_area, preferred_resolution
+from fluxtrt.pipeline.image import (
+    PREFERRED_KONTEXT_RESOLUTIONS,
+    fit_to_area,
+    floored_resolution,
+    preferred_resolution,
+)
 from fluxtrt.specs.flux import FluxDims, Resolution, image_tokens
 
 PREFERRED = [Resolution(w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS]
@@ -103,11 +108,8 @@ def wanted_geometry(image_size: tuple[int, int], height: int | None, width: int 
     size floored to ``multiple_of``; the target is the reference's resolution, or the explicit height/width fitted
     to ``max_area``.
     """
-    if auto_resize:
-        reference = preferred_resolution(*image_size, multiple_of)
-    else:
-        m = multiple_of
-        reference = Resolution(max(image_size[0] // m, 1) * m, max(image_size[1] // m, 1) * m)
+    resize = preferred_resolution if auto_resize else floored_resolution
+    reference = resize(*image_size, multiple_of)
     if height is None or width is None:
         return reference, reference
     return fit_to_area(width, height, max_area, multiple_of), reference

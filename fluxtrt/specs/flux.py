@@ -98,6 +98,12 @@ class FluxDims:
         return image_tokens(res, self.multiple_of)
 
 
+def vae_scale_of(block_out_channels: Any) -> int:
+    """Pixels per latent of a FLUX VAE with these blocks (its config's ``block_out_channels``): each block but the
+    last halves the sides."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def image_tokens(res: Resolution, multiple_of: int) -> int:
     """Packed latent tokens for an image of ``res`` whose tokens are ``multiple_of`` pixels a side."""
     return (res.height // multiple_of) * (res.width // multiple_of)
@@ -242,7 +248,7 @@ def dims_from_components(components: Any) -> FluxDims:
         t5_len=components.max_sequence_length,
         t5_dim=components.text_encoder_2.config.d_model,
         latent_channels=vae.latent_channels,
-        vae_scale=2 ** (len(vae.block_out_channels) - 1),
+        vae_scale=vae_scale_of(vae.block_out_channels),
         packed_channels=components.transformer.config.in_channels,
         transformer_dim=components.transformer.config.num_attention_heads
         * components.transformer.config.attention_head_dim,
