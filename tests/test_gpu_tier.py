@@ -191,6 +191,29 @@ def test_engines_match_their_pytorch_modules_step_by_step_in_compare(engines, tm
         assert row["latent_cosine"] > 0.99, (row["contender"], row["latent_cosine"])
 
 
+def test_external_weights_read_through_pinned_chunks_are_safetensors_own(tmp_path, monkeypatch):
+    """The AOTInductor runner's reader of external weights on CUDA (pinned chunks copied on a stream of their own)
+    against ``safetensors``' ``load_file`` to the same device: every tensor bit for bit, with chunks small enough
+    that tensors span several and both buffers are refilled many times (a copy that read a refilled buffer fails)."""
+    from safetensors.torch import load_file, save_file
+
+    from fluxtrt.backends.aotinductor import reading
+
+    g = torch.Generator().manual_seed(0)
+    weights = {f"w{i}": torch.randn(1000 + 37 * i, 129, generator=g).to(dtype)
+               for i, dtype in enumerate([torch.bfloat16, torch.float8_e4m3fn, torch.float32] * 4)}  # fmt: skip
+    weights["scalar"] = torch.tensor(2.5)
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 100_003)
+    got = reading.read_weights(path, torch.device("cuda"))
+    want = load_file(str(path), device="cuda")
+    assert got.keys() == want.keys()
+    for name, t in want.items():
+        assert got[name].is_cuda and got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
+
+
 def test_cuda_graph_replay_gives_the_plain_calls_bit_for_bit(engines):
     """The fp8 transformer engine replays a captured graph per shape; the same package called directly, on the same
     inputs, must give the same bits (three different inputs, so a replay that reads stale buffers fails)."""

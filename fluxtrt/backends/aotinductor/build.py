@@ -73,7 +73,7 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
     external = job.options.weights == "external"
     written = [Path(job.engine_path)] + ([external_weights_path(job.engine_path)] if external else [])
     try:
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), _compile_phases()
         try:
             with _inductor_cache(Path(job.workdir) / "inductor-cache"), open(job.engine_path, "wb") as f:
                 # A file object, not a path: inductor insists on a ".pt2" name, the caller may stage another.
@@ -84,6 +84,7 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
                 "--verbose for the traceback"
             ) from exc
         record.compile_s = round(time.perf_counter() - t0, 1)
+        record.compile_phases_s = _phases_since(before)
         if external:
             t0 = time.perf_counter()
             save_weights(job, ep)
@@ -96,6 +97,25 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
     if attention:
         record.attention = attention
     return record
+
+
+def _compile_phases() -> dict[str, float] | None:
+    """Seconds this process has spent so far in each of inductor's timed phases (torch's own bookkeeping, which a
+    torch without it leaves None)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return None
+    return {phase: sum(seconds) for phase, seconds in compilation_time_metrics.items()}
+
+
+def _phases_since(before: dict[str, float] | None, at_least: float = 1.0) -> dict[str, float] | None:
+    """The phases that took ``at_least`` seconds since ``before`` (``_compile_phases``), rounded."""
+    after = _compile_phases()
+    if before is None or after is None:
+        return None
+    spent = {phase: seconds - before.get(phase, 0.0) for phase, seconds in after.items()}
+    return {phase: round(seconds, 1) for phase, seconds in spent.items() if seconds >= at_least} or None
 
 
 def _max_rows(profile: Profile) -> int:

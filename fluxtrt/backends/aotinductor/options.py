@@ -60,6 +60,8 @@ class AotInductorRecord(BackendRecord):
     export_s: float | None = field(default=None, compare=False)
     compile_s: float | None = field(default=None, compare=False)
     weights_s: float | None = field(default=None, compare=False)
+    # Inductor's own timed phases of the compile that took a second or more (nested: a phase includes those it calls).
+    compile_phases_s: dict[str, float] | None = field(default=None, compare=False)
 
     @classmethod
     def built_in(cls, env: DeviceEnvironment) -> AotInductorRecord:
