@@ -10,10 +10,10 @@ Every measurement runs in a process of its own, one after the other, so each sta
 1. ``infer``: ``fluxtrt infer --engines`` as a user runs it, from process start to the written image.
 2. ``first_edit``: in a fresh process, the load (each engine's phases), then three edits of distinct prompts: the
    first against the warm ones per component and per transformer step (what the first call pays).
-3. ``load_sequential``, ``load_mmap`` and ``warmup_edit``: the load with the engines and tokenizers loaded one after
-   the other (the default on CUDA loads them at once), the load with the external weights read by safetensors'
-   ``load_file`` (a memory map) instead of fluxtrt's pinned chunks, and a one-step warm-up edit before the first one
-   (what each choice of ``infer``'s load is worth).
+3. ``load_concurrent``, ``load_pinned`` and ``warmup_edit``: the load with the engines and tokenizers loaded at once
+   from threads, the load with the external weights read through pinned chunks
+   (``fluxtrt.backends.aotinductor.reading.read_weights_pinned``) instead of safetensors' memory map, and a one-step
+   warm-up edit before the first one (what each choice would be worth to ``infer``'s load).
 4. ``compare``: ``fluxtrt.bench.compare`` on the engines alone (no per-step check against PyTorch), its median edit.
 5. ``serve``: ``fluxtrt serve`` from start to /health and /ready, single requests (server-side time against
    compare's), then ``benchmarks.serve_load`` at each concurrency, each level bounded in time.
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         with records.phase("infer"):
             records.emit(measure_infer(args, args.out, records.logs))
     environment = None
-    for mode in ("first_edit", "load_sequential", "load_mmap", "warmup_edit", "compare"):
+    for mode in ("first_edit", "load_concurrent", "load_pinned", "warmup_edit", "compare"):
         if mode in skip:
             continue
         if time.perf_counter() > deadline - 60:

@@ -1,6 +1,6 @@
 """What ``benchmarks.serve_gpu`` runs in a child process of its own (``--child MODE``), so each starts cold: the load
-(``first_edit``, ``load_sequential``, ``load_mmap``,
-``warmup_edit``), a first edit against warm ones, and ``compare``'s edit."""
+(``first_edit``, ``load_concurrent``, ``load_pinned``, ``warmup_edit``), a first edit against warm ones, and
+``compare``'s edit."""
 
 from __future__ import annotations
 
@@ -30,19 +30,17 @@ def child(args) -> dict:
     record: dict = {"phase": args.child, "imports_s": imports_s, "cuda_init_s": cuda_s if cuda else None}
     if args.child == "compare":
         return {**record, **compare_edit(args)}
-    if args.child == "load_mmap":  # the external weights through safetensors' load_file, as before the pinned reader
-        from safetensors.torch import load_file
+    if args.child == "load_pinned":  # the external weights through pinned chunks instead of a memory map
+        from fluxtrt.backends.aotinductor import reading
 
-        from fluxtrt.backends.aotinductor import runtime
-
-        runtime.read_weights = lambda path, device: load_file(str(path), device=str(device))
+        reading.read_weights = reading.read_weights_pinned
     t0 = time.perf_counter()
-    pipeline = load_pipeline(args, concurrent=False if args.child == "load_sequential" else None)
+    pipeline = load_pipeline(args, concurrent=args.child == "load_concurrent")
     sync(cuda)
     record["load_s"] = time.perf_counter() - t0
     record["runners_load_s"] = {n: dict(getattr(r, "load_seconds", {})) for n, r in pipeline.runners.items()}
     record["pipeline_load_s"] = dict(pipeline.load_seconds)  # engines: the checks, each engine, the tokenizers
-    if args.child in ("load_sequential", "load_mmap"):
+    if args.child in ("load_concurrent", "load_pinned"):
         return record
     from PIL import Image
 
@@ -102,7 +100,7 @@ def step_timer(inner, cuda: bool):
     return StepTimer()
 
 
-def load_pipeline(args, concurrent: bool | None = None):
+def load_pipeline(args, concurrent: bool = False):
     if args.engines:
         from fluxtrt.engines.load import load_engine_pipeline
 

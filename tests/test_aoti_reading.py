@@ -1,5 +1,6 @@
-"""The external weights' reader (``fluxtrt.backends.aotinductor.reading``) against safetensors' own ``load_file``:
-the chunked reading that CUDA loads go through, run here with host buffers of sizes that split tensors every way."""
+"""The pinned reader of external weights (``fluxtrt.backends.aotinductor.reading``) against safetensors' own
+``load_file``: the chunked reading that its CUDA loads go through, run here with host buffers of sizes that split
+tensors every way (the GPU tier checks the CUDA copies)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxtrt.backends.aotinductor.reading import header, read_chunked, read_weights
+from fluxtrt.backends.aotinductor.reading import header, read_chunked, read_weights_pinned
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -63,11 +64,11 @@ def test_a_file_that_is_no_safetensors_is_a_valueerror(tmp_path):
         header(path)
     path.write_bytes(b"abc")
     with pytest.raises(ValueError, match="too short"):
-        read_weights(path, torch.device("cuda"))
+        read_weights_pinned(path, torch.device("cuda"))  # refused before any CUDA call
 
 
 def test_on_the_cpu_it_is_load_file(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(tensors(), str(path))
-    got, want = read_weights(path, torch.device("cpu")), load_file(str(path))
+    got, want = read_weights_pinned(path, torch.device("cpu")), load_file(str(path))
     assert all(torch.equal(bits(got[n]), bits(want[n])) for n in want)

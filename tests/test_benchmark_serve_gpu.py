@@ -23,7 +23,7 @@ def test_serve_gpu_records_every_phase(tmp_path):
     out = tmp_path / "out"
     code = main(["--model", "tiny", "--image", str(image), "--out", str(out), "--size", "256x256", "--steps", "2",
                  "--device", "cpu", "--runs", "2", "--concurrency", "1,2", "--requests", "2", "--budget-s", "900",
-                 "--skip", "load_sequential,load_mmap,warmup_edit"])  # fmt: skip
+                 "--skip", "load_concurrent,load_pinned,warmup_edit"])  # fmt: skip
     records = json.loads((out / "serve_gpu.json").read_text())
     by_phase = {}
     for record in records:

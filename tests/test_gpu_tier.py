@@ -192,9 +192,9 @@ def test_engines_match_their_pytorch_modules_step_by_step_in_compare(engines, tm
 
 
 def test_external_weights_read_through_pinned_chunks_are_safetensors_own(tmp_path, monkeypatch):
-    """The AOTInductor runner's reader of external weights on CUDA (pinned chunks copied on a stream of their own)
-    against ``safetensors``' ``load_file`` to the same device: every tensor bit for bit, with chunks small enough
-    that tensors span several and both buffers are refilled many times (a copy that read a refilled buffer fails)."""
+    """The pinned reader of AOTInductor external weights on CUDA (chunks copied on a stream of their own) against
+    ``safetensors``' ``load_file`` to the same device: every tensor bit for bit, with chunks small enough that tensors
+    span several and both buffers are refilled many times (a copy that read a refilled buffer fails)."""
     from safetensors.torch import load_file, save_file
 
     from fluxtrt.backends.aotinductor import reading
@@ -206,7 +206,7 @@ def test_external_weights_read_through_pinned_chunks_are_safetensors_own(tmp_pat
     path = tmp_path / "w.safetensors"
     save_file(weights, str(path))
     monkeypatch.setattr(reading, "CHUNK_BYTES", 100_003)
-    got = reading.read_weights(path, torch.device("cuda"))
+    got = reading.read_weights_pinned(path, torch.device("cuda"))
     want = load_file(str(path), device="cuda")
     assert got.keys() == want.keys()
     for name, t in want.items():

@@ -1,11 +1,12 @@
-"""Reading an AOTInductor package's external weights (a safetensors file) onto its device, fast.
+"""Reading an AOTInductor package's external weights (a safetensors file) onto its device.
 
-``safetensors.torch.load_file(path, device="cuda")`` copies each tensor from a memory map of the file: pageable
-memory, faulted in page by page, about 3.5 GB/s for the 12 GB FP8 transformer on an H100 (3.5 s of its load). Here
-the file is read in large sequential chunks into two pinned host buffers, each chunk copied to the device on a
-stream of its own while the next one is read. The tensors are the same, bit for bit (tested against
-``load_file``); each is an allocation of its own, as ``load_file`` makes them, so kernels see the alignment they
-were compiled for.
+``read_weights`` is safetensors' ``load_file``, which copies each tensor from a memory map of the file: pageable
+memory, faulted in page by page (3.5 s for the 12 GB FP8 transformer on an H100). ``read_weights_pinned`` reads the
+file in large sequential chunks into two pinned host buffers instead, each chunk copied to the device on a stream of
+its own while the next one is read. Its tensors are the same, bit for bit (tested against ``load_file``, on the GPU
+in the GPU tier), each an allocation of its own as ``load_file`` makes them, so kernels see the alignment they were
+compiled for. Whether it loads faster is not yet measured (``benchmarks.serve_gpu``'s ``load_pinned``); until it
+is, runners read through ``read_weights``.
 """
 
 from __future__ import annotations
@@ -24,20 +25,24 @@ CHUNK_BYTES = 64 << 20
 
 
 def read_weights(path: Path, device: Any) -> dict[str, Any]:
+    """Every tensor of the safetensors file ``path`` on ``device``, through safetensors' own ``load_file``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=str(device))
+
+
+def read_weights_pinned(path: Path, device: Any) -> dict[str, Any]:
     """Every tensor of the safetensors file ``path``, on ``device`` (a ``torch.device``): through pinned chunks on
     CUDA, ``load_file`` elsewhere.
 
     Raises:
-        ValueError: a file whose header does not parse or names a dtype this reader does not know (safetensors'
-            own error for the same file reads the same way to the caller).
+        ValueError: a file whose header does not parse or names a dtype this reader does not know.
         OSError: the file cannot be read, or ends before its header says.
     """
     import torch
 
     if torch.device(device).type != "cuda":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(device))
+        return read_weights(path, device)
     start, entries = header(Path(path))
     with torch.cuda.device(device):
         return _read_cuda(Path(path), torch.device(device), start, entries)
@@ -107,6 +112,9 @@ def _read_cuda(path: Path, device: Any, start: int, entries: dict[str, dict]) ->
     flat = {n: t.reshape(-1).view(torch.uint8) for n, t in tensors.items() if t.numel()}
     buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
     stream = torch.cuda.Stream(device)
+    # The new tensors' memory may have been freed by work still queued on this thread's stream (the allocator
+    # orders reuse on that stream only): the copies start after it.
+    stream.wait_stream(torch.cuda.current_stream(device))
     copied = [torch.cuda.Event() for _ in buffers]  # an event not yet recorded waits for nothing
 
     def copy(destination: Any, source: Any) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fluxtrt.backends.aotinductor.reading import read_weights
+from fluxtrt.backends.aotinductor import reading
 from fluxtrt.backends.aotinductor.weights import LinearWeights, PackedLinear, merged_constants, packed_linears
 from fluxtrt.backends.cuda_graphs import CudaGraphs
 from fluxtrt.backends.runner import Runner
@@ -172,7 +172,7 @@ class AotInductorRunner(Runner):
             raise EngineError(f"{self.name}: {self.path.name} keeps its weights in {weights_path}, which is missing: "
                               f"{REBUILD}")  # fmt: skip
         t0 = time.perf_counter()
-        constants = read_weights(weights_path, device)
+        constants = reading.read_weights(weights_path, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t1 = time.perf_counter()
