@@ -465,6 +465,12 @@ def test_loading_without_the_host_isa_probe_gives_the_same_engine(engines, monke
 
     for a, b in zip(outputs(want), outputs(got), strict=True):
         assert torch.equal(a, b)
+    # That load, in a fresh process, imports neither inductor nor dynamo (a second of every CUDA load's start).
+    code = ("import sys; from fluxtrt.backends.aotinductor.runtime import load_package; "
+            f"load_package({str(path)!r}, probe_host_isa=False); "
+            "print([m for m in ('torch._inductor', 'torch._dynamo') if m in sys.modules])")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_the_inductor_cache_is_an_absolute_path_for_a_relative_out(tmp_path, monkeypatch):

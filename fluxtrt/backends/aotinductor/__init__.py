@@ -64,18 +64,17 @@ class AotInductorBackend(EngineBackend[AotInductorOptions]):
     options_type = AotInductorOptions
 
     def check_available(self) -> None:
-        """Raise unless torch has inductor (what loading a package needs).
+        """Raise unless torch has AOTInductor's package loader (what loading a package needs; asked of torch's C
+        module, so that a CUDA load never imports inductor).
 
         Raises:
-            MissingDependencyError: this torch has no ``torch._inductor``.
+            MissingDependencyError: this torch has no ``torch._C._aoti.AOTIModelPackageLoader``.
         """
         import torch
 
-        try:
-            from torch._inductor import package  # noqa: F401
-        except ImportError:
-            feature = f"the aotinductor backend (torch {torch.__version__} has no torch._inductor)"
-            raise MissingDependencyError("torch", feature, "pip install torch") from None
+        if getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None) is None:
+            feature = f"the aotinductor backend (torch {torch.__version__} has no AOTInductor package loader)"
+            raise MissingDependencyError("torch", feature, "pip install torch")
 
     def check_buildable(self) -> None:
         """``check_available``, and a C++ compiler runs (inductor compiles the package with one).

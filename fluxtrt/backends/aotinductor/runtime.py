@@ -18,7 +18,7 @@ REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 
 def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False,
                  probe_host_isa: bool = True) -> Any:  # fmt: skip
-    """``torch._inductor.aoti_load_package`` with the C++ runtime's symbols global first.
+    """The package's model, loaded by torch's package loader with the C++ runtime's symbols global first.
 
     A package's wrapper library is compiled by the machine's g++ and parses its device string with ``std::regex``.
     When libstdc++ reached the process only as a dependency of torch's own libraries (not in the global symbol
@@ -27,42 +27,56 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
     RTLD_GLOBAL first puts the one the process already uses ahead of any other.
 
     Args:
-        probe_host_isa: let torch compare the host CPU's vector ISA with the one the package was compiled on, as
-            ``aoti_load_package`` does. Finding the host's ISA compiles a probe program per ISA with g++ the first
-            time a process (with a cold inductor cache) asks: 56 of the 59 s a full-size transformer package took to
-            load on an H200 machine (benchmarks/results/README.md), for a comparison that only ever logs a warning.
-            A CUDA package's kernels do not depend on it; fluxtrt checks torch, GPU and SM against the manifest.
-            False loads through the same loader without that probe.
+        probe_host_isa: load through ``torch._inductor.aoti_load_package``, which compares the host CPU's vector ISA
+            with the one the package was compiled on. Finding the host's ISA compiles a probe program per ISA with
+            g++ the first time a process (with a cold inductor cache) asks: 56 of the 59 s a full-size transformer
+            package took to load on an H200 machine (benchmarks/results/README.md), for a comparison that only ever
+            logs a warning. A CUDA package's kernels do not depend on it; fluxtrt checks torch, GPU and SM against
+            the manifest. False: a ``PackageModel`` over the same loader, without the probe and without importing
+            inductor (``torch.export`` and dynamo with it: 0.9 s of a process's start on a 2-core CPU machine).
     """
     import ctypes
     import ctypes.util
     import os
 
-    import torch._inductor
+    import torch
 
     name = ctypes.util.find_library("stdc++")
     if name:
         ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
-    if not probe_host_isa:
-        loaded = _load_without_isa_probe(path, device_index, run_single_threaded)
-        if loaded is not None:
-            return loaded
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if not probe_host_isa and loader is not None:
+        return PackageModel(loader(str(path), "model", run_single_threaded, 1, device_index))
+    import torch._inductor
+
     return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                              device_index=device_index)  # fmt: skip
 
 
-def _load_without_isa_probe(path: Path, device_index: int, run_single_threaded: bool) -> Any:
-    """The package's model through torch's package loader, as ``aoti_load_package`` makes it after its device
-    check; None where this torch does not have those two classes."""
-    import torch
+class PackageModel:
+    """A loaded package's model, called with its inputs as positional tensors (every fluxtrt component's are): what
+    ``torch.export``'s ``AOTICompiledModel`` does for such a package, without that module's imports and without
+    parsing the package's input and output tree specs at every call. Returns the one output, or a tuple of them.
 
-    try:
-        from torch.export.pt2_archive._package import AOTICompiledModel
+    Args:
+        loader: torch's ``AOTIModelPackageLoader`` of the package.
+    """
 
-        loader = torch._C._aoti.AOTIModelPackageLoader
-    except (ImportError, AttributeError):
-        return None
-    return AOTICompiledModel(loader(str(path), "model", run_single_threaded, 1, device_index))
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __call__(self, *args: Any) -> Any:
+        outputs = self.loader.boxed_run(list(args))  # boxed: the loader takes the list's tensors
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def load_constants(self, constants: Mapping[str, Any], *, check_full_update: bool,
+                       user_managed: bool = False) -> None:  # fmt: skip
+        """Point (user-managed) or copy the package's constants to ``constants`` (fqn -> tensor), in the active
+        buffer."""
+        self.loader.load_constants(dict(constants), False, check_full_update, user_managed)
+
+    def get_constant_fqns(self) -> list[str]:
+        return self.loader.get_constant_fqns()
 
 
 def single_threaded(device: Any, cuda_graph: bool) -> bool:
