@@ -51,6 +51,18 @@ def test_auto_builds_small_components_in_this_process():
     assert (decision.jobs, decision.workers) == (1, False)
 
 
+def test_auto_compiles_small_components_side_by_side_one_a_core_as_memory_allows():
+    small = {"clip": 2**20, "t5": 2**21, "vae_encoder": 2**22}
+    decision = decide_jobs("auto", small, {"host": 8 * GIB}, cores=2, compiles=True)
+    assert (decision.jobs, decision.workers) == (2, True)
+    assert decision.line.startswith("building 2 components at once (small, compiled side by side on 2 cores): ")
+    assert decide_jobs("auto", small, {"host": 8 * GIB}, cores=16, compiles=True).jobs == 3  # no more than there are
+    assert decide_jobs("auto", small, {"host": 2**22 + 2**21 + 1}, cores=16, compiles=True).jobs == 2  # memory
+    for cores, compiles, names in ((1, True, small), (2, False, small), (2, True, {"clip": 2**20})):
+        decision = decide_jobs("auto", names, {"host": 8 * GIB}, cores=cores, compiles=compiles)
+        assert (decision.jobs, decision.workers) == (1, False), (cores, compiles, names)
+
+
 def test_jobs_n_that_cannot_fit_is_refused_naming_the_memory():
     with pytest.raises(DeviceError) as refused:
         decide_jobs(3, FULL, {"GPU": 60 * GIB, "host": 200 * GIB})

@@ -274,6 +274,9 @@ class EngineBackend(ABC, Generic[OptionsT]):
     extension: ClassVar[str]  # engine file suffix, e.g. ".onnx", ".plan", ".pt2"; "" for no engine file
     uses_onnx: ClassVar[bool]  # whether build() reads the exported ONNX
     writes_engine: ClassVar[bool] = True  # False: the component's ONNX is what the directory holds
+    # Whether building even a small component keeps a core busy long enough (a compiler) that `--jobs auto` builds
+    # small components side by side in worker processes on a host with several cores (fluxtrt.engines.fit).
+    compiles_small_components: ClassVar[bool] = False
     precisions: ClassVar[tuple[str, ...]]
     options_type: ClassVar[type[BackendOptions]] = NoOptions
     record_type: ClassVar[type[BackendRecord]] = BackendRecord  # what build() returns and load() is given

@@ -15,7 +15,9 @@ from fluxtrt.errors import DeviceError
 # check it against a build's peak GPU and host memory on a GPU machine and adjust.
 BUILD_FOOTPRINT_FACTOR = 2.0
 # Below this largest footprint, ``--jobs auto`` builds in the build process, one component after another: starting
-# a worker (Python, torch, the model) costs more than building such components side by side saves.
+# a worker (Python, torch, the model) costs more than building such components side by side saves. Except where the
+# backend compiles each component (``EngineBackend.compiles_small_components``) and the host has several cores: then
+# one worker per core, as memory allows.
 SMALL_FOOTPRINT = 2**30
 
 GIB = 2**30
@@ -62,12 +64,15 @@ class Decision:
     line: str
 
 
-def decide_jobs(requested: int | str, footprints: dict[str, int], free: dict[str, int]) -> Decision:
+def decide_jobs(requested: int | str, footprints: dict[str, int], free: dict[str, int], cores: int = 1,
+                compiles: bool = False) -> Decision:  # fmt: skip
     """``--jobs`` for the components of ``footprints`` (those to build) and the memory ``free`` per pool.
 
     ``auto``: as many as fit at once whichever run together (the largest footprints together fit every pool), in
     worker processes, each loading only its parts; in this process when every footprint is small
-    (``SMALL_FOOTPRINT``). A number: that many workers, when that many of the largest fit.
+    (``SMALL_FOOTPRINT``), unless the backend ``compiles`` each component and the host has several ``cores``: then
+    as many as there are cores (and components), as memory allows. A number: that many workers, when that many of
+    the largest fit.
 
     Raises:
         DeviceError: a number whose largest components do not fit at once, or (auto) a component that does not fit
@@ -87,11 +92,16 @@ def decide_jobs(requested: int | str, footprints: dict[str, int], free: dict[str
                 "auto, a lower --jobs, or --jobs 1"
             )
         return Decision(int(requested), True, f"building up to {requested} components at once (--jobs): {said}")
-    if biggest < SMALL_FOOTPRINT:
+    if builds_in_process(requested, footprints, cores, compiles):
         return Decision(1, False, f"building 1 component at once, in this process (small components): {said}")
+    small = biggest < SMALL_FOOTPRINT
+    most = min(len(largest), cores) if small else len(largest)
     jobs = 0
-    while jobs < len(largest) and all(sum(largest[: jobs + 1]) <= n for n in free.values()):
+    while jobs < most and all(sum(largest[: jobs + 1]) <= n for n in free.values()):
         jobs += 1
+    if small and jobs > 1:
+        return Decision(jobs, True, f"building {jobs} components at once (small, compiled side by side on {cores} "
+                                    f"cores): {said}")  # fmt: skip
     if jobs == 0:
         short = next(p for p, n in free.items() if biggest > n)
         raise DeviceError(
@@ -100,6 +110,20 @@ def decide_jobs(requested: int | str, footprints: dict[str, int], free: dict[str
             "without this check"
         )
     return Decision(jobs, True, f"building {jobs} component{'s' * (jobs > 1)} at once: {said}")
+
+
+def builds_in_process(requested: int | str, footprints: dict[str, int], cores: int, compiles: bool) -> bool:
+    """Whether ``decide_jobs`` builds the components of ``footprints`` in the build process (``auto``, every
+    footprint small, and not a compiling backend with several cores and components)."""
+    small = requested == "auto" and max(footprints.values(), default=0) < SMALL_FOOTPRINT
+    return small and not (compiles and cores >= 2 and len(footprints) >= 2)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class Budget:

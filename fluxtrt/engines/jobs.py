@@ -27,7 +27,14 @@ from typing import Any
 from fluxtrt.backends.base import BackendOptions, EngineBackend, get_backend
 from fluxtrt.config import COMPUTE_DTYPE, BuildConfig
 from fluxtrt.engines.component import BuildContext, Progress, build_component, remove_leftovers
-from fluxtrt.engines.fit import SMALL_FOOTPRINT, Budget, component_footprints, decide_jobs, free_memory
+from fluxtrt.engines.fit import (
+    Budget,
+    builds_in_process,
+    component_footprints,
+    decide_jobs,
+    free_memory,
+    usable_cores,
+)
 from fluxtrt.engines.interrupt import sigint_ignored, watch_interrupts
 from fluxtrt.engines.manifest import ComponentEntry
 from fluxtrt.engines.plan import (
@@ -80,10 +87,11 @@ def build_in_workers(build: BuildContext, given: EngineBackend | None) -> list[C
     todo = sorted((p for p in plans.values() if not p.up_to_date), key=lambda p: p.name not in TRANSFORMERS)
     if todo:
         footprints = component_footprints(config, [p.name for p in todo])
-        if not (config.jobs == "auto" and max(footprints.values()) < SMALL_FOOTPRINT):
+        cores, compiles = usable_cores(), build.backend.compiles_small_components
+        if not builds_in_process(config.jobs, footprints, cores, compiles):
             _release_model(build)  # before measuring: what the workers have is what this process frees
         free = free_memory(config.device)
-        decision = decide_jobs(config.jobs, footprints, free)
+        decision = decide_jobs(config.jobs, footprints, free, cores, compiles)
         build.say("build", decision.line)
         if decision.workers:
             results.update(_run_workers(build, todo, given, decision.jobs, Budget(footprints, free)))

@@ -15,7 +15,7 @@ import torch
 import torch._inductor
 
 from fluxtrt.backends.aotinductor.options import AotInductorOptions, AotInductorRecord
-from fluxtrt.backends.aotinductor.runtime import error_text, external_weights_path, load_package
+from fluxtrt.backends.aotinductor.runtime import TRUSTED_HOST_ISA, error_text, external_weights_path, load_package
 from fluxtrt.backends.base import BuildJob, Profile
 from fluxtrt.backends.profile import symbol_ranges
 from fluxtrt.backends.torch_modules import fused_qkv
@@ -67,6 +67,8 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
         ep, record.shape_guards, attention = export_program(job, ranges)
     record.export_s = round(time.perf_counter() - t0, 1)
     configs = {
+        # The host's vector ISA from the CPU's flags alone (TRUSTED_HOST_ISA), then what the caller set.
+        **TRUSTED_HOST_ISA,
         **job.options.inductor_configs,
         "aot_inductor.package_constants_in_so": job.options.weights == "packaged",
     }

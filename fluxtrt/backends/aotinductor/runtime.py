@@ -14,6 +14,13 @@ from fluxtrt.errors import EngineError, first_line
 from fluxtrt.specs.component import ComponentSpec
 
 REBUILD = "rebuild with fluxtrt build --backend aotinductor"
+# Inductor picks the host's vector ISA (for a package's compile flags, and to compare with a package's at load) from
+# the ISAs the CPU's flags report, each confirmed by compiling and loading a probe program with g++ once per process
+# and inductor cache: 6 s on a 2-core CPU machine, 56 s on an H200 machine (benchmarks/results/README.md), in every
+# build worker (each compiles into a cache of its own) and every process loading a CPU package. This setting takes
+# the CPU's flags as they are, as torch's own fbcode builds do: a compiler that cannot build for an ISA the CPU has
+# fails the compile instead, with its error.
+TRUSTED_HOST_ISA = {"cpp.vec_isa_ok": True}
 
 
 def load_package(path: Path, device_index: int = -1, run_single_threaded: bool = False,
@@ -28,12 +35,11 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
 
     Args:
         probe_host_isa: load through ``torch._inductor.aoti_load_package``, which compares the host CPU's vector ISA
-            with the one the package was compiled on. Finding the host's ISA compiles a probe program per ISA with
-            g++ the first time a process (with a cold inductor cache) asks: 56 of the 59 s a full-size transformer
-            package took to load on an H200 machine (benchmarks/results/README.md), for a comparison that only ever
-            logs a warning. A CUDA package's kernels do not depend on it; fluxtrt checks torch, GPU and SM against
-            the manifest. False: a ``PackageModel`` over the same loader, without the probe and without importing
-            inductor (``torch.export`` and dynamo with it: 0.9 s of a process's start on a 2-core CPU machine).
+            (from its flags: ``TRUSTED_HOST_ISA``) with the one the package was compiled for and logs a warning where
+            they differ (what a CPU package's kernels run on). A CUDA package's kernels do not depend on it; fluxtrt
+            checks torch, GPU and SM against the manifest. False: a ``PackageModel`` over the same loader, without
+            that comparison and without importing inductor (``torch.export`` and dynamo with it: 0.9 s of a
+            process's start on a 2-core CPU machine).
     """
     import ctypes
     import ctypes.util
@@ -49,8 +55,9 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
         return PackageModel(loader(str(path), "model", run_single_threaded, 1, device_index))
     import torch._inductor
 
-    return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
-                                             device_index=device_index)  # fmt: skip
+    with torch._inductor.config.patch(TRUSTED_HOST_ISA):
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
+                                                 device_index=device_index)  # fmt: skip
 
 
 class PackageModel:
