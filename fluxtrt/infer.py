@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxtrt.config import InferConfig
-from fluxtrt.engines.load import EngineSource
+from fluxtrt.engines.load import EngineSource, engines_device
 from fluxtrt.environment import check_device
 from fluxtrt.lora.files import lora_label, read_loras
 from fluxtrt.models.components import FluxKontextComponents
@@ -52,7 +52,7 @@ def run_infer(config: InferConfig, on_step: Callable[[int, int], None] | None = 
         FluxtrtError: bad input, an unloadable model, an unavailable device, a non-finite edit, a sequence that does
             not split over ``config.gpus``, or an output that cannot be written. Nothing is written in that case.
     """
-    source = pipeline_source(config, config.resolved_device)
+    source = pipeline_source(config, run_device(config))
     image, image_notices = load_image(config.image)
     loras = read_loras(config.loras)
     check_device(source.device)
@@ -93,6 +93,16 @@ def check_split_before_launch(config: InferConfig) -> None:
     multiple_of = 2 * scale  # one 2x2 patch of latents a token
     target, reference = wanted_geometry(image.size, config.height, config.width, DEFAULT_MAX_AREA, multiple_of)
     check_split(FluxKontextComponents.max_sequence_length, multiple_of, target, reference, config.gpus)
+
+
+def run_device(config: InferConfig) -> str:
+    """Where the edit runs: ``--device`` as given; ``auto`` with ``--engines``, the device the engines run on
+    (``engines_device``); otherwise cuda where PyTorch sees a GPU. ``config`` as for ``pipeline_source``."""
+    if config.device == "auto" and config.engines is not None:
+        device = engines_device(config.engines)
+        if device is not None:
+            return device
+    return config.resolved_device
 
 
 def pipeline_source(config: InferConfig, device: str) -> EngineSource | ModelSource:

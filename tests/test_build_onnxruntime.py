@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -575,3 +576,24 @@ def test_sessions_compute_with_the_threads_torch_does(ort_engines):
             assert ort_session.get_session_options().intra_op_num_threads == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_device_auto_with_engines_is_where_they_run(engines, engines_copy, tmp_path):
+    """``--device auto`` with ``--engines``: TensorRT plans run on CUDA wherever they were built, other engines on
+    the device their directory was built for (so CPU-built engines stay on the CPU of a machine with a GPU)."""
+    from fluxtrt.config import InferConfig
+    from fluxtrt.engines.load import engines_device
+    from fluxtrt.infer import run_device
+
+    assert engines_device(engines) == "cpu"
+    manifest = Manifest.load(engines_copy)
+    for backend, built, runs in (("tensorrt-rtx", "cpu", "cuda"), ("aotinductor", "cuda", "cuda"),
+                                 ("onnxruntime", "cpu", "cpu")):  # fmt: skip
+        replace(manifest, backend=backend, build_env=replace(manifest.build_env, device=built)).save(engines_copy)
+        assert engines_device(engines_copy) == runs, backend
+    assert engines_device(tmp_path / "missing") is None  # the load says what is wrong with it
+    image, out = tmp_path / "in.png", tmp_path / "o.png"
+    make_image(64, 64).save(image)
+    config = InferConfig(model=None, engines=engines_copy, image=image, prompt="p", out=out)
+    assert config.device == "auto" and run_device(config) == "cpu"
+    assert run_device(replace(config, device="cuda")) == "cuda"  # as given

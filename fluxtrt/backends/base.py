@@ -277,6 +277,8 @@ class EngineBackend(ABC, Generic[OptionsT]):
     # Whether building even a small component keeps a core busy long enough (a compiler) that `--jobs auto` builds
     # small components side by side in worker processes on a host with several cores (fluxtrt.engines.fit).
     compiles_small_components: ClassVar[bool] = False
+    # The device its engines run on, whatever device built them (TensorRT plans: cuda); None: the build's device.
+    runs_on: ClassVar[str | None] = None
     precisions: ClassVar[tuple[str, ...]]
     options_type: ClassVar[type[BackendOptions]] = NoOptions
     record_type: ClassVar[type[BackendRecord]] = BackendRecord  # what build() returns and load() is given

@@ -64,6 +64,18 @@ class EngineSource:
         return pipeline
 
 
+def engines_device(path: Path) -> str | None:
+    """The device the engines in ``path`` run on, what ``--device auto`` means with ``--engines``: cuda for TensorRT
+    plans, else the device the directory was built for (CPU-built engines stay on the CPU of a machine with a GPU);
+    None where the manifest does not read or names an unknown backend (loading it then says why)."""
+    try:
+        manifest = Manifest.load(Path(path))
+        backend = get_backend(manifest.backend)
+    except FluxtrtError:
+        return None
+    return backend.runs_on or manifest.build_env.device
+
+
 def transformer_engines(manifest: Manifest, first_block_cache: float | None) -> tuple[str, ...]:
     """Which engines serve the transformer: its two parts (the first-block cache) where the directory holds them and
     the cache is on or no monolithic transformer was built, else the one transformer engine; () when neither."""

@@ -61,9 +61,9 @@ def load(source: ServedSource, max_batch: int | None = None) -> Loaded:
         FluxtrtError: what loading raises; InputError when ``max_batch`` exceeds the engines' built batch.
     """
     from fluxtrt.environment import check_device
-    from fluxtrt.infer import pipeline_source
+    from fluxtrt.infer import pipeline_source, run_device
 
-    device = source.resolved_device
+    device = run_device(source)
     check_device(device)
     t0 = time.perf_counter()
     pipeline = pipeline_source(source, device).load()

@@ -68,6 +68,7 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
     name = "tensorrt"
     extension = ".plan"
     uses_onnx = True
+    runs_on = "cuda"
     precisions = PRECISIONS
     options_type = TensorRTOptions
     record_type = TensorRTRecord
