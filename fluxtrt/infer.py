@@ -96,12 +96,11 @@ def check_split_before_launch(config: InferConfig) -> None:
 
 
 def run_device(config: InferConfig) -> str:
-    """Where the edit runs: ``--device`` as given; ``auto`` with ``--engines``, the device the engines run on
-    (``engines_device``); otherwise cuda where PyTorch sees a GPU. ``config`` as for ``pipeline_source``."""
-    if config.device == "auto" and config.engines is not None:
-        device = engines_device(config.engines)
-        if device is not None:
-            return device
+    """Where the edit runs: ``--device`` as given; ``auto``: the CPU for engines built for it (``engines_device``),
+    else cuda where PyTorch sees a GPU (where it sees none, engines that need one say so as they load). ``config`` as
+    for ``pipeline_source``."""
+    if config.device == "auto" and config.engines is not None and engines_device(config.engines) == "cpu":
+        return "cpu"
     return config.resolved_device
 
 

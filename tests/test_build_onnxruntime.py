@@ -580,7 +580,7 @@ def test_sessions_compute_with_the_threads_torch_does(ort_engines):
 
 def test_device_auto_with_engines_is_where_they_run(engines, engines_copy, tmp_path):
     """``--device auto`` with ``--engines``: TensorRT plans run on CUDA wherever they were built, other engines on
-    the device their directory was built for (so CPU-built engines stay on the CPU of a machine with a GPU)."""
+    the device their directory was built for; engines built for the CPU run there also on a machine with a GPU."""
     from fluxtrt.config import InferConfig
     from fluxtrt.engines.load import engines_device
     from fluxtrt.infer import run_device

@@ -36,8 +36,8 @@ def device_options(f):
         show_default=True,
         help=f"One of {', '.join(DTYPES)}; auto = bf16 on cuda, fp32 on cpu.",
     )(f)
-    help_ = (f"One of auto, {', '.join(DEVICES)}; auto = cuda where PyTorch sees a GPU, else cpu (with --engines: the "
-             "device the engines run on).")  # fmt: skip
+    help_ = (f"One of auto, {', '.join(DEVICES)}; auto = cuda where PyTorch sees a GPU, else cpu (and cpu for "
+             "--engines built for it).")  # fmt: skip
     return click.option("--device", default="auto", show_default=True, help=help_)(f)
 
 
