@@ -182,6 +182,30 @@ def test_external_weights_live_beside_the_engine_and_are_the_ones_used(engines, 
         engines.backend.load(job)
 
 
+def test_a_package_model_given_the_external_weights_computes_what_the_runner_does(engines):
+    """How a CUDA runner loads the transformer (``PackageModel``, no ISA probe, its external weights handed over as
+    user-managed constants): what the CPU runner (torch's own wrapper) computes, bit for bit; a constant pointed at
+    another tensor (as a LoRA change does) is what the next call uses."""
+    from safetensors.torch import load_file
+
+    from fluxtrt.backends.aotinductor.runtime import PackageModel, load_package
+
+    runner = engines["transformer"]
+    model = load_package(engines.path("transformer"), probe_host_isa=False)
+    assert isinstance(model, PackageModel)
+    weights = load_file(str(external_weights_path(engines.path("transformer"))))
+    model.load_constants(weights, check_full_update=True, user_managed=True)
+    spec = engines.specs["transformer"]
+    feed = spec.sample_feed(component_dims("transformer", engines.dims, *GEOMETRIES[0]), torch.float32, seed=5)
+    args = [feed[n].contiguous() for n in spec.input_names]
+    with torch.inference_mode():
+        want = runner.infer(feed)["noise_pred"]
+        assert torch.equal(model(*args), want)
+        bias = "transformer.proj_out.bias"
+        model.loader.load_constants({bias: weights[bias] + 0.5}, False, False, True)
+        torch.testing.assert_close(model(*args) - want, torch.full_like(want, 0.5), atol=1e-5, rtol=0)
+
+
 # A torch version no machine runs, whatever this one has.
 ANOTHER_TORCH = f"0.0.0+not-{torch.__version__}"
 
