@@ -67,8 +67,13 @@ def test_a_file_that_is_no_safetensors_is_a_valueerror(tmp_path):
         read_weights_pinned(path, torch.device("cuda"))  # refused before any CUDA call
 
 
-def test_on_the_cpu_it_is_load_file(tmp_path):
+def test_on_the_cpu_it_is_load_file_also_in_place_of_read_weights(tmp_path, monkeypatch):
+    """``benchmarks.serve_gpu``'s ``load_pinned`` puts it in place of ``read_weights``; on the CPU it reads as
+    ``load_file`` does (and does not call itself through that name)."""
+    from fluxtrt.backends.aotinductor import reading
+
+    monkeypatch.setattr(reading, "read_weights", reading.read_weights_pinned)
     path = tmp_path / "w.safetensors"
     save_file(tensors(), str(path))
-    got, want = read_weights_pinned(path, torch.device("cpu")), load_file(str(path))
+    got, want = reading.read_weights(path, torch.device("cpu")), load_file(str(path))
     assert all(torch.equal(bits(got[n]), bits(want[n])) for n in want)

@@ -42,7 +42,9 @@ def read_weights_pinned(path: Path, device: Any) -> dict[str, Any]:
     import torch
 
     if torch.device(device).type != "cuda":
-        return read_weights(path, device)
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
     start, entries = header(Path(path))
     with torch.cuda.device(device):
         return _read_cuda(Path(path), torch.device(device), start, entries)
