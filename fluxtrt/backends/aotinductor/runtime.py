@@ -19,7 +19,7 @@ REBUILD = "rebuild with fluxtrt build --backend aotinductor"
 # and inductor cache: 6 s on a 2-core CPU machine, 56 s on an H200 machine (benchmarks/results/README.md), in every
 # build worker (each compiles into a cache of its own) and every process loading a CPU package. This setting takes
 # the CPU's flags as they are, as torch's own fbcode builds do: a compiler that cannot build for an ISA the CPU has
-# fails the compile instead, with its error.
+# fails the compile instead, with its error. (On a CPU with AMX tiles, torch still compiles its AMX probe once.)
 TRUSTED_HOST_ISA = {"cpp.vec_isa_ok": True}
 
 
