@@ -3,10 +3,10 @@
 ``read_weights`` is safetensors' ``load_file``, which copies each tensor from a memory map of the file: pageable
 memory, faulted in page by page (3.5 s for the 12 GB FP8 transformer on an H100). ``read_weights_pinned`` reads the
 file in large sequential chunks into two pinned host buffers instead, each chunk copied to the device on a stream of
-its own while the next one is read. Its tensors are the same, bit for bit (tested against ``load_file``, on the GPU
-in the GPU tier), each an allocation of its own as ``load_file`` makes them, so kernels see the alignment they were
-compiled for. Whether it loads faster is not yet measured (``benchmarks.serve_gpu``'s ``load_pinned``); until it
-is, runners read through ``read_weights``.
+its own while the next one is read. Its tensors are meant to be ``load_file``'s bit for bit (the chunked reading is
+tested against it on the CPU; the GPU tier's test of the CUDA copies has not run yet), each an allocation of its own
+as ``load_file`` makes them, so kernels see the alignment they were compiled for. Whether it loads faster is not
+yet measured (``benchmarks.serve_gpu``'s ``load_pinned``); until it is, runners read through ``read_weights``.
 """
 
 from __future__ import annotations
