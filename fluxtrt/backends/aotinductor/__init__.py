@@ -75,7 +75,9 @@ class AotInductorBackend(EngineBackend[AotInductorOptions]):
         """
         import torch
 
-        if getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None) is None:
+        from fluxtrt.backends.aotinductor.runtime import package_loader
+
+        if package_loader() is None:
             feature = f"the aotinductor backend (torch {torch.__version__} has no AOTInductor package loader)"
             raise MissingDependencyError("torch", feature, "pip install torch")
 

@@ -26,6 +26,10 @@ CHUNK_BYTES = 64 << 20
 
 def read_weights(path: Path, device: Any) -> dict[str, Any]:
     """Every tensor of the safetensors file ``path`` on ``device``, through safetensors' own ``load_file``."""
+    return _load_file(path, device)
+
+
+def _load_file(path: Path, device: Any) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path), device=str(device))
@@ -42,9 +46,7 @@ def read_weights_pinned(path: Path, device: Any) -> dict[str, Any]:
     import torch
 
     if torch.device(device).type != "cuda":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device=str(device))
+        return _load_file(path, device)  # not read_weights: serve_gpu's load_pinned puts this function in its place
     start, entries = header(Path(path))
     with torch.cuda.device(device):
         return _read_cuda(Path(path), torch.device(device), start, entries)

@@ -50,7 +50,7 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
     name = ctypes.util.find_library("stdc++")
     if name:
         ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
-    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    loader = package_loader()
     if not probe_host_isa and loader is not None:
         return PackageModel(loader(str(path), "model", run_single_threaded, 1, device_index))
     import torch._inductor
@@ -58,6 +58,14 @@ def load_package(path: Path, device_index: int = -1, run_single_threaded: bool =
     with torch._inductor.config.patch(TRUSTED_HOST_ISA):
         return torch._inductor.aoti_load_package(str(path), run_single_threaded=run_single_threaded,
                                                  device_index=device_index)  # fmt: skip
+
+
+def package_loader() -> Any:
+    """torch's C++ ``AOTIModelPackageLoader`` class, None where this torch has none (asked of its C module, without
+    importing inductor)."""
+    import torch
+
+    return getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
 
 
 class PackageModel:
@@ -271,7 +279,7 @@ class AotInductorRunner(Runner):
 
     def _point(self, constants: Mapping[str, Any]) -> None:
         """Point the package's constants at these tensors (user-managed: the package keeps a reference, no copy)."""
-        self.model.loader.load_constants(dict(constants), False, False, True)
+        self.model.load_constants(constants, check_full_update=False, user_managed=True)
 
     def _close(self) -> None:
         self.call = self.model = self._constants = self._packed = None
