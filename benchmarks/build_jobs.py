@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.failures import PhaseFailed, run_logged
+from benchmarks.failures import PhaseFailed, child_env, run_logged
 from benchmarks.records import Records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +29,7 @@ def build_once(args, jobs: str, records: Records, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "fluxtrt", "build", "--model", args.model, "--backend", args.backend,
            "--precision", args.precision, "--jobs", jobs, "--out", str(out), *extra]  # fmt: skip
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "COLUMNS": "160", "PYTHONPATH": path}
-    child = run_logged(cmd, records.logs, f"build-jobs-{jobs}", cwd=ROOT, env=env)
+    child = run_logged(cmd, records.logs, f"build-jobs-{jobs}", cwd=ROOT, env=child_env())
     if not child.ok:
         raise PhaseFailed(child.reason, child.log, returncode=child.returncode)
     decided = re.search(r"build: (building .*)$", child.stdout + child.stderr, re.MULTILINE)

@@ -209,6 +209,17 @@ class Child:
         return self
 
 
+def child_env() -> dict:
+    """The environment of a benchmark's child process (``python -m fluxtrt ...``): unbuffered, tables 160 columns
+    wide, the repository first on PYTHONPATH and then whatever it already holds (wheels installed beside the system's
+    packages)."""
+    import os
+
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "PYTHONPATH": path}
+
+
 def run_logged(cmd: list[str], logs: Logs, label: str, always: bool = False, **kwargs) -> Child:
     """Run ``cmd`` to the end with its output captured (``subprocess.run``'s ``kwargs``: env, cwd); where it fails
     (or ``always``), its command line and whole output go to a log named after ``label``."""

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
@@ -37,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.failures import Child, Logs, one_line, output_reason, run_logged
+from benchmarks.failures import Child, Logs, child_env, one_line, output_reason, run_logged
 from benchmarks.records import Records
 from benchmarks.serve_gpu_child import DEFAULT_PROMPT, child, size_of
 
@@ -53,12 +52,6 @@ def source_args(args) -> list[str]:
 def common_args(args) -> list[str]:
     out = ["--device", args.device]
     return out + (["--steps", str(args.steps)] if args.steps else [])
-
-
-def child_env() -> dict:
-    # The repository first, then whatever PYTHONPATH already holds (wheels installed beside the system's packages).
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "PYTHONPATH": path}
 
 
 # -- 1. fluxtrt infer as a user runs it ------------------------------------------------------------------------
