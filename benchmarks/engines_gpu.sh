@@ -7,29 +7,19 @@
 #     bash benchmarks/engines_gpu.sh OUT serve   # finishes the build if the first call stopped it, then
 #                                              # benchmarks.serve_gpu (infer from process start, the first edit, the
 #                                              # concurrent and pinned loads, compare, serve under load)
-# Installs the wheels the machine lacks from .whl/ when there. BUILD_TIMEOUT (default 440) bounds the first build.
+# Installs the wheels the machine lacks from .whl/ when there (scripts/gpu_machine.sh). BUILD_TIMEOUT (default 440) bounds the first build.
 set -uo pipefail
 out="${1:?usage: engines_gpu.sh OUT build|serve}"
 part="${2:-}"
 case "$part" in build|serve) ;; *) echo "engines_gpu.sh: part is '$part': expected build or serve" >&2; exit 2;; esac
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -d /tmp/fluxtrt-site/diffusers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fluxtrt-site \
-    .whl/*.whl || exit 1
-fi
-[ -d /tmp/fluxtrt-site ] && export PYTHONPATH="/tmp/fluxtrt-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+source scripts/gpu_machine.sh
 engines=build/headline/random-full-aotinductor-fp8-1024x1024
 build=(python3 -m fluxtrt build --model random-full --backend aotinductor --precision fp8 --device cuda
        --aoti-weights external --min-resolution 1024x1024 --opt-resolution 1024x1024 --max-resolution 1024x1024
        --out "$engines")
 mkdir -p "$out/build"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  echo "fluxtrt commit ${FLUXTRT_COMMIT:-$(git log -1 --format=%H 2>/dev/null)}"
-  echo "cores $(nproc)"
-} > "$out/environment.txt" 2>&1
+machine_environment "$out"
 timed() {  # LABEL TIMEOUT CMD...: CMD's output to OUT/build/LABEL.log, its exit status and wall seconds at the end
   local label="$1" limit="$2" start=$SECONDS
   shift 2

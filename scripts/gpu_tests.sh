@@ -11,20 +11,11 @@ mode="${2:-}"
 case "$mode" in ""|--all|--rest) ;; *) echo "gpu_tests.sh: unknown option '$mode': expected --all or --rest" >&2; exit 2;; esac
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fluxtrt-site \
-    .whl/*.whl || exit 1
-  export PYTHONPATH="/tmp/fluxtrt-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 FLUXTRT_GPU_TIER_LOGS="$out"
+source scripts/gpu_machine.sh
+export FLUXTRT_GPU_TIER_LOGS="$out"
 # Each line of the log with the time it was written (a test's outcome line: when it ended).
 stamp() { while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done; }
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
-  echo "fluxtrt commit ${FLUXTRT_COMMIT:-$(git log -1 --format=%H 2>/dev/null)}"
-  echo "cores $(nproc)"
-} > "$out/environment.txt" 2>&1
+machine_environment "$out"
 cat "$out/environment.txt"
 status=0
 if [ "$mode" != "--rest" ]; then
