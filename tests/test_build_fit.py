@@ -150,3 +150,28 @@ def test_a_manifest_without_mtimes_is_hashed_and_then_records_them(ort_engines, 
     assert {r.name: r.status for r in report.results} == {c: "built" if c == "t5" else "up to date" for c in COMPONENTS}
     manifest = Manifest.load(out)
     assert all(e.engine.mtime == (out / e.engine.path).stat().st_mtime for e in manifest.components.values())
+
+
+def test_the_build_process_keeps_only_the_transformer_it_builds_and_counts_it_as_free_for_that_build():
+    """What ``--jobs`` leaves in the build process when it builds the transformer itself: that module, the same
+    object, and nothing else of the model (the others are freed, not only unreferenced by the build); the memory it
+    holds counts as free for the decision, since the transformer's footprint already includes it."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from fluxtrt.engines.jobs import _counting_held, _release_model
+
+    model = load_components("tiny", "cpu", "fp32")
+    transformer, others = model.transformer, [weakref.ref(model.text_encoder_2), weakref.ref(model.vae)]
+    build = SimpleNamespace(components=model)
+    del model
+    held = _release_model(build, ("transformer",))
+    gc.collect()
+    assert build.components.transformer is transformer
+    assert [build.components.text_encoder, build.components.text_encoder_2, build.components.vae] == [None] * 3
+    assert [ref() for ref in others] == [None, None]
+    assert held == 4 * sum(t.numel() for t in (*transformer.parameters(), *transformer.buffers())) > 0
+    assert _counting_held({"GPU": 10, "host": 5}, 3, "cuda:0") == {"GPU": 13, "host": 5}
+    assert _counting_held({"host": 5}, 3, "cpu") == {"host": 8}
+    assert _release_model(build) == 0 and build.components is None

@@ -18,6 +18,7 @@ import pytest
 import fluxtrt.errors
 from fluxtrt.backends.onnxruntime import OnnxRuntimeBackend
 from fluxtrt.config import SamplerConfig
+from fluxtrt.engines import jobs
 from fluxtrt.engines.build import build_engines
 from fluxtrt.engines.load import load_engine_pipeline
 from fluxtrt.engines.manifest import Manifest
@@ -29,6 +30,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 STARTED = "building in worker process "
+BUILT_HERE = "building in this process, from the model loaded here"
 
 
 def worker_pids(said: list[tuple[str, str]]) -> dict[str, int]:
@@ -41,7 +43,9 @@ def hidden(out: Path) -> list[str]:
     return [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_jobs_2_builds_the_directory_jobs_1_builds(ort_engines, tmp_path):
+def test_jobs_2_builds_the_directory_jobs_1_builds(ort_engines, tmp_path, monkeypatch):
+    # The tiny transformer counts as a large one: built by this process, from the model it loaded.
+    monkeypatch.setattr(jobs, "BUILD_HERE_FROM", 0)
     out = tmp_path / "jobs2"
     said: list[tuple[str, str]] = []
     told_at: list[float] = []
@@ -60,11 +64,14 @@ def test_jobs_2_builds_the_directory_jobs_1_builds(ort_engines, tmp_path):
         assert a.onnx == b.onnx and a.engine == b.engine, name  # paths, sizes and sha256 of every file
     assert (ours.model, ours.resolutions, ours.batch) == (sequential.model, sequential.resolutions, sequential.batch)
     assert hidden(out) == []
-    # Each component was built in a worker process, at most two of them, and the transformer was handed out first.
+    # The transformer was built first, in this process, from the model it had loaded (to read the model's
+    # dimensions); each other component in a worker process: one beside it, two once it was done.
     pids = worker_pids(said)
-    assert set(pids) == set(COMPONENTS)
+    assert set(pids) == set(COMPONENTS) - {"transformer"}
     assert os.getpid() not in pids.values() and len(set(pids.values())) <= 2
-    assert "transformer" in [c for c, m in said if m.startswith(STARTED)][:2]
+    here = [i for i, (c, m) in enumerate(said) if m == BUILT_HERE]
+    assert [said[i][0] for i in here] == ["transformer"]
+    assert here[0] < min(i for i, (c, m) in enumerate(said) if m.startswith(STARTED))
     # Their progress was told as it happened, not when the build ended: seconds pass between the workers' messages.
     worker_times = [t for t, (c, m) in zip(told_at, said, strict=True) if c != "model" and m != "up to date"]
     assert worker_times[-1] - worker_times[0] > 2.0
@@ -150,16 +157,21 @@ def test_after_a_failure_no_further_component_starts(onnx_dir, tmp_path):
     assert not (out / "vae_decoder.onnx").exists() and not (out / "onnx").exists() and hidden(out) == []
 
 
-def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path):
-    """Ctrl-C in a terminal reaches the whole process group, the workers included."""
+@pytest.mark.parametrize(("components", "workers"), [("clip,t5,vae_decoder", 2), ("transformer,clip,t5", 1)],
+                         ids=["in-workers", "transformer-here"])  # fmt: skip
+def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path, components, workers):
+    """Ctrl-C in a terminal reaches the whole process group, the workers included; with the transformer it comes
+    while the build process builds it (the model it loaded is there) and one worker builds another component."""
     out = tmp_path / "e"
-    command = [sys.executable, "-m", "fluxtrt", "build", "--model", "tiny", "--out", str(out), "--components",
-               "clip,t5,vae_decoder", "--min-resolution", "256x256", "--jobs", "2"]  # fmt: skip
+    # fluxtrt's command, the tiny transformer counted as a large one (built by the build process).
+    cli = "import sys, fluxtrt.engines.jobs as j, fluxtrt.cli as c; j.BUILD_HERE_FROM = 0; c.main(sys.argv[1:])"
+    command = [sys.executable, "-c", cli, "build", "--model", "tiny", "--out", str(out), "--components",
+               components, "--min-resolution", "256x256", "--jobs", "2"]  # fmt: skip
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=sigint_default)  # fmt: skip
     lines, exporting = [], set()
     try:
-        while len(exporting) < 2:  # both workers are exporting
+        while len(exporting) < 2:  # both builds are exporting
             line = proc.stderr.readline()
             assert line, "".join(lines)
             lines.append(line)
@@ -174,7 +186,8 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path):
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted: nothing half-written was left")
     pids = [int(line.rsplit(" ", 1)[1]) for line in lines if STARTED in line]
-    assert len(pids) == 2 and proc.pid not in pids
+    assert len(pids) == workers and proc.pid not in pids
+    assert any(line.endswith(f"transformer: {BUILT_HERE}\n") for line in lines) == (workers == 1)
     for pid in pids:  # the workers ended with their parent (a zombie would read "Z")
         state = Path(f"/proc/{pid}/stat")
         assert not state.exists() or state.read_text().split(") ")[1][0] == "Z", pid

@@ -34,7 +34,7 @@ from fluxtrt.engines.component import (
     replace_dir,
 )
 from fluxtrt.engines.interrupt import Interrupts, watch_interrupts
-from fluxtrt.engines.jobs import build_in_workers, check_picklable
+from fluxtrt.engines.jobs import build_in_workers
 from fluxtrt.engines.lock import build_lock
 from fluxtrt.engines.manifest import BatchRange, Manifest, ModelInfo, ResolutionRange
 from fluxtrt.engines.plan import (
@@ -46,6 +46,7 @@ from fluxtrt.engines.plan import (
     record_built,
     skipped_result,
 )
+from fluxtrt.engines.worker import check_picklable
 from fluxtrt.environment import check_device, device_environment
 from fluxtrt.errors import EngineError, InputError
 
