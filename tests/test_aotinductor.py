@@ -339,9 +339,11 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     saved = Manifest.load(tmp_path / "engines").components["transformer"]
     phases = (saved.record.export_s, saved.record.compile_s, saved.record.weights_s)
     assert saved.record.compile_s > 0 and 0 < sum(phases) <= saved.build_s + 0.2, (phases, saved.build_s)
-    # Inductor's own phases of that compile (seconds of it: several take a second here), none longer than all of it.
-    inside = saved.record.compile_phases_s
-    assert inside and max(inside.values()) <= saved.record.compile_s + 0.2, (inside, saved.record.compile_s)
+    # Inductor's own phases of that compile, those of a second or more (several on a 2-core CPU; a compile of a few
+    # seconds has at least its outermost), none longer than all of it.
+    inside = saved.record.compile_phases_s or {}
+    assert inside or saved.record.compile_s < 3, saved.record
+    assert max(inside.values(), default=0) <= saved.record.compile_s + 0.2, (inside, saved.record.compile_s)
     # `fluxtrt inspect` shows what the engine runs.
     from tests.conftest import run_cli
 

@@ -54,10 +54,10 @@ from fluxtrt.specs.flux import TRANSFORMERS
 POLL_S = 0.2
 
 # A transformer whose build footprint (``component_footprints``) reaches this is built by the build process, from
-# the model it holds: a worker would load it again (random-full's on an H100: 18 s from the end of calibration to its
-# compile starting, the worker's start included). A smaller one goes to a worker like the rest, which keeps every
-# worker busy: the build process would build it and then wait (the tiny model's fp8 AOTInductor build on 2 cores
-# took 72 s so, 59 s with the transformer in a worker).
+# the model it holds: a worker would start and load it again before its compile could begin (random-full's on an
+# H100: 18 s from the end of calibration to the start of the compile, build_h100_5dd9f85/build_first.log). A smaller
+# one goes to a worker like the rest: loading it costs next to nothing, and the build process would build it and then
+# wait while the workers built everything else, one fewer of them at work from the start.
 BUILD_HERE_FROM = SMALL_FOOTPRINT
 
 
