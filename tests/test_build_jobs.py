@@ -187,7 +187,8 @@ def test_ctrl_c_stops_every_worker_and_leaves_nothing_half_written(tmp_path, com
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted: nothing half-written was left")
     pids = [int(line.rsplit(" ", 1)[1]) for line in lines if STARTED in line]
-    assert len(pids) == workers and proc.pid not in pids
+    # (With the transformer here, a fast machine may finish it before the signal: t5 then starts a second worker.)
+    assert workers <= len(pids) <= 2 and proc.pid not in pids
     assert any(line.endswith(f"transformer: {BUILT_HERE}\n") for line in lines) == (workers == 1)
     for pid in pids:  # the workers ended with their parent (a zombie would read "Z")
         state = Path(f"/proc/{pid}/stat")
