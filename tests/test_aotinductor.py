@@ -323,7 +323,9 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
                          min_resolution=Resolution(64, 64), opt_resolution=Resolution(128, 128),
                          max_resolution=Resolution(160, 160), components=("transformer",), calibration=scales,
                          options={"weights": "external"})  # fmt: skip
-    entry = build_engines(config).manifest.components["transformer"]
+    said: list[tuple[str, str]] = []
+    report = build_engines(config, lambda component, message: said.append((component, message)))
+    entry = report.manifest.components["transformer"]
     names = quantized_linears(fp32.transformer)
     # Counted: each attention's three Q/K/V projections (and three added ones in double blocks) become one fused
     # linear, every other quantized linear stays itself.
@@ -341,6 +343,13 @@ def test_fp8_transformer_engine_follows_the_static_scales(tmp_path):
     assert saved.record.compile_s > 0 and 0 < sum(phases) <= saved.build_s + 0.2, (phases, saved.build_s)
     # Inductor's own phases of that compile, those of a second or more (several on a 2-core CPU; a compile of a few
     # seconds has at least its outermost), none longer than all of it.
+    # Each step of the build was told as it ended, with the seconds the record keeps.
+    told = [m for c, m in said if c == "transformer"]
+    record = saved.record
+    assert told[told.index("building aotinductor engine") + 1 :] == [
+        f"exported in {record.export_s:.1f} s; compiling with inductor",
+        f"compiled in {record.compile_s:.1f} s; writing its weights",
+    ], told
     inside = saved.record.compile_phases_s or {}
     assert inside or saved.record.compile_s < 3, saved.record
     assert max(inside.values(), default=0) <= saved.record.compile_s + 0.2, (inside, saved.record.compile_s)

@@ -230,6 +230,8 @@ class BuildJob(Generic[OptionsT]):
         options: the backend's typed options.
         amax: for an fp8/fp4 transformer on a backend that reads no ONNX: calibrated input amax per quantized
             linear, named relative to ``module``. None otherwise (ONNX backends get the Q/DQ in the ONNX).
+        say: tells the user what the build is doing, one short message per step of a long build (raises
+            KeyboardInterrupt where a Ctrl-C arrived during the step before).
     """
 
     spec: ComponentSpec
@@ -242,6 +244,7 @@ class BuildJob(Generic[OptionsT]):
     workdir: Path
     options: OptionsT
     amax: dict[str, float] | None = None
+    say: Callable[[str], None] = field(default=lambda message: None, compare=False, repr=False)
 
 
 @dataclass

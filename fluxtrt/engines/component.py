@@ -82,7 +82,8 @@ def build_component(build: BuildContext, name: str, settings: dict, profile: dic
             None if amax is None or onnx_path is not None else {f"transformer.{k}": v for k, v in amax.items()}
         )
         job = BuildJob(build.specs[name], module, onnx_path, engine_path, build.config.precision, profile,
-                       build.config.device, staging / "work", build.options, module_amax)  # fmt: skip
+                       build.config.device, staging / "work", build.options, module_amax,
+                       say=lambda message: build.say(name, message))  # fmt: skip
         job.workdir.mkdir()
         with torch.inference_mode():
             record = build.backend.build(job)

@@ -66,6 +66,7 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
         changes.enter_context(_prepared_for_export(job, record))
         ep, record.shape_guards, attention = export_program(job, ranges)
     record.export_s = round(time.perf_counter() - t0, 1)
+    job.say(f"exported in {record.export_s:.1f} s; compiling with inductor")
     configs = {
         # The host's vector ISA from the CPU's flags alone (TRUSTED_HOST_ISA), then what the caller set.
         **TRUSTED_HOST_ISA,
@@ -87,6 +88,7 @@ def _build_package(job: AotiJob) -> AotInductorRecord:
             ) from exc
         record.compile_s = round(time.perf_counter() - t0, 1)
         record.compile_phases_s = _phases_since(before)
+        job.say(f"compiled in {record.compile_s:.1f} s" + ("; writing its weights" if external else ""))
         if external:
             t0 = time.perf_counter()
             save_weights(job, ep)
