@@ -33,10 +33,12 @@ RANGE = {"min_resolution": Resolution(256, 256), "opt_resolution": Resolution(25
 FAST_CALIBRATION = {"calibration_edits": 1}
 
 
-def build(out: Path, backend: str = "tensorrt-rtx", precision: str = "fp32", **kw):
+def build(out: Path, backend: str = "tensorrt-rtx", precision: str = "fp32", said: list | None = None, **kw):
+    """``fluxtrt build`` of the tiny model; its progress messages appended to ``said`` as (component, message)."""
     from fluxtrt.engines.build import build_engines
 
-    return build_engines(BuildConfig(model="tiny", backend=backend, precision=precision, out=out, **RANGE, **kw))
+    config = BuildConfig(model="tiny", backend=backend, precision=precision, out=out, **RANGE, **kw)
+    return build_engines(config, None if said is None else lambda component, message: said.append((component, message)))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,9 @@ def rtx(tmp_path_factory, ort_engines) -> Path:
     takes the text encoders and VAE from it (what an fp8 build exports for them: bf16) beside its FP8 transformer.
     """
     root = tmp_path_factory.mktemp("rtx")
-    build(root / "fp32", onnx_dir=ort_engines / "onnx")
+    said: list[tuple[str, str]] = []
+    build(root / "fp32", onnx_dir=ort_engines / "onnx", said=said)
+    (root / "fp32-progress.json").write_text(json.dumps(said))
     build(root / "bf16", precision="bf16")
     others = tuple(c for c in COMPONENTS if c != "transformer")
     build(root / "onnx-fp8", backend="onnx", precision="fp8", onnx_dir=root / "bf16" / "onnx", components=others)
@@ -63,6 +67,19 @@ def manifest(path: Path):
     from fluxtrt.engines.manifest import Manifest
 
     return Manifest.load(path)
+
+
+def test_the_builders_phases_are_told_as_they_end(rtx):
+    """Each plan's build tells TensorRT-RTX's own "Building engine" phase when it ends, once, after fluxtrt's
+    "building" line, with a time within the component's build time (and any nested phase of a second or more)."""
+    said = json.loads((rtx / "fp32-progress.json").read_text())
+    m = manifest(rtx / "fp32")
+    for name in COMPONENTS:
+        told = [message for component, message in said if component == name]
+        phases = told[told.index("building tensorrt-rtx engine") + 1 :]
+        assert phases and all(p.startswith("TensorRT-RTX: ") and p.endswith(" s") for p in phases), told
+        (top,) = [p for p in phases if p.startswith("TensorRT-RTX: Building engine done in ")]
+        assert phases[-1] == top and 0 <= float(top.split()[-2]) <= m.components[name].build_s, told
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -101,7 +101,7 @@ class TensorRTBackend(EngineBackend[TrtOptions]):
         plan = build_plan(job.spec, job.onnx_path, job.precision, job.profile, job.options, self.flavour,
                           gpu.sm if gpu else None)  # fmt: skip
         try:
-            details = build_plan_file(self.flavour, plan, Path(job.engine_path))
+            details = build_plan_file(self.flavour, plan, Path(job.engine_path), job.say)
         except BaseException:
             Path(job.engine_path).unlink(missing_ok=True)
             raise

@@ -8,6 +8,7 @@ builder become one line each (``BuildError``)."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from fluxtrt.errors import BuildError, first_line
 from fluxtrt.io import atomic_write
 
 
-def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path) -> dict[str, Any]:
-    """Apply ``plan`` with ``flavour``'s TensorRT and write the serialized plan to ``engine_path``.
+def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path,
+                    say: Callable[[str], None] = lambda message: None) -> dict[str, Any]:  # fmt: skip
+    """Apply ``plan`` with ``flavour``'s TensorRT and write the serialized plan to ``engine_path``, telling ``say``
+    each of the builder's phases as it ends.
 
     Returns:
         What to record: the network's layer count and, for a quantized component, its quantized matrix multiplies.
@@ -49,7 +52,7 @@ def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path) -> dic
         details["refit_weights"] = mark_refittable(network, Path(plan.onnx_path), plan.component)
     recorder = _error_recorder(trt)
     builder.error_recorder = recorder
-    config = _config(flavour, trt, polygraphy, plan)
+    config = _config(flavour, trt, polygraphy, plan, say)
     try:
         with warnings.catch_warnings():
             # Polygraphy sets an (empty) timing cache on every config, which TensorRT-RTX deprecates as a no-op.
@@ -63,14 +66,49 @@ def build_plan_file(flavour: Flavour, plan: BuildPlan, engine_path: Path) -> dic
     return details
 
 
-def _config(flavour: Flavour, trt: Any, polygraphy: Any, plan: BuildPlan) -> Any:
+def _config(flavour: Flavour, trt: Any, polygraphy: Any, plan: BuildPlan, say: Callable[[str], None]) -> Any:
     """Polygraphy's builder config for ``plan``: one profile, the optimisation level, per flavour the targets
-    (TensorRT-RTX) or the workspace limit and timing cache (TensorRT 10), and for a refittable plan
-    ``REFIT_INDIVIDUAL`` (only the weights marked refittable in the network are)."""
+    (TensorRT-RTX) or the workspace limit and timing cache (TensorRT 10), for a refittable plan
+    ``REFIT_INDIVIDUAL`` (only the weights marked refittable in the network are), and a progress monitor that
+    tells ``say`` each of the builder's top-level phases as it ends."""
     config = _flavour_config(flavour, trt, polygraphy, plan)
-    if not plan.refittable:
-        return config
-    return polygraphy.PostprocessConfig(config, func=lambda b, n, c: c.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL))
+    monitor = _progress_monitor(trt, flavour, say)
+
+    def finish(builder: Any, network: Any, config: Any) -> None:
+        config.progress_monitor = monitor
+        if plan.refittable:
+            config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+
+    return polygraphy.PostprocessConfig(config, func=finish)
+
+
+# A nested phase of the builder's that takes this long is told when it ends (most take milliseconds; the tactic
+# timing of a full-size transformer takes minutes).
+TELL_PHASE_S = 1.0
+
+
+def _progress_monitor(trt: Any, flavour: Flavour, say: Callable[[str], None]) -> Any:
+    """An IProgressMonitor telling ``say`` "<flavour>: <phase> done in N s" as the builder's top-level phase ends,
+    and each nested one that took ``TELL_PHASE_S`` or more."""
+    import time
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.started: dict[str, tuple[float, bool]] = {}  # phase -> (when it started, whether it is top-level)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.started[phase_name] = (time.perf_counter(), parent_phase is None)
+
+        def step_complete(self, phase_name, step):
+            return True  # go on
+
+        def phase_finish(self, phase_name):
+            t0, top = self.started.pop(phase_name, (None, False))
+            if t0 is not None and (top or time.perf_counter() - t0 >= TELL_PHASE_S):
+                say(f"{flavour.name}: {phase_name} done in {time.perf_counter() - t0:.1f} s")
+
+    return Monitor()
 
 
 def _flavour_config(flavour: Flavour, trt: Any, polygraphy: Any, plan: BuildPlan) -> Any:
