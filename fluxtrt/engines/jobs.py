@@ -226,6 +226,7 @@ class _Builds:
         self.start_fitting()
         with _relayed(relay, self.build.say):
             entry, error = _build_here(self.build, plan)
+            _release_model(self.build)  # what it held is the budget's again (another transformer part's worker)
         self.busy_here = 0
         self.budget.end(plan.name)
         if error is None:
