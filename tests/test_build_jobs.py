@@ -55,8 +55,12 @@ def test_jobs_2_builds_the_directory_jobs_1_builds(ort_engines, tmp_path, monkey
         if message.startswith(STARTED):
             recorded_when_started[component] = set(Manifest.load(out).components)
 
+    built_here = []  # the build context of what this process built: it held the transformer, then let it go
+    build_here = jobs._build_here
+    monkeypatch.setattr(jobs, "_build_here", lambda build, plan: built_here.append(build) or build_here(build, plan))
     report = build_engines(ort_config(out, jobs=2), on_progress)
     assert [(r.name, r.status) for r in report.results] == [(c, "built") for c in COMPONENTS]
+    assert len(built_here) == 1 and built_here[0].components is None
     ours, sequential = Manifest.load(out), Manifest.load(ort_engines)  # ort_engines: the same config, --jobs 1
     assert list(ours.components) == list(COMPONENTS)
     for name in COMPONENTS:
