@@ -152,7 +152,7 @@ def test_a_manifest_without_mtimes_is_hashed_and_then_records_them(ort_engines, 
     assert all(e.engine.mtime == (out / e.engine.path).stat().st_mtime for e in manifest.components.values())
 
 
-def test_the_build_process_keeps_only_the_transformer_it_builds_and_counts_it_as_free_for_that_build():
+def test_the_build_process_keeps_only_the_transformer_it_builds_and_counts_it_as_free_for_that_build(monkeypatch):
     """What ``--jobs`` leaves in the build process when it builds the transformer itself: that module, the same
     object, and nothing else of the model (the others are freed, not only unreferenced by the build); the memory it
     holds counts as free for the decision, since the transformer's footprint already includes it."""
@@ -160,7 +160,8 @@ def test_the_build_process_keeps_only_the_transformer_it_builds_and_counts_it_as
     import weakref
     from types import SimpleNamespace
 
-    from fluxtrt.engines.jobs import _counting_held, _release_model
+    from fluxtrt.engines.fit import free_memory
+    from fluxtrt.engines.jobs import _release_model
 
     model = load_components("tiny", "cpu", "fp32")
     transformer, others = model.transformer, [weakref.ref(model.text_encoder_2), weakref.ref(model.vae)]
@@ -172,6 +173,7 @@ def test_the_build_process_keeps_only_the_transformer_it_builds_and_counts_it_as
     assert [build.components.text_encoder, build.components.text_encoder_2, build.components.vae] == [None] * 3
     assert [ref() for ref in others] == [None, None]
     assert held == 4 * sum(t.numel() for t in (*transformer.parameters(), *transformer.buffers())) > 0
-    assert _counting_held({"GPU": 10, "host": 5}, 3, "cuda:0") == {"GPU": 13, "host": 5}
-    assert _counting_held({"host": 5}, 3, "cpu") == {"host": 8}
+    monkeypatch.setattr("fluxtrt.environment.available_memory", {"cuda:0": 10, "cpu": 5}.get)
+    assert free_memory("cuda:0", 3) == {"GPU": 13, "host": 5}
+    assert free_memory("cpu", 3) == {"host": 8}
     assert _release_model(build) == 0 and build.components is None

@@ -44,15 +44,18 @@ def component_footprints(config: BuildConfig, names: list[str]) -> dict[str, int
     return footprints
 
 
-def free_memory(device: str) -> dict[str, int]:
+def free_memory(device: str, held: int = 0) -> dict[str, int]:
     """Bytes free where a build uses memory: ``GPU`` (with a CUDA device) and ``host``; a pool that cannot be read
-    is left out (not limited)."""
+    is left out (not limited). ``held``: bytes on ``device`` that the build process keeps for a build of its own,
+    counted as free (that build's footprint, ``component_footprints``, includes them)."""
     from fluxtrt.environment import available_memory
 
-    pools = {"GPU": device} if str(device).startswith("cuda") else {}
+    cuda = str(device).startswith("cuda")
+    pools = {"GPU": device} if cuda else {}
     pools["host"] = "cpu"
     free = {pool: available_memory(where) for pool, where in pools.items()}
-    return {pool: n for pool, n in free.items() if n is not None}
+    own = "GPU" if cuda else "host"
+    return {pool: n + (held if pool == own else 0) for pool, n in free.items() if n is not None}
 
 
 @dataclass

@@ -96,7 +96,7 @@ def build_in_workers(build: BuildContext, given: EngineBackend | None) -> list[C
             here = _built_here(build, todo[0], footprints)
             # before measuring: what the workers have is what this process frees
             held = _release_model(build, COMPONENT_PARTS[here.name] if here else ())
-        free = _counting_held(free_memory(config.device), held, config.device)
+        free = free_memory(config.device, held)
         decision = decide_jobs(config.jobs, footprints, free, cores, compiles)
         build.say("build", decision.line)
         if decision.workers:
@@ -145,13 +145,6 @@ def _release_model(build: BuildContext, keep: tuple[str, ...] = ()) -> int:
     if torch.cuda.is_initialized():
         torch.cuda.empty_cache()
     return held
-
-
-def _counting_held(free: dict[str, int], held: int, device: str) -> dict[str, int]:
-    """``free`` with the ``held`` bytes this process keeps for its own build added back to the pool they are in: its
-    build's footprint (``component_footprints``) counts them already."""
-    pool = "GPU" if str(device).startswith("cuda") else "host"
-    return {name: n + held if name == pool else n for name, n in free.items()}
 
 
 def _run_workers(build: BuildContext, todo: list[Plan], given: EngineBackend | None, jobs: int, budget: Budget,
