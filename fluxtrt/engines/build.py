@@ -29,7 +29,6 @@ from fluxtrt.engines.component import (
     STAGING_PREFIX,
     BuildContext,
     Progress,
-    build_component,
     remove_leftovers,
     replace_dir,
 )
@@ -39,6 +38,7 @@ from fluxtrt.engines.lock import build_lock
 from fluxtrt.engines.manifest import BatchRange, Manifest, ModelInfo, ResolutionRange
 from fluxtrt.engines.plan import (
     ComponentResult,
+    build_planned,
     calibrate_once,
     ensure_model,
     load_model,
@@ -202,9 +202,8 @@ def _bring_up_to_date(build: BuildContext, name: str) -> ComponentResult:
     plan = plan_component(build, name)
     if plan.up_to_date:
         return skipped_result(build, name)
-    build.manifest.components.pop(name, None)
     ensure_model(build)
-    return record_built(build, name, build_component(build, name, plan.settings, plan.profile, plan.amax))
+    return record_built(build, name, build_planned(build, plan))
 
 
 def _previous_manifest(out: Path, config: BuildConfig, backend: EngineBackend) -> Manifest | None:

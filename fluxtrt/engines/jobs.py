@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fluxtrt.backends.base import EngineBackend
-from fluxtrt.engines.component import BuildContext, Progress, build_component, remove_leftovers
+from fluxtrt.engines.component import BuildContext, Progress, remove_leftovers
 from fluxtrt.engines.fit import (
     SMALL_FOOTPRINT,
     Budget,
@@ -41,6 +41,7 @@ from fluxtrt.engines.plan import (
     COMPONENT_PARTS,
     ComponentResult,
     Plan,
+    build_planned,
     ensure_model,
     plan_component,
     record_built,
@@ -104,9 +105,7 @@ def build_in_workers(build: BuildContext, given: EngineBackend | None) -> list[C
         else:
             for plan in todo:
                 ensure_model(build)
-                build.manifest.components.pop(plan.name, None)
-                entry = build_component(build, plan.name, plan.settings, plan.profile, plan.amax)
-                results[plan.name] = record_built(build, plan.name, entry)
+                results[plan.name] = record_built(build, plan.name, build_planned(build, plan))
         # Listed in --components order, not in the order the builds happened to finish.
         components = build.manifest.components
         order = [name for name in config.components if name in components]
@@ -264,9 +263,8 @@ def _build_here(build: BuildContext, plan: Plan) -> tuple[ComponentEntry | None,
     """Build ``plan`` in this process, from the model it holds: (its entry, None) or (None, the error as a worker
     would have raised it)."""
     build.say(plan.name, "building in this process, from the model loaded here")
-    build.manifest.components.pop(plan.name, None)
     try:
-        return build_component(build, plan.name, plan.settings, plan.profile, plan.amax), None
+        return build_planned(build, plan), None
     except Exception as exc:
         return None, exc if isinstance(exc, FluxtrtError) else one_line(plan.name, exc)
 

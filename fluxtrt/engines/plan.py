@@ -12,7 +12,7 @@ from typing import Any
 
 from fluxtrt import __version__
 from fluxtrt.config import COMPUTE_DTYPE, QUANTIZED_PRECISIONS, BuildConfig
-from fluxtrt.engines.component import BuildContext
+from fluxtrt.engines.component import BuildContext, build_component
 from fluxtrt.engines.manifest import ComponentEntry, FileRecord, settings_hash, sha256_file
 from fluxtrt.specs.flux import TRANSFORMERS, profile_shapes
 
@@ -159,6 +159,14 @@ def skipped_result(build: BuildContext, name: str) -> ComponentResult:
     entry = build.manifest.components[name]
     build.say(name, "up to date")
     return ComponentResult(name, "up to date", 0.0, _bytes(entry.onnx), entry.engine.bytes)
+
+
+def build_planned(build: BuildContext, plan: Plan) -> ComponentEntry:
+    """Build ``plan``'s component in this process, from the model it holds (``build.components``), its recorded
+    entry dropped first (the manifest saved next does not claim it while its files are being replaced); the caller
+    records the entry it returns (``record_built``)."""
+    build.manifest.components.pop(plan.name, None)
+    return build_component(build, plan.name, plan.settings, plan.profile, plan.amax)
 
 
 def record_built(build: BuildContext, name: str, entry: ComponentEntry) -> ComponentResult:
